@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the system packages msgpipe's tests and `make run` need, when missing:
+# RabbitMQ (a broker for integration tests) and Prometheus (promtool, and a live server
+# for the alert tests). Debian packages only; everything else comes from crates.io.
+set -euo pipefail
+
+missing=()
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # --no-install-recommends keeps prometheus from pulling node-exporter and friends.
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The Debian packages start system services; tests start their own nodes.
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: cargo-nextest not found; tests will run with cargo test"
+fi

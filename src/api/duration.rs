@@ -1,0 +1,226 @@
+//! Go/Kubernetes-style duration strings (`500ms`, `30s`, `5m`, `2h`, `14d`, `1h30m`).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Pattern every duration string matches; also put in the CRD schema.
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
+/// Longest duration string accepted (keeps CEL cost estimates bounded).
+pub const DURATION_MAX_LEN: usize = 32;
+
+const UNITS: [(&str, u64); 5] = [
+    ("ms", 1),
+    ("s", 1_000),
+    ("m", 60_000),
+    ("h", 3_600_000),
+    ("d", 86_400_000),
+];
+
+/// A non-negative duration with millisecond precision, written as a Go-style string.
+///
+/// ```
+/// use msgpipe::api::Duration;
+/// let d: Duration = "1h30m".parse().unwrap();
+/// assert_eq!(d.as_millis(), 5_400_000);
+/// assert_eq!(d.to_string(), "90m");
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Duration {
+    millis: u64,
+}
+
+/// Why a duration string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {input:?}: {reason} (expected e.g. 500ms, 30s, 5m, 2h, 14d)")]
+pub struct ParseDurationError {
+    input: String,
+    reason: &'static str,
+}
+
+impl Duration {
+    pub const fn from_millis(millis: u64) -> Self {
+        Self { millis }
+    }
+
+    pub const fn from_secs(secs: u64) -> Self {
+        Self {
+            millis: secs * 1_000,
+        }
+    }
+
+    pub const fn as_millis(self) -> u64 {
+        self.millis
+    }
+
+    pub fn as_std(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.millis)
+    }
+
+    /// True when Kubernetes CEL `duration()` (Go's parser, no `d` unit) can read it.
+    pub fn is_go_parsable(text: &str) -> bool {
+        !text.contains('d')
+    }
+}
+
+impl FromStr for Duration {
+    type Err = ParseDurationError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let fail = |reason| ParseDurationError {
+            input: input.chars().take(64).collect(),
+            reason,
+        };
+        if input.is_empty() {
+            return Err(fail("empty"));
+        }
+        if input.len() > DURATION_MAX_LEN {
+            return Err(fail("too long"));
+        }
+        let mut rest = input;
+        let mut total: u64 = 0;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(fail("a number must come before each unit"));
+            }
+            let value: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| fail("number too large"))?;
+            rest = &rest[digits..];
+            // "ms" must be tried before "m".
+            let (unit, factor) = UNITS
+                .iter()
+                .find(|(unit, _)| rest.starts_with(unit))
+                .ok_or_else(|| fail("unknown or missing unit; use ms, s, m, h or d"))?;
+            rest = &rest[unit.len()..];
+            let part = value
+                .checked_mul(*factor)
+                .ok_or_else(|| fail("too large"))?;
+            total = total.checked_add(part).ok_or_else(|| fail("too large"))?;
+        }
+        Ok(Self { millis: total })
+    }
+}
+
+impl fmt::Display for Duration {
+    /// Shortest exact form in a single unit: `1500ms`, `90s`, `5m`, `14d`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.millis == 0 {
+            return f.write_str("0s");
+        }
+        // UNITS[0] is 1ms, which divides everything, so a unit is always found.
+        let (unit, factor) = UNITS
+            .iter()
+            .rev()
+            .find(|(_, factor)| self.millis.is_multiple_of(*factor))
+            .unwrap_or(&UNITS[0]);
+        write!(f, "{}{}", self.millis / factor, unit)
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "maxLength": DURATION_MAX_LEN,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_unit_and_compounds() {
+        let cases = [
+            ("500ms", 500),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("2h", 7_200_000),
+            ("14d", 1_209_600_000),
+            ("1h30m", 5_400_000),
+            ("1m500ms", 60_500),
+            ("0s", 0),
+        ];
+        for (text, millis) in cases {
+            assert_eq!(
+                text.parse::<Duration>().map(Duration::as_millis),
+                Ok(millis),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_strings_with_a_reason() {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "1x",
+            "1.5s",
+            "-1s",
+            "1 s",
+            "1S",
+            "99999999999999999999s",
+            "1h 2m",
+        ] {
+            let err = bad.parse::<Duration>().expect_err(bad);
+            assert!(err.to_string().contains("invalid duration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn displays_in_the_largest_exact_unit() {
+        let cases = [
+            (1_500, "1500ms"),
+            (90_000, "90s"),
+            (300_000, "5m"),
+            (86_400_000, "1d"),
+            (0, "0s"),
+        ];
+        for (millis, text) in cases {
+            assert_eq!(Duration::from_millis(millis).to_string(), text);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn display_round_trips(millis in 0u64..(1u64 << 40)) {
+            let d = Duration::from_millis(millis);
+            proptest::prop_assert_eq!(d.to_string().parse::<Duration>(), Ok(d));
+        }
+
+        #[test]
+        fn parser_never_panics(text in "\\PC{0,40}") {
+            let _ = text.parse::<Duration>();
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! `MessagePipeline` status: what the operator observed.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types the operator sets.
+pub mod condition {
+    /// Everything the spec asks for exists and matches.
+    pub const READY: &str = "Ready";
+    /// Broker objects (exchanges, queues, bindings, policies) match the spec.
+    pub const BROKER_READY: &str = "BrokerReady";
+    /// The PrometheusRule matches the spec (or alerts are disabled).
+    pub const ALERTS_READY: &str = "AlertsReady";
+}
+
+/// Condition reasons, stable for users who match on them.
+pub mod reason {
+    pub const CONVERGED: &str = "Converged";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const IMMUTABLE_FIELD_CHANGED: &str = "ImmutableFieldChanged";
+    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
+    pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
+    pub const SECRET_MISSING: &str = "SecretMissing";
+    pub const PROMETHEUS_RULE_CRD_MISSING: &str = "PrometheusRuleCRDMissing";
+    pub const ALERTS_DISABLED: &str = "AlertsDisabled";
+}
+
+/// Observed state of a MessagePipeline.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessagePipelineStatus {
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, BrokerReady and AlertsReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Messages in the work queue (ready + unacknowledged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_messages: Option<u64>,
+    /// Consumers attached to the work queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<u64>,
+    /// Messages in the dead-letter queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_messages: Option<u64>,
+    /// Number of retry queues (one per distinct backoff delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_tiers: Option<u32>,
+    /// Messages waiting in each retry queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_queues: Vec<RetryQueueStatus>,
+    /// When the broker was last read and reconciled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+}
+
+/// Live count of one retry queue.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryQueueStatus {
+    /// Queue name (`<queue>.retry.<k>`).
+    pub name: String,
+    /// Delay of this tier.
+    pub delay: String,
+    /// Messages waiting out their delay.
+    pub messages: u64,
+}

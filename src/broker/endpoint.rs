@@ -1,0 +1,241 @@
+//! Where a broker is and how to log in to it. Credentials never leave this type in text:
+//! `Debug` and `Display` show the redacted address only.
+
+use std::fmt;
+
+use url::Url;
+
+use super::BrokerError;
+
+/// A RabbitMQ broker: its AMQP URI (with credentials), management API and trusted CA.
+#[derive(Clone)]
+pub struct BrokerEndpoint {
+    amqp: Url,
+    management: Url,
+    ca_pem: Option<String>,
+}
+
+impl BrokerEndpoint {
+    /// Builds an endpoint from the Secret's keys: `uri` (amqp[s]://user:pass@host:port/vhost),
+    /// optional `managementUri` (http[s]://host:port; default: same host, port 15672, or
+    /// https on 15671 for amqps) and optional PEM CA (`ca.crt`).
+    pub fn new(
+        uri: &str,
+        management_uri: Option<&str>,
+        ca_pem: Option<String>,
+    ) -> Result<Self, BrokerError> {
+        let amqp = Url::parse(uri.trim()).map_err(|e| BrokerError::InvalidUri {
+            field: "uri",
+            reason: e.to_string(),
+        })?;
+        let tls = match amqp.scheme() {
+            "amqp" => false,
+            "amqps" => true,
+            other => {
+                return Err(BrokerError::InvalidUri {
+                    field: "uri",
+                    reason: format!("scheme {other:?} is not amqp or amqps"),
+                });
+            }
+        };
+        let host = amqp
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or(BrokerError::InvalidUri {
+                field: "uri",
+                reason: "no host".into(),
+            })?;
+        let management = match management_uri {
+            Some(text) => {
+                let url = Url::parse(text.trim()).map_err(|e| BrokerError::InvalidUri {
+                    field: "managementUri",
+                    reason: e.to_string(),
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(BrokerError::InvalidUri {
+                        field: "managementUri",
+                        reason: "must be http(s)://host[:port]".into(),
+                    });
+                }
+                url
+            }
+            None => {
+                let (scheme, port) = if tls {
+                    ("https", 15671)
+                } else {
+                    ("http", 15672)
+                };
+                let host = if host.contains(':') {
+                    format!("[{host}]")
+                } else {
+                    host.to_string()
+                };
+                Url::parse(&format!("{scheme}://{host}:{port}/")).map_err(|e| {
+                    BrokerError::InvalidUri {
+                        field: "uri",
+                        reason: e.to_string(),
+                    }
+                })?
+            }
+        };
+        Ok(Self {
+            amqp,
+            management,
+            ca_pem,
+        })
+    }
+
+    /// The vhost named in the AMQP URI's path (`/` when the path is empty).
+    pub fn uri_vhost(&self) -> String {
+        let path = self.amqp.path().trim_start_matches('/');
+        if path.is_empty() {
+            return "/".into();
+        }
+        percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+
+    pub fn username(&self) -> String {
+        let user = percent_encoding::percent_decode_str(self.amqp.username()).decode_utf8_lossy();
+        if user.is_empty() {
+            "guest".into()
+        } else {
+            user.into_owned()
+        }
+    }
+
+    pub(crate) fn password(&self) -> String {
+        let password = self.amqp.password().unwrap_or("guest");
+        percent_encoding::percent_decode_str(password)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+
+    /// The AMQP URI for `vhost`, with credentials (for the AMQP client only).
+    pub(crate) fn amqp_uri_for(&self, vhost: &str) -> String {
+        let mut url = self.amqp.clone();
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(vhost, percent_encoding::NON_ALPHANUMERIC)
+                .collect();
+        url.set_path(&format!("/{encoded}"));
+        url.to_string()
+    }
+
+    /// Base URL of the management API, e.g. `http://host:15672/api`.
+    pub fn management_api(&self) -> String {
+        format!("{}/api", self.management.as_str().trim_end_matches('/'))
+    }
+
+    /// `host:port` of the AMQP listener.
+    pub fn amqp_address(&self) -> Option<String> {
+        let host = self.amqp.host_str()?;
+        let port = self
+            .amqp
+            .port()
+            .unwrap_or(if self.is_tls() { 5671 } else { 5672 });
+        Some(format!("{host}:{port}"))
+    }
+
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.amqp.scheme() == "amqps"
+    }
+
+    /// Identity for connection pooling: same address, user, password and CA share a pool entry.
+    pub fn pool_key(&self) -> String {
+        format!(
+            "{}|{}|{}",
+            self.amqp,
+            self.management,
+            self.ca_pem.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Replaces every occurrence of this endpoint's password in `text`.
+    pub fn redact(&self, text: &str) -> String {
+        let password = self.password();
+        let raw = self.amqp.password().unwrap_or("");
+        let mut out = text.to_string();
+        for secret in [password.as_str(), raw] {
+            if secret.len() >= 3 {
+                out = out.replace(secret, "***");
+            }
+        }
+        out
+    }
+}
+
+impl fmt::Display for BrokerEndpoint {
+    /// `amqp://user@host:5672` — never the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = self.amqp.host_str().unwrap_or("?");
+        let port = self
+            .amqp
+            .port()
+            .unwrap_or(if self.is_tls() { 5671 } else { 5672 });
+        write!(
+            f,
+            "{}://{}@{host}:{port}",
+            self.amqp.scheme(),
+            self.username()
+        )
+    }
+}
+
+impl fmt::Debug for BrokerEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerEndpoint")
+            .field("amqp", &self.to_string())
+            .field("management", &self.management.as_str())
+            .field("ca", &self.ca_pem.is_some())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_management_to_the_amqp_host() {
+        let e = BrokerEndpoint::new("amqp://app:s3cr3t@rabbit.example:5672/orders", None, None)
+            .expect("valid");
+        assert_eq!(e.management_api(), "http://rabbit.example:15672/api");
+        assert_eq!(e.uri_vhost(), "orders");
+        let tls =
+            BrokerEndpoint::new("amqps://app:s3cr3t@rabbit.example/", None, None).expect("valid");
+        assert_eq!(tls.management_api(), "https://rabbit.example:15671/api");
+        assert_eq!(tls.uri_vhost(), "/");
+    }
+
+    #[test]
+    fn encoded_vhost_and_credentials_are_decoded() {
+        let e = BrokerEndpoint::new("amqp://us%40er:p%2Fss@h/%2F", None, None).expect("valid");
+        assert_eq!(
+            (
+                e.username().as_str(),
+                e.password().as_str(),
+                e.uri_vhost().as_str()
+            ),
+            ("us@er", "p/ss", "/")
+        );
+        assert!(e.amqp_uri_for("a/b").ends_with("/a%2Fb"));
+    }
+
+    #[test]
+    fn display_debug_and_errors_never_show_the_password() {
+        let e = BrokerEndpoint::new("amqp://app:hunter2@h:5672/v", None, None).expect("valid");
+        assert_eq!(e.to_string(), "amqp://app@h:5672");
+        assert!(!format!("{e:?}").contains("hunter2"));
+        assert_eq!(e.redact("auth failed for hunter2"), "auth failed for ***");
+        let err =
+            BrokerEndpoint::new("http://app:hunter2@h", None, None).expect_err("wrong scheme");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = BrokerEndpoint::new("amqp://app:hunter2@", None, None).expect_err("no host");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,58 @@
+//! What exists on one vhost of a broker, as read in one pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Map, Value};
+
+/// A snapshot of one vhost: every exchange, queue, queue binding and policy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LiveVhost {
+    pub exchanges: BTreeMap<String, LiveExchange>,
+    pub queues: BTreeMap<String, LiveQueue>,
+    /// Exchange-to-queue bindings (source, queue, routing key).
+    pub bindings: BTreeSet<LiveBinding>,
+    pub policies: BTreeMap<String, LivePolicy>,
+    /// Major version of the server (3 or 4), which changes what a policy may say.
+    pub server_major: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveExchange {
+    pub kind: String,
+    pub durable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveQueue {
+    /// `quorum`, `classic` or `stream`.
+    pub queue_type: String,
+    pub durable: bool,
+    /// Ready + unacknowledged, from management stats (they lag by the stats interval).
+    pub messages: u64,
+    pub consumers: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LiveBinding {
+    pub source: String,
+    pub destination: String,
+    pub routing_key: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LivePolicy {
+    pub pattern: String,
+    pub apply_to: String,
+    pub priority: i64,
+    pub definition: Map<String, Value>,
+}
+
+impl LiveVhost {
+    pub fn has_binding(&self, source: &str, destination: &str, routing_key: &str) -> bool {
+        self.bindings.contains(&LiveBinding {
+            source: source.into(),
+            destination: destination.into(),
+            routing_key: routing_key.into(),
+        })
+    }
+}

@@ -1,0 +1,114 @@
+//! The broker edge: read what exists on RabbitMQ, compare it with the planner's desired
+//! topology, and apply the difference. Decisions are in [`diff`] (pure); IO is behind
+//! [`BrokerApi`], implemented for a real RabbitMQ by [`RabbitBroker`].
+
+pub mod diff;
+mod endpoint;
+pub mod live;
+mod rabbit;
+mod reconcile;
+
+use std::future::Future;
+
+pub use diff::{BrokerAction, BrokerPlan, Conflict};
+pub use endpoint::BrokerEndpoint;
+pub use live::LiveVhost;
+pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, install_crypto_provider};
+pub use reconcile::{BrokerReport, Change, Failed, LiveCounts, reconcile, teardown};
+
+/// Why a broker call failed. Messages name the broker (`amqp://user@host:port`) and the
+/// step, never the password.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid broker {field}: {reason}")]
+    InvalidUri { field: &'static str, reason: String },
+    #[error("broker {endpoint} is unreachable: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("broker {endpoint} refused the credentials of user {user:?}")]
+    AuthenticationFailed { endpoint: String, user: String },
+    #[error("vhost {vhost:?} does not exist on broker {endpoint} (or user may not use it)")]
+    VhostNotFound { endpoint: String, vhost: String },
+    #[error("user {user:?} may not {operation} on broker {endpoint}")]
+    AccessRefused {
+        endpoint: String,
+        user: String,
+        operation: String,
+    },
+    #[error(
+        "the management API of broker {endpoint} is not available at {api} (is the rabbitmq_management plugin enabled?): {reason}"
+    )]
+    ManagementUnavailable {
+        endpoint: String,
+        api: String,
+        reason: String,
+    },
+    #[error("{operation} timed out after {seconds}s on broker {endpoint}")]
+    Timeout {
+        endpoint: String,
+        operation: String,
+        seconds: u64,
+    },
+    #[error("broker {endpoint} refused to {operation}: {reason}")]
+    Rejected {
+        endpoint: String,
+        operation: String,
+        reason: String,
+    },
+}
+
+impl BrokerError {
+    /// The `BrokerReady=False` reason for this error.
+    pub fn condition_reason(&self) -> &'static str {
+        match self {
+            BrokerError::InvalidUri { .. } => "InvalidBrokerSecret",
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => "BrokerUnreachable",
+            BrokerError::AuthenticationFailed { .. } => "BrokerAuthenticationFailed",
+            BrokerError::VhostNotFound { .. } => "VhostNotFound",
+            BrokerError::AccessRefused { .. } => "BrokerAccessRefused",
+            BrokerError::ManagementUnavailable { .. } => "ManagementAPIUnavailable",
+            BrokerError::Rejected { .. } => "BrokerRejected",
+        }
+    }
+}
+
+/// Exact depth of a queue, from a passive declare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Ready messages.
+    pub messages: u64,
+    pub consumers: u64,
+}
+
+/// What executing one action did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionOutcome {
+    Done,
+    /// A delete was skipped because the queue holds messages or has consumers.
+    Kept(QueueDepth),
+    /// The object was already gone.
+    Gone,
+}
+
+/// Our own view of a broker: what the reconciler needs, and nothing else.
+pub trait BrokerApi: Send + Sync {
+    /// Every exchange, queue (with counts), queue binding and policy of a vhost, in one pass.
+    fn snapshot(&self, vhost: &str) -> impl Future<Output = Result<LiveVhost, BrokerError>> + Send;
+    /// Carries out one action.
+    fn execute(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+    ) -> impl Future<Output = Result<ActionOutcome, BrokerError>> + Send;
+    /// Exact ready-message and consumer counts (passive declare); None if the queue is absent.
+    fn queue_depth(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> impl Future<Output = Result<Option<QueueDepth>, BrokerError>> + Send;
+    /// Deletes an exchange (idempotent).
+    fn delete_exchange(
+        &self,
+        vhost: &str,
+        exchange: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+}

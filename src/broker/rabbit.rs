@@ -1,0 +1,567 @@
+//! The real broker: management HTTP API (rabbitmq_http_client) for reading state and
+//! policies, AMQP (lapin) for declares, bindings and exact message counts.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
+use rabbitmq_http_client::api::{Client, ClientBuilder, HttpClientError};
+use rabbitmq_http_client::commons::PolicyTarget;
+use rabbitmq_http_client::requests::PolicyParams;
+use tokio::sync::{Mutex, OnceCell};
+
+use super::diff::BrokerAction;
+use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost};
+use super::{ActionOutcome, BrokerApi, BrokerEndpoint, BrokerError, QueueDepth};
+use crate::plan::topology::ExchangeKind;
+
+/// Bound on every single broker call, so one broken broker never stalls a caller.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+type HttpApi = Client<String, String, String>;
+
+/// One broker: a pooled HTTP client and one AMQP connection per vhost, made on first use.
+pub struct RabbitBroker {
+    endpoint: BrokerEndpoint,
+    http: HttpApi,
+    amqp: Mutex<HashMap<String, Connection>>,
+    server_major: OnceCell<u32>,
+    timeout: Duration,
+}
+
+impl RabbitBroker {
+    pub fn new(endpoint: BrokerEndpoint, timeout: Duration) -> Result<Self, BrokerError> {
+        install_crypto_provider();
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .pool_max_idle_per_host(16);
+        if let Some(pem) = endpoint.ca_pem() {
+            let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+                BrokerError::InvalidUri {
+                    field: "ca.crt",
+                    reason: format!("not a PEM certificate: {e}"),
+                }
+            })?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http_client = builder.build().map_err(|e| BrokerError::InvalidUri {
+            field: "managementUri",
+            reason: e.to_string(),
+        })?;
+        let http = ClientBuilder::new()
+            .with_endpoint(endpoint.management_api())
+            .with_basic_auth_credentials(endpoint.username(), endpoint.password())
+            .with_client(http_client)
+            .build()
+            .map_err(|e| BrokerError::InvalidUri {
+                field: "managementUri",
+                reason: endpoint.redact(&e.to_string()),
+            })?;
+        Ok(Self {
+            endpoint,
+            http,
+            amqp: Mutex::new(HashMap::new()),
+            server_major: OnceCell::new(),
+            timeout,
+        })
+    }
+
+    pub fn endpoint(&self) -> &BrokerEndpoint {
+        &self.endpoint
+    }
+
+    /// Major version of the server (3 or 4), read once.
+    pub async fn server_major(&self) -> Result<u32, BrokerError> {
+        self.server_major
+            .get_or_try_init(|| async {
+                let version = self
+                    .http_call("read the server version", None, self.http.server_version())
+                    .await?;
+                Ok(version
+                    .split('.')
+                    .next()
+                    .and_then(|m| m.parse().ok())
+                    .unwrap_or(3))
+            })
+            .await
+            .copied()
+    }
+
+    /// A fresh channel on the vhost's pooled AMQP connection (reconnecting when it is gone).
+    async fn channel(&self, vhost: &str) -> Result<Channel, BrokerError> {
+        let mut connections = self.amqp.lock().await;
+        if let Some(connection) = connections.get(vhost)
+            && connection.status().connected()
+        {
+            match self
+                .amqp_call("open a channel", connection.create_channel())
+                .await
+            {
+                Ok(channel) => return Ok(channel),
+                Err(_) => {
+                    connections.remove(vhost);
+                }
+            }
+        }
+        let connection = self.connect(vhost).await?;
+        let channel = self
+            .amqp_call("open a channel", connection.create_channel())
+            .await?;
+        connections.insert(vhost.to_string(), connection);
+        Ok(channel)
+    }
+
+    async fn connect(&self, vhost: &str) -> Result<Connection, BrokerError> {
+        let uri = self.endpoint.amqp_uri_for(vhost);
+        let properties = ConnectionProperties::default()
+            .with_connection_name("msgpipe".into())
+            .enable_auto_recover();
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.endpoint.ca_pem().map(str::to_string),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| self.amqp_error("start the AMQP runtime", &e))?;
+        let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
+        match tokio::time::timeout(self.timeout, connect).await {
+            Err(_) => Err(BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: "connect over AMQP".into(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(self.classify_amqp_connect(vhost, &e)),
+        }
+    }
+
+    fn classify_amqp_connect(&self, vhost: &str, error: &lapin::Error) -> BrokerError {
+        let text = self.endpoint.redact(&error.to_string());
+        let lower = text.to_lowercase();
+        if lower.contains("access_refused")
+            || lower.contains("login")
+            || lower.contains("authentication")
+        {
+            BrokerError::AuthenticationFailed {
+                endpoint: self.endpoint.to_string(),
+                user: self.endpoint.username(),
+            }
+        } else if lower.contains("not_allowed") || lower.contains("vhost") {
+            BrokerError::VhostNotFound {
+                endpoint: self.endpoint.to_string(),
+                vhost: vhost.into(),
+            }
+        } else {
+            BrokerError::Unreachable {
+                endpoint: self.endpoint.to_string(),
+                reason: text,
+            }
+        }
+    }
+
+    async fn amqp_call<T>(
+        &self,
+        operation: &str,
+        call: impl Future<Output = Result<T, lapin::Error>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: operation.into(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(result) => result.map_err(|e| self.amqp_error(operation, &e)),
+        }
+    }
+
+    fn amqp_error(&self, operation: &str, error: &lapin::Error) -> BrokerError {
+        BrokerError::Rejected {
+            endpoint: self.endpoint.to_string(),
+            operation: operation.into(),
+            reason: self.endpoint.redact(&error.to_string()),
+        }
+    }
+
+    /// Runs one management API call with the timeout and maps its error; `vhost` names the
+    /// vhost a 404 means is missing.
+    async fn http_call<T>(
+        &self,
+        operation: &str,
+        vhost: Option<&str>,
+        call: impl Future<Output = Result<T, HttpClientError>>,
+    ) -> Result<T, BrokerError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: operation.into(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(self.classify_http(operation, vhost, error).await),
+        }
+    }
+
+    async fn classify_http(
+        &self,
+        operation: &str,
+        vhost: Option<&str>,
+        error: HttpClientError,
+    ) -> BrokerError {
+        let endpoint = self.endpoint.to_string();
+        match &error {
+            HttpClientError::ClientErrorResponse { status_code, .. }
+                if status_code.as_u16() == 401 =>
+            {
+                BrokerError::AuthenticationFailed {
+                    endpoint,
+                    user: self.endpoint.username(),
+                }
+            }
+            HttpClientError::ClientErrorResponse { status_code, .. }
+                if status_code.as_u16() == 403 =>
+            {
+                BrokerError::AccessRefused {
+                    endpoint,
+                    user: self.endpoint.username(),
+                    operation: operation.into(),
+                }
+            }
+            HttpClientError::NotFound => match vhost {
+                Some(vhost) => BrokerError::VhostNotFound {
+                    endpoint,
+                    vhost: vhost.into(),
+                },
+                None => BrokerError::ManagementUnavailable {
+                    endpoint,
+                    api: self.endpoint.management_api(),
+                    reason: "the API answered 404".into(),
+                },
+            },
+            HttpClientError::RequestError { error: inner, .. }
+                if inner.is_connect() || inner.is_timeout() =>
+            {
+                let reason = self.endpoint.redact(&error_chain(inner));
+                if self.amqp_port_open().await {
+                    BrokerError::ManagementUnavailable {
+                        endpoint,
+                        api: self.endpoint.management_api(),
+                        reason,
+                    }
+                } else {
+                    BrokerError::Unreachable { endpoint, reason }
+                }
+            }
+            other => BrokerError::Rejected {
+                endpoint,
+                operation: operation.into(),
+                reason: self.endpoint.redact(&describe_http_error(other)),
+            },
+        }
+    }
+
+    /// Whether the AMQP port answers: tells "broker down" from "management plugin missing".
+    async fn amqp_port_open(&self) -> bool {
+        let Some(address) = self.endpoint.amqp_address() else {
+            return false;
+        };
+        let probe = tokio::net::TcpStream::connect(address);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), probe).await,
+            Ok(Ok(_))
+        )
+    }
+
+    async fn put_policy(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+    ) -> Result<ActionOutcome, BrokerError> {
+        let BrokerAction::PutPolicy {
+            policy, definition, ..
+        } = action
+        else {
+            return Ok(ActionOutcome::Done);
+        };
+        let params = PolicyParams {
+            vhost,
+            name: &policy.name,
+            pattern: &policy.pattern,
+            apply_to: PolicyTarget::Queues,
+            priority: policy.priority,
+            definition: definition.clone(),
+        };
+        let operation = format!("put policy {}", policy.name);
+        self.http_call(&operation, Some(vhost), self.http.declare_policy(&params))
+            .await?;
+        Ok(ActionOutcome::Done)
+    }
+
+    async fn delete_queue_if_empty(
+        &self,
+        vhost: &str,
+        queue: &str,
+        policy: Option<&str>,
+    ) -> Result<ActionOutcome, BrokerError> {
+        let Some(depth) = BrokerApi::queue_depth(self, vhost, queue).await? else {
+            return Ok(ActionOutcome::Gone);
+        };
+        if depth.messages > 0 || depth.consumers > 0 {
+            return Ok(ActionOutcome::Kept(depth));
+        }
+        let operation = format!("delete queue {queue}");
+        // Over HTTP: quorum queues refuse if-empty, and over AMQP that error closes the
+        // whole connection. Emptiness was just checked exactly, and the queue was unbound first.
+        self.http_call(
+            &operation,
+            Some(vhost),
+            self.http.delete_queue(vhost, queue, true),
+        )
+        .await?;
+        if let Some(policy) = policy {
+            let operation = format!("delete policy {policy}");
+            self.http_call(
+                &operation,
+                Some(vhost),
+                self.http.delete_policy(vhost, policy, true),
+            )
+            .await?;
+        }
+        Ok(ActionOutcome::Done)
+    }
+}
+
+impl BrokerApi for RabbitBroker {
+    async fn snapshot(&self, vhost: &str) -> Result<LiveVhost, BrokerError> {
+        let (server_major, exchanges, queues, bindings, policies) = tokio::try_join!(
+            self.server_major(),
+            self.http_call(
+                "list exchanges",
+                Some(vhost),
+                self.http.list_exchanges_in(vhost)
+            ),
+            self.http_call("list queues", Some(vhost), self.http.list_queues_in(vhost)),
+            self.http_call(
+                "list bindings",
+                Some(vhost),
+                self.http.list_bindings_in(vhost)
+            ),
+            self.http_call(
+                "list policies",
+                Some(vhost),
+                self.http.list_policies_in(vhost)
+            ),
+        )?;
+        let mut live = LiveVhost {
+            server_major,
+            ..LiveVhost::default()
+        };
+        for e in exchanges {
+            live.exchanges.insert(
+                e.name,
+                LiveExchange {
+                    kind: e.exchange_type,
+                    durable: e.durable,
+                },
+            );
+        }
+        for q in queues {
+            let live_queue = LiveQueue {
+                queue_type: q.queue_type,
+                durable: q.durable,
+                messages: q.message_count,
+                consumers: u64::from(q.consumer_count),
+            };
+            live.queues.insert(q.name, live_queue);
+        }
+        for b in bindings {
+            // The default exchange's implicit bindings cannot be changed; leave them out.
+            if !b.source.is_empty()
+                && format!("{:?}", b.destination_type).eq_ignore_ascii_case("queue")
+            {
+                live.bindings.insert(LiveBinding {
+                    source: b.source,
+                    destination: b.destination,
+                    routing_key: b.routing_key,
+                });
+            }
+        }
+        for p in policies {
+            let apply_to = serde_json::to_value(p.apply_to)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let live_policy = LivePolicy {
+                pattern: p.pattern,
+                apply_to,
+                priority: i64::from(p.priority),
+                definition: p.definition.0.clone().unwrap_or_default(),
+            };
+            live.policies.insert(p.name, live_policy);
+        }
+        Ok(live)
+    }
+
+    async fn execute(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+    ) -> Result<ActionOutcome, BrokerError> {
+        match action {
+            BrokerAction::PutPolicy { .. } => self.put_policy(vhost, action).await,
+            BrokerAction::DeleteQueueIfEmpty { queue, policy } => {
+                self.delete_queue_if_empty(vhost, queue, policy.as_deref())
+                    .await
+            }
+            BrokerAction::DeclareExchange(exchange) => {
+                let channel = self.channel(vhost).await?;
+                let kind = match exchange.kind {
+                    ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+                    ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+                };
+                let options = ExchangeDeclareOptions {
+                    durable: exchange.durable,
+                    ..Default::default()
+                };
+                let declare = channel.exchange_declare(
+                    exchange.name.as_str().into(),
+                    kind,
+                    options,
+                    FieldTable::default(),
+                );
+                let result = self.amqp_call(&action.to_string(), declare).await;
+                close(channel).await;
+                result.map(|()| ActionOutcome::Done)
+            }
+            BrokerAction::DeclareQueue(queue) => {
+                let channel = self.channel(vhost).await?;
+                let mut arguments = FieldTable::default();
+                arguments.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(queue.queue_type.as_str().into()),
+                );
+                let options = QueueDeclareOptions {
+                    durable: queue.durable,
+                    ..Default::default()
+                };
+                let declare = channel.queue_declare(queue.name.as_str().into(), options, arguments);
+                let result = self.amqp_call(&action.to_string(), declare).await;
+                close(channel).await;
+                result.map(|_| ActionOutcome::Done)
+            }
+            BrokerAction::Bind(binding) => {
+                let channel = self.channel(vhost).await?;
+                let bind = channel.queue_bind(
+                    binding.destination.as_str().into(),
+                    binding.source.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                );
+                let result = self.amqp_call(&action.to_string(), bind).await;
+                close(channel).await;
+                result.map(|()| ActionOutcome::Done)
+            }
+            BrokerAction::Unbind(binding) => {
+                let channel = self.channel(vhost).await?;
+                let unbind = channel.queue_unbind(
+                    binding.destination.as_str().into(),
+                    binding.source.as_str().into(),
+                    binding.routing_key.as_str().into(),
+                    FieldTable::default(),
+                );
+                let result = self.amqp_call(&action.to_string(), unbind).await;
+                close(channel).await;
+                result.map(|()| ActionOutcome::Done)
+            }
+        }
+    }
+
+    async fn queue_depth(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<Option<QueueDepth>, BrokerError> {
+        let channel = self.channel(vhost).await?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declare = channel.queue_declare(queue.into(), options, FieldTable::default());
+        let result = tokio::time::timeout(self.timeout, declare).await;
+        close(channel).await;
+        match result {
+            Err(_) => Err(BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: format!("count messages in {queue}"),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Ok(declared)) => Ok(Some(QueueDepth {
+                messages: u64::from(declared.message_count()),
+                consumers: u64::from(declared.consumer_count()),
+            })),
+            // A passive declare of a missing queue is refused with 404 NOT_FOUND.
+            Ok(Err(e)) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(self.amqp_error(&format!("count messages in {queue}"), &e)),
+        }
+    }
+
+    async fn delete_exchange(&self, vhost: &str, exchange: &str) -> Result<(), BrokerError> {
+        let operation = format!("delete exchange {exchange}");
+        self.http_call(
+            &operation,
+            Some(vhost),
+            self.http.delete_exchange(vhost, exchange, true),
+        )
+        .await
+    }
+}
+
+/// Closes a channel we opened; a channel the broker already closed needs nothing.
+async fn close(channel: Channel) {
+    if channel.status().connected() {
+        let _ = channel.close(200, "done".into()).await;
+    }
+}
+
+/// rustls needs one process-wide crypto provider; kube, lapin and reqwest enable two.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn describe_http_error(error: &HttpClientError) -> String {
+    match error {
+        HttpClientError::ClientErrorResponse {
+            status_code, body, ..
+        }
+        | HttpClientError::ServerErrorResponse {
+            status_code, body, ..
+        } => {
+            let reason = body
+                .as_deref()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                .and_then(|v| v["reason"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            format!(
+                "HTTP {status_code} {}",
+                reason.split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        }
+        other => error_chain(other),
+    }
+}

@@ -1,0 +1,320 @@
+//! Carrying out a pipeline's broker plan: converge, or tear down on deletion.
+
+use std::fmt;
+
+use super::diff::{self, BrokerAction, Conflict};
+use super::live::LiveVhost;
+use super::{ActionOutcome, BrokerApi, BrokerError, QueueDepth};
+use crate::plan::DesiredState;
+use crate::plan::topology::{Binding, POLICY_PREFIX, QueueRole};
+
+/// One thing that changed (or was deliberately left) on the broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// created, updated, bound, unbound, deleted, kept
+    pub verb: &'static str,
+    /// exchange, queue, binding, policy
+    pub kind: &'static str,
+    pub name: String,
+    pub detail: Option<String>,
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind == "binding" {
+            write!(f, "{} {}", self.verb, self.name)?;
+        } else {
+            write!(f, "{} {} {}", self.verb, self.kind, self.name)?;
+        }
+        if let Some(detail) = &self.detail {
+            write!(f, ": {detail}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Live message counts of a pipeline's queues (management stats; they lag a few seconds).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiveCounts {
+    pub queue_messages: Option<u64>,
+    pub consumers: Option<u64>,
+    pub dead_letter_messages: Option<u64>,
+    /// (queue, messages) per retry tier, in tier order.
+    pub retry_queues: Vec<(String, u64)>,
+}
+
+/// The result of reconciling one pipeline on its broker.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BrokerReport {
+    pub changes: Vec<Change>,
+    /// Differences refused (reason ImmutableFieldChanged).
+    pub conflicts: Vec<Conflict>,
+    pub warnings: Vec<String>,
+    /// Counts as read before the changes.
+    pub counts: LiveCounts,
+}
+
+impl BrokerReport {
+    /// Whether anything was written.
+    pub fn wrote(&self) -> bool {
+        self.changes.iter().any(|c| c.verb != "kept")
+    }
+}
+
+/// A reconcile that stopped at an error, with what it had already changed.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: BrokerError,
+    pub applied: Vec<Change>,
+}
+
+impl fmt::Display for Failed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Makes the broker match `desired`, given a snapshot `live` of its vhost.
+pub async fn reconcile<B: BrokerApi>(
+    broker: &B,
+    desired: &DesiredState,
+    live: &LiveVhost,
+) -> Result<BrokerReport, Failed> {
+    let plan = diff::converge(desired, live);
+    let vhost = &desired.topology.vhost;
+    let mut changes = Vec::new();
+    for action in &plan.actions {
+        match broker.execute(vhost, action).await {
+            Ok(outcome) => changes.extend(change_of(action, outcome)),
+            Err(error) => {
+                return Err(Failed {
+                    error,
+                    applied: changes,
+                });
+            }
+        }
+    }
+    Ok(BrokerReport {
+        changes,
+        conflicts: plan.conflicts,
+        warnings: plan.warnings,
+        counts: counts(desired, live),
+    })
+}
+
+/// Removes a pipeline's broker objects (`deletionPolicy: Delete`), never a queue that holds
+/// messages, and nothing a kept queue still needs: retry queues go first (they return
+/// messages to the work queue), then the work queue, then the DLQ, then unused exchanges.
+pub async fn teardown<B: BrokerApi>(
+    broker: &B,
+    desired: &DesiredState,
+    live: &LiveVhost,
+) -> Result<BrokerReport, Failed> {
+    let mut run = Teardown {
+        broker,
+        vhost: &desired.topology.vhost,
+        live,
+        changes: Vec::new(),
+    };
+    let names = &desired.names;
+    let mut retry_queues: Vec<String> = desired
+        .topology
+        .queues
+        .iter()
+        .filter(|q| matches!(q.role, QueueRole::Retry(_)))
+        .map(|q| q.name.clone())
+        .collect();
+    // Tiers left over from an earlier, longer retry schedule.
+    retry_queues.extend(
+        diff::converge(desired, live)
+            .actions
+            .into_iter()
+            .filter_map(|a| match a {
+                BrokerAction::DeleteQueueIfEmpty { queue, .. } => Some(queue),
+                _ => None,
+            }),
+    );
+    let mut retries_gone = true;
+    for queue in &retry_queues {
+        retries_gone &= run.remove_queue(queue, true).await?;
+    }
+    let work_gone = retries_gone && run.remove_queue(&names.queue, true).await?;
+    let dlq_gone = work_gone && run.remove_queue(&names.dead_letter_queue, false).await?;
+
+    let ours: Vec<&str> = desired
+        .topology
+        .queues
+        .iter()
+        .map(|q| q.name.as_str())
+        .collect();
+    if retries_gone {
+        run.remove_exchange(&names.retry_exchange, &ours).await?;
+    }
+    if work_gone {
+        run.remove_exchange(&names.work_exchange, &ours).await?;
+    }
+    if dlq_gone {
+        run.remove_exchange(&names.dead_letter_exchange, &ours)
+            .await?;
+    }
+    Ok(BrokerReport {
+        changes: run.changes,
+        counts: counts(desired, live),
+        ..BrokerReport::default()
+    })
+}
+
+struct Teardown<'a, B> {
+    broker: &'a B,
+    vhost: &'a str,
+    live: &'a LiveVhost,
+    changes: Vec<Change>,
+}
+
+impl<B: BrokerApi> Teardown<'_, B> {
+    /// Deletes `queue` if empty (after unbinding it, to stop new arrivals, when `unbind`).
+    /// Returns whether the queue is gone.
+    async fn remove_queue(&mut self, queue: &str, unbind: bool) -> Result<bool, Failed> {
+        if !self.live.queues.contains_key(queue) {
+            return Ok(true);
+        }
+        if unbind {
+            let bindings: Vec<Binding> = self
+                .live
+                .bindings
+                .iter()
+                .filter(|b| b.destination == queue)
+                .map(|b| Binding {
+                    source: b.source.clone(),
+                    destination: b.destination.clone(),
+                    routing_key: b.routing_key.clone(),
+                })
+                .collect();
+            for binding in bindings {
+                self.run(BrokerAction::Unbind(binding)).await?;
+            }
+        }
+        let action = BrokerAction::DeleteQueueIfEmpty {
+            queue: queue.to_string(),
+            policy: Some(format!("{POLICY_PREFIX}{queue}")),
+        };
+        let outcome = self.run(action).await?;
+        Ok(!matches!(outcome, ActionOutcome::Kept(_)))
+    }
+
+    /// Deletes an exchange unless something outside the pipeline is bound to it.
+    async fn remove_exchange(&mut self, exchange: &str, ours: &[&str]) -> Result<(), Failed> {
+        if !self.live.exchanges.contains_key(exchange) {
+            return Ok(());
+        }
+        let shared = self
+            .live
+            .bindings
+            .iter()
+            .any(|b| b.source == exchange && !ours.contains(&b.destination.as_str()));
+        if shared {
+            self.changes.push(Change {
+                verb: "kept",
+                kind: "exchange",
+                name: exchange.into(),
+                detail: Some("other queues are bound to it".into()),
+            });
+            return Ok(());
+        }
+        match self.broker.delete_exchange(self.vhost, exchange).await {
+            Ok(()) => {
+                self.changes.push(Change {
+                    verb: "deleted",
+                    kind: "exchange",
+                    name: exchange.into(),
+                    detail: None,
+                });
+                Ok(())
+            }
+            Err(error) => Err(Failed {
+                error,
+                applied: std::mem::take(&mut self.changes),
+            }),
+        }
+    }
+
+    async fn run(&mut self, action: BrokerAction) -> Result<ActionOutcome, Failed> {
+        match self.broker.execute(self.vhost, &action).await {
+            Ok(outcome) => {
+                self.changes.extend(change_of(&action, outcome));
+                Ok(outcome)
+            }
+            Err(error) => Err(Failed {
+                error,
+                applied: std::mem::take(&mut self.changes),
+            }),
+        }
+    }
+}
+
+fn change_of(action: &BrokerAction, outcome: ActionOutcome) -> Option<Change> {
+    let (verb, name) = match (action, outcome) {
+        (_, ActionOutcome::Gone) => return None,
+        (BrokerAction::DeleteQueueIfEmpty { queue, .. }, ActionOutcome::Kept(depth)) => {
+            return Some(Change {
+                verb: "kept",
+                kind: "queue",
+                name: queue.clone(),
+                detail: Some(kept_because(depth)),
+            });
+        }
+        (BrokerAction::PutPolicy { policy, exists, .. }, _) => (
+            if *exists { "updated" } else { "created" },
+            policy.name.clone(),
+        ),
+        (BrokerAction::DeclareExchange(e), _) => ("created", e.name.clone()),
+        (BrokerAction::DeclareQueue(q), _) => ("created", q.name.clone()),
+        (BrokerAction::Bind(b), _) => ("bound", binding_name(b)),
+        (BrokerAction::Unbind(b), _) => ("unbound", binding_name(b)),
+        (BrokerAction::DeleteQueueIfEmpty { queue, .. }, _) => ("deleted", queue.clone()),
+    };
+    Some(Change {
+        verb,
+        kind: action.object_kind(),
+        name,
+        detail: None,
+    })
+}
+
+fn kept_because(depth: QueueDepth) -> String {
+    match (depth.messages, depth.consumers) {
+        (m, 0) => format!("holds {m} messages"),
+        (0, c) => format!("has {c} consumers"),
+        (m, c) => format!("holds {m} messages and has {c} consumers"),
+    }
+}
+
+fn binding_name(binding: &Binding) -> String {
+    format!(
+        "{} -> {} (key {:?})",
+        binding.source, binding.destination, binding.routing_key
+    )
+}
+
+/// The pipeline's queue counts from a snapshot.
+pub fn counts(desired: &DesiredState, live: &LiveVhost) -> LiveCounts {
+    let names = &desired.names;
+    let work = live.queues.get(&names.queue);
+    LiveCounts {
+        queue_messages: work.map(|q| q.messages),
+        consumers: work.map(|q| q.consumers),
+        dead_letter_messages: live
+            .queues
+            .get(&names.dead_letter_queue)
+            .map(|q| q.messages),
+        retry_queues: desired
+            .retry_tiers
+            .iter()
+            .map(|tier| {
+                let name = names.retry_queue(tier.index);
+                let messages = live.queues.get(&name).map_or(0, |q| q.messages);
+                (name, messages)
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,283 @@
+//! `msgpipe apply` / `msgpipe delete`: reconcile pipeline files straight against a broker.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use futures_util::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Secret;
+
+use super::read_pipelines;
+use crate::api::DeletionPolicy;
+use crate::broker::{
+    self, BrokerApi, BrokerEndpoint, BrokerError, BrokerReport, Failed, LiveVhost, RabbitBroker,
+};
+use crate::plan::{self, DesiredState};
+
+/// Where the broker is: a URI, or a Kubernetes Secret manifest with the operator's keys.
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// AMQP URI with credentials, amqp[s]://user:pass@host:port/vhost (prefer the env var:
+    /// command lines are visible to other users).
+    #[arg(
+        long = "broker",
+        env = "MSGPIPE_BROKER_URI",
+        hide_env_values = true,
+        conflicts_with = "secret_file"
+    )]
+    pub uri: Option<String>,
+    /// A Secret manifest (YAML) with keys uri, managementUri (optional) and ca.crt (optional).
+    #[arg(long = "broker-secret-file", value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Management API URL (default: the broker host, port 15672; https on 15671 for amqps).
+    #[arg(long, env = "MSGPIPE_MANAGEMENT_URI")]
+    pub management_uri: Option<String>,
+    /// PEM file of the CA that signed the broker's certificates.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Timeout of each broker call, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Pipeline manifest: a file (several YAML documents allowed), a directory, or - for stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Print what would change, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Pipelines reconciled at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Pipeline manifest: a file, a directory, or - for stdin.
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+impl BrokerArgs {
+    pub fn endpoint(&self) -> anyhow::Result<BrokerEndpoint> {
+        let ca_from_file = match &self.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --ca-file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let (uri, management, ca) = match (&self.uri, &self.secret_file) {
+            (Some(uri), _) => (uri.clone(), self.management_uri.clone(), ca_from_file),
+            (None, Some(path)) => {
+                let secret = read_secret(path)?;
+                let management = self
+                    .management_uri
+                    .clone()
+                    .or(secret.get("managementUri").cloned());
+                let uri = secret.get("uri").cloned().with_context(|| {
+                    format!("{}: the Secret has no key \"uri\"", path.display())
+                })?;
+                (
+                    uri,
+                    management,
+                    ca_from_file.or(secret.get("ca.crt").cloned()),
+                )
+            }
+            (None, None) => bail!(
+                "no broker given: use --broker URI (or MSGPIPE_BROKER_URI) or --broker-secret-file FILE"
+            ),
+        };
+        Ok(BrokerEndpoint::new(&uri, management.as_deref(), ca)?)
+    }
+
+    pub fn connect(&self) -> anyhow::Result<RabbitBroker> {
+        let endpoint = self.endpoint()?;
+        Ok(RabbitBroker::new(
+            endpoint,
+            Duration::from_secs(self.timeout.max(1)),
+        )?)
+    }
+}
+
+/// Reads `data` (base64) and `stringData` of a Secret manifest.
+fn read_secret(path: &PathBuf) -> anyhow::Result<BTreeMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let secret: Secret = serde_saphyr::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a Secret manifest: {}",
+            path.display(),
+            e.to_string().lines().next().unwrap_or_default()
+        )
+    })?;
+    let mut values: BTreeMap<String, String> = BTreeMap::new();
+    for (key, bytes) in secret.data.unwrap_or_default() {
+        let text = String::from_utf8(bytes.0)
+            .with_context(|| format!("{}: data.{key} is not UTF-8", path.display()))?;
+        values.insert(key, text);
+    }
+    values.extend(secret.string_data.unwrap_or_default());
+    Ok(values)
+}
+
+/// Plans every pipeline of the files against the broker's vhost (with its deletion policy).
+fn plan_all(
+    files: &[PathBuf],
+    endpoint: &BrokerEndpoint,
+) -> anyhow::Result<Vec<(DeletionPolicy, DesiredState)>> {
+    let uri_vhost = endpoint.uri_vhost();
+    let mut states = Vec::new();
+    for sourced in read_pipelines(files)? {
+        let state = plan::plan(&sourced.pipeline, Some(&uri_vhost))
+            .with_context(|| sourced.source.clone())?;
+        states.push((sourced.source, sourced.pipeline.spec.deletion_policy, state));
+    }
+    // Two pipelines must not claim one queue: each would keep rewriting the other's policy.
+    let mut owners: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (source, _, state) in &states {
+        for queue in &state.topology.queues {
+            let key = (state.topology.vhost.clone(), queue.name.clone());
+            if let Some(other) = owners.insert(key, state.pipeline.to_string()) {
+                bail!(
+                    "{source}: pipeline {} uses queue {:?}, which pipeline {other} also uses",
+                    state.pipeline,
+                    queue.name
+                );
+            }
+        }
+    }
+    Ok(states
+        .into_iter()
+        .map(|(_, policy, state)| (policy, state))
+        .collect())
+}
+
+/// One snapshot per vhost, shared by every pipeline on it.
+async fn snapshots(
+    broker: &RabbitBroker,
+    states: &[DesiredState],
+) -> Result<BTreeMap<String, LiveVhost>, BrokerError> {
+    let vhosts: std::collections::BTreeSet<&str> =
+        states.iter().map(|s| s.topology.vhost.as_str()).collect();
+    let mut live = BTreeMap::new();
+    for vhost in vhosts {
+        live.insert(vhost.to_string(), broker.snapshot(vhost).await?);
+    }
+    Ok(live)
+}
+
+pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
+    let broker = args.broker.connect()?;
+    let states: Vec<DesiredState> = plan_all(&args.files, broker.endpoint())?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let live = snapshots(&broker, &states).await?;
+    if args.dry_run {
+        for state in &states {
+            let plan = broker::diff::converge(state, &live[&state.topology.vhost]);
+            print_lines(
+                state,
+                plan.actions.iter().map(|a| format!("would {a}")),
+                "no changes",
+            );
+            for conflict in &plan.conflicts {
+                println!("{}: refused: {conflict}", state.pipeline);
+            }
+        }
+        return Ok(());
+    }
+    let results: Vec<(&DesiredState, Result<BrokerReport, Failed>)> = stream::iter(&states)
+        .map(|state| {
+            let live = &live[&state.topology.vhost];
+            let broker = &broker;
+            async move { (state, broker::reconcile(broker, state, live).await) }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
+    report(results)
+}
+
+pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
+    let broker = args.broker.connect()?;
+    let planned = plan_all(&args.files, broker.endpoint())?;
+    let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
+    let live = snapshots(&broker, &states).await?;
+    let mut results = Vec::new();
+    for ((policy, _), state) in planned.iter().zip(&states) {
+        if *policy == DeletionPolicy::Retain {
+            println!(
+                "{}: deletionPolicy is Retain: broker objects left in place",
+                state.pipeline
+            );
+            continue;
+        }
+        results.push((
+            state,
+            broker::teardown(&broker, state, &live[&state.topology.vhost]).await,
+        ));
+    }
+    report(results)
+}
+
+/// Prints each pipeline's changes; fails if any pipeline failed or was refused.
+fn report(results: Vec<(&DesiredState, Result<BrokerReport, Failed>)>) -> anyhow::Result<()> {
+    let mut failures = Vec::new();
+    let mut ordered = results;
+    ordered.sort_by(|a, b| a.0.pipeline.cmp(&b.0.pipeline));
+    for (state, result) in ordered {
+        match result {
+            Ok(report) => {
+                print_lines(
+                    state,
+                    report.changes.iter().map(ToString::to_string),
+                    "no changes",
+                );
+                for warning in &report.warnings {
+                    eprintln!("warning: {}: {warning}", state.pipeline);
+                }
+                for conflict in &report.conflicts {
+                    failures.push(format!(
+                        "{}: ImmutableFieldChanged: {conflict}",
+                        state.pipeline
+                    ));
+                }
+            }
+            Err(failed) => {
+                print_lines(state, failed.applied.iter().map(ToString::to_string), "");
+                failures.push(format!("{}: {}", state.pipeline, failed.error));
+            }
+        }
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => bail!("{}", failures[0]),
+        n => {
+            for failure in &failures[1..] {
+                eprintln!("error: {failure}");
+            }
+            bail!("{} (and {} more pipelines failed)", failures[0], n - 1)
+        }
+    }
+}
+
+fn print_lines(state: &DesiredState, lines: impl Iterator<Item = String>, empty: &str) {
+    let mut any = false;
+    for line in lines {
+        println!("{}: {line}", state.pipeline);
+        any = true;
+    }
+    if !any && !empty.is_empty() {
+        println!("{}: {empty}", state.pipeline);
+    }
+}

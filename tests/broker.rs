@@ -1,0 +1,523 @@
+//! The broker reconciler against a real RabbitMQ, each test in its own vhost.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicRejectOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use msgpipe::broker::{self, BrokerApi, BrokerError, BrokerReport, LiveVhost, RabbitBroker};
+use msgpipe::plan::DesiredState;
+use serde_json::Value;
+use support::{TestVhost, amqp_channel, depth, mgmt, plan_yaml, publish};
+
+/// The notes pipeline on `vhost`; `extra` adds spec fields or replaces `queue`/`deadLetter`.
+fn notes(vhost: &str, extra: &str) -> DesiredState {
+    let mut spec = format!("  broker: {{ secretRef: {{ name: rabbitmq }}, vhost: \"{vhost}\" }}\n");
+    if !extra.contains("  queue:") {
+        spec.push_str("  queue: { name: notes_queue, exchange: notes, routingKey: notes }\n");
+    }
+    if !extra.contains("  deadLetter:") {
+        spec.push_str("  deadLetter: { exchange: notes_dlq_exchange, queue: notes_queue_dlq }\n");
+    }
+    plan_yaml(&format!(
+        "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: notes, namespace: notes-app }}\nspec:\n{spec}{extra}\n"
+    ))
+}
+
+async fn snapshot(broker: &RabbitBroker, state: &DesiredState) -> LiveVhost {
+    broker
+        .snapshot(&state.topology.vhost)
+        .await
+        .expect("snapshot")
+}
+
+async fn converge(broker: &RabbitBroker, state: &DesiredState) -> BrokerReport {
+    let live = snapshot(broker, state).await;
+    broker::reconcile(broker, state, &live)
+        .await
+        .expect("reconcile")
+}
+
+fn changes(report: &BrokerReport) -> Vec<String> {
+    report.changes.iter().map(ToString::to_string).collect()
+}
+
+fn get_json(path: &str) -> Value {
+    serde_json::from_str(&mgmt("GET", path, None)).expect("json")
+}
+
+/// Management stats lag: poll until `check` holds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn apply_creates_every_object_with_its_arguments_and_effective_policy() {
+    let vhost = TestVhost::new("broker-apply");
+    let state = notes(&vhost.name, "");
+    let broker = support::test_broker(&vhost.name);
+    let report = converge(&broker, &state).await;
+    let t = &state.topology;
+    assert_eq!(
+        report.changes.len(),
+        t.policies.len() + t.exchanges.len() + t.queues.len() + t.bindings.len()
+    );
+
+    for exchange in &t.exchanges {
+        let live = get_json(&vhost.path("exchanges", &exchange.name));
+        assert_eq!(live["type"], exchange.kind.as_str(), "{}", exchange.name);
+        assert_eq!(live["durable"], true);
+    }
+    for queue in &t.queues {
+        let live = get_json(&vhost.path("queues", &queue.name));
+        assert_eq!(
+            live["arguments"]["x-queue-type"], "quorum",
+            "{}",
+            queue.name
+        );
+        assert_eq!(live["durable"], true);
+    }
+    let bindings = get_json(&format!("/bindings/{}", support::encode(&vhost.name)));
+    for binding in &t.bindings {
+        let found = bindings.as_array().expect("list").iter().any(|b| {
+            b["source"] == binding.source.as_str()
+                && b["destination"] == binding.destination.as_str()
+                && b["routing_key"] == binding.routing_key.as_str()
+        });
+        assert!(found, "missing binding {binding:?}");
+    }
+    // The policy RabbitMQ applies to each queue is ours, with our definition.
+    for policy in &t.policies {
+        let queue = policy.name.trim_start_matches("msgpipe.");
+        let expected = broker::diff::policy_definition(&policy.definition, 3);
+        let path = vhost.path("queues", queue);
+        eventually(&format!("effective policy on {queue}"), || {
+            let live = get_json(&path);
+            live["policy"] == policy.name.as_str()
+                && live["effective_policy_definition"] == Value::Object(expected.clone())
+        })
+        .await;
+    }
+    let work_policy = get_json(&vhost.path("policies", "msgpipe.notes_queue"));
+    assert_eq!(
+        work_policy["definition"]["dead-letter-exchange"],
+        "notes_dlq_exchange"
+    );
+    assert_eq!(work_policy["definition"]["delivery-limit"], 5);
+    assert_eq!(work_policy["pattern"], "^notes_queue$");
+}
+
+#[tokio::test]
+async fn second_apply_of_a_converged_pipeline_writes_nothing() {
+    let vhost = TestVhost::new("broker-idempotent");
+    let state = notes(&vhost.name, "");
+    let broker = support::test_broker(&vhost.name);
+    assert!(converge(&broker, &state).await.wrote());
+    let again = converge(&broker, &state).await;
+    assert_eq!(changes(&again), Vec::<String>::new());
+    assert!(!again.wrote());
+}
+
+#[tokio::test]
+async fn drift_behind_the_operators_back_is_repaired() {
+    let vhost = TestVhost::new("broker-drift");
+    let state = notes(&vhost.name, "");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &state).await;
+
+    // A DLX without its binding drops dead letters silently; a retry queue deleted; a policy edited.
+    let v = support::encode(&vhost.name);
+    mgmt(
+        "DELETE",
+        &format!("/bindings/{v}/e/notes_dlq_exchange/q/notes_queue_dlq/~"),
+        None,
+    );
+    mgmt("DELETE", &vhost.path("queues", "notes_queue.retry.2"), None);
+    let mut edited = get_json(&vhost.path("policies", "msgpipe.notes_queue.retry.3"));
+    edited["definition"]["message-ttl"] = Value::from(1);
+    mgmt(
+        "PUT",
+        &vhost.path("policies", "msgpipe.notes_queue.retry.3"),
+        Some(edited),
+    );
+
+    let repaired = changes(&converge(&broker, &state).await);
+    assert_eq!(
+        repaired,
+        [
+            "updated policy msgpipe.notes_queue.retry.3",
+            "created queue notes_queue.retry.2",
+            "bound notes_dlq_exchange -> notes_queue_dlq (key \"\")",
+            "bound notes_queue.retry -> notes_queue.retry.2 (key \"2\")",
+        ]
+    );
+    assert!(!converge(&broker, &state).await.wrote());
+}
+
+#[tokio::test]
+async fn spec_changes_converge_on_the_live_queues() {
+    let vhost = TestVhost::new("broker-changes");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "")).await;
+
+    // New delays and a DLQ retention: policies only, no queue is touched.
+    let slower = notes(
+        &vhost.name,
+        "  retry: { backoff: { initialDelay: 2s, multiplier: 3, maxDelay: 1m } }\n  deadLetter: { exchange: notes_dlq_exchange, queue: notes_queue_dlq, retention: 7d, maxLength: 500 }",
+    );
+    let updated = changes(&converge(&broker, &slower).await);
+    assert_eq!(updated.len(), 5, "{updated:?}");
+    assert!(
+        updated.iter().all(|c| c.starts_with("updated policy")),
+        "{updated:?}"
+    );
+    let dlq_policy = get_json(&vhost.path("policies", "msgpipe.notes_queue_dlq"));
+    assert_eq!(dlq_policy["definition"]["message-ttl"], 604_800_000u64);
+    assert_eq!(dlq_policy["definition"]["max-length"], 500);
+
+    // Fewer attempts: tiers 3 and 4 are unbound and, being empty, deleted with their policies.
+    let fewer = notes(&vhost.name, "  retry: { maxAttempts: 3 }");
+    let shrunk = changes(&converge(&broker, &fewer).await);
+    assert!(
+        shrunk.contains(&"deleted queue notes_queue.retry.4".to_string()),
+        "{shrunk:?}"
+    );
+    assert!(
+        shrunk
+            .contains(&"unbound notes_queue.retry -> notes_queue.retry.3 (key \"3\")".to_string()),
+        "{shrunk:?}"
+    );
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    let gone = channel
+        .queue_declare(
+            "notes_queue.retry.3".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(gone.is_err(), "retry.3 should be deleted");
+    let (status, _) = support::http(
+        "GET",
+        &format!(
+            "{}{}",
+            support::MGMT_URL,
+            vhost.path("policies", "msgpipe.notes_queue.retry.3")
+        ),
+        None,
+        true,
+    );
+    assert_eq!(status, 404, "the removed tier's policy goes with it");
+
+    // More attempts: new tiers are declared and bound.
+    let more = notes(&vhost.name, "  retry: { maxAttempts: 6 }");
+    let grown = changes(&converge(&broker, &more).await);
+    assert!(
+        grown.contains(&"created queue notes_queue.retry.5".to_string()),
+        "{grown:?}"
+    );
+    assert!(!converge(&broker, &more).await.wrote());
+}
+
+#[tokio::test]
+async fn a_removed_tier_holding_messages_is_kept_until_it_drains() {
+    let vhost = TestVhost::new("broker-drain");
+    let broker = support::test_broker(&vhost.name);
+    // Long delays so messages wait in the tiers.
+    let long =
+        "  retry: { maxAttempts: 4, backoff: { initialDelay: 10m, multiplier: 2, maxDelay: 1h } }";
+    converge(&broker, &notes(&vhost.name, long)).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    publish(&channel, "notes_queue.retry", "3", b"waiting").await;
+
+    let shorter =
+        "  retry: { maxAttempts: 2, backoff: { initialDelay: 10m, multiplier: 2, maxDelay: 1h } }";
+    let report = changes(&converge(&broker, &notes(&vhost.name, shorter)).await);
+    assert!(
+        report.contains(&"kept queue notes_queue.retry.3: holds 1 messages".to_string()),
+        "{report:?}"
+    );
+    assert!(
+        report.contains(&"deleted queue notes_queue.retry.2".to_string()),
+        "{report:?}"
+    );
+    assert_eq!(
+        depth(&channel, "notes_queue.retry.3").await,
+        1,
+        "the waiting message is untouched"
+    );
+    // Its policy stays, so the message still returns to the work queue when it expires.
+    mgmt(
+        "GET",
+        &vhost.path("policies", "msgpipe.notes_queue.retry.3"),
+        None,
+    );
+
+    mgmt(
+        "DELETE",
+        &format!("{}/contents", vhost.path("queues", "notes_queue.retry.3")),
+        None,
+    );
+    let drained = changes(&converge(&broker, &notes(&vhost.name, shorter)).await);
+    assert_eq!(drained, ["deleted queue notes_queue.retry.3"]);
+}
+
+#[tokio::test]
+async fn a_changed_queue_type_is_refused_and_nothing_is_deleted() {
+    let vhost = TestVhost::new("broker-immutable");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "")).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    publish(&channel, "notes", "notes", b"precious").await;
+
+    let classic = notes(
+        &vhost.name,
+        "  queue: { name: notes_queue, exchange: notes, routingKey: notes, type: classic }",
+    );
+    let report = converge(&broker, &classic).await;
+    assert!(!report.conflicts.is_empty());
+    assert!(
+        report
+            .conflicts
+            .iter()
+            .all(|c| c.field == "spec.queue.type")
+    );
+    assert!(
+        report.changes.iter().all(|c| c.verb != "deleted"),
+        "{:?}",
+        changes(&report)
+    );
+    assert_eq!(
+        get_json(&vhost.path("queues", "notes_queue"))["type"],
+        "quorum"
+    );
+    assert_eq!(
+        depth(&channel, "notes_queue").await,
+        1,
+        "the message survives"
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_removes_empty_objects_and_keeps_a_dlq_holding_messages() {
+    let vhost = TestVhost::new("broker-teardown");
+    let broker = support::test_broker(&vhost.name);
+    let state = notes(&vhost.name, "  deletionPolicy: Delete");
+    converge(&broker, &state).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    publish(&channel, "notes_dlq_exchange", "anything", b"dead letter").await;
+
+    let live = snapshot(&broker, &state).await;
+    let report = broker::teardown(&broker, &state, &live)
+        .await
+        .expect("teardown");
+    let lines = changes(&report);
+    assert!(
+        lines.contains(&"kept queue notes_queue_dlq: holds 1 messages".to_string()),
+        "{lines:?}"
+    );
+    for deleted in [
+        "deleted queue notes_queue",
+        "deleted queue notes_queue.retry.1",
+        "deleted exchange notes",
+        "deleted exchange notes_queue.retry",
+    ] {
+        assert!(
+            lines.contains(&deleted.to_string()),
+            "{deleted} missing from {lines:?}"
+        );
+    }
+    assert_eq!(
+        depth(&channel, "notes_queue_dlq").await,
+        1,
+        "the dead letter is still there"
+    );
+    // The DLX stays with the DLQ: it is how dead letters still arrive.
+    get_json(&vhost.path("exchanges", "notes_dlq_exchange"));
+    get_json(&vhost.path("policies", "msgpipe.notes_queue_dlq"));
+}
+
+#[tokio::test]
+async fn a_retried_message_returns_after_its_tier_delay_and_only_to_its_own_queue() {
+    let vhost = TestVhost::new("broker-flow-retry");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "  retry: { maxAttempts: 3, backoff: { initialDelay: 1s, multiplier: 2, maxDelay: 1m } }")).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    // Another queue bound to the work exchange with the same key must not get retries.
+    channel
+        .queue_declare(
+            "bystander".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .queue_bind(
+            "bystander".into(),
+            "notes".into(),
+            "notes".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+
+    let mut consumer = channel
+        .basic_consume(
+            "notes_queue".into(),
+            "test".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let sent = Instant::now();
+    publish(&channel, "notes_queue.retry", "2", b"retry me").await;
+    use futures_util::StreamExt;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("the message comes back")
+        .expect("stream open")
+        .expect("delivery");
+    let waited = sent.elapsed();
+    assert_eq!(delivery.data, b"retry me");
+    assert!(
+        waited >= Duration::from_millis(1600) && waited <= Duration::from_millis(2400),
+        "tier 2 waits 2s ±20%, waited {waited:?}"
+    );
+    assert_eq!(depth(&channel, "bystander").await, 0);
+}
+
+#[tokio::test]
+async fn a_message_rejected_without_requeue_lands_in_the_dlq() {
+    let vhost = TestVhost::new("broker-flow-reject");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "")).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    publish(&channel, "notes", "notes", b"bad note").await;
+    let message = channel
+        .basic_get("notes_queue".into(), BasicGetOptions::default())
+        .await
+        .expect("get")
+        .expect("a message");
+    message
+        .delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+    let start = Instant::now();
+    while depth(&channel, "notes_queue_dlq").await < 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "dead letter never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth(&channel, "notes_queue").await, 0);
+}
+
+#[tokio::test]
+async fn a_quorum_work_queue_dead_letters_after_its_delivery_limit() {
+    let vhost = TestVhost::new("broker-flow-limit");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "  retry: { maxAttempts: 3 }")).await;
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    publish(&channel, "notes", "notes", b"poison").await;
+    // A consumer that crashes on this message: every delivery is returned to the queue.
+    let mut deliveries = 0;
+    let start = Instant::now();
+    while depth(&channel, "notes_queue_dlq").await == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never dead-lettered after {deliveries} deliveries"
+        );
+        if let Some(message) = channel
+            .basic_get("notes_queue".into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+        {
+            deliveries += 1;
+            message
+                .delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .expect("nack");
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        (3..=4).contains(&deliveries),
+        "delivery limit 3, dead-lettered after {deliveries} deliveries"
+    );
+}
+
+#[tokio::test]
+async fn broker_errors_are_typed_and_never_show_the_password() {
+    let vhost = TestVhost::new("broker-errors");
+    let state = notes(&vhost.name, "");
+    let secret = "s3cret-Pa55";
+    type IsExpected = fn(&BrokerError) -> bool;
+    let cases: Vec<(String, Option<&str>, IsExpected)> = vec![
+        (
+            format!("amqp://guest:{secret}@127.0.0.1:5673/"),
+            Some("http://127.0.0.1:15673"),
+            |e| matches!(e, BrokerError::AuthenticationFailed { .. }),
+        ),
+        (
+            format!("amqp://guest:{secret}@127.0.0.1:1/"),
+            Some("http://127.0.0.1:2"),
+            |e| matches!(e, BrokerError::Unreachable { .. }),
+        ),
+        (
+            format!("amqp://guest:{secret}@127.0.0.1:5673/"),
+            Some("http://127.0.0.1:2"),
+            |e| matches!(e, BrokerError::ManagementUnavailable { .. }),
+        ),
+    ];
+    for (uri, management, expected) in cases {
+        let endpoint =
+            msgpipe::broker::BrokerEndpoint::new(&uri, management, None).expect("endpoint");
+        let broker = RabbitBroker::new(endpoint, Duration::from_secs(5)).expect("client");
+        let error = broker
+            .snapshot(&state.topology.vhost)
+            .await
+            .expect_err("must fail");
+        assert!(expected(&error), "{uri}: unexpected {error:?}");
+        assert!(
+            !error.to_string().contains(secret) && !format!("{error:?}").contains(secret),
+            "{error}"
+        );
+    }
+    let broker = support::test_broker(&vhost.name);
+    let error = broker
+        .snapshot("no-such-vhost")
+        .await
+        .expect_err("missing vhost");
+    assert!(
+        matches!(error, BrokerError::VhostNotFound { .. }),
+        "{error:?}"
+    );
+}

@@ -1,0 +1,212 @@
+//! The `msgpipe` binary as users run it: `crd`, `render`, and its errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use msgpipe_client::PipelineConfig;
+use serde_json::Value;
+
+fn msgpipe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("msgpipe runs")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).expect("utf-8")
+}
+
+fn render_json(file: &str) -> Vec<Value> {
+    let text = stdout(&msgpipe(&["render", "-f", file, "-o", "json"]));
+    serde_json::from_str(&text).expect("render -o json prints a JSON array")
+}
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/messagepipelines.msgpipe.io.yaml"),
+    )
+    .expect("crds/messagepipelines.msgpipe.io.yaml is committed");
+    let generated = stdout(&msgpipe(&["crd"]));
+    assert!(
+        committed == generated,
+        "crds/messagepipelines.msgpipe.io.yaml is stale: run `make crds` and commit the result"
+    );
+}
+
+#[test]
+fn render_prints_the_seed_topology_rule_and_config_map() {
+    let docs = render_json("examples/notes-pipeline.yaml");
+    let kinds: Vec<_> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(kinds, ["BrokerTopology", "PrometheusRule", "ConfigMap"]);
+
+    let topology = &docs[0];
+    let names = |key: &str| -> Vec<String> {
+        topology[key]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|o| o["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names("queues"),
+        [
+            "notes_queue",
+            "notes_queue_dlq",
+            "notes_queue.retry.1",
+            "notes_queue.retry.2",
+            "notes_queue.retry.3",
+            "notes_queue.retry.4"
+        ]
+    );
+    assert_eq!(
+        names("exchanges"),
+        ["notes", "notes_dlq_exchange", "notes_queue.retry"]
+    );
+    let delays: Vec<_> = topology["retryTiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .map(|t| t["delay"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(delays, ["1s", "2s", "4s", "8s"]);
+    let work_policy = &topology["policies"][0];
+    assert_eq!(work_policy["pattern"], "^notes_queue$");
+    assert_eq!(
+        work_policy["definition"]["dead-letter-exchange"],
+        "notes_dlq_exchange"
+    );
+
+    let rule = &docs[1];
+    assert_eq!(rule["metadata"]["name"], "notes-alerts");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let dlq_alert = &rule["spec"]["groups"][0]["rules"][0];
+    assert_eq!(
+        dlq_alert["expr"],
+        r#"rabbitmq_queue_messages{vhost="/",queue="notes_queue_dlq"} > 100"#
+    );
+    assert_eq!(dlq_alert["for"], "5m");
+    assert_eq!(dlq_alert["labels"]["severity"], "critical");
+    assert_eq!(dlq_alert["labels"]["team"], "notes");
+
+    let config_map = &docs[2];
+    assert_eq!(config_map["metadata"]["name"], "notes-client");
+    let json = config_map["data"]["pipeline.json"]
+        .as_str()
+        .expect("pipeline.json");
+    let config =
+        PipelineConfig::from_json(json, Path::new("pipeline.json")).expect("client reads it");
+    assert_eq!(config.dead_letter.queue, "notes_queue_dlq");
+    assert!(config.features.retry_pending);
+    assert_eq!(config.features.retry_interval_seconds, 120);
+}
+
+#[test]
+fn yaml_and_json_outputs_carry_the_same_documents() {
+    let yaml = stdout(&msgpipe(&["render", "-f", "examples/notes-pipeline.yaml"]));
+    let from_yaml: Vec<Value> = serde_saphyr::from_multiple(&yaml).expect("YAML stream parses");
+    assert_eq!(from_yaml, render_json("examples/notes-pipeline.yaml"));
+}
+
+#[test]
+fn every_example_renders_and_a_directory_renders_them_all() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut pipelines = 0;
+    for entry in std::fs::read_dir(&examples).expect("examples/") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("readable");
+        if path.extension().is_some_and(|e| e == "yaml") && text.contains("kind: MessagePipeline") {
+            let docs = render_json(path.to_str().expect("utf-8 path"));
+            assert_eq!(docs[0]["kind"], "BrokerTopology", "{}", path.display());
+            pipelines += 1;
+        }
+    }
+    assert!(
+        pipelines >= 4,
+        "expected the notes example and three more, found {pipelines}"
+    );
+}
+
+#[test]
+fn pipelines_come_from_stdin_with_dash() {
+    let output = Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+        .args(["render", "-f", "-", "-o", "json"])
+        .stdin(
+            std::fs::File::open(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/orders-classic.yaml"),
+            )
+            .expect("example"),
+        )
+        .output()
+        .expect("runs");
+    let docs: Vec<Value> = serde_json::from_str(&stdout(&output)).expect("json");
+    assert_eq!(docs[0]["queues"][0]["type"], "classic");
+}
+
+/// Each file in tests/fixtures/invalid starts with `# expect: <text>`: rendering it must
+/// fail with exit code 1 and exactly one stderr line naming the file and containing <text>.
+#[test]
+fn invalid_manifests_fail_with_one_line_naming_the_field() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "only {} invalid fixtures", files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("fixture");
+        let expected = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks '# expect:'", file.display()));
+        let relative = format!(
+            "tests/fixtures/invalid/{}",
+            file.file_name().and_then(|n| n.to_str()).expect("name")
+        );
+        let output = msgpipe(&["render", "-f", &relative]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{relative}: {stderr}");
+        assert!(output.stdout.is_empty(), "{relative} printed output");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{relative}: not one line: {stderr}"
+        );
+        assert!(
+            stderr.starts_with(&format!("error: {relative}: ")),
+            "{relative}: {stderr}"
+        );
+        assert!(
+            stderr.contains(expected),
+            "{relative}: expected {expected:?} in {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{relative}: {stderr}");
+    }
+}
+
+#[test]
+fn missing_file_is_one_line_error() {
+    let output = msgpipe(&["render", "-f", "no/such/file.yaml"]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.trim(),
+        "error: cannot read no/such/file.yaml: No such file or directory (os error 2)"
+    );
+}

@@ -1,0 +1,228 @@
+//! Shared test setup: planning manifests, and the real `promtool`.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use msgpipe::api::load::parse_pipelines;
+use msgpipe::plan::{DesiredState, PrometheusRule, plan};
+use serde_json::{Value, json};
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Plans the single pipeline in a YAML manifest.
+pub fn plan_yaml(yaml: &str) -> DesiredState {
+    let pipeline = parse_pipelines(yaml).expect("manifest parses").remove(0);
+    plan(&pipeline, None).expect("manifest plans")
+}
+
+/// The Prometheus rule file (`groups:`) for some PrometheusRules.
+pub fn rule_file(rules: &[&PrometheusRule]) -> Value {
+    let groups: Vec<_> = rules.iter().flat_map(|r| r.spec.groups.iter()).collect();
+    json!({ "groups": groups })
+}
+
+/// Path of promtool, which `make setup` installs (Debian package `prometheus`).
+pub fn promtool() -> PathBuf {
+    let found = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        panic!("promtool not found: run `make setup` (apt-get install --no-install-recommends prometheus)")
+    })
+}
+
+/// Runs promtool in `dir` and returns its output.
+pub fn run_promtool(dir: &Path, args: &[&str]) -> Output {
+    Command::new(promtool())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool runs")
+}
+
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// Starts (or finds running) the test broker of `scripts/test-broker.sh`.
+pub fn ensure_test_broker() {
+    let status = Command::new(repo_path("scripts/test-broker.sh"))
+        .arg("ensure")
+        .status()
+        .expect("scripts/test-broker.sh runs");
+    assert!(
+        status.success(),
+        "the test broker did not start (scripts/test-broker.sh ensure)"
+    );
+}
+
+/// Management API of the test broker.
+pub const MGMT_URL: &str = "http://127.0.0.1:15673/api";
+/// Prometheus endpoint of the test broker.
+pub const PROMETHEUS_PLUGIN_ADDR: &str = "127.0.0.1:15693";
+
+/// Percent-encodes one path segment (vhost or object name).
+pub fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One HTTP call with curl; returns (status, body).
+pub fn http(method: &str, url: &str, body: Option<&Value>, basic_auth: bool) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-X", method, "-w", "\n%{http_code}", url]);
+    if basic_auth {
+        cmd.args(["-u", "guest:guest"]);
+    }
+    if let Some(body) = body {
+        cmd.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body.to_string(),
+        ]);
+    }
+    let output = cmd.output().expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A management API call that must succeed.
+pub fn mgmt(method: &str, path: &str, body: Option<Value>) -> String {
+    let (status, text) = http(method, &format!("{MGMT_URL}{path}"), body.as_ref(), true);
+    assert!(
+        (200..300).contains(&status),
+        "{method} {path} -> {status}: {text}"
+    );
+    text
+}
+
+/// A vhost of the test broker that exists for one test and is deleted afterwards.
+pub struct TestVhost {
+    pub name: String,
+}
+
+impl TestVhost {
+    pub fn new(prefix: &str) -> Self {
+        ensure_test_broker();
+        let name = format!("{prefix}-{}", std::process::id());
+        let path = format!("/vhosts/{}", encode(&name));
+        let _ = http("DELETE", &format!("{MGMT_URL}{path}"), None, true);
+        mgmt("PUT", &path, None);
+        mgmt(
+            "PUT",
+            &format!("/permissions/{}/guest", encode(&name)),
+            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        );
+        Self { name }
+    }
+
+    pub fn path(&self, kind: &str, object: &str) -> String {
+        format!("/{kind}/{}/{}", encode(&self.name), encode(object))
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = http(
+            "DELETE",
+            &format!("{MGMT_URL}/vhosts/{}", encode(&self.name)),
+            None,
+            true,
+        );
+    }
+}
+
+/// AMQP URI of the test broker for `vhost`.
+pub fn amqp_uri(vhost: &str) -> String {
+    format!("amqp://guest:guest@127.0.0.1:5673/{}", encode(vhost))
+}
+
+/// The library's broker client, pointed at the test broker.
+pub fn test_broker(vhost: &str) -> msgpipe::broker::RabbitBroker {
+    let endpoint = msgpipe::broker::BrokerEndpoint::new(
+        &amqp_uri(vhost),
+        Some("http://127.0.0.1:15673"),
+        None,
+    )
+    .expect("test endpoint");
+    msgpipe::broker::RabbitBroker::new(endpoint, std::time::Duration::from_secs(15))
+        .expect("broker client")
+}
+
+/// A plain lapin channel on the test broker's `vhost`, with publisher confirms on.
+pub async fn amqp_channel(vhost: &str) -> (lapin::Connection, lapin::Channel) {
+    msgpipe::broker::install_crypto_provider();
+    let connection =
+        lapin::Connection::connect(&amqp_uri(vhost), lapin::ConnectionProperties::default())
+            .await
+            .expect("AMQP connects");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (connection, channel)
+}
+
+/// Publishes one persistent message and waits for the broker's confirm (mandatory: an
+/// unroutable message fails the test).
+pub async fn publish(channel: &lapin::Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    let options = lapin::options::BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        confirm.is_ack(),
+        "broker nacked the publish to {exchange}/{routing_key}"
+    );
+    assert!(
+        confirm.take_message().is_none(),
+        "message to {exchange}/{routing_key} was unroutable"
+    );
+}
+
+/// Exact ready-message count (passive declare).
+pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue exists")
+        .message_count()
+}
