@@ -74,6 +74,17 @@ impl RabbitBroker {
         &self.endpoint
     }
 
+    /// Closes every AMQP connection; call before the async runtime goes away.
+    pub async fn close(&self) {
+        let connections: Vec<Connection> = self.amqp.lock().await.drain().map(|(_, c)| c).collect();
+        for connection in connections {
+            if connection.status().connected() {
+                let bye = connection.close(200, "msgpipe done".into());
+                let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+            }
+        }
+    }
+
     /// Major version of the server (3 or 4), read once.
     pub async fn server_major(&self) -> Result<u32, BrokerError> {
         self.server_major
@@ -117,9 +128,10 @@ impl RabbitBroker {
 
     async fn connect(&self, vhost: &str) -> Result<Connection, BrokerError> {
         let uri = self.endpoint.amqp_uri_for(vhost);
-        let properties = ConnectionProperties::default()
-            .with_connection_name("msgpipe".into())
-            .enable_auto_recover();
+        // No auto-recovery: every call opens its channel on demand and reconnects here when
+        // the connection is gone, so a dead broker never leaves a retry loop running.
+        let properties =
+            ConnectionProperties::default().with_connection_name("msgpipe".into());
         let tls = OwnedTLSConfig {
             identity: None,
             cert_chain: self.endpoint.ca_pem().map(str::to_string),

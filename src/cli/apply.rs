@@ -177,11 +177,17 @@ async fn snapshots(
 
 pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
     let broker = args.broker.connect()?;
+    let result = apply_with(&broker, args).await;
+    broker.close().await;
+    result
+}
+
+async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<()> {
     let states: Vec<DesiredState> = plan_all(&args.files, broker.endpoint())?
         .into_iter()
         .map(|(_, s)| s)
         .collect();
-    let live = snapshots(&broker, &states).await?;
+    let live = snapshots(broker, &states).await?;
     if args.dry_run {
         for state in &states {
             let plan = broker::diff::converge(state, &live[&state.topology.vhost]);
@@ -199,7 +205,6 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
     let results: Vec<(&DesiredState, Result<BrokerReport, Failed>)> = stream::iter(&states)
         .map(|state| {
             let live = &live[&state.topology.vhost];
-            let broker = &broker;
             async move { (state, broker::reconcile(broker, state, live).await) }
         })
         .buffer_unordered(args.concurrency.max(1))
@@ -210,9 +215,15 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
 
 pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
     let broker = args.broker.connect()?;
+    let result = delete_with(&broker, args).await;
+    broker.close().await;
+    result
+}
+
+async fn delete_with(broker: &RabbitBroker, args: &DeleteArgs) -> anyhow::Result<()> {
     let planned = plan_all(&args.files, broker.endpoint())?;
     let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
-    let live = snapshots(&broker, &states).await?;
+    let live = snapshots(broker, &states).await?;
     let mut results = Vec::new();
     for ((policy, _), state) in planned.iter().zip(&states) {
         if *policy == DeletionPolicy::Retain {
@@ -224,7 +235,7 @@ pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
         }
         results.push((
             state,
-            broker::teardown(&broker, state, &live[&state.topology.vhost]).await,
+            broker::teardown(broker, state, &live[&state.topology.vhost]).await,
         ));
     }
     report(results)
