@@ -32,8 +32,19 @@ fn node(args: &[&str]) -> bool {
 
 fn msgpipe_apply(dir: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_msgpipe"))
-        .args(["apply", "-f", dir.to_str().expect("utf-8"), "--timeout", "5", "--concurrency", "8"])
-        .env("MSGPIPE_BROKER_URI", format!("amqp://{USER}:{SECRET}@127.0.0.1:{PORT}/{VHOST}"))
+        .args([
+            "apply",
+            "-f",
+            dir.to_str().expect("utf-8"),
+            "--timeout",
+            "5",
+            "--concurrency",
+            "8",
+        ])
+        .env(
+            "MSGPIPE_BROKER_URI",
+            format!("amqp://{USER}:{SECRET}@127.0.0.1:{PORT}/{VHOST}"),
+        )
         .env("MSGPIPE_MANAGEMENT_URI", MGMT)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -44,13 +55,21 @@ fn msgpipe_apply(dir: &std::path::Path) -> std::process::Child {
 fn finish(child: std::process::Child) -> (bool, String, String) {
     let output = child.wait_with_output().expect("msgpipe exits");
     let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
-    (output.status.success(), text(&output.stdout), text(&output.stderr))
+    (
+        output.status.success(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
 }
 
 fn list(kind: &str) -> Vec<Value> {
     let (status, body) = http("GET", &format!("{MGMT}/api/{kind}/{VHOST}"), None, true);
     assert_eq!(status, 200, "{kind}: {body}");
-    serde_json::from_str::<Value>(&body).expect("json").as_array().cloned().unwrap_or_default()
+    serde_json::from_str::<Value>(&body)
+        .expect("json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[test]
@@ -61,7 +80,12 @@ fn broker_killed_mid_apply_then_restarted_converges_every_pipeline_once() {
     http("DELETE", &format!("{MGMT}/api/vhosts/{VHOST}"), None, true);
     http("PUT", &format!("{MGMT}/api/vhosts/{VHOST}"), None, true);
     let everything = serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"});
-    http("PUT", &format!("{MGMT}/api/permissions/{VHOST}/{USER}"), Some(&everything), true);
+    http(
+        "PUT",
+        &format!("{MGMT}/api/permissions/{VHOST}/{USER}"),
+        Some(&everything),
+        true,
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     for i in 0..PIPELINES {
@@ -79,26 +103,51 @@ fn broker_killed_mid_apply_then_restarted_converges_every_pipeline_once() {
     }
     assert!(node(&["kill"]), "kill -9");
     let (ok, out, err) = finish(child);
-    assert!(!ok, "apply cannot succeed with its broker killed; stdout:\n{out}");
-    assert!(!out.contains(SECRET) && !err.contains(SECRET), "password leaked:\n{out}\n{err}");
-    let stray: Vec<&str> = err.lines().filter(|l| !l.starts_with("error: ") && !l.starts_with("warning: ")).collect();
-    assert!(stray.is_empty(), "stderr lines that are not one-line errors: {stray:?}");
+    assert!(
+        !ok,
+        "apply cannot succeed with its broker killed; stdout:\n{out}"
+    );
+    assert!(
+        !out.contains(SECRET) && !err.contains(SECRET),
+        "password leaked:\n{out}\n{err}"
+    );
+    let stray: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.starts_with("error: ") && !l.starts_with("warning: "))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "stderr lines that are not one-line errors: {stray:?}"
+    );
 
     assert!(node(&["ensure"]), "fault node restarts");
     let (ok, out, err) = finish(msgpipe_apply(dir.path()));
     assert!(ok, "apply after restart failed:\n{err}");
-    assert!(!out.contains(SECRET) && !err.contains(SECRET), "password leaked");
+    assert!(
+        !out.contains(SECRET) && !err.contains(SECRET),
+        "password leaked"
+    );
 
     let (ok, out, _) = finish(msgpipe_apply(dir.path()));
     assert!(ok);
-    assert_eq!(out.lines().filter(|l| l.ends_with(": no changes")).count(), PIPELINES, "not converged:\n{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.ends_with(": no changes")).count(),
+        PIPELINES,
+        "not converged:\n{out}"
+    );
 
     // Exactly the planned objects: 6 queues, 6 policies, 3 exchanges, 6 bindings per pipeline.
     let ours = |v: &Value| v["name"].as_str().is_some_and(|n| n.starts_with('p'));
     assert_eq!(list("queues").len(), PIPELINES * 6);
     assert_eq!(list("policies").len(), PIPELINES * 6);
-    assert_eq!(list("exchanges").iter().filter(|e| ours(e)).count(), PIPELINES * 3);
+    assert_eq!(
+        list("exchanges").iter().filter(|e| ours(e)).count(),
+        PIPELINES * 3
+    );
     let bindings = list("bindings");
-    assert_eq!(bindings.iter().filter(|b| b["source"] != "").count(), PIPELINES * 6);
+    assert_eq!(
+        bindings.iter().filter(|b| b["source"] != "").count(),
+        PIPELINES * 6
+    );
     node(&["stop"]);
 }

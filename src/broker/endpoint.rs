@@ -7,6 +7,13 @@ use url::Url;
 
 use super::BrokerError;
 
+/// Key of the broker Secret holding `amqp[s]://user:pass@host:port/vhost`.
+pub const SECRET_URI_KEY: &str = "uri";
+/// Optional key of the broker Secret: `http[s]://host:port` of the management API.
+pub const SECRET_MANAGEMENT_KEY: &str = "managementUri";
+/// Optional key of the broker Secret: PEM CA certificate(s) to trust.
+pub const SECRET_CA_KEY: &str = "ca.crt";
+
 /// A RabbitMQ broker: its AMQP URI (with credentials), management API and trusted CA.
 #[derive(Clone)]
 pub struct BrokerEndpoint {
@@ -16,6 +23,23 @@ pub struct BrokerEndpoint {
 }
 
 impl BrokerEndpoint {
+    /// Builds an endpoint from a broker Secret's decoded data (keys `uri`, `managementUri`,
+    /// `ca.crt`); `management_override` (e.g. a flag) wins over `managementUri`.
+    pub fn from_secret_data(
+        data: &std::collections::BTreeMap<String, String>,
+        management_override: Option<&str>,
+        ca_override: Option<String>,
+    ) -> Result<Self, BrokerError> {
+        let uri = data.get(SECRET_URI_KEY).ok_or(BrokerError::InvalidUri {
+            field: "uri",
+            reason: "the broker Secret has no key \"uri\"".into(),
+        })?;
+        let management =
+            management_override.or(data.get(SECRET_MANAGEMENT_KEY).map(String::as_str));
+        let ca = ca_override.or_else(|| data.get(SECRET_CA_KEY).cloned());
+        Self::new(uri, management, ca)
+    }
+
     /// Builds an endpoint from the Secret's keys: `uri` (amqp[s]://user:pass@host:port/vhost),
     /// optional `managementUri` (http[s]://host:port; default: same host, port 15672, or
     /// https on 15671 for amqps) and optional PEM CA (`ca.crt`).

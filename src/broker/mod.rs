@@ -11,7 +11,7 @@ mod reconcile;
 use std::future::Future;
 
 pub use diff::{BrokerAction, BrokerPlan, Conflict};
-pub use endpoint::BrokerEndpoint;
+pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::LiveVhost;
 pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, install_crypto_provider};
 pub use reconcile::{BrokerReport, Change, Failed, LiveCounts, reconcile, teardown};

@@ -130,8 +130,7 @@ impl RabbitBroker {
         let uri = self.endpoint.amqp_uri_for(vhost);
         // No auto-recovery: every call opens its channel on demand and reconnects here when
         // the connection is gone, so a dead broker never leaves a retry loop running.
-        let properties =
-            ConnectionProperties::default().with_connection_name("msgpipe".into());
+        let properties = ConnectionProperties::default().with_connection_name("msgpipe".into());
         let tls = OwnedTLSConfig {
             identity: None,
             cert_chain: self.endpoint.ca_pem().map(str::to_string),

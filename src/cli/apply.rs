@@ -75,28 +75,25 @@ impl BrokerArgs {
             ),
             None => None,
         };
-        let (uri, management, ca) = match (&self.uri, &self.secret_file) {
-            (Some(uri), _) => (uri.clone(), self.management_uri.clone(), ca_from_file),
+        match (&self.uri, &self.secret_file) {
+            (Some(uri), _) => Ok(BrokerEndpoint::new(
+                uri,
+                self.management_uri.as_deref(),
+                ca_from_file,
+            )?),
             (None, Some(path)) => {
                 let secret = read_secret(path)?;
-                let management = self
-                    .management_uri
-                    .clone()
-                    .or(secret.get("managementUri").cloned());
-                let uri = secret.get("uri").cloned().with_context(|| {
-                    format!("{}: the Secret has no key \"uri\"", path.display())
-                })?;
-                (
-                    uri,
-                    management,
-                    ca_from_file.or(secret.get("ca.crt").cloned()),
+                BrokerEndpoint::from_secret_data(
+                    &secret,
+                    self.management_uri.as_deref(),
+                    ca_from_file,
                 )
+                .with_context(|| path.display().to_string())
             }
             (None, None) => bail!(
                 "no broker given: use --broker URI (or MSGPIPE_BROKER_URI) or --broker-secret-file FILE"
             ),
-        };
-        Ok(BrokerEndpoint::new(&uri, management.as_deref(), ca)?)
+        }
     }
 
     pub fn connect(&self) -> anyhow::Result<RabbitBroker> {

@@ -5,5 +5,6 @@
 //! ([`config::PipelineConfig`]). It has no Kubernetes dependency.
 
 pub mod config;
+pub mod headers;
 
 pub use config::{ConfigError, PipelineConfig};
