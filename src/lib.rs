@@ -8,4 +8,7 @@
 pub mod api;
 pub mod broker;
 pub mod cli;
+pub mod controller;
+pub mod dlq;
+pub mod k8s;
 pub mod plan;

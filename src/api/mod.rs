@@ -1,7 +1,7 @@
 //! The `MessagePipeline` API (group `msgpipe.io`, version `v1alpha1`): types, CRD, loading
 //! and validation. Everything the user writes, nothing the operator decides.
 
-mod duration;
+pub mod duration;
 pub mod load;
 mod spec;
 mod status;

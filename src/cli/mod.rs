@@ -1,6 +1,8 @@
 //! The `msgpipe` command line: flags, reading manifests, printing results.
 
 mod apply;
+mod dlq;
+mod operator;
 mod render;
 
 use std::io::Read;
@@ -31,6 +33,11 @@ pub enum Command {
     /// Remove the broker objects of pipeline files whose deletionPolicy is Delete (never a
     /// queue that holds messages).
     Delete(apply::DeleteArgs),
+    /// Inspect a pipeline's dead letters (why they failed), replay them to the work queue
+    /// without loss, or purge them.
+    Dlq(dlq::DlqArgs),
+    /// Run the Kubernetes controller: reconcile every MessagePipeline in scope until SIGTERM.
+    Operator(operator::OperatorArgs),
 }
 
 /// How data is printed.
@@ -54,6 +61,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Render(args) => render::run(&args),
         Command::Apply(args) => runtime()?.block_on(apply::apply(&args)),
         Command::Delete(args) => runtime()?.block_on(apply::delete(&args)),
+        Command::Operator(args) => operator::run(&args),
+        Command::Dlq(args) => runtime()?.block_on(dlq::run(&args)),
     }
 }
 

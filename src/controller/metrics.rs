@@ -1,0 +1,202 @@
+//! The operator's own metrics, served on `/metrics` (OpenMetrics text).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// success, error, invalid_spec
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// exchange, queue, binding, policy (broker); configmap, prometheusrule, status (kube)
+    pub kind: String,
+    /// created, updated, bound, unbound, deleted, applied, ...
+    pub verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadyLabels {
+    /// true, false
+    pub ready: String,
+}
+
+/// Counters and gauges of the controller, registered in one registry.
+pub struct Metrics {
+    pub registry: Registry,
+    reconciles: Family<ResultLabels, Counter>,
+    duration: Histogram,
+    broker_writes: Family<WriteLabels, Counter>,
+    kube_writes: Family<WriteLabels, Counter>,
+    drift_repairs: Counter,
+    pipelines: Family<ReadyLabels, Gauge>,
+    ready_by_pipeline: Mutex<HashMap<String, bool>>,
+    kube_write_count: AtomicU64,
+    broker_write_count: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("msgpipe");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let broker_writes = Family::<WriteLabels, Counter>::default();
+        let kube_writes = Family::<WriteLabels, Counter>::default();
+        let drift_repairs = Counter::default();
+        let pipelines = Family::<ReadyLabels, Gauge>::default();
+        registry.register("reconciles", "Reconciles by result", reconciles.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            duration.clone(),
+        );
+        registry.register(
+            "broker_writes",
+            "Writes made to RabbitMQ, by object kind and verb",
+            broker_writes.clone(),
+        );
+        registry.register(
+            "kube_writes",
+            "Writes made to the Kubernetes API, by object kind and verb",
+            kube_writes.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Broker objects restored or corrected although the spec had not changed",
+            drift_repairs.clone(),
+        );
+        registry.register(
+            "pipelines",
+            "MessagePipelines this operator reconciles, by Ready state",
+            pipelines.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            duration,
+            broker_writes,
+            kube_writes,
+            drift_repairs,
+            pipelines,
+            ready_by_pipeline: Mutex::new(HashMap::new()),
+            kube_write_count: AtomicU64::new(0),
+            broker_write_count: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, result: &str, took: Duration) {
+        self.reconciles
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn broker_write(&self, kind: &str, verb: &str) {
+        self.broker_write_count.fetch_add(1, Ordering::Relaxed);
+        self.broker_writes
+            .get_or_create(&WriteLabels {
+                kind: kind.into(),
+                verb: verb.into(),
+            })
+            .inc();
+    }
+
+    pub fn kube_write(&self, kind: &str, verb: &str) {
+        self.kube_write_count.fetch_add(1, Ordering::Relaxed);
+        self.kube_writes
+            .get_or_create(&WriteLabels {
+                kind: kind.into(),
+                verb: verb.into(),
+            })
+            .inc();
+    }
+
+    pub fn drift_repaired(&self, objects: u64) {
+        self.drift_repairs.inc_by(objects);
+    }
+
+    /// Total writes to Kubernetes so far (all kinds).
+    pub fn kube_writes_total(&self) -> u64 {
+        self.kube_write_count.load(Ordering::Relaxed)
+    }
+
+    /// Total writes to brokers so far (all kinds).
+    pub fn broker_writes_total(&self) -> u64 {
+        self.broker_write_count.load(Ordering::Relaxed)
+    }
+
+    /// Records a pipeline's Ready state (None: it is gone).
+    pub fn set_ready(&self, pipeline: &str, ready: Option<bool>) {
+        let Ok(mut states) = self.ready_by_pipeline.lock() else {
+            return;
+        };
+        match ready {
+            Some(ready) => states.insert(pipeline.to_string(), ready),
+            None => states.remove(pipeline),
+        };
+        let ready = states.values().filter(|r| **r).count();
+        let not_ready = states.len() - ready;
+        for (label, value) in [("true", ready), ("false", not_ready)] {
+            self.pipelines
+                .get_or_create(&ReadyLabels {
+                    ready: label.into(),
+                })
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The registry as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_and_ready_states_show_in_the_exposition() {
+        let metrics = Metrics::default();
+        metrics.broker_write("queue", "created");
+        metrics.broker_write("queue", "created");
+        metrics.kube_write("status", "applied");
+        metrics.set_ready("a/x", Some(true));
+        metrics.set_ready("a/y", Some(false));
+        metrics.set_ready("a/y", Some(true));
+        metrics.set_ready("a/z", Some(false));
+        metrics.set_ready("a/z", None);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"msgpipe_broker_writes_total{kind="queue",verb="created"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"msgpipe_pipelines{ready="true"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"msgpipe_pipelines{ready="false"} 0"#),
+            "{text}"
+        );
+        assert_eq!(metrics.broker_writes_total(), 2);
+        assert_eq!(metrics.kube_writes_total(), 1);
+    }
+}

@@ -1,0 +1,326 @@
+//! The operator: watches MessagePipelines (and the Secrets and ConfigMaps they use) and
+//! reconciles each one — broker topology, client ConfigMap, PrometheusRule, status, events.
+
+mod brokers;
+pub mod metrics;
+mod reconcile;
+mod server;
+pub mod status;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::{debug, warn};
+
+pub use brokers::BrokerPool;
+pub use metrics::Metrics;
+pub use reconcile::{FINALIZER, reconcile};
+
+use crate::api::MessagePipeline;
+use crate::plan::MANAGED_BY_LABEL;
+
+/// Why a reconcile did not finish; the controller retries with capped backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    #[error("{0}")]
+    Broker(String),
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeError),
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+/// Operator settings (flags and environment).
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Namespaces to watch; empty means all.
+    pub namespaces: Vec<String>,
+    /// A converged pipeline is looked at again (drift repair, live counts) this often.
+    pub resync: Duration,
+    /// Pipelines reconciled at once.
+    pub concurrency: u16,
+    /// Bound on every single broker call.
+    pub broker_timeout: Duration,
+    /// How long a deleted pipeline waits for an unreachable broker before it is released.
+    pub cleanup_timeout: Duration,
+    /// Name reported on events (reportingInstance).
+    pub identity: String,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            namespaces: Vec::new(),
+            resync: Duration::from_secs(300),
+            concurrency: 8,
+            broker_timeout: crate::broker::DEFAULT_CALL_TIMEOUT,
+            cleanup_timeout: Duration::from_secs(600),
+            identity: "msgpipe".into(),
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub brokers: BrokerPool,
+    pub metrics: Arc<Metrics>,
+    pub config: OperatorConfig,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, config: OperatorConfig) -> Self {
+        let reporter = Reporter {
+            controller: "msgpipe".into(),
+            instance: Some(config.identity.clone()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            brokers: BrokerPool::new(config.broker_timeout),
+            client,
+            metrics,
+            config,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an event on the pipeline; a failure to publish is logged, never fatal.
+    pub async fn event(
+        &self,
+        pipeline: &MessagePipeline,
+        kind: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_: kind,
+            reason: reason.into(),
+            // The events API limits notes to 1 kB.
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .recorder
+            .publish(&event, &pipeline.object_ref(&()))
+            .await
+        {
+            warn!(pipeline = %pipeline.name_any(), %error, "cannot publish event");
+        }
+    }
+
+    fn forget_failures(&self, key: &str) {
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(key);
+        }
+    }
+
+    /// Next delay after one more failure of `key`: 5 s doubling, capped at 5 minutes.
+    fn backoff(&self, key: &str) -> Duration {
+        let attempts = self.failures.lock().map_or(0, |mut failures| {
+            let n = failures.entry(key.to_string()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        });
+        backoff_delay(attempts)
+    }
+}
+
+/// 5 s, 10 s, 20 s, ... capped at 300 s.
+pub fn backoff_delay(attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(6);
+    Duration::from_secs((5u64 << exponent).min(300))
+}
+
+/// Retry policy: an invalid spec waits for a change; anything else backs off per object.
+pub fn error_policy(pipeline: Arc<MessagePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    let invalid = match error {
+        Error::InvalidSpec(_) => true,
+        Error::Finalizer(e) => matches!(
+            **e,
+            kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_))
+        ),
+        _ => false,
+    };
+    if invalid {
+        return Action::await_change();
+    }
+    let key = format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    Action::requeue(ctx.backoff(&key))
+}
+
+/// What makes a pipeline worth reconciling again: its spec (generation), finalizers and
+/// deletion. Status writes — our own — do not, so a status patch never triggers a loop.
+fn pipeline_trigger(pipeline: &MessagePipeline) -> Option<u64> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    pipeline.meta().generation.hash(&mut hasher);
+    pipeline.finalizers().hash(&mut hasher);
+    pipeline
+        .meta()
+        .deletion_timestamp
+        .is_some()
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs one controller over `namespace` (None: all namespaces) until `shutdown` resolves.
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ns = namespace.as_deref();
+    let pipelines: Api<MessagePipeline> = scoped(&client, ns);
+    let (reader, writer) = reflector::store();
+    let trigger = reflector(
+        writer,
+        watcher(pipelines, watcher::Config::default().any_semantic()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(pipeline_trigger, Default::default());
+    let store = reader.clone();
+    // Secrets: metadata only (never their data in memory); a change re-reconciles the
+    // pipelines that name the Secret.
+    let secrets = watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let config_maps = scoped::<ConfigMap>(&client, ns);
+    let managed = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
+    let config = controller::Config::default()
+        .concurrency(ctx.config.concurrency)
+        .debounce(Duration::from_millis(200));
+    Controller::for_stream(trigger, reader)
+        .owns(config_maps, watcher::Config::default().labels(&managed))
+        .watches_stream(secrets, move |secret| {
+            let namespace = secret.namespace();
+            let name = secret.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == namespace && p.spec.broker.secret_ref.name == name)
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .with_config(config)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => debug!(pipeline = %object, "reconciled"),
+                Err(error) => debug!(%error, "controller event"),
+            }
+        })
+        .await;
+}
+
+/// Flags of `msgpipe operator` beyond [`OperatorConfig`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub listen: SocketAddr,
+    pub leader_election: bool,
+    pub lease_name: String,
+    pub lease_namespace: String,
+}
+
+/// Runs the operator until SIGTERM/SIGINT (or until leadership is lost).
+pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    crate::broker::install_crypto_provider();
+    let metrics = Arc::new(Metrics::default());
+    let health = server::Health::default();
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
+    let client = Client::try_default().await.context(
+        "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
+    )?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(server::RunState::Running);
+    tokio::spawn(server::stop_on_signal(stop_tx.clone()));
+    let mut leadership = None;
+    if options.leader_election {
+        // A standby replica is healthy and ready: it is waiting, by design.
+        health.set_ready(true);
+        match server::Leadership::acquire(&client, &options, &config.identity, stop_rx.clone())
+            .await?
+        {
+            Some(lease) => {
+                lease.stop_when_lost(stop_tx.clone());
+                leadership = Some(lease);
+            }
+            None => return Ok(()), // asked to stop while waiting
+        }
+    }
+    let ctx = Arc::new(Context::new(client, metrics, config.clone()));
+    health.set_ready(true);
+    let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = scopes.into_iter().map(|scope| {
+        let mut stop = stop_rx.clone();
+        let shutdown = async move {
+            let _ = stop
+                .wait_for(|state| *state != server::RunState::Running)
+                .await;
+        };
+        run_controller(ctx.clone(), scope, shutdown)
+    });
+    futures_util::future::join_all(controllers).await;
+    ctx.brokers.close().await;
+    if let Some(lease) = leadership {
+        lease.release().await;
+    }
+    if *stop_rx.borrow() == server::RunState::LostLeadership {
+        anyhow::bail!("lost the leader lease; exiting so that a fresh start campaigns again");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_and_caps_at_five_minutes() {
+        let delays: Vec<u64> = (1..=9).map(|n| backoff_delay(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+}

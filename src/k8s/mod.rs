@@ -1,0 +1,72 @@
+//! The Kubernetes edge: the broker Secret a pipeline names, the objects it owns (the client
+//! ConfigMap and the PrometheusRule), and its status. Decisions about *what* to write are
+//! made by the planner and [`crate::controller::status`]; this module only reads and writes.
+//!
+//! (Named `k8s` rather than `kube` so it never shadows the `kube` crate.)
+
+mod owned;
+mod secret;
+
+pub use owned::{AlertsOutcome, apply_client_config, apply_prometheus_rule, prometheus_rule_api};
+pub use secret::broker_endpoint;
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::api::{MessagePipeline, MessagePipelineStatus};
+
+/// Field manager of every server-side apply msgpipe makes.
+pub const FIELD_MANAGER: &str = "msgpipe";
+
+/// A failed Kubernetes read or write, naming the object and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("broker Secret {namespace}/{name} does not exist")]
+    SecretMissing { namespace: String, name: String },
+    #[error("broker Secret {namespace}/{name} is invalid: {reason}")]
+    SecretInvalid {
+        namespace: String,
+        name: String,
+        reason: String,
+    },
+    #[error("cannot {operation}: {source}")]
+    Api {
+        operation: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl KubeError {
+    pub(crate) fn api(operation: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let operation = operation.into();
+        move |source| KubeError::Api { operation, source }
+    }
+}
+
+/// Writes the pipeline's status with server-side apply: fields msgpipe stops setting (e.g.
+/// retry queues of a removed tier) disappear instead of lingering as a merge patch would leave them.
+pub async fn write_status(
+    api: &Api<MessagePipeline>,
+    pipeline: &MessagePipeline,
+    status: &MessagePipelineStatus,
+) -> Result<(), KubeError> {
+    let name = pipeline.name_any();
+    let patch = json!({
+        "apiVersion": "msgpipe.io/v1alpha1",
+        "kind": "MessagePipeline",
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(KubeError::api(format!(
+        "write the status of MessagePipeline {}/{name}",
+        pipeline.namespace().unwrap_or_default()
+    )))?;
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The objects a pipeline owns: ConfigMap `<name>-client` and PrometheusRule `<name>-alerts`.
+//! Each is read first and written (server-side apply, owner reference to the pipeline) only
+//! when it differs, so a converged pipeline costs reads and no writes.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::Value;
+
+use super::{FIELD_MANAGER, KubeError};
+use crate::api::MessagePipeline;
+use crate::plan::DesiredState;
+
+/// What became of the pipeline's alerts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AlertsOutcome {
+    /// The PrometheusRule matches the spec; `wrote` says whether it had to be written.
+    Applied { wrote: bool },
+    /// `alerts.enabled: false`; `deleted` says whether an old rule was removed.
+    Disabled { deleted: bool },
+    /// monitoring.coreos.com/v1 PrometheusRule is not served by this cluster.
+    CrdMissing,
+}
+
+/// The PrometheusRule API, or None when its CRD is not installed (API discovery, which
+/// every authenticated client may read).
+pub async fn prometheus_rule_api(client: &Client) -> Result<Option<ApiResource>, KubeError> {
+    let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule");
+    match client
+        .list_api_group_resources("monitoring.coreos.com/v1")
+        .await
+    {
+        Ok(list) if list.resources.iter().any(|r| r.name == "prometheusrules") => Ok(Some(
+            ApiResource::from_gvk_with_plural(&gvk, "prometheusrules"),
+        )),
+        Ok(_) => Ok(None),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+        Err(source) => Err(KubeError::Api {
+            operation: "discover the monitoring.coreos.com/v1 API".into(),
+            source,
+        }),
+    }
+}
+
+fn owner_reference(pipeline: &MessagePipeline) -> Option<OwnerReference> {
+    pipeline.controller_owner_ref(&())
+}
+
+/// Whether `existing` already carries everything msgpipe would set.
+fn is_current(
+    existing_labels: &BTreeMap<String, String>,
+    existing_owners: &[OwnerReference],
+    desired_labels: &BTreeMap<String, String>,
+    owner: Option<&OwnerReference>,
+) -> bool {
+    desired_labels
+        .iter()
+        .all(|(k, v)| existing_labels.get(k) == Some(v))
+        && owner.is_none_or(|o| existing_owners.iter().any(|e| e.uid == o.uid))
+}
+
+/// Makes ConfigMap `<name>-client` hold the planned `pipeline.json`; returns whether it wrote.
+pub async fn apply_client_config(
+    client: &Client,
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+) -> Result<bool, KubeError> {
+    let mut config_map = desired.config_map.clone();
+    let namespace = desired.pipeline.namespace.clone();
+    let name = config_map.name_any();
+    let owner = owner_reference(pipeline);
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let existing = api
+        .get_opt(&name)
+        .await
+        .map_err(KubeError::api(format!("read ConfigMap {namespace}/{name}")))?;
+    if let Some(existing) = &existing
+        && existing.data == config_map.data
+        && is_current(
+            existing.labels(),
+            existing.owner_references(),
+            config_map.labels(),
+            owner.as_ref(),
+        )
+    {
+        return Ok(false);
+    }
+    config_map.metadata.owner_references = owner.map(|o| vec![o]);
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&config_map),
+    )
+    .await
+    .map_err(KubeError::api(format!(
+        "apply ConfigMap {namespace}/{name}"
+    )))?;
+    Ok(true)
+}
+
+/// Makes PrometheusRule `<name>-alerts` match the plan (or removes ours when alerts are off).
+pub async fn apply_prometheus_rule(
+    client: &Client,
+    rule_api: Option<&ApiResource>,
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+) -> Result<AlertsOutcome, KubeError> {
+    let Some(resource) = rule_api else {
+        return Ok(match desired.prometheus_rule {
+            Some(_) => AlertsOutcome::CrdMissing,
+            None => AlertsOutcome::Disabled { deleted: false },
+        });
+    };
+    let namespace = desired.pipeline.namespace.clone();
+    let name = format!("{}-alerts", desired.pipeline.name);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, resource);
+    let existing = api.get_opt(&name).await.map_err(KubeError::api(format!(
+        "read PrometheusRule {namespace}/{name}"
+    )))?;
+    let owner = owner_reference(pipeline);
+    let Some(rule) = &desired.prometheus_rule else {
+        let ours = existing.as_ref().is_some_and(|e| {
+            owner
+                .as_ref()
+                .is_some_and(|o| e.owner_references().iter().any(|r| r.uid == o.uid))
+        });
+        if ours {
+            api.delete(&name, &DeleteParams::default())
+                .await
+                .map_err(KubeError::api(format!(
+                    "delete PrometheusRule {namespace}/{name}"
+                )))?;
+        }
+        return Ok(AlertsOutcome::Disabled { deleted: ours });
+    };
+    let desired_spec = serde_json::to_value(&rule.spec).unwrap_or(Value::Null);
+    let desired_labels = rule.metadata.labels.clone().unwrap_or_default();
+    if let Some(existing) = &existing
+        && existing.data.get("spec") == Some(&desired_spec)
+        && is_current(
+            existing.labels(),
+            existing.owner_references(),
+            &desired_labels,
+            owner.as_ref(),
+        )
+    {
+        return Ok(AlertsOutcome::Applied { wrote: false });
+    }
+    let mut object = rule.clone();
+    object.metadata.owner_references = owner.map(|o| vec![o]);
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .map_err(KubeError::api(format!(
+        "apply PrometheusRule {namespace}/{name}"
+    )))?;
+    Ok(AlertsOutcome::Applied { wrote: true })
+}
