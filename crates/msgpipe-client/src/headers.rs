@@ -2,6 +2,10 @@
 //!
 //! The consumer, the `msgpipe dlq` commands and users' own tools share these names; they are
 //! part of the contract and never change meaning.
+//!
+//! Value types on the wire: counts are signed 64-bit integers (AMQP `l`, as RabbitMQ writes
+//! `x-death` counts), times and texts are long strings (`S`). Readers accept any integer type,
+//! and digits in a string, for the counts ([`crate::retry::retry_count`]).
 
 /// Retries already done for this message (0 on the first delivery). Attempt = this + 1.
 /// RabbitMQ 4 ignores an `x-death` header a client sets, so the count travels in our own header.
@@ -24,6 +28,10 @@ pub const LAST_FAILURE: &str = "x-msgpipe-last-failure";
 pub const ORIGINAL_EXCHANGE: &str = "x-msgpipe-original-exchange";
 /// Routing key the message was first published with; kept across retries.
 pub const ORIGINAL_ROUTING_KEY: &str = "x-msgpipe-original-routing-key";
+/// The `expiration` property (per-message TTL, milliseconds as text) the message carried before
+/// the consumer moved it to a retry tier or the DLQ. The copy has no `expiration`: it would cut
+/// a retry delay short, or silently drop a dead letter (RabbitMQ's own dead-lettering does the same).
+pub const ORIGINAL_EXPIRATION: &str = "x-msgpipe-original-expiration";
 /// Set by `msgpipe dlq replay` on the republished copy: RFC 3339 time of the replay.
 pub const REPLAYED_AT: &str = "x-msgpipe-replayed-at";
 /// Set by `msgpipe dlq replay`: how many times this message was replayed from the DLQ.

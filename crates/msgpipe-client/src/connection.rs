@@ -1,0 +1,146 @@
+//! Connecting to the broker, and the capped backoff between attempts.
+//!
+//! Neither the consumer nor the publisher uses lapin's auto-recovery: each runs its own loop
+//! (connect, open channels, work until the connection is gone, wait, again). A recovered lapin
+//! channel replays the topology it saw, but deliveries in flight at the break carry ackers of the
+//! dead channel, and publisher confirms in flight are lost either way; an explicit loop makes
+//! "the connection is gone" one visible event that nacks nothing twice and logs once.
+
+use std::hash::{BuildHasher, Hasher};
+use std::str::FromStr;
+use std::sync::Once;
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use lapin::{Connection, ConnectionProperties};
+
+/// Capped exponential backoff between reconnect attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Wait after the first failure.
+    pub initial: Duration,
+    /// Longest wait between attempts.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The waits of one outage: initial, doubled each time up to max, with ±20 % jitter so a fleet
+/// of clients does not reconnect in lockstep.
+#[derive(Debug)]
+pub(crate) struct BackoffState {
+    policy: Backoff,
+    next: Duration,
+}
+
+impl BackoffState {
+    pub(crate) fn new(policy: Backoff) -> Self {
+        Self {
+            policy,
+            next: policy.initial,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.policy.initial;
+    }
+
+    pub(crate) fn next_wait(&mut self) -> Duration {
+        let base = self.next.min(self.policy.max);
+        self.next = base.saturating_mul(2).min(self.policy.max);
+        // RandomState is seeded randomly per instance: enough randomness for jitter.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let factor = 0.8 + (random % 401) as f64 / 1000.0;
+        base.mul_f64(factor)
+    }
+}
+
+/// The URI is not something lapin can connect to. The text never contains the URI (it holds
+/// the password).
+#[derive(Debug, thiserror::Error)]
+#[error("the AMQP URI is not valid (expected amqp[s]://user:password@host:port/vhost)")]
+pub struct InvalidUri;
+
+/// Checks a URI before any connection attempt, so a typo fails fast instead of retrying forever.
+pub(crate) fn check_uri(uri: &str) -> Result<(), InvalidUri> {
+    AMQPUri::from_str(uri).map(|_| ()).map_err(|_| InvalidUri)
+}
+
+/// Opens one connection, within `timeout`. Errors are described without the URI.
+pub(crate) async fn connect(
+    uri: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<Connection, String> {
+    install_crypto_provider();
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(timeout, Connection::connect(uri, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(format!("cannot connect: {error}")),
+        Err(_) => Err(format!(
+            "cannot connect: no answer within {}s",
+            timeout.as_secs_f64()
+        )),
+    }
+}
+
+/// rustls needs one process-wide crypto provider; when the application has not chosen one,
+/// use ring (the provider lapin is built with here).
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
+}
+
+/// Closes a connection politely if it is still open; errors do not matter any more.
+pub(crate) async fn close(connection: &Connection) {
+    if connection.status().connected() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            connection.close(200, "msgpipe client done".into()),
+        )
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_bounded_jitter_and_resets() {
+        let mut state = BackoffState::new(Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1_000),
+        });
+        let waits: Vec<_> = (0..7).map(|_| state.next_wait()).collect();
+        for (wait, base) in waits.iter().zip([100, 200, 400, 800, 1_000, 1_000, 1_000]) {
+            let ms = wait.as_millis() as u64;
+            assert!(
+                (base * 8 / 10..=base * 12 / 10).contains(&ms),
+                "{ms} vs {base}"
+            );
+        }
+        state.reset();
+        assert!(state.next_wait() <= Duration::from_millis(120));
+    }
+
+    #[test]
+    fn invalid_uris_are_refused_without_echoing_them() {
+        assert!(check_uri("amqp://guest:guest@localhost:5672/%2f").is_ok());
+        let error = check_uri("http://user:s3cret@host").expect_err("not amqp");
+        assert!(!error.to_string().contains("s3cret"));
+    }
+}

@@ -1,0 +1,100 @@
+//! One confirmed, mandatory publish: the primitive both the consumer (moving a failed message)
+//! and the publisher rely on. Success means the broker acked it *and* routed it somewhere.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation};
+
+/// Why a publish is not known to be safe on the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishFailure {
+    #[error("exchange or routing key longer than 255 bytes: {0}")]
+    InvalidName(String),
+    #[error("the channel refused the publish: {0}")]
+    Channel(String),
+    #[error("the broker nacked the message")]
+    Nacked,
+    #[error("unroutable: {exchange}/{routing_key} has no binding for it (returned)")]
+    Returned {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("no confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the channel was not in confirm mode")]
+    NotConfirmed,
+}
+
+impl PublishFailure {
+    /// True when the channel or connection is unusable (as opposed to a refusal of this message).
+    pub fn breaks_channel(&self) -> bool {
+        matches!(
+            self,
+            Self::Channel(_) | Self::Timeout(_) | Self::NotConfirmed
+        )
+    }
+}
+
+/// Publishes with `mandatory` on a confirm channel and waits for the confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), PublishFailure> {
+    let confirm = start_publish(channel, exchange, routing_key, body, properties).await?;
+    await_confirm(confirm, exchange, routing_key, timeout).await
+}
+
+/// Sends the publish; the returned future resolves to its confirm. Lets a caller pipeline
+/// many publishes before awaiting their confirms.
+pub async fn start_publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, PublishFailure> {
+    let name =
+        |s: &str| ShortString::try_new(s).map_err(|e| PublishFailure::InvalidName(e.to_string()));
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    channel
+        .basic_publish(
+            name(exchange)?,
+            name(routing_key)?,
+            options,
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| PublishFailure::Channel(e.to_string()))
+}
+
+/// Waits for one confirm: ack and not returned is success.
+pub async fn await_confirm(
+    confirm: lapin::PublisherConfirm,
+    exchange: &str,
+    routing_key: &str,
+    timeout: Duration,
+) -> Result<(), PublishFailure> {
+    let confirmation = tokio::time::timeout(timeout, confirm)
+        .await
+        .map_err(|_| PublishFailure::Timeout(timeout))?
+        .map_err(|e| PublishFailure::Channel(e.to_string()))?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(PublishFailure::Returned {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        }),
+        Confirmation::Nack(None) => Err(PublishFailure::Nacked),
+        Confirmation::NotRequested => Err(PublishFailure::NotConfirmed),
+    }
+}

@@ -1,0 +1,544 @@
+//! The publisher: confirmed publishes, and a durable outbox for what the broker did not confirm.
+//!
+//! `publish` sends with `mandatory` on a confirm channel and returns [`Outcome::Confirmed`] once
+//! the broker acked and routed the message. When the broker is unreachable, nacks, returns the
+//! message or does not confirm within `confirm_timeout`, the message is committed to the outbox
+//! (fsync) and `publish` returns [`Outcome::Queued`]. While the outbox holds anything, new
+//! messages are queued behind it, so the broker sees them in publish order. A background task
+//! resends the outbox oldest first every `retry_interval_seconds` while `retry_pending` is on
+//! (both read live from `pipeline.json`); a message leaves the outbox only after its confirm.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::connection::{self, Backoff, BackoffState, InvalidUri};
+use crate::live::LiveConfig;
+use crate::outbox::{Outbox, OutboxEntry, OutboxError, OutboxLimits};
+use crate::publish::{PublishFailure, await_confirm, publish_confirmed, start_publish};
+
+/// What became of a published message. Both mean it is safe: on the broker, or on local disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Outcome {
+    /// The broker confirmed the message and routed it to a queue.
+    Confirmed { message_id: String },
+    /// The broker could not take it now; it is committed to the local outbox and will be resent.
+    Queued { message_id: String },
+}
+
+impl Outcome {
+    pub fn message_id(&self) -> &str {
+        match self {
+            Self::Confirmed { message_id } | Self::Queued { message_id } => message_id,
+        }
+    }
+}
+
+/// Why a message was *not* accepted. The caller still owns it.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("exchange, routing key or message id longer than 255 bytes: {0}")]
+    InvalidName(String),
+    /// The broker did not take the message and the outbox is at its limit.
+    #[error(transparent)]
+    OutboxFull(OutboxError),
+    /// The broker did not take the message and saving it locally failed.
+    #[error("cannot save the message in the outbox: {0}")]
+    Outbox(OutboxError),
+}
+
+/// Why the publisher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    #[error(transparent)]
+    InvalidUri(#[from] InvalidUri),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// Where the publisher connects and keeps its outbox.
+#[derive(Clone, Debug)]
+pub struct PublisherOptions {
+    /// `amqp[s]://user:password@host:port/vhost`.
+    pub uri: String,
+    /// The outbox file (created if missing). One publisher process per file: redb locks it.
+    pub outbox_path: PathBuf,
+    pub outbox_limits: OutboxLimits,
+    /// How long a publish waits for its confirm before the message goes to the outbox.
+    pub confirm_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub reconnect: Backoff,
+    /// Messages resent per pipelined batch.
+    pub resend_batch: usize,
+    pub connection_name: String,
+}
+
+impl PublisherOptions {
+    pub fn new(uri: impl Into<String>, outbox_path: impl Into<PathBuf>) -> Self {
+        Self {
+            uri: uri.into(),
+            outbox_path: outbox_path.into(),
+            outbox_limits: OutboxLimits::default(),
+            confirm_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            reconnect: Backoff::default(),
+            resend_batch: 256,
+            connection_name: "msgpipe-publisher".into(),
+        }
+    }
+}
+
+/// Counters since start, and the outbox now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PublisherStats {
+    /// Publishes confirmed directly.
+    pub confirmed: u64,
+    /// Publishes saved to the outbox.
+    pub queued: u64,
+    /// Outbox messages resent and confirmed.
+    pub resent: u64,
+    /// Resend rounds started (only while `retry_pending` is on and the outbox is not empty).
+    pub resend_rounds: u64,
+    pub connections: u64,
+    pub outbox_messages: u64,
+    pub outbox_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    confirmed: AtomicU64,
+    queued: AtomicU64,
+    resent: AtomicU64,
+    resend_rounds: AtomicU64,
+    connections: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The channel in use, shared by `publish` calls and the resender.
+#[derive(Debug, Default)]
+struct Link {
+    channel: RwLock<Option<Channel>>,
+    /// Set when a publish saw the channel fail; the link task reconnects.
+    broken: AtomicBool,
+    wake: Notify,
+}
+
+impl Link {
+    fn current(&self) -> Option<Channel> {
+        let guard = self.channel.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().filter(|c| c.status().connected())
+    }
+
+    fn set(&self, channel: Option<Channel>) {
+        *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+    }
+
+    fn mark_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    options: PublisherOptions,
+    config: LiveConfig,
+    outbox: Outbox,
+    link: Link,
+    counters: Counters,
+}
+
+/// Stops the background tasks when the last [`Publisher`] clone goes away.
+#[derive(Debug)]
+struct Tasks {
+    shutdown: watch::Sender<bool>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+/// Publishes to a pipeline's work exchange, with a durable outbox. Cheap to clone; clones share
+/// the connection and the outbox. See the crate docs.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+    tasks: Arc<Tasks>,
+}
+
+impl Publisher {
+    /// Opens the outbox and connects. An unreachable broker is not an error: the publisher
+    /// starts offline, queues, and keeps reconnecting in the background.
+    pub async fn start(
+        options: PublisherOptions,
+        config: LiveConfig,
+    ) -> Result<Self, PublisherError> {
+        connection::check_uri(&options.uri)?;
+        let path = options.outbox_path.clone();
+        let limits = options.outbox_limits;
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(path, limits))
+            .await
+            .map_err(|_| OutboxError::Closed)??;
+        if !outbox.is_empty() {
+            tracing::info!(
+                messages = outbox.len(),
+                "outbox holds messages from an earlier run"
+            );
+        }
+        let shared = Arc::new(Shared {
+            options,
+            config,
+            outbox,
+            link: Link::default(),
+            counters: Counters::default(),
+        });
+        let first = open_link(&shared.options).await;
+        if let Err(reason) = &first {
+            tracing::warn!(%reason, "publisher starts offline; messages go to the outbox");
+        }
+        let (shutdown, stop) = watch::channel(false);
+        let handles = vec![
+            tokio::spawn(maintain_link(shared.clone(), stop.clone(), first.ok())),
+            tokio::spawn(resend_loop(shared.clone(), stop)),
+        ];
+        Ok(Self {
+            shared,
+            tasks: Arc::new(Tasks {
+                shutdown,
+                handles: Mutex::new(handles),
+            }),
+        })
+    }
+
+    /// Publishes to the pipeline's work exchange with its routing key (from `pipeline.json`).
+    ///
+    /// A message without `message_id` gets a UUID v7, and one without `delivery_mode` is made
+    /// persistent (2). Ok means the message is safe (see [`Outcome`]); Err means it is not and
+    /// the caller still owns it.
+    pub async fn publish(
+        &self,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Outcome, PublishError> {
+        let config = self.shared.config.current();
+        self.publish_to(&config.exchange, &config.routing_key, body, properties)
+            .await
+    }
+
+    /// [`Publisher::publish`] to any exchange and routing key.
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<Outcome, PublishError> {
+        for name in [exchange, routing_key] {
+            ShortString::try_new(name).map_err(|e| PublishError::InvalidName(e.to_string()))?;
+        }
+        let (properties, message_id) = stamp(properties);
+        let shared = &self.shared;
+        // Anything in the outbox must reach the broker first: then this goes behind it.
+        if shared.outbox.is_empty()
+            && let Some(channel) = shared.link.current()
+        {
+            let timeout = shared.options.confirm_timeout;
+            let sent = publish_confirmed(
+                &channel,
+                exchange,
+                routing_key,
+                body,
+                properties.clone(),
+                timeout,
+            )
+            .await;
+            match sent {
+                Ok(()) => {
+                    bump(&shared.counters.confirmed, 1);
+                    return Ok(Outcome::Confirmed { message_id });
+                }
+                Err(failure) => note_failure(shared, &failure, &message_id),
+            }
+        }
+        let entry = OutboxEntry {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            properties,
+            body: body.to_vec(),
+        };
+        match shared.outbox.append(&entry).await {
+            Ok(_) => {
+                bump(&shared.counters.queued, 1);
+                Ok(Outcome::Queued { message_id })
+            }
+            Err(full @ OutboxError::Full { .. }) => Err(PublishError::OutboxFull(full)),
+            Err(error) => Err(PublishError::Outbox(error)),
+        }
+    }
+
+    /// Messages waiting in the outbox.
+    pub fn outbox_len(&self) -> u64 {
+        self.shared.outbox.len()
+    }
+
+    pub fn stats(&self) -> PublisherStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PublisherStats {
+            confirmed: get(&c.confirmed),
+            queued: get(&c.queued),
+            resent: get(&c.resent),
+            resend_rounds: get(&c.resend_rounds),
+            connections: get(&c.connections),
+            outbox_messages: self.shared.outbox.len(),
+            outbox_bytes: self.shared.outbox.bytes(),
+        }
+    }
+
+    /// Stops resending and closes the connection. The outbox keeps what is left for next time.
+    pub async fn close(self) {
+        self.tasks.shutdown.send_replace(true);
+        let handles =
+            std::mem::take(&mut *self.tasks.handles.lock().unwrap_or_else(|p| p.into_inner()));
+        for handle in handles {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Sets a message id (UUID v7) and persistence when the caller did not.
+fn stamp(properties: BasicProperties) -> (BasicProperties, String) {
+    let mut properties = properties;
+    if properties.delivery_mode().is_none() {
+        properties = properties.with_delivery_mode(2);
+    }
+    let message_id = match properties.message_id() {
+        Some(id) => id.to_string(),
+        None => {
+            let id = uuid::Uuid::now_v7().to_string();
+            properties = properties.with_message_id(id.as_str().into());
+            id
+        }
+    };
+    (properties, message_id)
+}
+
+fn note_failure(shared: &Shared, failure: &PublishFailure, message_id: &str) {
+    tracing::debug!(%message_id, %failure, "publish not confirmed; saving to the outbox");
+    if failure.breaks_channel() {
+        shared.link.mark_broken();
+    }
+}
+
+/// A connection and a confirm channel on it.
+async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), String> {
+    let connection = connection::connect(
+        &options.uri,
+        &options.connection_name,
+        options.connect_timeout,
+    )
+    .await?;
+    let channel = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>(channel)
+    }
+    .await;
+    match channel {
+        Ok(channel) => Ok((connection, channel)),
+        Err(error) => {
+            connection::close(&connection).await;
+            Err(format!("cannot open a confirm channel: {error}"))
+        }
+    }
+}
+
+/// Keeps one connection up: reconnects with capped backoff whenever it is lost or a publish
+/// reported it broken.
+async fn maintain_link(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    mut ready: Option<(Connection, Channel)>,
+) {
+    let mut backoff = BackoffState::new(shared.options.reconnect);
+    let mut down_since: Option<Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let (connection, channel) = match ready.take() {
+            Some(link) => link,
+            None => match open_link(&shared.options).await {
+                Ok(link) => link,
+                Err(reason) => {
+                    if down_since.is_none() {
+                        tracing::warn!(%reason, "publisher cannot reach the broker; queueing to the outbox");
+                        down_since = Some(Instant::now());
+                    }
+                    let wait = backoff.next_wait();
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => continue,
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
+            },
+        };
+        if let Some(since) = down_since.take() {
+            tracing::info!(
+                down_ms = since.elapsed().as_millis() as u64,
+                "publisher reconnected"
+            );
+        }
+        backoff.reset();
+        bump(&shared.counters.connections, 1);
+        shared.link.broken.store(false, Ordering::Release);
+        shared.link.set(Some(channel.clone()));
+        let stopping = watch_link(&shared, &mut stop, &connection, &channel).await;
+        shared.link.set(None);
+        connection::close(&connection).await;
+        if stopping {
+            return;
+        }
+        tracing::warn!("publisher lost its broker connection; reconnecting");
+        down_since = Some(Instant::now());
+    }
+}
+
+/// Waits until the link is unusable (true: because of shutdown).
+async fn watch_link(
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    connection: &Connection,
+    channel: &Channel,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return true,
+            () = shared.link.wake.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let broken = shared.link.broken.swap(false, Ordering::AcqRel);
+        if broken || !connection.status().connected() || !channel.status().connected() {
+            return false;
+        }
+    }
+}
+
+/// Every `retry_interval_seconds`, while `retry_pending` is on, resends the outbox.
+async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let seconds = shared.config.features().retry_interval_seconds.max(1);
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(seconds.into())) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if !shared.config.features().retry_pending || shared.outbox.is_empty() {
+            continue;
+        }
+        bump(&shared.counters.resend_rounds, 1);
+        match resend_round(&shared).await {
+            Ok(sent) if sent > 0 => {
+                tracing::info!(sent, left = shared.outbox.len(), "resent outbox messages");
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::debug!(%reason, left = shared.outbox.len(), "resend round stopped");
+            }
+        }
+    }
+}
+
+/// One pass over the outbox, oldest first, in pipelined batches. Messages the broker refused
+/// (returned, nacked) stay for the next round; a broken channel ends the round.
+async fn resend_round(shared: &Shared) -> Result<u64, String> {
+    let mut cursor = 0;
+    let mut sent = 0;
+    loop {
+        if !shared.config.features().retry_pending {
+            return Ok(sent);
+        }
+        let channel = shared.link.current().ok_or("the broker is unreachable")?;
+        let batch = shared
+            .outbox
+            .oldest_after(cursor, shared.options.resend_batch.max(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some((last, _)) = batch.last() else {
+            return Ok(sent);
+        };
+        cursor = *last;
+        let (confirmed, broken) = resend_batch(shared, &channel, &batch).await;
+        let count = confirmed.len() as u64;
+        shared
+            .outbox
+            .remove(confirmed)
+            .await
+            .map_err(|e| e.to_string())?;
+        bump(&shared.counters.resent, count);
+        sent += count;
+        if let Some(failure) = broken {
+            shared.link.mark_broken();
+            return Err(failure.to_string());
+        }
+    }
+}
+
+/// Publishes a batch, then collects its confirms in order. Returns the confirmed sequence
+/// numbers and, if the channel broke, why.
+async fn resend_batch(
+    shared: &Shared,
+    channel: &Channel,
+    batch: &[(u64, OutboxEntry)],
+) -> (Vec<u64>, Option<PublishFailure>) {
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut broken = None;
+    for (seq, entry) in batch {
+        let started = start_publish(
+            channel,
+            &entry.exchange,
+            &entry.routing_key,
+            &entry.body,
+            entry.properties.clone(),
+        )
+        .await;
+        match started {
+            Ok(confirm) => pending.push((*seq, entry, confirm)),
+            Err(failure) => {
+                broken = Some(failure);
+                break;
+            }
+        }
+    }
+    let deadline = Instant::now() + shared.options.confirm_timeout;
+    let mut confirmed = Vec::with_capacity(pending.len());
+    for (seq, entry, confirm) in pending {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match await_confirm(confirm, &entry.exchange, &entry.routing_key, left).await {
+            Ok(()) => confirmed.push(seq),
+            Err(failure) if failure.breaks_channel() => {
+                broken.get_or_insert(failure);
+            }
+            Err(failure) => {
+                tracing::warn!(seq, %failure, "outbox message refused by the broker; kept for the next round");
+            }
+        }
+    }
+    (confirmed, broken)
+}
