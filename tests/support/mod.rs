@@ -226,3 +226,183 @@ pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
         .expect("queue exists")
         .message_count()
 }
+
+// ---- msgpipe-client tests (tests/client_*.rs) -----------------------------------------------
+
+/// The notes pipeline on `vhost` of the broker at `port` (5673: the shared test node), with the
+/// seed article's names and `retry` YAML (flow style, e.g. `{ maxAttempts: 5, ... }`).
+pub fn client_notes_state(vhost: &str, retry: &str) -> DesiredState {
+    plan_yaml(&format!(
+        "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: notes, namespace: notes-app }}\nspec:\n  broker: {{ secretRef: {{ name: rabbitmq }}, vhost: \"{vhost}\" }}\n  queue: {{ name: notes_queue, exchange: notes, routingKey: notes }}\n  deadLetter: {{ exchange: notes_dlq_exchange, queue: notes_queue_dlq }}\n  retry: {retry}\n  clientFlags: {{ retryPending: true, retryIntervalSeconds: 1 }}\n"
+    ))
+}
+
+/// Provisions a planned pipeline with the reconciler on the node whose AMQP port is `port`.
+pub async fn client_provision(state: &DesiredState, port: u16) {
+    use msgpipe::broker::BrokerApi;
+    let endpoint = msgpipe::broker::BrokerEndpoint::new(
+        &format!(
+            "amqp://guest:guest@127.0.0.1:{port}/{}",
+            encode(&state.topology.vhost)
+        ),
+        Some(&format!("http://127.0.0.1:{}", port + 10000)),
+        None,
+    )
+    .expect("endpoint");
+    let broker = msgpipe::broker::RabbitBroker::new(endpoint, std::time::Duration::from_secs(15))
+        .expect("broker client");
+    let live = broker
+        .snapshot(&state.topology.vhost)
+        .await
+        .expect("snapshot");
+    msgpipe::broker::reconcile(&broker, state, &live)
+        .await
+        .expect("reconcile");
+    broker.close().await;
+}
+
+/// Writes `pipeline.json` for `state` into `dir` and returns its path.
+pub fn client_write_config(dir: &Path, config: &msgpipe_client::PipelineConfig) -> PathBuf {
+    let path = dir.join("pipeline.json");
+    let text = serde_json::to_string_pretty(config).expect("json");
+    std::fs::write(&path, text).expect("write pipeline.json");
+    path
+}
+
+/// Publishes `ids` (message id = body) to `exchange`/`routing_key`, pipelined in batches, every
+/// confirm checked.
+pub async fn client_publish_ids(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    ids: &[String],
+) {
+    for chunk in ids.chunks(500) {
+        let mut confirms = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let properties = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.as_str().into());
+            let options = lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            };
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    options,
+                    id.as_bytes(),
+                    properties,
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.expect("confirm");
+            assert!(confirmation.is_ack() && confirmation.take_message().is_none());
+        }
+    }
+}
+
+/// Takes (and acks) every message of `queue` with basic.get; returns them in queue order.
+pub async fn client_drain(
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Vec<lapin::message::BasicGetMessage> {
+    let mut out = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+        .await
+        .expect("basic.get")
+    {
+        message
+            .delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .expect("ack");
+        out.push(message);
+    }
+    out
+}
+
+/// The message id of a delivery ("" when none).
+pub fn client_message_id(properties: &lapin::BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// Re-runs this test binary as a child process running only the (ignored) test `name`; the
+/// child tells it is the child by `envs`.
+pub fn client_spawn_child(name: &str, envs: &[(&str, String)]) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut command = Command::new(exe);
+    command.args([
+        "--exact",
+        name,
+        "--nocapture",
+        "--ignored",
+        "--test-threads",
+        "1",
+    ]);
+    for (key, value) in envs {
+        command.env(key, value);
+    }
+    command.spawn().expect("child test process starts")
+}
+
+/// An append-only file of ids, each line on disk (fsync) before `record` returns. Concurrent
+/// records share one write and one fsync (group commit).
+#[derive(Clone)]
+pub struct ClientIdLog {
+    sender: tokio::sync::mpsc::UnboundedSender<(String, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl ClientIdLog {
+    pub fn open(path: &Path) -> Self {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open id log");
+        let (sender, mut receiver) =
+            tokio::sync::mpsc::unbounded_channel::<(String, tokio::sync::oneshot::Sender<()>)>();
+        std::thread::spawn(move || {
+            while let Some(first) = receiver.blocking_recv() {
+                let mut batch = vec![first];
+                while let Ok(more) = receiver.try_recv() {
+                    batch.push(more);
+                }
+                let text: String = batch.iter().map(|(id, _)| format!("{id}\n")).collect();
+                file.write_all(text.as_bytes()).expect("append id log");
+                file.sync_data().expect("fsync id log");
+                for (_, done) in batch {
+                    let _ = done.send(());
+                }
+            }
+        });
+        Self { sender }
+    }
+
+    pub async fn record(&self, id: String) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        self.sender.send((id, done)).expect("id log writer alive");
+        written.await.expect("id log written");
+    }
+
+    /// Every id in the file (one per line; a torn last line is ignored).
+    pub fn read(path: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        complete.lines().map(str::to_string).collect()
+    }
+}

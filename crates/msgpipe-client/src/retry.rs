@@ -239,6 +239,14 @@ pub fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
+/// Reads an RFC 3339 time such as [`headers::FIRST_FAILURE`]; None when it is not one.
+pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    text.trim()
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(std::time::SystemTime::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -536,6 +544,8 @@ mod tests {
     fn timestamps_are_rfc3339_utc() {
         let now = now_rfc3339();
         assert!(now.ends_with('Z'), "{now}");
-        assert!(now.parse::<jiff::Timestamp>().is_ok(), "{now}");
+        assert!(parse_rfc3339(&now).is_some(), "{now}");
+        assert!(parse_rfc3339("2025-01-01T00:00:00+02:00").is_some());
+        assert!(parse_rfc3339("yesterday").is_none());
     }
 }
