@@ -1,0 +1,249 @@
+//! The publisher's `retry_pending` flag, flipped in a watched pipeline.json the way the kubelet
+//! updates a ConfigMap volume (symlink swap): off stops resending the outbox from the next
+//! interval on, even with the broker reachable; on resumes it, in publish order.
+//!
+//! The broker "outage" is a TCP proxy in front of the shared test node that refuses and cuts
+//! connections, so the shared node is never stopped.
+
+mod support;
+
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use msgpipe_client::{
+    Backoff, BasicProperties, LiveConfig, Outcome, PipelineConfig, Publisher, PublisherOptions,
+};
+use support::{TestVhost, amqp_channel, client_notes_state, client_provision, depth, encode};
+
+/// A TCP proxy to the test broker that can refuse new connections and cut open ones.
+struct Proxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(target: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (up2, open2) = (up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut streams = open2.lock().expect("lock");
+                for stream in [&inbound, &outbound] {
+                    streams.push(stream.try_clone().expect("clone"));
+                }
+                pipe(&inbound, &outbound);
+                pipe(&outbound, &inbound);
+            }
+        });
+        Self { port, up, open }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            for stream in self.open.lock().expect("lock").drain(..) {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn pipe(from: &TcpStream, to: &TcpStream) {
+    let (mut from, mut to) = (
+        from.try_clone().expect("clone"),
+        to.try_clone().expect("clone"),
+    );
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// A ConfigMap-style directory: `pipeline.json -> ..data/pipeline.json`, `..data -> ..gen_N`.
+struct MountedConfig {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl MountedConfig {
+    fn new(dir: &Path, config: &PipelineConfig) -> Self {
+        let mut mount = Self {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        };
+        mount.write(config);
+        std::os::unix::fs::symlink("..data/pipeline.json", mount.path()).expect("symlink");
+        mount
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("pipeline.json")
+    }
+
+    fn write(&mut self, config: &PipelineConfig) {
+        self.generation += 1;
+        let target = self.dir.join(format!("..gen_{}", self.generation));
+        std::fs::create_dir(&target).expect("mkdir");
+        let text = serde_json::to_string_pretty(config).expect("json");
+        std::fs::write(target.join("pipeline.json"), text).expect("write");
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&target, &tmp).expect("symlink");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap");
+    }
+}
+
+async fn wait_for(what: &str, limit: Duration, check: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+fn note(id: &str) -> BasicProperties {
+    BasicProperties::default().with_message_id(id.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
+    let vhost = TestVhost::new("client-flags");
+    let state = client_notes_state(&vhost.name, "{ maxAttempts: 3 }");
+    client_provision(&state, 5673).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = state.client_config.clone();
+    config.features.retry_pending = true;
+    config.features.retry_interval_seconds = 1;
+    let mut mount = MountedConfig::new(dir.path(), &config);
+    let live = LiveConfig::watch(mount.path(), Duration::from_millis(100))
+        .await
+        .expect("watch");
+
+    let proxy = Proxy::start("127.0.0.1:5673");
+    let mut options = PublisherOptions::new(
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/{}",
+            proxy.port,
+            encode(&vhost.name)
+        ),
+        dir.path().join("outbox.redb"),
+    );
+    options.reconnect = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(300),
+    };
+    options.connect_timeout = Duration::from_secs(2);
+    options.confirm_timeout = Duration::from_secs(2);
+    let publisher = Publisher::start(options, live.clone())
+        .await
+        .expect("starts offline");
+
+    // Broker unreachable: everything is saved, and resend rounds keep trying every interval.
+    let first: Vec<String> = (0..50).map(|i| format!("f-{i:02}")).collect();
+    for id in &first {
+        let outcome = publisher
+            .publish(id.as_bytes(), note(id))
+            .await
+            .expect("publish");
+        assert_eq!(
+            outcome,
+            Outcome::Queued {
+                message_id: id.clone()
+            }
+        );
+    }
+    assert_eq!(publisher.outbox_len(), 50);
+    wait_for("two resend rounds", Duration::from_secs(5), || {
+        publisher.stats().resend_rounds >= 2
+    })
+    .await;
+
+    // Flag off, broker back: the outbox stays put, and new messages queue behind it.
+    config.features.retry_pending = false;
+    mount.write(&config);
+    let seen = wait_for("the flag off", Duration::from_secs(3), || {
+        !live.features().retry_pending
+    })
+    .await;
+    let rounds_when_off = publisher.stats().resend_rounds;
+    proxy.set_up(true);
+    wait_for("a connection", Duration::from_secs(5), || {
+        publisher.stats().connections >= 1
+    })
+    .await;
+    let later: Vec<String> = (0..5).map(|i| format!("g-{i}")).collect();
+    for id in &later {
+        let outcome = publisher
+            .publish(id.as_bytes(), note(id))
+            .await
+            .expect("publish");
+        assert!(
+            matches!(outcome, Outcome::Queued { .. }),
+            "behind the outbox: {outcome:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await; // 2.5 intervals
+    let (conn, channel) = amqp_channel(&vhost.name).await;
+    assert_eq!(
+        publisher.stats().resend_rounds,
+        rounds_when_off,
+        "no round while off"
+    );
+    assert_eq!(publisher.outbox_len(), 55);
+    assert_eq!(
+        depth(&channel, "notes_queue").await,
+        0,
+        "nothing resent while off"
+    );
+    println!("flag off seen after {seen:?}; no resend for 2.5 s with the broker up");
+
+    // Flag on: the next interval resends everything, oldest first.
+    config.features.retry_pending = true;
+    mount.write(&config);
+    let drained = wait_for("the outbox to drain", Duration::from_secs(4), || {
+        publisher.outbox_len() == 0
+    })
+    .await;
+    println!("outbox drained {drained:?} after the flag went back on");
+    let arrived: Vec<String> = support::client_drain(&channel, "notes_queue")
+        .await
+        .iter()
+        .map(|m| support::client_message_id(&m.delivery.properties))
+        .collect();
+    let expected: Vec<String> = first.iter().chain(&later).cloned().collect();
+    assert_eq!(arrived, expected, "every message, once, in publish order");
+
+    // Outbox empty and broker up: straight through.
+    let outcome = publisher
+        .publish(b"direct", note("h-0"))
+        .await
+        .expect("publish");
+    assert_eq!(
+        outcome,
+        Outcome::Confirmed {
+            message_id: "h-0".into()
+        }
+    );
+    publisher.close().await;
+    proxy.set_up(false);
+    let _ = conn.close(200, "test done".into()).await;
+}
