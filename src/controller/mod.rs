@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
-pub use brokers::BrokerPool;
+pub use brokers::{BrokerPool, SNAPSHOT_MAX_AGE};
 pub use metrics::Metrics;
 pub use reconcile::{FINALIZER, reconcile};
 
@@ -77,7 +77,9 @@ impl Default for OperatorConfig {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    /// Shared recorder: repeats of one failure become one Event with a growing series count.
     pub recorder: Recorder,
+    reporter: Reporter,
     pub brokers: BrokerPool,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
@@ -91,7 +93,8 @@ impl Context {
             instance: Some(config.identity.clone()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             brokers: BrokerPool::new(config.broker_timeout),
             client,
             metrics,
@@ -101,6 +104,7 @@ impl Context {
     }
 
     /// Publishes an event on the pipeline; a failure to publish is logged, never fatal.
+    /// Repeats (same reason) within minutes are folded into one Event's series.
     pub async fn event(
         &self,
         pipeline: &MessagePipeline,
@@ -108,21 +112,20 @@ impl Context {
         reason: &str,
         note: &str,
     ) {
-        let event = Event {
-            type_: kind,
-            reason: reason.into(),
-            // The events API limits notes to 1 kB.
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &pipeline.object_ref(&()))
-            .await
-        {
-            warn!(pipeline = %pipeline.name_any(), %error, "cannot publish event");
-        }
+        publish(&self.recorder, pipeline, kind, reason, note).await;
+    }
+
+    /// Publishes one Event per broker change. A fresh recorder, because folding would keep
+    /// only the first change's note ("created queue a") under a count of all of them.
+    pub async fn change_event(
+        &self,
+        pipeline: &MessagePipeline,
+        kind: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        publish(&recorder, pipeline, kind, reason, note).await;
     }
 
     fn forget_failures(&self, key: &str) {
@@ -139,6 +142,26 @@ impl Context {
             *n
         });
         backoff_delay(attempts)
+    }
+}
+
+async fn publish(
+    recorder: &Recorder,
+    pipeline: &MessagePipeline,
+    kind: EventType,
+    reason: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_: kind,
+        reason: reason.into(),
+        // The events API limits notes to 1 kB.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &pipeline.object_ref(&())).await {
+        warn!(pipeline = %pipeline.name_any(), %error, "cannot publish event");
     }
 }
 

@@ -243,7 +243,13 @@ async fn broker_verdict(
             reason::CONVERGED,
             "exchanges, queues, bindings and policies match the spec",
         );
-        return (verdict, Some(report.counts.clone()), None);
+        // Counts come from the snapshot taken before this reconcile's writes: a queue it
+        // just declared was absent there, and is empty now.
+        let mut counts = report.counts.clone();
+        counts.queue_messages.get_or_insert(0);
+        counts.consumers.get_or_insert(0);
+        counts.dead_letter_messages.get_or_insert(0);
+        return (verdict, Some(counts), None);
     }
     let message = report
         .conflicts
@@ -298,7 +304,7 @@ async fn record_changes(
             change.to_string()
         };
         info!(pipeline = %pipeline.name_any(), change = %note, "broker changed");
-        ctx.event(pipeline, kind, &reason, &note).await;
+        ctx.change_event(pipeline, kind, &reason, &note).await;
     }
     if drift && writes > 0 {
         ctx.metrics.drift_repaired(writes);
