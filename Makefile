@@ -35,6 +35,7 @@ fmt:
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crd > crds/messagepipelines.msgpipe.io.yaml
+	cp crds/messagepipelines.msgpipe.io.yaml charts/msgpipe-operator/crds/
 
 clean:
 	$(CARGO) clean

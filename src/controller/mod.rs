@@ -1,5 +1,9 @@
 //! The operator: watches MessagePipelines (and the Secrets and ConfigMaps they use) and
 //! reconciles each one — broker topology, client ConfigMap, PrometheusRule, status, events.
+//!
+//! Every Kubernetes call made here and in [`crate::k8s`] must be granted by the chart's RBAC:
+//! the table in `tests/chart.rs` is the call list and fails the build when the chart drifts;
+//! a new call means a new row there (and in `charts/msgpipe-operator/templates/rbac.yaml`).
 
 mod brokers;
 pub mod metrics;
