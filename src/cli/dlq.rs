@@ -1,0 +1,824 @@
+//! `msgpipe dlq list|show|replay|purge`: a pipeline's dead letters, what failed and why, and
+//! sending them back. The broker work is in [`crate::dlq`]; this file is flags and printing.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{ArgGroup, Args, Subcommand};
+use k8s_openapi::api::core::v1::Secret;
+use serde::Serialize;
+
+use super::apply::BrokerArgs;
+use super::{OutputFormat, print_documents, read_pipelines};
+use crate::api::MessagePipeline;
+use crate::broker::{BrokerEndpoint, install_crypto_provider};
+use crate::dlq::detail::{hex_dump, is_printable_text};
+use crate::dlq::summary::group;
+use crate::dlq::{
+    DeadLetter, DeadLetterDetail, DeadLetterQueue, FailureGroup, GroupBy, RawDeadLetter,
+    ReplaySelection, replay,
+};
+use crate::plan::{self, DesiredState};
+
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with why they failed, and a summary grouped by error.
+    ///
+    /// Reads up to --limit dead letters from the head of the DLQ without taking them: each is
+    /// fetched unacknowledged and handed back when the command closes its channel. A quorum
+    /// DLQ counts that as a delivery (x-delivery-count goes up; msgpipe gives DLQs no delivery
+    /// limit, so nothing is ever dropped for it) and the messages come back marked redelivered.
+    ///
+    /// The table shows, per dead letter: its position (#N, for `show '#N'`), message id, reason
+    /// (the consumer's x-msgpipe-reason: permanent / max-attempts; else the broker's most recent
+    /// x-death reason: rejected / expired / maxlen / delivery_limit), attempts, the last error
+    /// (truncated; `show` has it all), first and last failure, original routing key and size.
+    /// Below it, the summary: one line per distinct --group-by value, biggest first, with its
+    /// count, reasons, time span and an example (#N). The summary covers the dead letters listed,
+    /// so raise --limit to summarise more. -o json|yaml prints both as data.
+    List(ListArgs),
+    /// Show one dead letter: every property and header, and the body.
+    ///
+    /// ID is a message id, or #N for the N-th dead letter from the head as `list` numbers
+    /// them (quote it: '#3'). Positions hold while nothing else reads or adds to the DLQ; a
+    /// message id is the stable way. The body is printed as text when it is UTF-8 without
+    /// control characters, else as a hex dump; with -o json|yaml it is UTF-8 text or base64.
+    /// Reads the same way as `list` (nothing is taken from the DLQ).
+    Show(ShowArgs),
+    /// Send dead letters back to the pipeline's work exchange, without losing any.
+    ///
+    /// For each selected dead letter: publish a copy to the work exchange, with its original
+    /// routing key (x-msgpipe-original-routing-key) or else the pipeline's routing key, on a
+    /// publisher-confirm channel with mandatory set; only once the broker confirmed the copy
+    /// (and did not return it as unroutable) is the dead letter removed. On a nack, a return,
+    /// a timeout or a lost connection the dead letter is put back and the replay stops with
+    /// an error saying how many were replayed; run it again to go on. A dead letter can be
+    /// delivered twice if the connection drops between the broker storing the copy and
+    /// removing the dead letter; the copy keeps its message id, so consumers can drop it.
+    ///
+    /// The copy starts over as a first delivery: x-retry-count, the consumer's failure headers
+    /// (error, reason, attempts, failure times) and the broker's x-death / x-first-death-* /
+    /// x-delivery-count are removed; the original exchange and routing key headers stay; it is
+    /// made persistent and gets x-msgpipe-replayed-at (now) and x-msgpipe-replay-count (+1).
+    ///
+    /// One run only considers the dead letters present when it starts, so a copy that fails
+    /// again and returns to the DLQ is not replayed twice by the same run.
+    #[command(group(ArgGroup::new("selection").required(true).args(["all", "ids", "first"])))]
+    Replay(ReplayArgs),
+    /// Delete every dead letter in the DLQ, for good.
+    ///
+    /// Without --yes, asks on the terminal: type the DLQ's name to confirm. When standard
+    /// input is not a terminal, refuses unless --yes is given. Prints how many were deleted.
+    Purge(PurgeArgs),
+}
+
+/// Which pipeline: a manifest file, or a MessagePipeline in the cluster.
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// Pipeline manifest (YAML or JSON; - for stdin).
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE",
+        required_unless_present = "name",
+        conflicts_with_all = ["name", "namespace"]
+    )]
+    pub file: Option<PathBuf>,
+    /// With -f: which pipeline, when the file holds several (name or namespace/name).
+    #[arg(long, value_name = "NAME", requires = "file")]
+    pub pipeline: Option<String>,
+    /// Read the MessagePipeline NAME from the cluster (kubeconfig or in-cluster config), and
+    /// its broker Secret (spec.broker.secretRef) unless --broker or --broker-secret-file is given.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// With --name: its namespace (default: the kubeconfig context's namespace).
+    #[arg(short = 'n', long, value_name = "NS", requires = "name")]
+    pub namespace: Option<String>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Dead letters to read, from the head of the DLQ.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// What the summary groups dead letters by.
+    #[arg(long, value_enum, default_value_t)]
+    pub group_by: GroupBy,
+    /// Print data (yaml or json) instead of tables.
+    #[arg(short = 'o', long = "output", value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Message id, or '#N' (position from the head, as `list` numbers them).
+    pub id: String,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Dead letters to look through, from the head of the DLQ.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print data (yaml or json) instead of text.
+    #[arg(short = 'o', long = "output", value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Replay every dead letter present when the replay starts.
+    #[arg(long)]
+    pub all: bool,
+    /// Replay the dead letters with these message ids (repeat the flag or list several).
+    #[arg(long = "id", value_name = "ID", num_args = 1..)]
+    pub ids: Vec<String>,
+    /// Replay the first N dead letters from the head of the DLQ.
+    #[arg(long = "limit", value_name = "N")]
+    pub first: Option<usize>,
+    /// Show what would be replayed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+pub async fn run(args: &DlqArgs) -> anyhow::Result<()> {
+    match &args.command {
+        DlqCommand::List(list_args) => list(list_args).await,
+        DlqCommand::Show(show_args) => show(show_args).await,
+        DlqCommand::Replay(replay_args) => replay(replay_args).await,
+        DlqCommand::Purge(purge_args) => purge(purge_args).await,
+    }
+}
+
+/// A pipeline's planned names, the broker it lives on, and its open DLQ.
+struct Target {
+    state: DesiredState,
+    dlq: DeadLetterQueue,
+}
+
+impl Target {
+    async fn open(args: &PipelineArgs) -> anyhow::Result<Self> {
+        let (pipeline, endpoint, source) = resolve(args).await?;
+        let state = plan::plan(&pipeline, Some(&endpoint.uri_vhost())).context(source)?;
+        let timeout = Duration::from_secs(args.broker.timeout.max(1));
+        let dlq = DeadLetterQueue::open(
+            &endpoint,
+            &state.topology.vhost,
+            &state.names.dead_letter_queue,
+            timeout,
+        )
+        .await
+        .with_context(|| format!("{}: cannot open its DLQ", state.pipeline))?;
+        Ok(Target { state, dlq })
+    }
+
+    fn queue(&self) -> &str {
+        self.dlq.name()
+    }
+}
+
+async fn list(args: &ListArgs) -> anyhow::Result<()> {
+    let target = Target::open(&args.pipeline).await?;
+    let browsed = target.dlq.browse(args.limit).await;
+    let pipeline = target.state.pipeline.to_string();
+    let vhost = target.state.topology.vhost.clone();
+    let queue = target.queue().to_string();
+    target.dlq.close().await;
+    let browsed = browsed.with_context(|| format!("{pipeline}: cannot read {queue}"))?;
+    let letters: Vec<DeadLetter> = browsed.letters.iter().map(DeadLetter::interpret).collect();
+    let listing = DlqListing {
+        groups: group(&letters, args.group_by),
+        pipeline,
+        vhost,
+        queue,
+        depth: browsed.depth,
+        shown: letters.len(),
+        group_by: args.group_by,
+        dead_letters: letters,
+    };
+    match args.output {
+        Some(format) => print_documents(&[listing], format),
+        None => {
+            print_listing(&listing);
+            Ok(())
+        }
+    }
+}
+
+/// What `list -o json|yaml` prints.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DlqListing {
+    pipeline: String,
+    vhost: String,
+    queue: String,
+    /// Dead letters in the DLQ when it was read.
+    depth: u64,
+    shown: usize,
+    group_by: GroupBy,
+    groups: Vec<FailureGroup>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+/// Widest error text a list row shows.
+const ERROR_COLUMN: usize = 48;
+
+fn print_listing(listing: &DlqListing) {
+    let place = format!(
+        "{}: DLQ {} (vhost {})",
+        listing.pipeline, listing.queue, listing.vhost
+    );
+    if listing.depth == 0 {
+        println!("{place} is empty");
+        return;
+    }
+    let more = if (listing.shown as u64) < listing.depth {
+        format!("; showing the first {} (--limit)", listing.shown)
+    } else {
+        String::new()
+    };
+    println!("{place} holds {} dead letters{more}", listing.depth);
+    println!();
+    print_dead_letters(&listing.dead_letters);
+    println!();
+    print_groups(&listing.groups, listing.group_by);
+}
+
+fn dash() -> String {
+    "-".to_string()
+}
+
+fn optional_cell(value: &Option<String>, max: usize) -> String {
+    value.as_deref().map_or_else(dash, |v| cell_text(v, max))
+}
+
+fn print_dead_letters(letters: &[DeadLetter]) {
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            vec![
+                format!("#{}", l.index),
+                optional_cell(&l.message_id, 64),
+                optional_cell(&l.reason, 32),
+                l.attempts.map_or_else(dash, |a| a.to_string()),
+                optional_cell(&l.error, ERROR_COLUMN),
+                optional_cell(&l.first_failure, 40),
+                optional_cell(&l.last_failure, 40),
+                optional_cell(&l.original_routing_key, 64),
+                l.size.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "#",
+            "MESSAGE ID",
+            "REASON",
+            "ATTEMPTS",
+            "ERROR",
+            "FIRST FAILURE",
+            "LAST FAILURE",
+            "ROUTING KEY",
+            "SIZE",
+        ],
+        &rows,
+    );
+}
+
+fn print_groups(groups: &[FailureGroup], by: GroupBy) {
+    let key_header = match by {
+        GroupBy::Error => "ERROR",
+        GroupBy::Reason => "REASON",
+        GroupBy::RoutingKey => "ROUTING KEY",
+    };
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            let reasons = (!g.reasons.is_empty()).then(|| g.reasons.join(","));
+            vec![
+                g.count.to_string(),
+                cell_text(&g.key, 72),
+                optional_cell(&reasons, 40),
+                optional_cell(&g.first_failure, 40),
+                optional_cell(&g.last_failure, 40),
+                format!("#{}", g.example),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "COUNT",
+            key_header,
+            "REASONS",
+            "FIRST FAILURE",
+            "LAST FAILURE",
+            "EXAMPLE",
+        ],
+        &rows,
+    );
+}
+
+async fn show(args: &ShowArgs) -> anyhow::Result<()> {
+    let target = Target::open(&args.pipeline).await?;
+    let browsed = target.dlq.browse(args.limit).await;
+    let (pipeline, queue) = (
+        target.state.pipeline.to_string(),
+        target.queue().to_string(),
+    );
+    let vhost = target.state.topology.vhost.clone();
+    target.dlq.close().await;
+    let browsed = browsed.with_context(|| format!("{pipeline}: cannot read {queue}"))?;
+    let matches = find(&browsed.letters, &args.id);
+    let Some(raw) = matches.first() else {
+        bail!(
+            "{pipeline}: no dead letter {} among the first {} of the {} in {queue}{}",
+            describe_selector(&args.id),
+            browsed.letters.len(),
+            browsed.depth,
+            if (browsed.letters.len() as u64) < browsed.depth {
+                " (raise --limit)"
+            } else {
+                ""
+            }
+        );
+    };
+    if matches.len() > 1 {
+        eprintln!(
+            "warning: {} dead letters have message id {:?}; showing #{}",
+            matches.len(),
+            args.id,
+            raw.index
+        );
+    }
+    let detail = DeadLetterDetail::of(raw);
+    match args.output {
+        Some(format) => print_documents(&[detail], format),
+        None => {
+            print_detail(&detail, raw, &queue, &vhost);
+            Ok(())
+        }
+    }
+}
+
+/// Dead letters a `show` argument names: `#N` by position, anything else by message id.
+fn find<'a>(letters: &'a [RawDeadLetter], id: &str) -> Vec<&'a RawDeadLetter> {
+    if let Some(index) = id.strip_prefix('#').and_then(|n| n.parse::<usize>().ok()) {
+        return letters.iter().filter(|l| l.index == index).collect();
+    }
+    letters
+        .iter()
+        .filter(|l| l.message_id() == Some(id))
+        .collect()
+}
+
+fn describe_selector(id: &str) -> String {
+    if id.starts_with('#') && id[1..].parse::<usize>().is_ok() {
+        id.to_string()
+    } else {
+        format!("with message id {:?}", printable(id))
+    }
+}
+
+fn print_detail(detail: &DeadLetterDetail, raw: &RawDeadLetter, queue: &str, vhost: &str) {
+    let s = &detail.summary;
+    println!("dead letter #{} of {queue} (vhost {vhost})", s.index);
+    let field = |name: &str, value: Option<String>| {
+        if let Some(value) = value {
+            println!("  {name:<22}{}", indent(&printable(&value), 24));
+        }
+    };
+    field("message id:", s.message_id.clone());
+    let source = s.reason_source.map(|r| format!(" ({})", serde_plain(&r)));
+    field(
+        "reason:",
+        s.reason.clone().map(|r| r + &source.unwrap_or_default()),
+    );
+    field("attempts:", s.attempts.map(|a| a.to_string()));
+    field("error:", s.error.clone());
+    field("first failure:", s.first_failure.clone());
+    field("last failure:", s.last_failure.clone());
+    field("dead-lettered from:", s.dead_lettered_from.clone());
+    field("original exchange:", s.original_exchange.clone());
+    field("original routing key:", s.original_routing_key.clone());
+    field(
+        "replayed before:",
+        Some(format!("{} times", s.replay_count)),
+    );
+    field(
+        "arrived via:",
+        Some(format!(
+            "exchange {:?}, routing key {:?}",
+            detail.exchange, detail.routing_key
+        )),
+    );
+    println!("properties:");
+    for (name, value) in &detail.properties {
+        println!("  {name}: {}", printable(&json_text(value)));
+    }
+    println!("headers:");
+    for (name, value) in &detail.headers {
+        println!("  {}: {}", printable(name), printable(&json_text(value)));
+    }
+    if is_printable_text(&raw.body) {
+        println!("body ({} bytes, text):", raw.body.len());
+        let text = String::from_utf8_lossy(&raw.body);
+        println!("{text}");
+    } else {
+        println!("body ({} bytes, binary, hex):", raw.body.len());
+        print!("{}", hex_dump(&raw.body));
+    }
+}
+
+/// A JSON value as a header line shows it: strings bare, the rest as compact JSON.
+fn json_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn serde_plain<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    let selection = if args.all {
+        ReplaySelection::All
+    } else if let Some(n) = args.first {
+        ReplaySelection::First(n)
+    } else {
+        ReplaySelection::Ids(args.ids.iter().cloned().collect())
+    };
+    let target = Target::open(&args.pipeline).await?;
+    let result = if args.dry_run {
+        dry_run(&target, &selection).await
+    } else {
+        replay_for_real(&target, &selection).await
+    };
+    target.dlq.close().await;
+    result
+}
+
+async fn replay_for_real(target: &Target, selection: &ReplaySelection) -> anyhow::Result<()> {
+    let pipeline = &target.state.pipeline;
+    let outcome = target
+        .dlq
+        .replay(selection, &target.state.names, |letter, to| {
+            println!(
+                "replayed {} -> {}",
+                describe_letter(letter),
+                describe_target(to)
+            );
+        })
+        .await
+        .with_context(|| pipeline.to_string())?;
+    println!(
+        "{pipeline}: replayed {} of the {} dead letters in {} to exchange {}",
+        outcome.replayed,
+        outcome.depth,
+        target.queue(),
+        target.state.names.work_exchange
+    );
+    Ok(())
+}
+
+async fn dry_run(target: &Target, selection: &ReplaySelection) -> anyhow::Result<()> {
+    let pipeline = &target.state.pipeline;
+    let depth = target
+        .dlq
+        .depth()
+        .await
+        .with_context(|| pipeline.to_string())?;
+    let browsed = target
+        .dlq
+        .browse(selection.scan_limit(depth))
+        .await
+        .with_context(|| pipeline.to_string())?;
+    let mut count = 0;
+    let mut seen = Vec::new();
+    for raw in browsed.letters.iter().filter(|raw| selection.selects(raw)) {
+        let letter = DeadLetter::interpret(raw);
+        let to = replay::replay_target(&letter, &target.state.names);
+        println!(
+            "would replay {} -> {}",
+            describe_letter(&letter),
+            describe_target(&to)
+        );
+        seen.extend(raw.message_id());
+        count += 1;
+    }
+    println!(
+        "{pipeline}: dry run: would replay {count} of the {} dead letters in {} to exchange {} (nothing was changed)",
+        browsed.depth,
+        target.queue(),
+        target.state.names.work_exchange
+    );
+    let missing = selection.missing_ids(seen);
+    if !missing.is_empty() {
+        bail!(
+            "{pipeline}: no dead letter in {} has message id {}",
+            target.queue(),
+            printable(&missing.join(", "))
+        );
+    }
+    Ok(())
+}
+
+fn describe_letter(letter: &DeadLetter) -> String {
+    match &letter.message_id {
+        Some(id) => format!("#{} {}", letter.index, printable(id)),
+        None => format!("#{} (no message id)", letter.index),
+    }
+}
+
+fn describe_target(to: &replay::ReplayTarget) -> String {
+    format!(
+        "exchange {}, routing key {:?}",
+        to.exchange,
+        printable(&to.routing_key)
+    )
+}
+
+async fn purge(args: &PurgeArgs) -> anyhow::Result<()> {
+    // Decided before any broker call: a script without --yes must not get this far.
+    let interactive = std::io::stdin().is_terminal();
+    if !args.yes && !interactive {
+        bail!(
+            "refusing to purge without --yes: standard input is not a terminal, so there is no one to confirm"
+        );
+    }
+    let target = Target::open(&args.pipeline).await?;
+    let result = purge_confirmed(&target, args.yes).await;
+    target.dlq.close().await;
+    result
+}
+
+async fn purge_confirmed(target: &Target, yes: bool) -> anyhow::Result<()> {
+    let pipeline = &target.state.pipeline;
+    let queue = target.queue().to_string();
+    if !yes {
+        let depth = target
+            .dlq
+            .depth()
+            .await
+            .with_context(|| pipeline.to_string())?;
+        eprint!(
+            "{pipeline}: this deletes the {depth} dead letters in {queue} (vhost {}) for good.\nType the queue name to confirm: ",
+            target.state.topology.vhost
+        );
+        let answer = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map(|_| line)
+        })
+        .await
+        .context("cannot read the confirmation")?
+        .context("cannot read the confirmation")?;
+        if answer.trim() != queue {
+            bail!("{pipeline}: not confirmed; nothing was purged");
+        }
+    }
+    let purged = target
+        .dlq
+        .purge()
+        .await
+        .with_context(|| format!("{pipeline}: cannot purge {queue}"))?;
+    println!("{pipeline}: purged {purged} dead letters from {queue}");
+    Ok(())
+}
+
+/// The pipeline, its broker, and where the pipeline came from (for errors).
+async fn resolve(args: &PipelineArgs) -> anyhow::Result<(MessagePipeline, BrokerEndpoint, String)> {
+    if let Some(file) = &args.file {
+        let (pipeline, source) = pick_pipeline(file, args.pipeline.as_deref())?;
+        return Ok((pipeline, args.broker.endpoint()?, source));
+    }
+    let Some(name) = &args.name else {
+        bail!("no pipeline given: use -f FILE or --name NAME");
+    };
+    from_cluster(args, name).await
+}
+
+fn pick_pipeline(
+    file: &PathBuf,
+    wanted: Option<&str>,
+) -> anyhow::Result<(MessagePipeline, String)> {
+    let mut found = read_pipelines(std::slice::from_ref(file))?;
+    let source = file.display().to_string();
+    let label = |p: &MessagePipeline| {
+        format!(
+            "{}/{}",
+            p.metadata
+                .namespace
+                .as_deref()
+                .unwrap_or(plan::DEFAULT_NAMESPACE),
+            p.metadata.name.as_deref().unwrap_or_default()
+        )
+    };
+    if let Some(wanted) = wanted {
+        found.retain(|s| {
+            s.pipeline.metadata.name.as_deref() == Some(wanted) || label(&s.pipeline) == wanted
+        });
+    }
+    match found.len() {
+        1 => Ok((found.remove(0).pipeline, source)),
+        0 => match wanted {
+            Some(wanted) => bail!("{source}: no pipeline named {wanted:?}"),
+            None => bail!("{source}: no MessagePipeline in the file"),
+        },
+        _ => {
+            let names: Vec<String> = found.iter().map(|s| label(&s.pipeline)).collect();
+            bail!(
+                "{source}: holds {} pipelines ({}); pick one with --pipeline NAME",
+                names.len(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// Reads the MessagePipeline and (unless a broker flag overrides it) its broker Secret.
+async fn from_cluster(
+    args: &PipelineArgs,
+    name: &str,
+) -> anyhow::Result<(MessagePipeline, BrokerEndpoint, String)> {
+    install_crypto_provider();
+    let timeout = Duration::from_secs(args.broker.timeout.max(1));
+    // Display only: the error's source chain repeats the same text several times.
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the Kubernetes cluster: {e}"))?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let source = format!("MessagePipeline {namespace}/{name}");
+    let pipelines: kube::Api<MessagePipeline> = kube::Api::namespaced(client.clone(), &namespace);
+    let pipeline = with_timeout(timeout, &format!("read {source}"), pipelines.get_opt(name))
+        .await?
+        .with_context(|| format!("{source} does not exist"))?;
+    let broker = &args.broker;
+    if broker.uri.is_some() || broker.secret_file.is_some() {
+        return Ok((pipeline, broker.endpoint()?, source));
+    }
+    let secret_name = &pipeline.spec.broker.secret_ref.name;
+    let secret_label = format!("broker Secret {namespace}/{secret_name}");
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
+    let secret = with_timeout(
+        timeout,
+        &format!("read {secret_label}"),
+        secrets.get_opt(secret_name),
+    )
+    .await?
+    .with_context(|| {
+        format!("{secret_label} (spec.broker.secretRef of {source}) does not exist")
+    })?;
+    let data = secret_text(secret).with_context(|| secret_label.clone())?;
+    let ca = match &broker.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --ca-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let endpoint = BrokerEndpoint::from_secret_data(&data, broker.management_uri.as_deref(), ca)
+        .with_context(|| secret_label.clone())?;
+    Ok((pipeline, endpoint, source))
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    operation: &str,
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => bail!(
+            "cannot {operation}: no answer from the Kubernetes API within {}s",
+            timeout.as_secs()
+        ),
+        Ok(result) => result.map_err(|e| anyhow::anyhow!("cannot {operation}: {e}")),
+    }
+}
+
+/// A Secret's values as text. Values never appear in errors, only key names.
+fn secret_text(secret: Secret) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut data = BTreeMap::new();
+    for (key, bytes) in secret.data.unwrap_or_default() {
+        let Ok(text) = String::from_utf8(bytes.0) else {
+            bail!("data.{key} is not UTF-8 text");
+        };
+        data.insert(key, text);
+    }
+    data.extend(secret.string_data.unwrap_or_default());
+    Ok(data)
+}
+
+/// Text from a message made safe for a terminal: control characters (escape sequences
+/// included) are shown escaped, except newlines and tabs.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// One table cell: on one line, printable, at most `max` characters.
+fn cell_text(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let safe = printable(&one_line);
+    if safe.chars().count() <= max {
+        return safe;
+    }
+    let cut: String = safe.chars().take(max.saturating_sub(3)).collect();
+    format!("{cut}...")
+}
+
+/// Continuation lines of a multi-line value, indented under the first.
+fn indent(text: &str, width: usize) -> String {
+    text.lines()
+        .collect::<Vec<_>>()
+        .join(&format!("\n{}", " ".repeat(width)))
+}
+
+/// Columns separated by three spaces, like kubectl.
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("   ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_are_one_printable_line_cut_to_width() {
+        assert_eq!(cell_text("db\n  timeout", 20), "db timeout");
+        assert_eq!(cell_text("\u{1b}[31mred", 40), "\\u{1b}[31mred");
+        assert_eq!(cell_text("abcdefghij", 8), "abcde...");
+        assert_eq!(printable("line\nnext\u{7}"), "line\nnext\\u{7}");
+    }
+
+    #[test]
+    fn show_finds_by_position_or_message_id() {
+        let raw = |index: usize, id: &str| RawDeadLetter {
+            index,
+            exchange: String::new(),
+            routing_key: String::new(),
+            properties: lapin::BasicProperties::default().with_message_id(id.into()),
+            body: Vec::new(),
+        };
+        let letters = [raw(1, "a"), raw(2, "#1"), raw(3, "a")];
+        let found =
+            |id: &str| -> Vec<usize> { find(&letters, id).iter().map(|l| l.index).collect() };
+        assert_eq!(found("#2"), [2]);
+        assert_eq!(found("a"), [1, 3]);
+        assert_eq!(found("#9"), Vec::<usize>::new());
+        assert_eq!(describe_selector("#2"), "#2");
+        assert_eq!(describe_selector("m-1"), "with message id \"m-1\"");
+    }
+}
