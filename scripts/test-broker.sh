@@ -22,10 +22,11 @@ export RABBITMQ_NODE_PORT=$PORT
 export RABBITMQ_DIST_PORT=$((PORT + 20000))
 export PATH=$PATH:/usr/sbin
 # rabbitmqctl can hang (seen: `status` stuck for minutes under load): bound every call.
-CTL=(timeout 60 rabbitmqctl -n "$RABBITMQ_NODENAME")
+CTL=(timeout -k 5 60 rabbitmqctl -n "$RABBITMQ_NODENAME")
 MGMT_PORT=$((PORT + 10000))
 
-running() { timeout 20 rabbitmqctl -n "$RABBITMQ_NODENAME" -q status </dev/null >/dev/null 2>&1; }
+# 9>&- on every call: a hung rabbitmqctl must never hold the lock taken in `ensure`.
+running() { timeout -k 5 20 rabbitmqctl -n "$RABBITMQ_NODENAME" -q status </dev/null >/dev/null 2>&1 9>&-; }
 
 write_config() {
   mkdir -p "$DIR/mnesia" "$DIR/log"
@@ -54,7 +55,7 @@ ensure() {
   rabbitmq-server -detached >/dev/null 2>&1 9>&- || true
   # await_startup fails at once while the node has not registered yet: retry it.
   for _ in $(seq 1 90); do
-    if timeout 15 rabbitmqctl -n "$RABBITMQ_NODENAME" -q await_startup --timeout 5 </dev/null >/dev/null 2>&1; then
+    if timeout -k 5 15 rabbitmqctl -n "$RABBITMQ_NODENAME" -q await_startup --timeout 5 </dev/null >/dev/null 2>&1 9>&-; then
       for _ in $(seq 1 30); do
         curl -sf -u guest:guest "http://127.0.0.1:$MGMT_PORT/api/overview" >/dev/null && return 0
         sleep 1
