@@ -1,0 +1,236 @@
+//! The operator at fleet scale, with the Kubernetes API mocked (tests/operator/fake_api.rs:
+//! no cluster exists here) and a real RabbitMQ node (`scripts/test-broker.sh ensure
+//! msgpipe-opbench 5679`):
+//!
+//! - RSS of the process holding N pipelines in a reflector store (the controller's cache)
+//!   plus the operator context, beside the objects' own JSON size;
+//! - a first sync of the fleet (N reconciles at the operator's default concurrency);
+//! - writes per resync of the converged fleet (Kubernetes + broker; target 0);
+//! - time from a spec change (a new backoff) to a converged broker, for one pipeline.
+//!
+//! ```text
+//! cargo run --release --example bench_operator -- --pipelines 1000
+//! ```
+
+#[path = "../tests/operator/fake_api.rs"]
+#[allow(dead_code)] // the benchmark uses the fake's cluster, not its call assertions
+mod fake_api;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use clap::Parser;
+use fake_api::FakeApi;
+use futures_util::{StreamExt, stream};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use msgpipe::api::MessagePipeline;
+use msgpipe::api::load::parse_pipelines;
+use msgpipe::broker::{BrokerApi, BrokerEndpoint, RabbitBroker};
+use msgpipe::controller::{Context, Metrics, OperatorConfig, reconcile};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    pipelines: usize,
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    #[arg(long, default_value = "msgpipe-opbench")]
+    node: String,
+    #[arg(long, default_value_t = 5679)]
+    port: u16,
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn path(i: usize) -> String {
+    format!("/apis/msgpipe.io/v1alpha1/namespaces/bench/messagepipelines/pipe-{i:04}")
+}
+
+fn pipeline(template: &Value, i: usize, vhost: &str) -> Value {
+    let mut object = template.clone();
+    let name = format!("pipe-{i:04}");
+    object["metadata"] = json!({
+        "name": name, "namespace": "bench", "uid": format!("00000000-0000-4000-8000-{i:012}"),
+        "generation": 1, "resourceVersion": "1", "finalizers": ["msgpipe.io/cleanup"]
+    });
+    object["spec"]["queue"]["name"] = json!(name);
+    object["spec"]["broker"]["vhost"] = json!(vhost);
+    for key in ["exchange", "routingKey"] {
+        object["spec"]["queue"]
+            .as_object_mut()
+            .map(|q| q.remove(key));
+    }
+    object["spec"]["deadLetter"] = json!({"retention": "14d"});
+    object
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    msgpipe::broker::install_crypto_provider();
+    let status = std::process::Command::new("scripts/test-broker.sh")
+        .args(["ensure", &args.node, &args.port.to_string()])
+        .status()
+        .context("scripts/test-broker.sh")?;
+    ensure!(status.success(), "broker node did not start");
+    let vhost = format!("bench-operator-{}", std::process::id());
+    let mgmt = format!("http://127.0.0.1:{}", u32::from(args.port) + 10000);
+    let http = reqwest::Client::new();
+    http.put(format!("{mgmt}/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await?
+        .error_for_status()?;
+    http.put(format!("{mgmt}/api/permissions/{vhost}/guest"))
+        .basic_auth("guest", Some("guest"))
+        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .send()
+        .await?
+        .error_for_status()?;
+
+    let text = std::fs::read_to_string("examples/notes-pipeline.yaml")?;
+    let template = serde_json::to_value(parse_pipelines(&text)?.remove(0))?;
+    let baseline = rss_kib();
+
+    // The fleet as the API server would hold it, and as the controller caches it.
+    let api = FakeApi::default();
+    api.set_crd(true);
+    api.put(
+        "/api/v1/namespaces/bench/secrets/rabbitmq-admin",
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq-admin", "namespace": "bench"},
+               "stringData": {"uri": format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", args.port), "managementUri": mgmt}}),
+    );
+    let objects: Vec<Value> = (0..args.pipelines)
+        .map(|i| pipeline(&template, i, &vhost))
+        .collect();
+    let json_bytes: usize = objects.iter().map(|o| o.to_string().len()).sum();
+    let typed: Vec<MessagePipeline> = objects
+        .iter()
+        .map(|o| serde_json::from_value(o.clone()))
+        .collect::<Result<_, _>>()?;
+    for (i, object) in objects.into_iter().enumerate() {
+        api.put(&path(i), object);
+    }
+    let mut writer: Writer<MessagePipeline> = Writer::default();
+    let store = writer.as_reader();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for p in typed {
+        writer.apply_watcher_event(&watcher::Event::InitApply(p));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    let (client, _server) = api.client();
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(Metrics::default()),
+        OperatorConfig::default(),
+    ));
+    let cached = rss_kib();
+
+    // First sync: every pipeline from an empty vhost.
+    let run_pass = |ctx: Arc<Context>| {
+        let store = store.clone();
+        async move {
+            let started = Instant::now();
+            let results: Vec<_> = stream::iter(store.state())
+                .map(|p| reconcile(p, ctx.clone()))
+                .buffer_unordered(args.concurrency)
+                .collect()
+                .await;
+            let failed = results.iter().filter(|r| r.is_err()).count();
+            (started.elapsed(), failed)
+        }
+    };
+    let (first, failed) = run_pass(ctx.clone()).await;
+    ensure!(failed == 0, "{failed} pipelines failed the first sync");
+    // Reload the stored objects (now with status) into the cache, as the watch would.
+    for i in 0..args.pipelines {
+        let object: MessagePipeline = serde_json::from_value(api.get(&path(i)).context("stored")?)?;
+        writer.apply_watcher_event(&watcher::Event::Apply(object));
+    }
+    let synced = rss_kib();
+    let writes_before = ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total();
+    api.take_calls();
+    let (resync, failed) = run_pass(ctx.clone()).await;
+    ensure!(failed == 0, "{failed} pipelines failed the resync");
+    let resync_writes =
+        ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total() - writes_before;
+    let resync_calls = api.take_calls().len();
+    let idle = rss_kib();
+
+    // Spec change: a new initial delay on one pipeline, until its tier-1 policy has it.
+    let mut changed = store.state()[0].as_ref().clone();
+    changed.spec.retry.backoff.initial_delay = "3s".parse()?;
+    changed.metadata.generation = Some(2);
+    let name = changed.metadata.name.clone().unwrap_or_default();
+    let started = Instant::now();
+    reconcile(Arc::new(changed), ctx.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let change_to_converged = started.elapsed();
+    let endpoint = BrokerEndpoint::new(
+        &format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", args.port),
+        Some(&mgmt),
+        None,
+    )?;
+    let broker = RabbitBroker::new(endpoint, Duration::from_secs(30))?;
+    let live = broker.snapshot(&vhost).await?;
+    let ttl = live
+        .policies
+        .get(&format!("msgpipe.{name}.retry.1"))
+        .and_then(|p| p.definition.get("message-ttl").cloned());
+    ensure!(
+        ttl == Some(json!(3000)),
+        "tier 1 of {name} did not converge: {ttl:?}"
+    );
+    broker.close().await;
+    ctx.brokers.close().await;
+
+    println!("pipelines: {}", args.pipelines);
+    println!(
+        "RSS baseline (runtime, no pipelines): {:.1} MiB",
+        baseline as f64 / 1024.0
+    );
+    println!(
+        "RSS with {} pipelines cached: {:.1} MiB (+{:.1} MiB; the objects' own JSON: {:.1} MiB)",
+        args.pipelines,
+        cached as f64 / 1024.0,
+        (cached.saturating_sub(baseline)) as f64 / 1024.0,
+        json_bytes as f64 / 1024.0 / 1024.0
+    );
+    println!(
+        "RSS after first sync and a resync (broker pool, snapshots): {:.1} MiB / {:.1} MiB",
+        synced as f64 / 1024.0,
+        idle as f64 / 1024.0
+    );
+    println!(
+        "first sync of the fleet: {:.2} s ({:.1} ms per pipeline)",
+        first.as_secs_f64(),
+        first.as_secs_f64() * 1000.0 / args.pipelines as f64
+    );
+    println!(
+        "resync of the converged fleet: {:.2} s, {resync_writes} writes, {resync_calls} Kubernetes reads",
+        resync.as_secs_f64()
+    );
+    println!(
+        "spec change -> converged broker (one reconcile, watch latency excluded): {:.0} ms",
+        change_to_converged.as_secs_f64() * 1000.0
+    );
+    let _ = http
+        .delete(format!("{mgmt}/api/vhosts/{vhost}"))
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await;
+    Ok(())
+}
