@@ -7,73 +7,15 @@
 
 mod support;
 
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use msgpipe_client::{
     Backoff, BasicProperties, LiveConfig, Outcome, PipelineConfig, Publisher, PublisherOptions,
 };
-use support::{TestVhost, amqp_channel, client_notes_state, client_provision, depth, encode};
-
-/// A TCP proxy to the test broker that can refuse new connections and cut open ones.
-struct Proxy {
-    port: u16,
-    up: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(target: &'static str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let up = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (up2, open2) = (up.clone(), open.clone());
-        std::thread::spawn(move || {
-            for inbound in listener.incoming() {
-                let Ok(inbound) = inbound else { continue };
-                if !up2.load(Ordering::SeqCst) {
-                    let _ = inbound.shutdown(Shutdown::Both);
-                    continue;
-                }
-                let Ok(outbound) = TcpStream::connect(target) else {
-                    continue;
-                };
-                let mut streams = open2.lock().expect("lock");
-                for stream in [&inbound, &outbound] {
-                    streams.push(stream.try_clone().expect("clone"));
-                }
-                pipe(&inbound, &outbound);
-                pipe(&outbound, &inbound);
-            }
-        });
-        Self { port, up, open }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, Ordering::SeqCst);
-        if !up {
-            for stream in self.open.lock().expect("lock").drain(..) {
-                let _ = stream.shutdown(Shutdown::Both);
-            }
-        }
-    }
-}
-
-fn pipe(from: &TcpStream, to: &TcpStream) {
-    let (mut from, mut to) = (
-        from.try_clone().expect("clone"),
-        to.try_clone().expect("clone"),
-    );
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
-        let _ = to.shutdown(Shutdown::Both);
-        let _ = from.shutdown(Shutdown::Both);
-    });
-}
+use support::{
+    ClientProxy, TestVhost, amqp_channel, client_notes_state, client_provision, depth, encode,
+};
 
 /// A ConfigMap-style directory: `pipeline.json -> ..data/pipeline.json`, `..data -> ..gen_N`.
 struct MountedConfig {
@@ -138,7 +80,7 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
         .await
         .expect("watch");
 
-    let proxy = Proxy::start("127.0.0.1:5673");
+    let proxy = ClientProxy::start("127.0.0.1:5673");
     let mut options = PublisherOptions::new(
         format!(
             "amqp://guest:guest@127.0.0.1:{}/{}",

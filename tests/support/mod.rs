@@ -406,3 +406,63 @@ impl ClientIdLog {
         complete.lines().map(str::to_string).collect()
     }
 }
+
+/// A TCP proxy to a broker that can refuse new connections and cut open ones: a broker outage
+/// without stopping the shared node. Starts down.
+pub struct ClientProxy {
+    pub port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl ClientProxy {
+    pub fn start(target: &'static str) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>> =
+            std::sync::Arc::default();
+        let (up2, open2) = (up.clone(), open.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                let Ok(inbound) = inbound else { continue };
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = inbound.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let mut streams = open2.lock().expect("lock");
+                for stream in [&inbound, &outbound] {
+                    streams.push(stream.try_clone().expect("clone"));
+                }
+                client_pipe(&inbound, &outbound);
+                client_pipe(&outbound, &inbound);
+            }
+        });
+        Self { port, up, open }
+    }
+
+    /// Up: new connections are forwarded. Down: refused, and the open ones are cut.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            for stream in self.open.lock().expect("lock").drain(..) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn client_pipe(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    let (mut from, mut to) = (
+        from.try_clone().expect("clone"),
+        to.try_clone().expect("clone"),
+    );
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Both);
+        let _ = from.shutdown(std::net::Shutdown::Both);
+    });
+}

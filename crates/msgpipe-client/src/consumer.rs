@@ -375,34 +375,11 @@ where
         backoff: &mut BackoffState,
     ) -> Result<SessionEnd, String> {
         let options = &self.consumer.options;
-        let amqp = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
-        let consume = connection
-            .create_channel()
+        let setup = tokio::time::timeout(options.connect_timeout, self.open_channels(connection));
+        let (consume, publish, mut deliveries) = setup
             .await
-            .map_err(amqp("open channel"))?;
-        consume
-            .basic_qos(options.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp("basic.qos"))?;
-        let publish = connection
-            .create_channel()
-            .await
-            .map_err(amqp("open confirm channel"))?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("confirm.select"))?;
-        let queue = self.consumer.config.current().queue.clone();
-        let queue_name = ShortString::try_new(queue.clone()).map_err(|e| e.to_string())?;
-        let mut deliveries = consume
-            .basic_consume(
-                queue_name,
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("consume from {queue}: {e}"))?;
+            .map_err(|_| "opening channels: no answer in time".to_string())??;
+        let queue = deliveries.queue().to_string();
         backoff.reset();
         bump(&self.consumer.counters.connections);
         tracing::info!(%queue, prefetch = options.prefetch, concurrency = options.concurrency, "consuming");
@@ -441,13 +418,53 @@ where
             });
         }
         // Shutdown: no new deliveries; let the handlers in flight settle on this connection.
-        let _ = consume
-            .basic_cancel(deliveries.tag(), BasicCancelOptions::default())
-            .await;
+        let cancel = consume.basic_cancel(deliveries.tag(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(SETTLE_TIMEOUT, cancel).await;
         self.wait_for_handlers().await;
-        let _ = consume.close(200, "shutdown".into()).await;
-        let _ = publish.close(200, "shutdown".into()).await;
+        for channel in [&consume, &publish] {
+            let _ =
+                tokio::time::timeout(SETTLE_TIMEOUT, channel.close(200, "shutdown".into())).await;
+        }
         Ok(SessionEnd::Shutdown)
+    }
+}
+
+impl<H> Run<'_, H> {
+    /// The consuming channel (with its prefetch), the confirm channel for copies, and the
+    /// delivery stream of the work queue.
+    async fn open_channels(
+        &self,
+        connection: &Connection,
+    ) -> Result<(Channel, Channel, lapin::Consumer), String> {
+        let amqp = |what: &'static str| move |e: lapin::Error| format!("{what}: {e}");
+        let consume = connection
+            .create_channel()
+            .await
+            .map_err(amqp("open channel"))?;
+        consume
+            .basic_qos(self.consumer.options.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("basic.qos"))?;
+        let publish = connection
+            .create_channel()
+            .await
+            .map_err(amqp("open confirm channel"))?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm.select"))?;
+        let queue = self.consumer.config.current().queue.clone();
+        let queue_name = ShortString::try_new(queue.clone()).map_err(|e| e.to_string())?;
+        let deliveries = consume
+            .basic_consume(
+                queue_name,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consume from {queue}: {e}"))?;
+        Ok((consume, publish, deliveries))
     }
 }
 
@@ -551,10 +568,14 @@ async fn move_failed(message: &Message, error: &HandlerError, session: &Session,
     }
 }
 
+/// Longest wait for an ack or nack to be handed to the connection; on a connection that just
+/// died lapin may never answer, and a stuck settle would hold a handler slot forever.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn ack(acker: &Acker, message: &Message) -> bool {
-    match acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => true,
-        Ok(false) | Err(_) => {
+    match tokio::time::timeout(SETTLE_TIMEOUT, acker.ack(BasicAckOptions::default())).await {
+        Ok(Ok(true)) => true,
+        Ok(Ok(false) | Err(_)) | Err(_) => {
             // The channel is gone: the broker redelivers the message to another consumer.
             tracing::debug!(message_id = ?message.message_id(), "ack not delivered; the message will be redelivered");
             false
@@ -569,5 +590,5 @@ async fn requeue(acker: &Acker, message: &Message, failure: &PublishFailure) {
         ..BasicNackOptions::default()
     };
     // If even the nack fails the channel is gone, and the broker requeues the message itself.
-    let _ = acker.nack(options).await;
+    let _ = tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(options)).await;
 }

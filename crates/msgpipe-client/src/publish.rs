@@ -46,8 +46,14 @@ pub async fn publish_confirmed(
     properties: BasicProperties,
     timeout: Duration,
 ) -> Result<(), PublishFailure> {
-    let confirm = start_publish(channel, exchange, routing_key, body, properties).await?;
-    await_confirm(confirm, exchange, routing_key, timeout).await
+    let deadline = tokio::time::Instant::now() + timeout;
+    let started = start_publish(channel, exchange, routing_key, body, properties);
+    // On a connection that just died lapin may never answer: the deadline covers both steps.
+    let confirm = tokio::time::timeout_at(deadline, started)
+        .await
+        .map_err(|_| PublishFailure::Timeout(timeout))??;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    await_confirm(confirm, exchange, routing_key, left).await
 }
 
 /// Sends the publish; the returned future resolves to its confirm. Lets a caller pipeline

@@ -359,13 +359,16 @@ async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), 
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         Ok::<_, lapin::Error>(channel)
-    }
-    .await;
-    match channel {
-        Ok(channel) => Ok((connection, channel)),
-        Err(error) => {
+    };
+    match tokio::time::timeout(options.connect_timeout, channel).await {
+        Ok(Ok(channel)) => Ok((connection, channel)),
+        Ok(Err(error)) => {
             connection::close(&connection).await;
             Err(format!("cannot open a confirm channel: {error}"))
+        }
+        Err(_) => {
+            connection::close(&connection).await;
+            Err("cannot open a confirm channel: no answer in time".into())
         }
     }
 }
@@ -509,6 +512,8 @@ async fn resend_batch(
 ) -> (Vec<u64>, Option<PublishFailure>) {
     let mut pending = Vec::with_capacity(batch.len());
     let mut broken = None;
+    let timeout = shared.options.confirm_timeout;
+    let deadline = Instant::now() + timeout;
     for (seq, entry) in batch {
         let started = start_publish(
             channel,
@@ -516,17 +521,19 @@ async fn resend_batch(
             &entry.routing_key,
             &entry.body,
             entry.properties.clone(),
-        )
-        .await;
-        match started {
-            Ok(confirm) => pending.push((*seq, entry, confirm)),
-            Err(failure) => {
+        );
+        match tokio::time::timeout_at(deadline, started).await {
+            Ok(Ok(confirm)) => pending.push((*seq, entry, confirm)),
+            Ok(Err(failure)) => {
                 broken = Some(failure);
+                break;
+            }
+            Err(_) => {
+                broken = Some(PublishFailure::Timeout(timeout));
                 break;
             }
         }
     }
-    let deadline = Instant::now() + shared.options.confirm_timeout;
     let mut confirmed = Vec::with_capacity(pending.len());
     for (seq, entry, confirm) in pending {
         let left = deadline.saturating_duration_since(Instant::now());
