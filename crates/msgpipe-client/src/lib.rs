@@ -62,7 +62,9 @@
 //! - Consumer: the handler's success is acked after the handler returns; a crash in between
 //!   redelivers the message (`Message::redelivered`). A failure republishes a copy to the retry
 //!   tier or the DLQ on a confirm channel with `mandatory` and acks the original only after the
-//!   copy is confirmed and routed; otherwise the original is nacked with `requeue = true`. On a
+//!   copy is confirmed and routed; otherwise the original is nacked with `requeue = true`. A
+//!   crash between the copy's confirm and the ack leaves two copies: the original comes back at
+//!   the same attempt (only handler failures count attempts). On a
 //!   quorum work queue the operator's delivery limit bounds such requeues: a message the client
 //!   can never move ends in the DLQ by the broker's own dead-lettering (`x-first-death-reason`).
 //! - Copies keep body and properties, become persistent, lose any per-message `expiration`
@@ -106,8 +108,16 @@
 //! # Reconnecting
 //!
 //! Both the consumer and the publisher run their own reconnect loop with capped exponential
-//! backoff ([`Backoff`]) instead of lapin's auto-recovery; see the `connection` module source
-//! for why.
+//! backoff ([`Backoff`], 200 ms doubling to 30 s by default, ±20 % jitter) instead of lapin's
+//! auto-recovery. Measured with lapin 4.12 through a TCP proxy that cuts the connection:
+//! auto-recovery resumed a consumer after 0.3 s cuts, but after a 4 s outage the connection
+//! stayed down for good (2,500 of 3,000 messages never consumed, no error on the stream). The
+//! own loop survives any outage length (`tests/client_consumer.rs` cuts it twice for 4 s).
+//! Acks, nacks and channel setup are time-boxed too: on a connection that just died lapin can
+//! leave them unanswered, which would hold a handler slot forever.
+//!
+//! The consumer reads the queue name when it connects and everything else (max attempts,
+//! tiers, exchanges) per message, so a changed `pipeline.json` applies to the next message.
 
 pub mod config;
 mod connection;

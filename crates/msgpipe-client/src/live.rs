@@ -27,7 +27,8 @@ pub struct LiveConfig {
 }
 
 impl LiveConfig {
-    /// A configuration that never changes (tests, or a client configured in code).
+    /// A configuration that never changes (tests, or a client configured in code). Its
+    /// receivers never wake: `changed()` on them returns an error at once.
     pub fn fixed(config: PipelineConfig) -> Self {
         let (features_tx, features) = watch::channel(config.features.clone());
         let (config_tx, config) = watch::channel(Arc::new(config));
