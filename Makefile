@@ -3,7 +3,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all setup build run test unit lint fmt crds render clean
+.PHONY: all setup build run test unit lint fmt crds render clean bench-provision bench-client bench-operator bench
+N ?= 200
 
 all: build
 
@@ -13,8 +14,9 @@ setup: ## install Debian packages (rabbitmq-server, prometheus) when missing
 build:
 	$(CARGO) build --workspace
 
-run: setup build ## render the seed article's notes pipeline (broker apply comes with `msgpipe apply`)
-	./target/debug/msgpipe render -f examples/notes-pipeline.yaml
+run: setup build ## the notes pipeline end to end on a local broker: apply, publish, fail, retry, DLQ
+	$(CARGO) build --quiet -p msgpipe-client --example notes_producer --example notes_consumer
+	scripts/demo.sh
 
 test: setup lint unit ## everything CI runs
 
@@ -32,6 +34,18 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+bench: bench-provision bench-client bench-operator ## every benchmark (release builds)
+
+bench-provision: setup ## msgpipe vs raw AMQP+HTTP vs per-object HTTP, N pipelines
+	$(CARGO) run --release --example bench_provision -- --pipelines $(N)
+
+bench-client: setup ## consumer/publisher vs raw lapin on the same broker
+	scripts/test-broker.sh ensure
+	$(CARGO) run --release -p msgpipe-client --example bench_client
+
+bench-operator: setup ## operator RSS, first sync, writes per resync (mocked Kubernetes API)
+	$(CARGO) run --release --example bench_operator -- --pipelines $(or $(PIPELINES),1000)
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crd > crds/messagepipelines.msgpipe.io.yaml

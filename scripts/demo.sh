@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make run`: the seed article's notes pipeline, end to end, on a local RabbitMQ node.
+# Starts the node if needed, applies examples/notes-pipeline.yaml with `msgpipe apply`,
+# writes the client's pipeline.json (what the operator's ConfigMap would hold), publishes six
+# notes, runs a consumer whose handler fails some of them (watch the 1s/2s/4s/8s backoff),
+# then lists what landed in the dead-letter queue with `msgpipe dlq list`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/test-broker.sh ensure
+export MSGPIPE_BROKER_URI='amqp://guest:guest@127.0.0.1:5673/%2f'
+export MSGPIPE_MANAGEMENT_URI=http://127.0.0.1:15673
+BIN=./target/debug
+
+echo "== msgpipe apply -f examples/notes-pipeline.yaml (local node msgpipe-test, vhost /)"
+$BIN/msgpipe apply -f examples/notes-pipeline.yaml
+
+mkdir -p target/notes-run
+$BIN/msgpipe render -f examples/notes-pipeline.yaml -o json \
+  | jq -r '.[] | select(.kind == "ConfigMap") | .data["pipeline.json"]' > target/notes-run/pipeline.json
+export MSGPIPE_PIPELINE_CONFIG=target/notes-run/pipeline.json
+
+echo "== notes producer"
+$BIN/examples/notes_producer
+echo "== notes consumer (fails 'flaky' twice, 'fail' always, 'poison' permanently)"
+$BIN/examples/notes_consumer
+echo "== msgpipe dlq list -f examples/notes-pipeline.yaml"
+$BIN/msgpipe dlq list -f examples/notes-pipeline.yaml
+echo
+echo "Replay them (with MSGPIPE_BROKER_URI and MSGPIPE_MANAGEMENT_URI set as in scripts/demo.sh):"
+echo "  ./target/debug/msgpipe dlq replay --all -f examples/notes-pipeline.yaml"
