@@ -74,21 +74,27 @@ impl BrokerPool {
         Ok(broker)
     }
 
-    /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old; concurrent callers share one read.
+    /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old and taken after `not_before`
+    /// (the caller's own last write, so it always sees its own changes); concurrent callers
+    /// share one read. Other pipelines' writes do not force a new read: they never touch the
+    /// caller's objects.
     pub async fn snapshot(
         &self,
         broker: &RabbitBroker,
         vhost: &str,
+        not_before: Option<Instant>,
     ) -> Result<Arc<LiveVhost>, BrokerError> {
         let slot = self.slot(broker, vhost).await;
         let mut cached = slot.lock().await;
         if let Some((taken, live)) = cached.as_ref()
             && taken.elapsed() < SNAPSHOT_MAX_AGE
+            && not_before.is_none_or(|t| *taken > t)
         {
             return Ok(live.clone());
         }
+        let taken = Instant::now();
         let live = Arc::new(broker.snapshot(vhost).await?);
-        *cached = Some((Instant::now(), live.clone()));
+        *cached = Some((taken, live.clone()));
         Ok(live)
     }
 

@@ -88,6 +88,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
     failures: Mutex<HashMap<String, u32>>,
+    /// When each pipeline last wrote to its broker: its next snapshot must be younger.
+    last_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -104,6 +106,7 @@ impl Context {
             metrics,
             config,
             failures: Mutex::new(HashMap::new()),
+            last_writes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -130,6 +133,16 @@ impl Context {
     ) {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         publish(&recorder, pipeline, kind, reason, note).await;
+    }
+
+    pub(crate) fn last_write(&self, key: &str) -> Option<std::time::Instant> {
+        self.last_writes.lock().ok()?.get(key).copied()
+    }
+
+    pub(crate) fn wrote_now(&self, key: &str) {
+        if let Ok(mut writes) = self.last_writes.lock() {
+            writes.insert(key.to_string(), std::time::Instant::now());
+        }
     }
 
     fn forget_failures(&self, key: &str) {

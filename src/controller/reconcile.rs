@@ -185,9 +185,10 @@ async fn converge_broker(
             error,
             applied: vec![],
         })?;
+        let key = desired.pipeline.to_string();
         let live = ctx
             .brokers
-            .snapshot(&broker, vhost)
+            .snapshot(&broker, vhost, ctx.last_write(&key))
             .await
             .map_err(|error| Failed {
                 error,
@@ -199,7 +200,7 @@ async fn converge_broker(
             Err(failed) => !failed.applied.is_empty(),
         };
         if wrote {
-            ctx.brokers.invalidate(&broker, vhost).await;
+            ctx.wrote_now(&key);
         }
         result
     }
@@ -419,7 +420,12 @@ async fn teardown(
     };
     let broker: Arc<RabbitBroker> = ctx.brokers.broker(endpoint).await.map_err(fail)?;
     let vhost = &desired.topology.vhost;
-    let live = ctx.brokers.snapshot(&broker, vhost).await.map_err(fail)?;
+    let not_before = ctx.last_write(&desired.pipeline.to_string());
+    let live = ctx
+        .brokers
+        .snapshot(&broker, vhost, not_before)
+        .await
+        .map_err(fail)?;
     let result = broker::teardown(broker.as_ref(), desired, &live).await;
     ctx.brokers.invalidate(&broker, vhost).await;
     result
