@@ -184,12 +184,12 @@ async fn main() -> anyhow::Result<()> {
     let idle = rss_kib();
 
     // Spec change: a new initial delay on one pipeline, until its tier-1 policy has it.
-    let first = store
+    let target = store
         .state()
         .into_iter()
         .min_by_key(|p| p.metadata.name.clone())
         .context("a pipeline")?;
-    let mut changed = first.as_ref().clone();
+    let mut changed = target.as_ref().clone();
     changed.spec.retry.backoff.initial_delay = "3s".parse()?;
     changed.metadata.generation = Some(2);
     let name = changed.metadata.name.clone().unwrap_or_default();
