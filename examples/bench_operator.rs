@@ -166,7 +166,16 @@ async fn main() -> anyhow::Result<()> {
             (started.elapsed(), failed)
         }
     };
-    let (first, failed) = run_pass(ctx.clone()).await;
+    // Like the controller, retry what failed (broker timeouts under load) until all converge.
+    let (mut first, mut failed) = run_pass(ctx.clone()).await;
+    let mut retries = 0;
+    while failed > 0 && retries < 10 {
+        println!("first sync: {failed} pipelines failed, retrying them");
+        let (again, still) = run_pass(ctx.clone()).await;
+        first += again;
+        failed = still;
+        retries += 1;
+    }
     ensure!(failed == 0, "{failed} pipelines failed the first sync");
     // Reload the stored objects (now with status) into the cache, as the watch would.
     for i in 0..synced {
