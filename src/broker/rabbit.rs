@@ -1,7 +1,13 @@
 //! The real broker: management HTTP API (rabbitmq_http_client) for reading state and
 //! policies, AMQP (lapin) for declares, bindings and exact message counts.
+//!
+//! Both transports are kept open between calls: the HTTP client pools keep-alive
+//! connections, and each vhost has one AMQP connection with a small pool of open channels,
+//! so an AMQP action costs one round trip instead of three (open, call, close).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -21,15 +27,46 @@ use crate::plan::topology::ExchangeKind;
 /// Bound on every single broker call, so one broken broker never stalls a caller.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Open channels kept per vhost connection between calls: more than the CLI's and the
+/// operator's concurrency, so a busy reconcile reuses channels instead of opening them.
+const MAX_IDLE_CHANNELS: usize = 32;
+
+/// Round trips of an AMQP connection handshake (start, tune, open; TLS adds its own).
+const CONNECT_ROUND_TRIPS: u64 = 3;
+
 type HttpApi = Client<String, String, String>;
 
 /// One broker: a pooled HTTP client and one AMQP connection per vhost, made on first use.
 pub struct RabbitBroker {
     endpoint: BrokerEndpoint,
     http: HttpApi,
-    amqp: Mutex<HashMap<String, Connection>>,
+    amqp: Mutex<HashMap<String, Arc<VhostConnection>>>,
     server_major: OnceCell<u32>,
     timeout: Duration,
+    round_trips: AtomicU64,
+}
+
+/// The AMQP connection to one vhost and its open, idle channels.
+struct VhostConnection {
+    connection: Connection,
+    idle: std::sync::Mutex<Vec<Channel>>,
+}
+
+impl VhostConnection {
+    fn take_idle(&self) -> Option<Channel> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        std::iter::from_fn(|| idle.pop()).find(|c| c.status().connected())
+    }
+
+    /// Keeps a channel for the next call; one the broker closed is dropped.
+    fn give_back(&self, channel: Channel) {
+        if channel.status().connected() {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < MAX_IDLE_CHANNELS {
+                idle.push(channel);
+            }
+        }
+    }
 }
 
 impl RabbitBroker {
@@ -67,6 +104,7 @@ impl RabbitBroker {
             amqp: Mutex::new(HashMap::new()),
             server_major: OnceCell::new(),
             timeout,
+            round_trips: AtomicU64::new(0),
         })
     }
 
@@ -74,12 +112,33 @@ impl RabbitBroker {
         &self.endpoint
     }
 
+    /// Request/reply exchanges with the broker so far: HTTP requests plus AMQP methods that
+    /// wait for a reply (channel opens included; a connection handshake counts 3).
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: &msgpipe::broker::RabbitBroker) -> Result<(), msgpipe::broker::BrokerError> {
+    /// use msgpipe::broker::BrokerApi;
+    /// let before = broker.round_trips();
+    /// broker.snapshot("/").await?;
+    /// println!("snapshot took {} round trips", broker.round_trips() - before);
+    /// # Ok(()) }
+    /// ```
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    fn count_round_trips(&self, n: u64) {
+        self.round_trips.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Closes every AMQP connection; call before the async runtime goes away.
     pub async fn close(&self) {
-        let connections: Vec<Connection> = self.amqp.lock().await.drain().map(|(_, c)| c).collect();
-        for connection in connections {
-            if connection.status().connected() {
-                let bye = connection.close(200, "msgpipe done".into());
+        let connections: Vec<Arc<VhostConnection>> =
+            self.amqp.lock().await.drain().map(|(_, c)| c).collect();
+        for vhost in connections {
+            if vhost.connection.status().connected() {
+                self.count_round_trips(1);
+                let bye = vhost.connection.close(200, "msgpipe done".into());
                 let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
             }
         }
@@ -102,34 +161,98 @@ impl RabbitBroker {
             .copied()
     }
 
-    /// A fresh channel on the vhost's pooled AMQP connection (reconnecting when it is gone).
-    async fn channel(&self, vhost: &str) -> Result<Channel, BrokerError> {
+    /// The vhost's AMQP connection, (re)connecting when there is none or it is gone.
+    async fn vhost_connection(&self, vhost: &str) -> Result<Arc<VhostConnection>, BrokerError> {
         let mut connections = self.amqp.lock().await;
-        if let Some(connection) = connections.get(vhost)
-            && connection.status().connected()
+        if let Some(found) = connections.get(vhost)
+            && found.connection.status().connected()
         {
-            match self
-                .amqp_call("open a channel", connection.create_channel())
-                .await
+            return Ok(Arc::clone(found));
+        }
+        connections.remove(vhost);
+        let fresh = Arc::new(VhostConnection {
+            connection: self.connect(vhost).await?,
+            idle: std::sync::Mutex::new(Vec::new()),
+        });
+        connections.insert(vhost.to_string(), Arc::clone(&fresh));
+        Ok(fresh)
+    }
+
+    /// An open channel of `vhost`: an idle one, or a new one. A connection that cannot open
+    /// a channel is half-gone (the broker restarted, say): it is replaced once.
+    async fn checkout(&self, vhost: &str) -> Result<(Arc<VhostConnection>, Channel), BrokerError> {
+        let vhost_connection = self.vhost_connection(vhost).await?;
+        if let Some(channel) = vhost_connection.take_idle() {
+            return Ok((vhost_connection, channel));
+        }
+        let open = vhost_connection.connection.create_channel();
+        if let Ok(channel) = self.amqp_call("open a channel", open).await {
+            return Ok((vhost_connection, channel));
+        }
+        {
+            let mut connections = self.amqp.lock().await;
+            if connections
+                .get(vhost)
+                .is_some_and(|c| Arc::ptr_eq(c, &vhost_connection))
             {
-                Ok(channel) => return Ok(channel),
-                Err(_) => {
-                    connections.remove(vhost);
-                }
+                connections.remove(vhost);
             }
         }
-        let connection = self.connect(vhost).await?;
-        let channel = self
-            .amqp_call("open a channel", connection.create_channel())
-            .await?;
-        connections.insert(vhost.to_string(), connection);
-        Ok(channel)
+        let vhost_connection = self.vhost_connection(vhost).await?;
+        let open = vhost_connection.connection.create_channel();
+        let channel = self.amqp_call("open a channel", open).await?;
+        Ok((vhost_connection, channel))
+    }
+
+    /// Runs one AMQP method on a pooled channel of `vhost`. The outer error is about getting
+    /// a channel or the timeout; the inner one is the broker's answer. The channel goes back
+    /// to the pool only after a successful answer: any broker error closes an AMQP channel,
+    /// and a timed-out one may still get a late reply.
+    async fn on_channel<T, Fut>(
+        &self,
+        vhost: &str,
+        operation: &str,
+        call: impl FnOnce(Channel) -> Fut,
+    ) -> Result<Result<T, lapin::Error>, BrokerError>
+    where
+        Fut: Future<Output = Result<T, lapin::Error>>,
+    {
+        let (vhost_connection, channel) = self.checkout(vhost).await?;
+        self.count_round_trips(1);
+        let answer = tokio::time::timeout(self.timeout, call(channel.clone()))
+            .await
+            .map_err(|_| BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: operation.into(),
+                seconds: self.timeout.as_secs(),
+            })?;
+        if answer.is_ok() {
+            vhost_connection.give_back(channel);
+        }
+        Ok(answer)
+    }
+
+    /// [`Self::on_channel`] for calls whose every broker error is a failure.
+    async fn amqp_action<T, Fut>(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+        call: impl FnOnce(Channel) -> Fut,
+    ) -> Result<ActionOutcome, BrokerError>
+    where
+        Fut: Future<Output = Result<T, lapin::Error>>,
+    {
+        let operation = action.to_string();
+        match self.on_channel(vhost, &operation, call).await? {
+            Ok(_) => Ok(ActionOutcome::Done),
+            Err(e) => Err(self.amqp_error(&operation, &e)),
+        }
     }
 
     async fn connect(&self, vhost: &str) -> Result<Connection, BrokerError> {
         let uri = self.endpoint.amqp_uri_for(vhost);
-        // No auto-recovery: every call opens its channel on demand and reconnects here when
-        // the connection is gone, so a dead broker never leaves a retry loop running.
+        // No auto-recovery: channels are opened on demand and the connection is remade here
+        // when it is gone, so a dead broker never leaves a retry loop running.
         let properties = ConnectionProperties::default().with_connection_name("msgpipe".into());
         let tls = OwnedTLSConfig {
             identity: None,
@@ -138,6 +261,7 @@ impl RabbitBroker {
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| self.amqp_error("start the AMQP runtime", &e))?;
         let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
+        self.count_round_trips(CONNECT_ROUND_TRIPS);
         match tokio::time::timeout(self.timeout, connect).await {
             Err(_) => Err(BrokerError::Timeout {
                 endpoint: self.endpoint.to_string(),
@@ -152,7 +276,12 @@ impl RabbitBroker {
     fn classify_amqp_connect(&self, vhost: &str, error: &lapin::Error) -> BrokerError {
         let text = self.endpoint.redact(&error.to_string());
         let lower = text.to_lowercase();
-        if lower.contains("access_refused")
+        if let Some(reason) = tls_problem(&text, self.endpoint.is_tls()) {
+            BrokerError::Unreachable {
+                endpoint: self.endpoint.to_string(),
+                reason,
+            }
+        } else if lower.contains("access_refused")
             || lower.contains("login")
             || lower.contains("authentication")
         {
@@ -178,6 +307,7 @@ impl RabbitBroker {
         operation: &str,
         call: impl Future<Output = Result<T, lapin::Error>>,
     ) -> Result<T, BrokerError> {
+        self.count_round_trips(1);
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(BrokerError::Timeout {
                 endpoint: self.endpoint.to_string(),
@@ -204,6 +334,7 @@ impl RabbitBroker {
         vhost: Option<&str>,
         call: impl Future<Output = Result<T, HttpClientError>>,
     ) -> Result<T, BrokerError> {
+        self.count_round_trips(1);
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(BrokerError::Timeout {
                 endpoint: self.endpoint.to_string(),
@@ -255,7 +386,11 @@ impl RabbitBroker {
                 if inner.is_connect() || inner.is_timeout() =>
             {
                 let reason = self.endpoint.redact(&error_chain(inner));
-                if self.amqp_port_open().await {
+                let api = self.endpoint.management_api();
+                if let Some(problem) = tls_problem(&reason, api.starts_with("https:")) {
+                    let reason = format!("management API {api}: {problem}");
+                    BrokerError::Unreachable { endpoint, reason }
+                } else if self.amqp_port_open().await {
                     BrokerError::ManagementUnavailable {
                         endpoint,
                         api: self.endpoint.management_api(),
@@ -427,7 +562,6 @@ impl BrokerApi for RabbitBroker {
                     .await
             }
             BrokerAction::DeclareExchange(exchange) => {
-                let channel = self.channel(vhost).await?;
                 let kind = match exchange.kind {
                     ExchangeKind::Direct => lapin::ExchangeKind::Direct,
                     ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
@@ -436,18 +570,15 @@ impl BrokerApi for RabbitBroker {
                     durable: exchange.durable,
                     ..Default::default()
                 };
-                let declare = channel.exchange_declare(
-                    exchange.name.as_str().into(),
-                    kind,
-                    options,
-                    FieldTable::default(),
-                );
-                let result = self.amqp_call(&action.to_string(), declare).await;
-                close(channel).await;
-                result.map(|()| ActionOutcome::Done)
+                self.amqp_action(vhost, action, async |channel| {
+                    let name = exchange.name.as_str().into();
+                    channel
+                        .exchange_declare(name, kind, options, FieldTable::default())
+                        .await
+                })
+                .await
             }
             BrokerAction::DeclareQueue(queue) => {
-                let channel = self.channel(vhost).await?;
                 let mut arguments = FieldTable::default();
                 arguments.insert(
                     "x-queue-type".into(),
@@ -457,35 +588,38 @@ impl BrokerApi for RabbitBroker {
                     durable: queue.durable,
                     ..Default::default()
                 };
-                let declare = channel.queue_declare(queue.name.as_str().into(), options, arguments);
-                let result = self.amqp_call(&action.to_string(), declare).await;
-                close(channel).await;
-                result.map(|_| ActionOutcome::Done)
+                self.amqp_action(vhost, action, async |channel| {
+                    let name = queue.name.as_str().into();
+                    channel.queue_declare(name, options, arguments).await
+                })
+                .await
             }
             BrokerAction::Bind(binding) => {
-                let channel = self.channel(vhost).await?;
-                let bind = channel.queue_bind(
-                    binding.destination.as_str().into(),
-                    binding.source.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                );
-                let result = self.amqp_call(&action.to_string(), bind).await;
-                close(channel).await;
-                result.map(|()| ActionOutcome::Done)
+                self.amqp_action(vhost, action, async |channel| {
+                    channel
+                        .queue_bind(
+                            binding.destination.as_str().into(),
+                            binding.source.as_str().into(),
+                            binding.routing_key.as_str().into(),
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
             BrokerAction::Unbind(binding) => {
-                let channel = self.channel(vhost).await?;
-                let unbind = channel.queue_unbind(
-                    binding.destination.as_str().into(),
-                    binding.source.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    FieldTable::default(),
-                );
-                let result = self.amqp_call(&action.to_string(), unbind).await;
-                close(channel).await;
-                result.map(|()| ActionOutcome::Done)
+                self.amqp_action(vhost, action, async |channel| {
+                    channel
+                        .queue_unbind(
+                            binding.destination.as_str().into(),
+                            binding.source.as_str().into(),
+                            binding.routing_key.as_str().into(),
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
         }
     }
@@ -495,29 +629,28 @@ impl BrokerApi for RabbitBroker {
         vhost: &str,
         queue: &str,
     ) -> Result<Option<QueueDepth>, BrokerError> {
-        let channel = self.channel(vhost).await?;
+        let operation = format!("count messages in {queue}");
         let options = QueueDeclareOptions {
             passive: true,
             ..Default::default()
         };
-        let declare = channel.queue_declare(queue.into(), options, FieldTable::default());
-        let result = tokio::time::timeout(self.timeout, declare).await;
-        close(channel).await;
-        match result {
-            Err(_) => Err(BrokerError::Timeout {
-                endpoint: self.endpoint.to_string(),
-                operation: format!("count messages in {queue}"),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(Ok(declared)) => Ok(Some(QueueDepth {
+        let answer = self
+            .on_channel(vhost, &operation, async |channel| {
+                channel
+                    .queue_declare(queue.into(), options, FieldTable::default())
+                    .await
+            })
+            .await?;
+        match answer {
+            Ok(declared) => Ok(Some(QueueDepth {
                 messages: u64::from(declared.message_count()),
                 consumers: u64::from(declared.consumer_count()),
             })),
             // A passive declare of a missing queue is refused with 404 NOT_FOUND.
-            Ok(Err(e)) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => {
+            Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => {
                 Ok(None)
             }
-            Ok(Err(e)) => Err(self.amqp_error(&format!("count messages in {queue}"), &e)),
+            Err(e) => Err(self.amqp_error(&operation, &e)),
         }
     }
 
@@ -532,16 +665,25 @@ impl BrokerApi for RabbitBroker {
     }
 }
 
-/// Closes a channel we opened; a channel the broker already closed needs nothing.
-async fn close(channel: Channel) {
-    if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
-    }
-}
-
 /// rustls needs one process-wide crypto provider; kube, lapin and reqwest enable two.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The error text with a hint, when a connection failed for a TLS reason: an untrusted
+/// certificate, or a TLS client and a plain-text listener (either way round).
+fn tls_problem(text: &str, tls: bool) -> Option<String> {
+    let lower = text.to_lowercase();
+    let hint = if lower.contains("certificate") {
+        "the broker's TLS certificate is not trusted: give the CA that signed it as ca.crt (--ca-file)"
+    } else if tls && (lower.contains("invalidcontenttype") || lower.contains("corrupt message")) {
+        "the TLS handshake failed: is this port a plain-text listener? (amqp:// / http://)"
+    } else if !tls && lower.contains("parsing error") {
+        "the answer is not AMQP: is this port a TLS listener? (amqps://)"
+    } else {
+        return None;
+    };
+    Some(format!("{hint}; {text}"))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {
