@@ -9,7 +9,7 @@ use msgpipe::plan::alerts::{AlertingRule, alert_name};
 use msgpipe::plan::{DesiredState, PrometheusRule};
 use proptest::prelude::*;
 use serde_json::{Value, json};
-use support::{output_text, plan_yaml, repo_path, rule_file, run_promtool};
+use support::{output_text, plan_yaml, promtool_test_rules, repo_path, rule_file, run_promtool};
 
 /// Writes a rule file and runs `promtool check rules` on it; returns promtool's output.
 fn check_rules(rules: &[&PrometheusRule]) -> String {
@@ -180,13 +180,7 @@ fn assert_promtool_cases(
             })).collect::<Vec<_>>(),
         }],
     });
-    std::fs::write(dir.path().join("tests.yaml"), tests.to_string()).expect("write tests");
-    let output = run_promtool(dir.path(), &["test", "rules", "tests.yaml"]);
-    assert!(
-        output.status.success(),
-        "promtool test rules failed:\n{}",
-        output_text(&output)
-    );
+    promtool_test_rules(dir.path(), &tests);
 }
 
 fn series(metric: &str, vhost: &str, queue: &str, cluster: &str) -> String {

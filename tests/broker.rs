@@ -5,8 +5,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicRejectOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use msgpipe::broker::{self, BrokerApi, BrokerError, BrokerReport, LiveVhost, RabbitBroker};
@@ -412,17 +411,7 @@ async fn a_message_rejected_without_requeue_lands_in_the_dlq() {
     converge(&broker, &notes(&vhost.name, "")).await;
     let (_conn, channel) = amqp_channel(&vhost.name).await;
     publish(&channel, "notes", "notes", b"bad note").await;
-    let message = channel
-        .basic_get("notes_queue".into(), BasicGetOptions::default())
-        .await
-        .expect("get")
-        .expect("a message");
-    message
-        .delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .expect("reject");
+    support::reject_head(&channel, "notes_queue").await;
     let start = Instant::now();
     while depth(&channel, "notes_queue_dlq").await < 1 {
         assert!(

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{http, repo_path};
+use support::http;
 
 const NODE: &str = "msgpipe-fault";
 const PORT: &str = "5676";
@@ -19,15 +19,7 @@ const VHOST: &str = "faults";
 const PIPELINES: usize = 50;
 
 fn node(args: &[&str]) -> bool {
-    let mut full = vec![args[0], NODE, PORT];
-    full.extend(&args[1..]);
-    Command::new(repo_path("scripts/test-broker.sh"))
-        .args(&full)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("test-broker.sh runs")
-        .success()
+    support::broker_node(args[0], NODE, PORT, &args[1..], None)
 }
 
 fn msgpipe_apply(dir: &std::path::Path) -> std::process::Child {

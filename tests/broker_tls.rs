@@ -9,13 +9,13 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use msgpipe::broker::{BrokerApi, BrokerEndpoint, RabbitBroker};
 use serde_json::Value;
-use support::{encode, http, repo_path};
+use support::{encode, http};
 
 const NODE: &str = "msgpipe-tls";
 const PORT: &str = "5674";
@@ -41,16 +41,8 @@ impl TlsNode {
 }
 
 fn script(args: &[&str]) -> bool {
-    let mut full = vec![args[0], NODE, PORT];
-    full.extend(&args[1..]);
-    Command::new(repo_path("scripts/test-broker.sh"))
-        .args(&full)
-        .env("MSGPIPE_TEST_BROKER_EXTRA_CONF", tls_conf(&certs_dir()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("test-broker.sh runs")
-        .success()
+    let conf = tls_conf(&certs_dir());
+    support::broker_node(args[0], NODE, PORT, &args[1..], Some(&conf))
 }
 
 /// Inside the node's data directory, which test-broker.sh hands to the rabbitmq user on a

@@ -22,22 +22,7 @@ async fn publish_note(channel: &lapin::Channel, id: &str, body: &[u8]) {
     let properties = lapin::BasicProperties::default()
         .with_message_id(id.into())
         .with_delivery_mode(2);
-    let confirm = channel
-        .basic_publish(
-            "notes".into(),
-            "notes".into(),
-            lapin::options::BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            body,
-            properties,
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack() && confirm.take_message().is_none());
+    support::publish_with(channel, "notes", "notes", body, properties).await;
 }
 
 /// Runs a consumer until `done` holds (checked every 50 ms) or `limit` passes.

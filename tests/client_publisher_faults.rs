@@ -10,7 +10,7 @@ mod support;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use msgpipe_client::{
 };
 use support::{
     ClientIdLog, client_notes_state, client_provision, client_spawn_child, client_write_config,
-    encode, http, repo_path,
+    encode, http,
 };
 
 const NODE: &str = "msgpipe-client";
@@ -36,13 +36,7 @@ const ENV_OUTBOX: &str = "MSGPIPE_TEST_CHILD_OUTBOX";
 const ENV_DONE: &str = "MSGPIPE_TEST_CHILD_DONE";
 
 fn node(command: &str) -> bool {
-    Command::new(repo_path("scripts/test-broker.sh"))
-        .args([command, NODE, &PORT.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("test-broker.sh runs")
-        .success()
+    support::broker_node(command, NODE, &PORT.to_string(), &[], None)
 }
 
 /// The publisher process (run by the parent test; does nothing when run on its own).

@@ -11,7 +11,7 @@ use msgpipe::plan::DesiredState;
 use msgpipe::plan::alerts::alert_name;
 use regex::Regex;
 use serde_json::{Value, json};
-use support::{output_text, plan_yaml, repo_path, rule_file, run_promtool};
+use support::{output_text, plan_yaml, promtool_test_rules, repo_path, rule_file, run_promtool};
 
 const DASHBOARD: &str = "charts/msgpipe-operator/dashboards/msgpipe-pipelines.json";
 const ALERT_DOCS: &str = "docs/alerts.md";
@@ -256,13 +256,7 @@ fn promtool_eval(
             })).collect::<Vec<_>>(),
         }],
     });
-    std::fs::write(dir.path().join("tests.yaml"), tests.to_string()).expect("write tests");
-    let output = run_promtool(dir.path(), &["test", "rules", "tests.yaml"]);
-    assert!(
-        output.status.success(),
-        "promtool test rules failed:\n{}",
-        output_text(&output)
-    );
+    promtool_test_rules(dir.path(), &tests);
 }
 
 fn samples(labelled: &[(&str, f64)]) -> Value {

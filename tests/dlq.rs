@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use msgpipe::broker::{self, BrokerApi, BrokerEndpoint, RabbitBroker};
@@ -159,17 +159,7 @@ async fn broker_dead_letter(channel: &Channel, id: &str, body: &[u8]) {
 }
 
 async fn reject_head_of_work_queue(channel: &Channel) {
-    let message = channel
-        .basic_get(WORK_QUEUE.into(), BasicGetOptions::default())
-        .await
-        .expect("get")
-        .expect("a message in the work queue");
-    message
-        .delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
-        .await
-        .expect("reject");
+    support::reject_head(channel, WORK_QUEUE).await;
 }
 
 async fn wait_for_depth(channel: &Channel, queue: &str, expected: u32) {
@@ -826,14 +816,7 @@ const RESTART_VHOST: &str = "replay";
 const DEAD_LETTERS: usize = 1000;
 
 fn node(command: &str, extra: &[&str]) -> bool {
-    Command::new(support::repo_path("scripts/test-broker.sh"))
-        .args([command, NODE, PORT])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("test-broker.sh runs")
-        .success()
+    support::broker_node(command, NODE, PORT, extra, None)
 }
 
 fn restart_uri() -> String {

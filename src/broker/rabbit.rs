@@ -250,56 +250,8 @@ impl RabbitBroker {
     }
 
     async fn connect(&self, vhost: &str) -> Result<Connection, BrokerError> {
-        let uri = self.endpoint.amqp_uri_for(vhost);
-        // No auto-recovery: channels are opened on demand and the connection is remade here
-        // when it is gone, so a dead broker never leaves a retry loop running.
-        let properties = ConnectionProperties::default().with_connection_name("msgpipe".into());
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: self.endpoint.ca_pem().map(str::to_string),
-        };
-        let runtime = lapin::runtime::default_runtime()
-            .map_err(|e| self.amqp_error("start the AMQP runtime", &e))?;
-        let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
         self.count_round_trips(CONNECT_ROUND_TRIPS);
-        match tokio::time::timeout(self.timeout, connect).await {
-            Err(_) => Err(BrokerError::Timeout {
-                endpoint: self.endpoint.to_string(),
-                operation: "connect over AMQP".into(),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(e)) => Err(self.classify_amqp_connect(vhost, &e)),
-        }
-    }
-
-    fn classify_amqp_connect(&self, vhost: &str, error: &lapin::Error) -> BrokerError {
-        let text = self.endpoint.redact(&error.to_string());
-        let lower = text.to_lowercase();
-        if let Some(reason) = tls_problem(&text, self.endpoint.is_tls()) {
-            BrokerError::Unreachable {
-                endpoint: self.endpoint.to_string(),
-                reason,
-            }
-        } else if lower.contains("access_refused")
-            || lower.contains("login")
-            || lower.contains("authentication")
-        {
-            BrokerError::AuthenticationFailed {
-                endpoint: self.endpoint.to_string(),
-                user: self.endpoint.username(),
-            }
-        } else if lower.contains("not_allowed") || lower.contains("vhost") {
-            BrokerError::VhostNotFound {
-                endpoint: self.endpoint.to_string(),
-                vhost: vhost.into(),
-            }
-        } else {
-            BrokerError::Unreachable {
-                endpoint: self.endpoint.to_string(),
-                reason: text,
-            }
-        }
+        connect_amqp(&self.endpoint, vhost, self.timeout, "msgpipe").await
     }
 
     async fn amqp_call<T>(
@@ -662,6 +614,75 @@ impl BrokerApi for RabbitBroker {
             self.http.delete_exchange(vhost, exchange, true),
         )
         .await
+    }
+}
+
+/// One AMQP connection to `vhost`, bounded by `timeout`, with its failure classified
+/// (credentials, vhost, TLS, reachability) and the password redacted. No auto-recovery:
+/// callers open channels on demand and reconnect when the connection is gone, so a dead
+/// broker never leaves a retry loop running.
+pub async fn connect_amqp(
+    endpoint: &BrokerEndpoint,
+    vhost: &str,
+    timeout: Duration,
+    connection_name: &str,
+) -> Result<Connection, BrokerError> {
+    install_crypto_provider();
+    let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: endpoint.ca_pem().map(str::to_string),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| BrokerError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason: format!(
+            "cannot start the AMQP runtime: {}",
+            endpoint.redact(&e.to_string())
+        ),
+    })?;
+    let uri = endpoint.amqp_uri_for(vhost);
+    let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
+    match tokio::time::timeout(timeout, connect).await {
+        Err(_) => Err(BrokerError::Timeout {
+            endpoint: endpoint.to_string(),
+            operation: "connect over AMQP".into(),
+            seconds: timeout.as_secs(),
+        }),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(classify_amqp_connect(endpoint, vhost, &e)),
+    }
+}
+
+fn classify_amqp_connect(
+    endpoint: &BrokerEndpoint,
+    vhost: &str,
+    error: &lapin::Error,
+) -> BrokerError {
+    let text = endpoint.redact(&error.to_string());
+    let lower = text.to_lowercase();
+    if let Some(reason) = tls_problem(&text, endpoint.is_tls()) {
+        BrokerError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason,
+        }
+    } else if lower.contains("access_refused")
+        || lower.contains("login")
+        || lower.contains("authentication")
+    {
+        BrokerError::AuthenticationFailed {
+            endpoint: endpoint.to_string(),
+            user: endpoint.username(),
+        }
+    } else if lower.contains("not_allowed") || lower.contains("vhost") {
+        BrokerError::VhostNotFound {
+            endpoint: endpoint.to_string(),
+            vhost: vhost.into(),
+        }
+    } else {
+        BrokerError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason: text,
+        }
     }
 }
 

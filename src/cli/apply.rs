@@ -67,14 +67,19 @@ pub struct DeleteArgs {
 }
 
 impl BrokerArgs {
-    pub fn endpoint(&self) -> anyhow::Result<BrokerEndpoint> {
-        let ca_from_file = match &self.ca_file {
-            Some(path) => Some(
+    /// The PEM text of `--ca-file`, if given.
+    pub fn ca_from_file(&self) -> anyhow::Result<Option<String>> {
+        self.ca_file
+            .as_ref()
+            .map(|path| {
                 std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read --ca-file {}", path.display()))?,
-            ),
-            None => None,
-        };
+                    .with_context(|| format!("cannot read --ca-file {}", path.display()))
+            })
+            .transpose()
+    }
+
+    pub fn endpoint(&self) -> anyhow::Result<BrokerEndpoint> {
+        let ca_from_file = self.ca_from_file()?;
         match (&self.uri, &self.secret_file) {
             (Some(uri), _) => Ok(BrokerEndpoint::new(
                 uri,
@@ -116,14 +121,8 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<BTreeMap<String, String>> {
             e.to_string().lines().next().unwrap_or_default()
         )
     })?;
-    let mut values: BTreeMap<String, String> = BTreeMap::new();
-    for (key, bytes) in secret.data.unwrap_or_default() {
-        let text = String::from_utf8(bytes.0)
-            .with_context(|| format!("{}: data.{key} is not UTF-8", path.display()))?;
-        values.insert(key, text);
-    }
-    values.extend(secret.string_data.unwrap_or_default());
-    Ok(values)
+    crate::k8s::secret_text(secret)
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))
 }
 
 /// Plans every pipeline of the files against the broker's vhost (with its deletion policy).

@@ -1,7 +1,6 @@
 //! `msgpipe dlq list|show|replay|purge`: a pipeline's dead letters, what failed and why, and
 //! sending them back. The broker work is in [`crate::dlq`]; this file is flags and printing.
 
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -697,16 +696,14 @@ async fn from_cluster(
     .with_context(|| {
         format!("{secret_label} (spec.broker.secretRef of {source}) does not exist")
     })?;
-    let data = secret_text(secret).with_context(|| secret_label.clone())?;
-    let ca = match &broker.ca_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read --ca-file {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let endpoint = BrokerEndpoint::from_secret_data(&data, broker.management_uri.as_deref(), ca)
-        .with_context(|| secret_label.clone())?;
+    let data = crate::k8s::secret_text(secret)
+        .map_err(|reason| anyhow::anyhow!("{secret_label}: {reason}"))?;
+    let endpoint = BrokerEndpoint::from_secret_data(
+        &data,
+        broker.management_uri.as_deref(),
+        broker.ca_from_file()?,
+    )
+    .with_context(|| secret_label.clone())?;
     Ok((pipeline, endpoint, source))
 }
 
@@ -722,19 +719,6 @@ async fn with_timeout<T>(
         ),
         Ok(result) => result.map_err(|e| anyhow::anyhow!("cannot {operation}: {e}")),
     }
-}
-
-/// A Secret's values as text. Values never appear in errors, only key names.
-fn secret_text(secret: Secret) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut data = BTreeMap::new();
-    for (key, bytes) in secret.data.unwrap_or_default() {
-        let Ok(text) = String::from_utf8(bytes.0) else {
-            bail!("data.{key} is not UTF-8 text");
-        };
-        data.insert(key, text);
-    }
-    data.extend(secret.string_data.unwrap_or_default());
-    Ok(data)
 }
 
 /// Text from a message made safe for a terminal: control characters (escape sequences

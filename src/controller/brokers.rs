@@ -98,11 +98,6 @@ impl BrokerPool {
         Ok(live)
     }
 
-    /// Forgets the snapshot of `vhost` (after writing to it).
-    pub async fn invalidate(&self, broker: &RabbitBroker, vhost: &str) {
-        *self.slot(broker, vhost).await.lock().await = None;
-    }
-
     async fn slot(&self, broker: &RabbitBroker, vhost: &str) -> Arc<Mutex<Snapshot>> {
         let key = (broker.endpoint().pool_key(), vhost.to_string());
         self.snapshots.lock().await.entry(key).or_default().clone()

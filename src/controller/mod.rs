@@ -122,6 +122,24 @@ impl Context {
         publish(&self.recorder, pipeline, kind, reason, note).await;
     }
 
+    /// Publishes a broker failure as a Warning (reason: its condition reason); returns the
+    /// message, which never holds a credential.
+    pub async fn failure_event(
+        &self,
+        pipeline: &MessagePipeline,
+        error: &crate::broker::BrokerError,
+    ) -> String {
+        let message = error.to_string();
+        self.event(
+            pipeline,
+            EventType::Warning,
+            error.condition_reason(),
+            &message,
+        )
+        .await;
+        message
+    }
+
     /// Publishes one Event per broker change. A fresh recorder, because folding would keep
     /// only the first change's note ("created queue a") under a count of all of them.
     pub async fn change_event(
@@ -141,6 +159,9 @@ impl Context {
 
     pub(crate) fn wrote_now(&self, key: &str) {
         if let Ok(mut writes) = self.last_writes.lock() {
+            // A write older than any usable snapshot constrains nothing: forget it, so
+            // deleted pipelines do not accumulate here.
+            writes.retain(|_, at| at.elapsed() < SNAPSHOT_MAX_AGE);
             writes.insert(key.to_string(), std::time::Instant::now());
         }
     }

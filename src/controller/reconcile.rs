@@ -217,14 +217,7 @@ async fn converge_broker(
         }
         Err(Failed { error, applied }) => {
             record_changes(pipeline, &applied, drift, ctx).await;
-            let message = error.to_string();
-            ctx.event(
-                pipeline,
-                EventType::Warning,
-                error.condition_reason(),
-                &message,
-            )
-            .await;
+            let message = ctx.failure_event(pipeline, &error).await;
             (
                 Verdict::failed(error.condition_reason(), message.clone()),
                 None,
@@ -396,15 +389,7 @@ async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Er
                     .await;
                 return Ok(Action::await_change());
             }
-            let message = error.to_string();
-            ctx.event(
-                pipeline,
-                EventType::Warning,
-                error.condition_reason(),
-                &message,
-            )
-            .await;
-            Err(Error::Broker(message))
+            Err(Error::Broker(ctx.failure_event(pipeline, &error).await))
         }
     }
 }
@@ -427,7 +412,7 @@ async fn teardown(
         .await
         .map_err(fail)?;
     let result = broker::teardown(broker.as_ref(), desired, &live).await;
-    ctx.brokers.invalidate(&broker, vhost).await;
+    ctx.wrote_now(&desired.pipeline.to_string());
     result
 }
 

@@ -9,14 +9,13 @@ use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
-use lapin::tcp::OwnedTLSConfig;
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Acker, Channel, Confirmation, Connection};
 
 use super::letter::{DeadLetter, RawDeadLetter};
 use super::replay::{ReplaySelection, ReplayTarget, replay_properties, replay_target};
 use super::{DlqError, ReplayFailure};
-use crate::broker::{BrokerEndpoint, BrokerError, install_crypto_provider};
+use crate::broker::{BrokerEndpoint, BrokerError, connect_amqp};
 use crate::plan::PipelineNames;
 
 /// One DLQ on one broker vhost, over a connection of its own.
@@ -54,7 +53,9 @@ impl DeadLetterQueue {
         queue: &str,
         timeout: Duration,
     ) -> Result<Self, DlqError> {
-        let connection = connect(endpoint, vhost, timeout).await?;
+        // A connection of our own (not the reconciler's pool): browsing holds messages
+        // unacknowledged on it, and closing it is what hands them back.
+        let connection = connect_amqp(endpoint, vhost, timeout, "msgpipe dlq").await?;
         let dlq = DeadLetterQueue {
             endpoint: endpoint.clone(),
             vhost: vhost.to_string(),
@@ -384,63 +385,5 @@ fn is_not_found(error: &BrokerError) -> bool {
 async fn close(channel: &Channel) {
     if channel.status().connected() {
         let _ = channel.close(200, "done".into()).await;
-    }
-}
-
-/// A connection of our own (not the reconciler's pool): browsing holds messages
-/// unacknowledged on it, and closing it is what hands them back.
-async fn connect(
-    endpoint: &BrokerEndpoint,
-    vhost: &str,
-    timeout: Duration,
-) -> Result<Connection, BrokerError> {
-    install_crypto_provider();
-    let properties = ConnectionProperties::default().with_connection_name("msgpipe dlq".into());
-    let tls = OwnedTLSConfig {
-        identity: None,
-        cert_chain: endpoint.ca_pem().map(str::to_string),
-    };
-    let runtime = lapin::runtime::default_runtime().map_err(|e| BrokerError::Unreachable {
-        endpoint: endpoint.to_string(),
-        reason: format!("cannot start the AMQP runtime: {e}"),
-    })?;
-    let uri = endpoint.amqp_uri_for(vhost);
-    let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
-    match tokio::time::timeout(timeout, connect).await {
-        Err(_) => Err(BrokerError::Timeout {
-            endpoint: endpoint.to_string(),
-            operation: "connect over AMQP".into(),
-            seconds: timeout.as_secs(),
-        }),
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(classify_connect_error(endpoint, vhost, &e)),
-    }
-}
-
-fn classify_connect_error(
-    endpoint: &BrokerEndpoint,
-    vhost: &str,
-    error: &lapin::Error,
-) -> BrokerError {
-    let text = endpoint.redact(&error.to_string());
-    let lower = text.to_lowercase();
-    if lower.contains("access_refused")
-        || lower.contains("login")
-        || lower.contains("authentication")
-    {
-        BrokerError::AuthenticationFailed {
-            endpoint: endpoint.to_string(),
-            user: endpoint.username(),
-        }
-    } else if lower.contains("not_allowed") || lower.contains("vhost") {
-        BrokerError::VhostNotFound {
-            endpoint: endpoint.to_string(),
-            vhost: vhost.into(),
-        }
-    } else {
-        BrokerError::Unreachable {
-            endpoint: endpoint.to_string(),
-            reason: text,
-        }
     }
 }

@@ -8,7 +8,7 @@ mod owned;
 mod secret;
 
 pub use owned::{AlertsOutcome, apply_client_config, apply_prometheus_rule, prometheus_rule_api};
-pub use secret::broker_endpoint;
+pub use secret::{broker_endpoint, secret_text};
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};

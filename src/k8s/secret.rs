@@ -28,12 +28,18 @@ pub async fn broker_endpoint(
         name: name.into(),
         reason,
     };
+    let data = secret_text(secret).map_err(invalid)?;
+    BrokerEndpoint::from_secret_data(&data, None, None).map_err(|e| invalid(e.to_string()))
+}
+
+/// A Secret's `data` (decoded) and `stringData` as text. An error names the key, never a value.
+pub fn secret_text(secret: Secret) -> Result<BTreeMap<String, String>, String> {
     let mut data = BTreeMap::new();
     for (key, bytes) in secret.data.unwrap_or_default() {
-        let text = String::from_utf8(bytes.0)
-            .map_err(|_| invalid(format!("data.{key} is not UTF-8 text")))?;
+        let text =
+            String::from_utf8(bytes.0).map_err(|_| format!("data.{key} is not UTF-8 text"))?;
         data.insert(key, text);
     }
     data.extend(secret.string_data.unwrap_or_default());
-    BrokerEndpoint::from_secret_data(&data, None, None).map_err(|e| invalid(e.to_string()))
+    Ok(data)
 }

@@ -79,6 +79,18 @@ impl Harness {
         }
     }
 
+    /// `kubectl delete`: the API server sets deletionTimestamp and keeps the object for
+    /// its finalizers.
+    fn mark_deleted(&self) {
+        let mut object = self.api.get(PIPELINE).expect("pipeline");
+        object["metadata"]["deletionTimestamp"] = json!("2026-11-29T12:00:00Z");
+        self.api.put(PIPELINE, object);
+    }
+
+    fn remove(&self, path: &str) {
+        self.api.0.lock().expect("state").objects.remove(path);
+    }
+
     fn pipeline(&self) -> MessagePipeline {
         serde_json::from_value(self.api.get(PIPELINE).expect("pipeline stored")).expect("pipeline")
     }
@@ -364,7 +376,7 @@ async fn a_missing_prometheus_rule_crd_reports_alerts_not_ready_while_the_broker
 #[tokio::test]
 async fn a_missing_secret_is_broker_not_ready_and_retried_with_backoff() {
     let h = Harness::new("op-nosecret", "Retain");
-    h.api.0.lock().expect("state").objects.remove(SECRET);
+    h.remove(SECRET);
     let (result, calls) = h.first_sync().await;
     let error = result.expect_err("a missing Secret is retried");
     assert!(
@@ -407,9 +419,7 @@ async fn wrong_credentials_never_reach_status_or_events() {
 async fn deleting_with_retain_releases_the_finalizer_and_leaves_the_broker_alone() {
     let h = Harness::new("op-retain", "Retain");
     assert!(h.first_sync().await.0.is_ok());
-    let mut object = h.api.get(PIPELINE).expect("pipeline");
-    object["metadata"]["deletionTimestamp"] = json!("2026-11-29T12:00:00Z");
-    h.api.put(PIPELINE, object);
+    h.mark_deleted();
     let (result, calls) = h.reconcile().await;
     assert_eq!(result, Ok(Action::await_change()));
     assert_eq!(
@@ -431,9 +441,7 @@ async fn deleting_with_delete_removes_empty_objects_and_keeps_a_dlq_holding_mess
     let (connection, channel) = support::amqp_channel(&h.vhost.name).await;
     support::publish(&channel, "notes_dlq_exchange", "", b"a dead letter").await;
     connection.close(200, "done".into()).await.expect("close");
-    let mut object = h.api.get(PIPELINE).expect("pipeline");
-    object["metadata"]["deletionTimestamp"] = json!("2026-11-29T12:00:00Z");
-    h.api.put(PIPELINE, object);
+    h.mark_deleted();
     let (result, calls) = h.reconcile().await;
     assert_eq!(result, Ok(Action::await_change()));
     assert_eq!(
@@ -464,10 +472,8 @@ async fn deleting_with_delete_removes_empty_objects_and_keeps_a_dlq_holding_mess
 async fn deleting_when_the_secret_is_gone_releases_with_a_warning_saying_what_was_left() {
     let h = Harness::new("op-gone", "Delete");
     assert!(h.first_sync().await.0.is_ok());
-    h.api.0.lock().expect("state").objects.remove(SECRET);
-    let mut object = h.api.get(PIPELINE).expect("pipeline");
-    object["metadata"]["deletionTimestamp"] = json!("2026-11-29T12:00:00Z");
-    h.api.put(PIPELINE, object);
+    h.remove(SECRET);
+    h.mark_deleted();
     let (result, calls) = h.reconcile().await;
     assert_eq!(
         result,

@@ -64,6 +64,56 @@ pub fn ensure_test_broker() {
     );
 }
 
+/// Writes a `promtool test rules` file into `dir` (next to the rule files it names) and
+/// runs it; fails the test with promtool's output when a case fails.
+pub fn promtool_test_rules(dir: &Path, tests: &Value) {
+    std::fs::write(dir.join("tests.yaml"), tests.to_string()).expect("write tests");
+    let output = run_promtool(dir, &["test", "rules", "tests.yaml"]);
+    assert!(
+        output.status.success(),
+        "promtool test rules failed:\n{}",
+        output_text(&output)
+    );
+}
+
+/// Takes the head of `queue` and rejects it without requeue (the broker dead-letters it).
+pub async fn reject_head(channel: &lapin::Channel, queue: &str) {
+    let message = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions::default())
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("a message in {queue}"));
+    message
+        .delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+}
+
+/// Runs `scripts/test-broker.sh COMMAND NAME PORT EXTRA...` for a node of a test's own (fault
+/// tests stop and kill their own nodes, never the shared one); `extra_conf` adds
+/// rabbitmq.conf lines. True when the script succeeded.
+pub fn broker_node(
+    command: &str,
+    name: &str,
+    port: &str,
+    extra: &[&str],
+    extra_conf: Option<&str>,
+) -> bool {
+    let mut script = Command::new(repo_path("scripts/test-broker.sh"));
+    script.args([command, name, port]).args(extra);
+    if let Some(conf) = extra_conf {
+        script.env("MSGPIPE_TEST_BROKER_EXTRA_CONF", conf);
+    }
+    script
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("test-broker.sh runs")
+        .success()
+}
+
 /// Management API of the test broker.
 pub const MGMT_URL: &str = "http://127.0.0.1:15673/api";
 /// Prometheus endpoint of the test broker.
@@ -184,11 +234,22 @@ pub async fn amqp_channel(vhost: &str) -> (lapin::Connection, lapin::Channel) {
 /// Publishes one persistent message and waits for the broker's confirm (mandatory: an
 /// unroutable message fails the test).
 pub async fn publish(channel: &lapin::Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
+    publish_with(channel, exchange, routing_key, body, properties).await;
+}
+
+/// [`publish`] with the caller's properties (message id, headers, ...).
+pub async fn publish_with(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
     let options = lapin::options::BasicPublishOptions {
         mandatory: true,
         ..Default::default()
     };
-    let properties = lapin::BasicProperties::default().with_delivery_mode(2);
     let confirm = channel
         .basic_publish(
             exchange.into(),
