@@ -81,9 +81,40 @@ pub async fn reconcile<B: BrokerApi>(
     live: &LiveVhost,
 ) -> Result<BrokerReport, Failed> {
     let plan = diff::converge(desired, live);
-    let vhost = &desired.topology.vhost;
+    let changes = execute_all(broker, &desired.topology.vhost, &plan.actions).await?;
+    Ok(BrokerReport {
+        changes,
+        conflicts: plan.conflicts,
+        warnings: plan.warnings,
+        counts: counts(desired, live),
+    })
+}
+
+/// Puts only the pipeline's missing or changed policies: phase one of applying many pipelines
+/// at once. RabbitMQ 3.x re-matches every policy against every queue and exchange of the
+/// vhost on each policy write, so policies written while other pipelines' queues are being
+/// declared grow ever slower; written first, they stay cheap (docs/broker.md).
+pub async fn put_policies<B: BrokerApi>(
+    broker: &B,
+    desired: &DesiredState,
+    live: &LiveVhost,
+) -> Result<Vec<Change>, Failed> {
+    let policies: Vec<BrokerAction> = diff::converge(desired, live)
+        .actions
+        .into_iter()
+        .filter(|a| matches!(a, BrokerAction::PutPolicy { .. }))
+        .collect();
+    execute_all(broker, &desired.topology.vhost, &policies).await
+}
+
+/// Executes actions in order; stops at the first error, with what was done so far.
+async fn execute_all<B: BrokerApi>(
+    broker: &B,
+    vhost: &str,
+    actions: &[BrokerAction],
+) -> Result<Vec<Change>, Failed> {
     let mut changes = Vec::new();
-    for action in &plan.actions {
+    for action in actions {
         match broker.execute(vhost, action).await {
             Ok(outcome) => changes.extend(change_of(action, outcome)),
             Err(error) => {
@@ -94,12 +125,7 @@ pub async fn reconcile<B: BrokerApi>(
             }
         }
     }
-    Ok(BrokerReport {
-        changes,
-        conflicts: plan.conflicts,
-        warnings: plan.warnings,
-        counts: counts(desired, live),
-    })
+    Ok(changes)
 }
 
 /// Removes a pipeline's broker objects (`deletionPolicy: Delete`), never a queue that holds

@@ -198,15 +198,53 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         }
         return Ok(());
     }
-    let results: Vec<(&DesiredState, Result<BrokerReport, Failed>)> = stream::iter(&states)
-        .map(|state| {
-            let live = &live[&state.topology.vhost];
-            async move { (state, broker::reconcile(broker, state, live).await) }
-        })
-        .buffer_unordered(args.concurrency.max(1))
+    let results = converge_all(broker, &states, live, args.concurrency.max(1)).await?;
+    report(results)
+}
+
+/// Reconciles every pipeline, `concurrency` at a time, in two phases: every pipeline's
+/// policies first (see [`broker::put_policies`] for why), then a fresh snapshot and the rest.
+/// Each queue still finds its policy in place when it is declared.
+async fn converge_all<'a>(
+    broker: &RabbitBroker,
+    states: &'a [DesiredState],
+    live: BTreeMap<String, LiveVhost>,
+    concurrency: usize,
+) -> Result<Vec<(&'a DesiredState, Result<BrokerReport, Failed>)>, BrokerError> {
+    let policies: Vec<Result<Vec<broker::Change>, Failed>> = stream::iter(states)
+        .map(|state| broker::put_policies(broker, state, &live[&state.topology.vhost]))
+        .buffered(concurrency)
         .collect()
         .await;
-    report(results)
+    let wrote = policies
+        .iter()
+        .any(|p| p.as_ref().map_or(true, |done| !done.is_empty()));
+    let live = if wrote {
+        snapshots(broker, states).await?
+    } else {
+        live
+    };
+    let live = &live;
+    Ok(stream::iter(states.iter().zip(policies))
+        .map(|(state, policies)| async move {
+            let result = match policies {
+                Err(failed) => Err(failed),
+                Ok(done) => broker::reconcile(broker, state, &live[&state.topology.vhost])
+                    .await
+                    .map(|mut report| {
+                        report.changes.splice(0..0, done.iter().cloned());
+                        report
+                    })
+                    .map_err(|mut failed| {
+                        failed.applied.splice(0..0, done);
+                        failed
+                    }),
+            };
+            (state, result)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await)
 }
 
 pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
