@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all setup build run test unit lint fmt crds render clean bench-client bench-operator bench
+.PHONY: all setup build run test unit lint fmt crds render clean bench-provision bench-client bench-operator bench
 N ?= 200
 
 all: build
@@ -35,7 +35,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-bench: bench-client bench-operator ## every benchmark that has landed (release builds)
+bench: bench-provision bench-client bench-operator ## every benchmark (release builds)
+
+bench-provision: setup ## msgpipe apply vs raw AMQP+HTTP vs per-object HTTP, N pipelines
+	$(CARGO) run --release --example bench_provision -- --pipelines $(N)
 
 bench-client: setup ## consumer/publisher vs raw lapin on the same broker
 	scripts/test-broker.sh ensure

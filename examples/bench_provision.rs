@@ -2,9 +2,8 @@
 //! the baselines it is judged against measured in the same run, each in a fresh vhost of the
 //! benchmark's own RabbitMQ node (`scripts/test-broker.sh ensure msgpipe-bench 5675`):
 //!
-//! - (a) msgpipe: one snapshot, then `broker::reconcile` per pipeline at the CLI's default
-//!   concurrency — what `msgpipe apply` does;
-//! - (a2) the same with every pipeline's policies PUT first (see docs/broker.md for why);
+//! - (a) msgpipe: `broker::reconcile_many`, what `msgpipe apply` does (one snapshot, every
+//!   pipeline's policies first, then the rest, at the CLI's default concurrency);
 //! - (b) the raw limit: every policy PUT over one keep-alive HTTP session, then every
 //!   declare and bind pipelined over one AMQP channel;
 //! - (c) the per-object management-API way (as the messaging-topology-operator works): one
@@ -21,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
+use futures_util::TryFutureExt;
 use futures_util::future::try_join_all;
-use futures_util::{StreamExt, TryFutureExt, stream};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use msgpipe::api::load::parse_pipelines;
-use msgpipe::broker::{self, BrokerAction, BrokerApi, BrokerEndpoint, RabbitBroker};
+use msgpipe::broker::{self, BrokerEndpoint, RabbitBroker};
 use msgpipe::plan::topology::{DesiredTopology, ExchangeKind};
 use msgpipe::plan::{DesiredState, plan};
 use rabbitmq_http_client::api::{Client, ClientBuilder};
@@ -119,14 +118,6 @@ async fn main() -> anyhow::Result<()> {
     let noop = noop_reapply(&bench.args, &states).await?;
     vhost.delete(&bench.admin).await;
 
-    let (vhost, states) = bench.fresh("bench-two-phase").await?;
-    let a2 = bench.show(
-        "(a2) every pipeline's policies first, then (a)",
-        two_phase_apply(&bench.args, &states).await?,
-    );
-    bench.expect_every_object(&vhost).await?;
-    vhost.delete(&bench.admin).await;
-
     let (vhost, states) = bench.fresh("bench-raw").await?;
     let b = bench.show(
         "(b)  raw: 1 pipelined AMQP channel + 1 HTTP session",
@@ -154,10 +145,8 @@ async fn main() -> anyhow::Result<()> {
     println!("a/b  = {:>6.2}  (target <= 1.2)", a.secs() / b.secs());
     println!("c/a  = {:>6.2}  (target >= 5)", c.secs() / a.secs());
     println!(
-        "a2/b = {:>6.2}   c/a2 = {:.2}   c2/a2 = {:.2}",
-        a2.secs() / b.secs(),
-        c.secs() / a2.secs(),
-        c2.secs() / a2.secs()
+        "c2/a = {:>6.2}  (per-object HTTP with the same policies-first order)",
+        c2.secs() / a.secs()
     );
     let trips = noop.round_trips.unwrap_or_default();
     println!(
@@ -243,45 +232,39 @@ fn pipelines(n: usize, vhost: &str) -> anyhow::Result<Vec<DesiredState>> {
         .collect()
 }
 
-/// (a) What `msgpipe apply` does (src/cli/apply.rs): one snapshot of the vhost shared by
-/// every pipeline, then `broker::reconcile` for `concurrency` pipelines at a time.
+/// (a) What `msgpipe apply` does: `broker::reconcile_many` (one snapshot per vhost, every
+/// pipeline's policies first, then the rest, `concurrency` pipelines at a time).
 async fn msgpipe_apply(args: &Args, states: &[DesiredState]) -> anyhow::Result<Timing> {
-    timed_reconcile(args, states, false, states.len()).await
-}
-
-/// (a2) Like (a), but the policy PUTs of every pipeline go first (while the vhost has no
-/// queues yet, so each is cheap for RabbitMQ), then (a) on a fresh snapshot, which finds the
-/// policies converged and only declares and binds.
-async fn two_phase_apply(args: &Args, states: &[DesiredState]) -> anyhow::Result<Timing> {
-    timed_reconcile(args, states, true, states.len()).await
+    timed_reconcile(args, states, states.len()).await
 }
 
 /// (a) again on the converged vhost, as a new `msgpipe apply` run: nothing may be written.
 async fn noop_reapply(args: &Args, states: &[DesiredState]) -> anyhow::Result<Timing> {
-    timed_reconcile(args, states, false, 0).await
+    timed_reconcile(args, states, 0).await
 }
 
-/// Runs (a) or (a2) with a new client, as a new CLI run would, and checks how many
-/// pipelines wrote something.
+/// Runs (a) with a new client, as a new CLI run would, and checks how many pipelines wrote.
 async fn timed_reconcile(
     args: &Args,
     states: &[DesiredState],
-    policies_first: bool,
     expected_writers: usize,
 ) -> anyhow::Result<Timing> {
     let vhost = &states[0].topology.vhost;
     let broker = RabbitBroker::new(args.endpoint(vhost)?, CALL_TIMEOUT)?;
     let start = Instant::now();
     let outcome = async {
-        if policies_first {
-            put_every_policy(&broker, states, args.concurrency).await?;
-        }
-        reconcile_all(&broker, states, args.concurrency).await
+        let live = broker::snapshot_vhosts(&broker, states).await?;
+        anyhow::Ok(broker::reconcile_many(&broker, states, live, args.concurrency.max(1)).await?)
     }
     .await;
     let elapsed = start.elapsed();
     broker.close().await;
-    let writers = outcome?;
+    let mut writers = 0;
+    for (_, report) in outcome? {
+        let report = report.map_err(|failed| anyhow::anyhow!("{failed}"))?;
+        ensure!(report.conflicts.is_empty(), "{:?}", report.conflicts);
+        writers += usize::from(report.wrote());
+    }
     ensure!(
         writers == expected_writers,
         "{writers} pipelines wrote, expected {expected_writers}"
@@ -290,50 +273,6 @@ async fn timed_reconcile(
         elapsed,
         round_trips: Some(broker.round_trips()),
     })
-}
-
-async fn put_every_policy(
-    broker: &RabbitBroker,
-    states: &[DesiredState],
-    concurrency: usize,
-) -> anyhow::Result<()> {
-    let vhost = &states[0].topology.vhost;
-    let live = broker.snapshot(vhost).await?;
-    let policies: Vec<BrokerAction> = states
-        .iter()
-        .flat_map(|s| broker::diff::converge(s, &live).actions)
-        .filter(|a| matches!(a, BrokerAction::PutPolicy { .. }))
-        .collect();
-    let puts: Vec<_> = stream::iter(&policies)
-        .map(|action| broker.execute(vhost, action))
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    for put in puts {
-        put?;
-    }
-    Ok(())
-}
-
-/// Reconciles every pipeline; returns how many wrote something.
-async fn reconcile_all(
-    broker: &RabbitBroker,
-    states: &[DesiredState],
-    concurrency: usize,
-) -> anyhow::Result<usize> {
-    let live = broker.snapshot(&states[0].topology.vhost).await?;
-    let reports: Vec<_> = stream::iter(states)
-        .map(|state| broker::reconcile(broker, state, &live))
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    let mut wrote = 0;
-    for report in reports {
-        let report = report.map_err(|failed| anyhow::anyhow!("{failed}"))?;
-        ensure!(report.conflicts.is_empty(), "{:?}", report.conflicts);
-        wrote += usize::from(report.wrote());
-    }
-    Ok(wrote)
 }
 
 /// (b) The raw limit: every policy PUT back to back over one keep-alive HTTP session, then

@@ -14,7 +14,10 @@ pub use diff::{BrokerAction, BrokerPlan, Conflict};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::LiveVhost;
 pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
-pub use reconcile::{BrokerReport, Change, Failed, LiveCounts, put_policies, reconcile, teardown};
+pub use reconcile::{
+    BrokerReport, Change, Failed, LiveCounts, put_policies, reconcile, reconcile_many,
+    snapshot_vhosts, teardown,
+};
 
 /// Why a broker call failed. Messages name the broker (`amqp://user@host:port`) and the
 /// step, never the password.

@@ -1,6 +1,9 @@
 //! Carrying out a pipeline's broker plan: converge, or tear down on deletion.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+use futures_util::{StreamExt, stream};
 
 use super::diff::{self, BrokerAction, Conflict};
 use super::live::LiveVhost;
@@ -126,6 +129,64 @@ async fn execute_all<B: BrokerApi>(
         }
     }
     Ok(changes)
+}
+
+/// One snapshot per vhost, shared by every pipeline on it.
+pub async fn snapshot_vhosts<B: BrokerApi>(
+    broker: &B,
+    states: &[DesiredState],
+) -> Result<BTreeMap<String, LiveVhost>, BrokerError> {
+    let vhosts: BTreeSet<&str> = states.iter().map(|s| s.topology.vhost.as_str()).collect();
+    let mut live = BTreeMap::new();
+    for vhost in vhosts {
+        live.insert(vhost.to_string(), broker.snapshot(vhost).await?);
+    }
+    Ok(live)
+}
+
+/// Reconciles every pipeline, `concurrency` at a time, in two phases: every pipeline's
+/// policies first (see [`put_policies`] for why), then a fresh snapshot and the rest.
+/// Each queue still finds its policy in place when it is declared.
+pub async fn reconcile_many<'a, B: BrokerApi>(
+    broker: &B,
+    states: &'a [DesiredState],
+    live: BTreeMap<String, LiveVhost>,
+    concurrency: usize,
+) -> Result<Vec<(&'a DesiredState, Result<BrokerReport, Failed>)>, BrokerError> {
+    let policies: Vec<Result<Vec<Change>, Failed>> = stream::iter(states)
+        .map(|state| put_policies(broker, state, &live[&state.topology.vhost]))
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let wrote = policies
+        .iter()
+        .any(|p| p.as_ref().map_or(true, |done| !done.is_empty()));
+    let live = if wrote {
+        snapshot_vhosts(broker, states).await?
+    } else {
+        live
+    };
+    let live = &live;
+    Ok(stream::iter(states.iter().zip(policies))
+        .map(|(state, policies)| async move {
+            let result = match policies {
+                Err(failed) => Err(failed),
+                Ok(done) => reconcile(broker, state, &live[&state.topology.vhost])
+                    .await
+                    .map(|mut report| {
+                        report.changes.splice(0..0, done.iter().cloned());
+                        report
+                    })
+                    .map_err(|mut failed| {
+                        failed.applied.splice(0..0, done);
+                        failed
+                    }),
+            };
+            (state, result)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await)
 }
 
 /// Removes a pipeline's broker objects (`deletionPolicy: Delete`), never a queue that holds

@@ -6,14 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use futures_util::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Secret;
 
 use super::read_pipelines;
 use crate::api::DeletionPolicy;
-use crate::broker::{
-    self, BrokerApi, BrokerEndpoint, BrokerError, BrokerReport, Failed, LiveVhost, RabbitBroker,
-};
+use crate::broker::{self, BrokerEndpoint, BrokerReport, Failed, RabbitBroker};
 use crate::plan::{self, DesiredState};
 
 /// Where the broker is: a URI, or a Kubernetes Secret manifest with the operator's keys.
@@ -157,20 +154,6 @@ fn plan_all(
         .collect())
 }
 
-/// One snapshot per vhost, shared by every pipeline on it.
-async fn snapshots(
-    broker: &RabbitBroker,
-    states: &[DesiredState],
-) -> Result<BTreeMap<String, LiveVhost>, BrokerError> {
-    let vhosts: std::collections::BTreeSet<&str> =
-        states.iter().map(|s| s.topology.vhost.as_str()).collect();
-    let mut live = BTreeMap::new();
-    for vhost in vhosts {
-        live.insert(vhost.to_string(), broker.snapshot(vhost).await?);
-    }
-    Ok(live)
-}
-
 pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
     let broker = args.broker.connect()?;
     let result = apply_with(&broker, args).await;
@@ -183,7 +166,7 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         .into_iter()
         .map(|(_, s)| s)
         .collect();
-    let live = snapshots(broker, &states).await?;
+    let live = broker::snapshot_vhosts(broker, &states).await?;
     if args.dry_run {
         for state in &states {
             let plan = broker::diff::converge(state, &live[&state.topology.vhost]);
@@ -198,53 +181,8 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         }
         return Ok(());
     }
-    let results = converge_all(broker, &states, live, args.concurrency.max(1)).await?;
+    let results = broker::reconcile_many(broker, &states, live, args.concurrency.max(1)).await?;
     report(results)
-}
-
-/// Reconciles every pipeline, `concurrency` at a time, in two phases: every pipeline's
-/// policies first (see [`broker::put_policies`] for why), then a fresh snapshot and the rest.
-/// Each queue still finds its policy in place when it is declared.
-async fn converge_all<'a>(
-    broker: &RabbitBroker,
-    states: &'a [DesiredState],
-    live: BTreeMap<String, LiveVhost>,
-    concurrency: usize,
-) -> Result<Vec<(&'a DesiredState, Result<BrokerReport, Failed>)>, BrokerError> {
-    let policies: Vec<Result<Vec<broker::Change>, Failed>> = stream::iter(states)
-        .map(|state| broker::put_policies(broker, state, &live[&state.topology.vhost]))
-        .buffered(concurrency)
-        .collect()
-        .await;
-    let wrote = policies
-        .iter()
-        .any(|p| p.as_ref().map_or(true, |done| !done.is_empty()));
-    let live = if wrote {
-        snapshots(broker, states).await?
-    } else {
-        live
-    };
-    let live = &live;
-    Ok(stream::iter(states.iter().zip(policies))
-        .map(|(state, policies)| async move {
-            let result = match policies {
-                Err(failed) => Err(failed),
-                Ok(done) => broker::reconcile(broker, state, &live[&state.topology.vhost])
-                    .await
-                    .map(|mut report| {
-                        report.changes.splice(0..0, done.iter().cloned());
-                        report
-                    })
-                    .map_err(|mut failed| {
-                        failed.applied.splice(0..0, done);
-                        failed
-                    }),
-            };
-            (state, result)
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await)
 }
 
 pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
@@ -257,7 +195,7 @@ pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
 async fn delete_with(broker: &RabbitBroker, args: &DeleteArgs) -> anyhow::Result<()> {
     let planned = plan_all(&args.files, broker.endpoint())?;
     let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
-    let live = snapshots(broker, &states).await?;
+    let live = broker::snapshot_vhosts(broker, &states).await?;
     let mut results = Vec::new();
     for ((policy, _), state) in planned.iter().zip(&states) {
         if *policy == DeletionPolicy::Retain {
