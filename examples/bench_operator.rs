@@ -23,6 +23,7 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 use fake_api::FakeApi;
 use futures_util::{StreamExt, stream};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use msgpipe::api::MessagePipeline;
@@ -163,20 +164,36 @@ async fn main() -> anyhow::Result<()> {
                 .collect()
                 .await;
             let failed = results.iter().filter(|r| r.is_err()).count();
-            (started.elapsed(), failed)
+            // Policies written, declares held back until the burst is over.
+            let waiting = results
+                .iter()
+                .filter(|r| matches!(r, Ok(a) if *a == Action::requeue(ctx.config.policy_quiet)))
+                .count();
+            (started.elapsed(), failed, waiting)
         }
     };
-    // Like the controller, retry what failed (broker timeouts under load) until all converge.
-    let (mut first, mut failed) = run_pass(ctx.clone()).await;
-    let mut retries = 0;
-    while failed > 0 && retries < 10 {
-        println!("first sync: {failed} pipelines failed, retrying them");
-        let (again, still) = run_pass(ctx.clone()).await;
+    // Like the controller, come back to pipelines that wait for the burst of policy writes
+    // to end (after the quiet period) and retry what failed (broker timeouts under load),
+    // until all converge.
+    let (mut first, mut failed, mut waiting) = run_pass(ctx.clone()).await;
+    let mut passes = 1;
+    while (failed > 0 || waiting > 0) && passes < 40 {
+        println!(
+            "first sync: {failed} pipelines failed, {waiting} wait for the policy burst to end"
+        );
+        if waiting > 0 {
+            tokio::time::sleep(ctx.config.policy_quiet).await;
+            first += ctx.config.policy_quiet;
+        }
+        let (again, still_failed, still_waiting) = run_pass(ctx.clone()).await;
         first += again;
-        failed = still;
-        retries += 1;
+        (failed, waiting) = (still_failed, still_waiting);
+        passes += 1;
     }
-    ensure!(failed == 0, "{failed} pipelines failed the first sync");
+    ensure!(
+        failed == 0 && waiting == 0,
+        "{failed} pipelines failed the first sync, {waiting} still wait"
+    );
     // Reload the stored objects (now with status) into the cache, as the watch would.
     for i in 0..synced {
         let object: MessagePipeline = serde_json::from_value(api.get(&path(i)).context("stored")?)?;
@@ -185,8 +202,11 @@ async fn main() -> anyhow::Result<()> {
     let synced = rss_kib();
     let writes_before = ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total();
     api.take_calls();
-    let (resync, failed) = run_pass(ctx.clone()).await;
-    ensure!(failed == 0, "{failed} pipelines failed the resync");
+    let (resync, failed, waiting) = run_pass(ctx.clone()).await;
+    ensure!(
+        failed == 0 && waiting == 0,
+        "{failed} pipelines failed the resync, {waiting} waited"
+    );
     let resync_writes =
         ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total() - writes_before;
     let resync_calls = api.take_calls().len();
@@ -246,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
         idle as f64 / 1024.0
     );
     println!(
-        "first sync of {synced} pipelines: {:.2} s ({:.1} ms per pipeline)",
+        "first sync of {synced} pipelines: {:.2} s ({:.1} ms per pipeline, {passes} passes)",
         first.as_secs_f64(),
         first.as_secs_f64() * 1000.0 / synced.max(1) as f64
     );

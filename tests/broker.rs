@@ -8,7 +8,10 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use msgpipe::broker::{self, BrokerApi, BrokerError, BrokerReport, LiveVhost, RabbitBroker};
+use msgpipe::broker::{
+    self, ActionOutcome, BrokerAction, BrokerApi, BrokerError, BrokerReport, LiveVhost, QueueDepth,
+    RabbitBroker,
+};
 use msgpipe::plan::DesiredState;
 use serde_json::Value;
 use support::{TestVhost, amqp_channel, depth, mgmt, plan_yaml, publish};
@@ -126,6 +129,115 @@ async fn second_apply_of_a_converged_pipeline_writes_nothing() {
     let again = converge(&broker, &state).await;
     assert_eq!(changes(&again), Vec::<String>::new());
     assert!(!again.wrote());
+}
+
+/// The real broker, with a log of what was asked of it.
+struct Recording<'a> {
+    broker: &'a RabbitBroker,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Recording<'_> {
+    fn note(&self, entry: String) {
+        self.log.lock().expect("log").push(entry);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.log.lock().expect("log"))
+    }
+}
+
+impl BrokerApi for Recording<'_> {
+    async fn snapshot(&self, vhost: &str) -> Result<LiveVhost, BrokerError> {
+        self.note("snapshot".into());
+        self.broker.snapshot(vhost).await
+    }
+
+    async fn execute(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+    ) -> Result<ActionOutcome, BrokerError> {
+        self.note(action.to_string());
+        self.broker.execute(vhost, action).await
+    }
+
+    async fn queue_depth(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<Option<QueueDepth>, BrokerError> {
+        self.broker.queue_depth(vhost, queue).await
+    }
+
+    async fn delete_exchange(&self, vhost: &str, exchange: &str) -> Result<(), BrokerError> {
+        self.broker.delete_exchange(vhost, exchange).await
+    }
+}
+
+#[tokio::test]
+async fn applying_many_pipelines_puts_every_policy_before_any_exchange_or_queue() {
+    let vhost = TestVhost::new("broker-many");
+    let states: Vec<DesiredState> = ["orders", "invoices", "emails"]
+        .iter()
+        .map(|q| {
+            notes(
+                &vhost.name,
+                &format!("  queue: {{ name: {q} }}\n  deadLetter: {{}}"),
+            )
+        })
+        .collect();
+    let broker = support::test_broker(&vhost.name);
+    let recording = Recording {
+        broker: &broker,
+        log: Default::default(),
+    };
+    let live = broker::snapshot_vhosts(&recording, &states)
+        .await
+        .expect("snapshot");
+    let reports = broker::reconcile_many(&recording, &states, live, 2)
+        .await
+        .expect("snapshots");
+    let log = recording.take();
+    let is_policy = |e: &String| e.starts_with("create policy");
+    let last_policy = log.iter().rposition(is_policy).expect("policies put");
+    let first_other = log
+        .iter()
+        .position(|e| e != "snapshot" && !is_policy(e))
+        .expect("objects declared");
+    assert!(
+        last_policy < first_other,
+        "every pipeline's policies come first: {log:#?}"
+    );
+    assert_eq!(log.iter().filter(|e| is_policy(e)).count(), 18, "{log:#?}");
+    assert_eq!(
+        log.iter().filter(|e| *e == "snapshot").count(),
+        2,
+        "one snapshot before, one after the policies: {log:#?}"
+    );
+    for (state, report) in reports {
+        let report = report.expect("converged");
+        assert!(
+            changes(&report).contains(&format!("created queue {}", state.names.queue)),
+            "{:?}",
+            changes(&report)
+        );
+        assert_eq!(report.deferred, 0);
+    }
+
+    // Converged: one snapshot, nothing written, no second snapshot.
+    let live = broker::snapshot_vhosts(&recording, &states)
+        .await
+        .expect("snapshot");
+    let reports = broker::reconcile_many(&recording, &states, live, 2)
+        .await
+        .expect("snapshots");
+    assert!(
+        reports
+            .iter()
+            .all(|(_, r)| r.as_ref().is_ok_and(|r| !r.wrote()))
+    );
+    assert_eq!(recording.take(), ["snapshot"]);
 }
 
 #[tokio::test]

@@ -17,6 +17,8 @@ pub mod condition {
 /// Condition reasons, stable for users who match on them.
 pub mod reason {
     pub const CONVERGED: &str = "Converged";
+    /// Policies written; queues wait while other pipelines of the vhost write theirs.
+    pub const WAITING_FOR_POLICIES: &str = "WaitingForPolicies";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const IMMUTABLE_FIELD_CHANGED: &str = "ImmutableFieldChanged";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";

@@ -15,7 +15,7 @@ pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_
 pub use live::LiveVhost;
 pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
 pub use reconcile::{
-    BrokerReport, Change, Failed, LiveCounts, put_policies, reconcile, reconcile_many,
+    BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
     snapshot_vhosts, teardown,
 };
 

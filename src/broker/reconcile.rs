@@ -55,6 +55,9 @@ pub struct BrokerReport {
     pub warnings: Vec<String>,
     /// Counts as read before the changes.
     pub counts: LiveCounts,
+    /// Actions left for a later pass because the caller held them back after the policies
+    /// (see [`reconcile_policies_first`]); 0 when the pipeline is converged.
+    pub deferred: usize,
 }
 
 impl BrokerReport {
@@ -83,52 +86,75 @@ pub async fn reconcile<B: BrokerApi>(
     desired: &DesiredState,
     live: &LiveVhost,
 ) -> Result<BrokerReport, Failed> {
+    reconcile_policies_first(broker, desired, live, |_| async { true }).await
+}
+
+/// Like [`reconcile`], but once the pipeline's policies are written, asks `go_on` (given
+/// the policy changes; asked whenever the pass wrote a policy or has more to do) whether
+/// the rest — declares, bindings, retirements — runs now. If not, the report lists the
+/// policy changes and counts the rest in `deferred`.
+///
+/// Why: RabbitMQ 3.x re-matches every policy of the vhost against every queue and exchange
+/// on each policy write, so when many pipelines are created at once, policies written while
+/// other pipelines' queues are being declared grow ever slower (docs/broker.md). Holding
+/// the declares back until the burst of policy writes is over keeps each write cheap.
+pub async fn reconcile_policies_first<B, F, Fut>(
+    broker: &B,
+    desired: &DesiredState,
+    live: &LiveVhost,
+    go_on: F,
+) -> Result<BrokerReport, Failed>
+where
+    B: BrokerApi,
+    F: FnOnce(&[Change]) -> Fut,
+    Fut: Future<Output = bool>,
+{
     let plan = diff::converge(desired, live);
-    let changes = execute_all(broker, &desired.topology.vhost, &plan.actions).await?;
+    let vhost = &desired.topology.vhost;
+    let first_other = plan
+        .actions
+        .iter()
+        .position(|a| !matches!(a, BrokerAction::PutPolicy { .. }))
+        .unwrap_or(plan.actions.len());
+    let (policies, rest) = plan.actions.split_at(first_other);
+    let mut changes = Vec::new();
+    execute_all(broker, vhost, policies, &mut changes).await?;
+    let asked = !(changes.is_empty() && rest.is_empty());
+    let deferred = if !asked || go_on(&changes).await || rest.is_empty() {
+        execute_all(broker, vhost, rest, &mut changes).await?;
+        0
+    } else {
+        rest.len()
+    };
     Ok(BrokerReport {
         changes,
         conflicts: plan.conflicts,
         warnings: plan.warnings,
         counts: counts(desired, live),
+        deferred,
     })
 }
 
-/// Puts only the pipeline's missing or changed policies: phase one of applying many pipelines
-/// at once. RabbitMQ 3.x re-matches every policy against every queue and exchange of the
-/// vhost on each policy write, so policies written while other pipelines' queues are being
-/// declared grow ever slower; written first, they stay cheap (docs/broker.md).
-pub async fn put_policies<B: BrokerApi>(
-    broker: &B,
-    desired: &DesiredState,
-    live: &LiveVhost,
-) -> Result<Vec<Change>, Failed> {
-    let policies: Vec<BrokerAction> = diff::converge(desired, live)
-        .actions
-        .into_iter()
-        .filter(|a| matches!(a, BrokerAction::PutPolicy { .. }))
-        .collect();
-    execute_all(broker, &desired.topology.vhost, &policies).await
-}
-
-/// Executes actions in order; stops at the first error, with what was done so far.
+/// Executes actions in order, adding to `changes`; stops at the first error, with what was
+/// done so far.
 async fn execute_all<B: BrokerApi>(
     broker: &B,
     vhost: &str,
     actions: &[BrokerAction],
-) -> Result<Vec<Change>, Failed> {
-    let mut changes = Vec::new();
+    changes: &mut Vec<Change>,
+) -> Result<(), Failed> {
     for action in actions {
         match broker.execute(vhost, action).await {
             Ok(outcome) => changes.extend(change_of(action, outcome)),
             Err(error) => {
                 return Err(Failed {
                     error,
-                    applied: changes,
+                    applied: std::mem::take(changes),
                 });
             }
         }
     }
-    Ok(changes)
+    Ok(())
 }
 
 /// One snapshot per vhost, shared by every pipeline on it.
@@ -145,22 +171,26 @@ pub async fn snapshot_vhosts<B: BrokerApi>(
 }
 
 /// Reconciles every pipeline, `concurrency` at a time, in two phases: every pipeline's
-/// policies first (see [`put_policies`] for why), then a fresh snapshot and the rest.
-/// Each queue still finds its policy in place when it is declared.
+/// policies first (see [`reconcile_policies_first`] for why), then a fresh snapshot and the
+/// rest. Each queue still finds its policy in place when it is declared.
 pub async fn reconcile_many<'a, B: BrokerApi>(
     broker: &B,
     states: &'a [DesiredState],
     live: BTreeMap<String, LiveVhost>,
     concurrency: usize,
 ) -> Result<Vec<(&'a DesiredState, Result<BrokerReport, Failed>)>, BrokerError> {
-    let policies: Vec<Result<Vec<Change>, Failed>> = stream::iter(states)
-        .map(|state| put_policies(broker, state, &live[&state.topology.vhost]))
+    let policies: Vec<Result<BrokerReport, Failed>> = stream::iter(states)
+        .map(|state| {
+            reconcile_policies_first(broker, state, &live[&state.topology.vhost], |_| async {
+                false
+            })
+        })
         .buffered(concurrency)
         .collect()
         .await;
     let wrote = policies
         .iter()
-        .any(|p| p.as_ref().map_or(true, |done| !done.is_empty()));
+        .any(|p| p.as_ref().map_or(true, BrokerReport::wrote));
     let live = if wrote {
         snapshot_vhosts(broker, states).await?
     } else {
@@ -171,14 +201,14 @@ pub async fn reconcile_many<'a, B: BrokerApi>(
         .map(|(state, policies)| async move {
             let result = match policies {
                 Err(failed) => Err(failed),
-                Ok(done) => reconcile(broker, state, &live[&state.topology.vhost])
+                Ok(first) => reconcile(broker, state, &live[&state.topology.vhost])
                     .await
                     .map(|mut report| {
-                        report.changes.splice(0..0, done.iter().cloned());
+                        report.changes.splice(0..0, first.changes.iter().cloned());
                         report
                     })
                     .map_err(|mut failed| {
-                        failed.applied.splice(0..0, done);
+                        failed.applied.splice(0..0, first.changes);
                         failed
                     }),
             };

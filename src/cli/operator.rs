@@ -82,6 +82,7 @@ pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
         resync: args.resync,
         concurrency: args.concurrency,
         broker_timeout: args.broker_timeout,
+        policy_quiet: crate::controller::POLICY_QUIET,
         cleanup_timeout: args.cleanup_timeout,
         identity,
     };

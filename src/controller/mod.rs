@@ -28,7 +28,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
-pub use brokers::{BrokerPool, SNAPSHOT_MAX_AGE};
+pub use brokers::{BrokerPool, POLICY_QUIET, PolicyBurst, SNAPSHOT_MAX_AGE};
 pub use metrics::Metrics;
 pub use reconcile::{FINALIZER, reconcile};
 
@@ -59,6 +59,9 @@ pub struct OperatorConfig {
     pub concurrency: u16,
     /// Bound on every single broker call.
     pub broker_timeout: Duration,
+    /// A pipeline whose queues are missing declares them only once no other pipeline of
+    /// its vhost wrote a policy for this long (see [`PolicyBurst`]).
+    pub policy_quiet: Duration,
     /// How long a deleted pipeline waits for an unreachable broker before it is released.
     pub cleanup_timeout: Duration,
     /// Name reported on events (reportingInstance).
@@ -72,6 +75,7 @@ impl Default for OperatorConfig {
             resync: Duration::from_secs(300),
             concurrency: 8,
             broker_timeout: crate::broker::DEFAULT_CALL_TIMEOUT,
+            policy_quiet: POLICY_QUIET,
             cleanup_timeout: Duration::from_secs(600),
             identity: "msgpipe".into(),
         }
@@ -101,7 +105,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
-            brokers: BrokerPool::new(config.broker_timeout),
+            brokers: BrokerPool::new(config.broker_timeout, config.policy_quiet),
             client,
             metrics,
             config,

@@ -94,7 +94,7 @@ async fn converge(
         ctx.metrics.kube_write("configmap", "applied");
     }
     let alerts = converge_alerts(pipeline, &desired, ctx).await;
-    let (broker, counts, broker_error) = match endpoint {
+    let outcome = match endpoint {
         Ok(endpoint) => converge_broker(pipeline, &desired, &endpoint, ctx).await,
         Err(error) => {
             let reason = match &error {
@@ -104,28 +104,26 @@ async fn converge(
             let message = error.to_string();
             ctx.event(pipeline, EventType::Warning, reason, &message)
                 .await;
-            (
-                Verdict::failed(reason, message.clone()),
-                None,
-                Some(message),
-            )
+            BrokerOutcome::failed(reason, message)
         }
     };
     let crd_missing = alerts.reason == reason::PROMETHEUS_RULE_CRD_MISSING;
     let observation = Observation {
         generation,
-        broker,
+        broker: outcome.verdict,
         alerts,
-        counts,
+        counts: outcome.counts,
     };
     let ready = observation.broker.ok && observation.alerts.ok;
     write_status(api, pipeline, &observation, Some(&desired), ctx).await?;
     ctx.metrics.set_ready(&key, Some(ready));
-    if let Some(message) = broker_error {
+    if let Some(message) = outcome.error {
         return Err(Error::Broker(message));
     }
-    // A missing PrometheusRule CRD is looked for again soon, so alerts appear once it is installed.
-    let next = if crd_missing {
+    let next = if outcome.waiting {
+        ctx.config.policy_quiet
+    } else if crd_missing {
+        // Looked for again soon, so alerts appear once the CRD is installed.
         ctx.config.resync.min(Duration::from_secs(60))
     } else {
         ctx.config.resync
@@ -172,13 +170,36 @@ async fn converge_alerts(
     }
 }
 
-/// Runs the broker reconciler; returns BrokerReady, the live counts and, on failure, the error.
+/// What the broker pass tells the status and the controller.
+struct BrokerOutcome {
+    /// BrokerReady.
+    verdict: Verdict,
+    counts: Option<broker::LiveCounts>,
+    /// The failure, for the error policy's backoff.
+    error: Option<String>,
+    /// Policies written, declares held back (see [`crate::controller::PolicyBurst`]).
+    waiting: bool,
+}
+
+impl BrokerOutcome {
+    fn failed(reason: &str, message: String) -> Self {
+        Self {
+            verdict: Verdict::failed(reason, message.clone()),
+            counts: None,
+            error: Some(message),
+            waiting: false,
+        }
+    }
+}
+
+/// Runs the broker reconciler, policies first: while other pipelines of the vhost are
+/// writing policies, this one's declares wait for a later pass.
 async fn converge_broker(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
     ctx: &Context,
-) -> (Verdict, Option<broker::LiveCounts>, Option<String>) {
+) -> BrokerOutcome {
     let vhost = &desired.topology.vhost;
     let result = async {
         let broker = ctx.brokers.broker(endpoint).await.map_err(|error| Failed {
@@ -194,7 +215,14 @@ async fn converge_broker(
                 error,
                 applied: vec![],
             })?;
-        let result = broker::reconcile(broker.as_ref(), desired, &live).await;
+        let broker = broker.as_ref();
+        let result = broker::reconcile_policies_first(broker, desired, &live, |policies| {
+            let go_on = ctx
+                .brokers
+                .may_declare(broker, vhost, &key, !policies.is_empty());
+            async move { go_on }
+        })
+        .await;
         let wrote = match &result {
             Ok(report) => report.wrote(),
             Err(failed) => !failed.applied.is_empty(),
@@ -218,11 +246,7 @@ async fn converge_broker(
         Err(Failed { error, applied }) => {
             record_changes(pipeline, &applied, drift, ctx).await;
             let message = ctx.failure_event(pipeline, &error).await;
-            (
-                Verdict::failed(error.condition_reason(), message.clone()),
-                None,
-                Some(message),
-            )
+            BrokerOutcome::failed(error.condition_reason(), message)
         }
     }
 }
@@ -231,38 +255,55 @@ async fn broker_verdict(
     pipeline: &MessagePipeline,
     report: &BrokerReport,
     ctx: &Context,
-) -> (Verdict, Option<broker::LiveCounts>, Option<String>) {
-    if report.conflicts.is_empty() {
-        let verdict = Verdict::ok(
+) -> BrokerOutcome {
+    if !report.conflicts.is_empty() {
+        let message = report
+            .conflicts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        ctx.event(
+            pipeline,
+            EventType::Warning,
+            reason::IMMUTABLE_FIELD_CHANGED,
+            &message,
+        )
+        .await;
+        return BrokerOutcome {
+            verdict: Verdict::failed(reason::IMMUTABLE_FIELD_CHANGED, message),
+            counts: Some(report.counts.clone()),
+            error: None,
+            waiting: report.deferred > 0,
+        };
+    }
+    if report.deferred > 0 {
+        let message = format!(
+            "policies are in place; {} more broker changes wait until other pipelines on this vhost have written their policies",
+            report.deferred
+        );
+        return BrokerOutcome {
+            verdict: Verdict::failed(reason::WAITING_FOR_POLICIES, message),
+            counts: Some(report.counts.clone()),
+            error: None,
+            waiting: true,
+        };
+    }
+    // Counts come from the snapshot taken before this reconcile's writes: a queue it
+    // just declared was absent there, and is empty now.
+    let mut counts = report.counts.clone();
+    counts.queue_messages.get_or_insert(0);
+    counts.consumers.get_or_insert(0);
+    counts.dead_letter_messages.get_or_insert(0);
+    BrokerOutcome {
+        verdict: Verdict::ok(
             reason::CONVERGED,
             "exchanges, queues, bindings and policies match the spec",
-        );
-        // Counts come from the snapshot taken before this reconcile's writes: a queue it
-        // just declared was absent there, and is empty now.
-        let mut counts = report.counts.clone();
-        counts.queue_messages.get_or_insert(0);
-        counts.consumers.get_or_insert(0);
-        counts.dead_letter_messages.get_or_insert(0);
-        return (verdict, Some(counts), None);
+        ),
+        counts: Some(counts),
+        error: None,
+        waiting: false,
     }
-    let message = report
-        .conflicts
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    ctx.event(
-        pipeline,
-        EventType::Warning,
-        reason::IMMUTABLE_FIELD_CHANGED,
-        &message,
-    )
-    .await;
-    (
-        Verdict::failed(reason::IMMUTABLE_FIELD_CHANGED, message),
-        Some(report.counts.clone()),
-        None,
-    )
 }
 
 /// Whether the stored status says this generation was already converged (so any broker

@@ -25,6 +25,9 @@ const CONFIG_MAP: &str = "/api/v1/namespaces/notes-app/configmaps/notes-client";
 const DISCOVERY: &str = "/apis/monitoring.coreos.com/v1";
 const RULE: &str =
     "/apis/monitoring.coreos.com/v1/namespaces/notes-app/prometheusrules/notes-alerts";
+const ORDERS: &str = "/apis/msgpipe.io/v1alpha1/namespaces/notes-app/messagepipelines/orders";
+/// Long enough that the burst test's steps always fall within it, even on a loaded machine.
+const TEST_POLICY_QUIET: Duration = Duration::from_secs(6);
 
 /// The notes example on the test vhost, as the API server would store it.
 fn notes_object(vhost: &str, deletion_policy: &str) -> Value {
@@ -68,6 +71,7 @@ impl Harness {
         let (client, server) = api.client();
         let config = OperatorConfig {
             broker_timeout: Duration::from_secs(10),
+            policy_quiet: TEST_POLICY_QUIET,
             ..OperatorConfig::default()
         };
         let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), config));
@@ -91,13 +95,16 @@ impl Harness {
         self.api.0.lock().expect("state").objects.remove(path);
     }
 
-    fn pipeline(&self) -> MessagePipeline {
-        serde_json::from_value(self.api.get(PIPELINE).expect("pipeline stored")).expect("pipeline")
-    }
-
     /// One reconcile of the stored object, like the controller would run it.
     async fn reconcile(&self) -> (Result<Action, String>, Vec<Call>) {
-        let pipeline = Arc::new(self.pipeline());
+        self.reconcile_at(PIPELINE).await
+    }
+
+    /// One reconcile of the pipeline stored at `path`.
+    async fn reconcile_at(&self, path: &str) -> (Result<Action, String>, Vec<Call>) {
+        let object = self.api.get(path).expect("pipeline stored");
+        let pipeline: Arc<MessagePipeline> =
+            Arc::new(serde_json::from_value(object).expect("pipeline"));
         let result = reconcile(pipeline.clone(), self.ctx.clone()).await;
         let result = result.map_err(|error| {
             let action = error_policy(pipeline, &error, self.ctx.clone());
@@ -136,10 +143,14 @@ impl Harness {
     }
 
     async fn queues(&self) -> Vec<String> {
+        self.live().await.queues.keys().cloned().collect()
+    }
+
+    async fn live(&self) -> msgpipe::broker::LiveVhost {
         let broker = support::test_broker(&self.vhost.name);
         let live = broker.snapshot(&self.vhost.name).await.expect("snapshot");
         broker.close().await;
-        live.queues.keys().cloned().collect()
+        live
     }
 }
 
@@ -496,4 +507,81 @@ async fn deleting_when_the_secret_is_gone_releases_with_a_warning_saying_what_wa
         6,
         "nothing deleted without the broker Secret"
     );
+}
+
+/// A second pipeline on the same vhost and Secret, with its own names.
+fn orders_object(vhost: &str) -> Value {
+    let mut object = notes_object(vhost, "Retain");
+    object["metadata"]["name"] = json!("orders");
+    object["metadata"]["uid"] = json!("6f1d2c3b-4a59-4e6f-8a7b-9c0d1e2f3a4b");
+    let spec = &mut object["spec"];
+    spec["queue"] = json!({"name": "orders_queue", "type": "quorum"});
+    spec["deadLetter"] = json!({});
+    object
+}
+
+#[tokio::test]
+async fn a_pipeline_created_during_a_burst_puts_its_policies_and_declares_once_the_burst_is_over() {
+    let h = Harness::new("op-burst", "Retain");
+    h.api.put(ORDERS, orders_object(&h.vhost.name));
+    // orders is alone on the vhost: it converges in one pass (after its finalizer).
+    let (added, _) = h.reconcile_at(ORDERS).await;
+    assert_eq!(added, Ok(Action::await_change()), "finalizer added");
+    let (result, _) = h.reconcile_at(ORDERS).await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    let started = std::time::Instant::now();
+
+    // notes comes within the quiet period of orders' policy writes: a burst of new
+    // pipelines. Its policies go in; its queues wait.
+    let (result, calls) = h.first_sync().await;
+    assert!(
+        started.elapsed() < TEST_POLICY_QUIET,
+        "the test itself was too slow to land inside the burst: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(result, Ok(Action::requeue(TEST_POLICY_QUIET)));
+    let (status, reason, message) = h.condition("BrokerReady");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "WaitingForPolicies")
+    );
+    assert!(message.contains("policies are in place"), "{message}");
+    assert_eq!(h.condition("Ready").0, "False");
+    let live = h.live().await;
+    let ours =
+        |name: &str| name.starts_with("notes_queue") || name.starts_with("msgpipe.notes_queue");
+    let policies: Vec<&String> = live.policies.keys().filter(|p| ours(p)).collect();
+    assert_eq!(policies.len(), 6, "every notes policy is in: {policies:?}");
+    let queues: Vec<&String> = live.queues.keys().filter(|q| ours(q)).collect();
+    assert!(queues.is_empty(), "no notes queue yet: {queues:?}");
+    assert!(live.queues.contains_key("orders_queue"));
+    let noted = events(&calls);
+    assert!(
+        noted
+            .iter()
+            .all(|(_, n)| n.starts_with("created policy msgpipe.notes_queue")),
+        "only policy events: {noted:?}"
+    );
+
+    // Once orders' writes are a quiet period old, the next pass declares the rest.
+    tokio::time::sleep(TEST_POLICY_QUIET.saturating_sub(started.elapsed())).await;
+    let (result, calls) = h.reconcile().await;
+    assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
+    assert_eq!(h.condition("Ready").0, "True");
+    let noted = events(&calls);
+    assert!(
+        noted.iter().any(|(_, n)| n == "created queue notes_queue"),
+        "{noted:?}"
+    );
+    assert!(
+        noted.iter().all(|(_, n)| !n.contains("policy")),
+        "policies are not written twice: {noted:?}"
+    );
+    let queues = h.queues().await;
+    for queue in ["notes_queue", "notes_queue_dlq", "notes_queue.retry.4"] {
+        assert!(
+            queues.contains(&queue.to_string()),
+            "{queue} missing from {queues:?}"
+        );
+    }
 }
