@@ -10,6 +10,8 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+# Runs the Argo CD health check from docs/operator.md (Argo CD's Lua is 5.1).
+command -v lua5.1 >/dev/null 2>&1 || missing+=(lua5.1)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
