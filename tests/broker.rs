@@ -175,6 +175,19 @@ impl BrokerApi for Recording<'_> {
     }
 }
 
+/// What `msgpipe apply` does with several pipelines, 2 at a time.
+async fn apply_all<'a>(
+    broker: &Recording<'_>,
+    states: &'a [DesiredState],
+) -> Vec<(&'a DesiredState, Result<BrokerReport, broker::Failed>)> {
+    let live = broker::snapshot_vhosts(broker, states)
+        .await
+        .expect("snapshot");
+    broker::reconcile_many(broker, states, live, 2)
+        .await
+        .expect("snapshots")
+}
+
 #[tokio::test]
 async fn applying_many_pipelines_puts_every_policy_before_any_exchange_or_queue() {
     let vhost = TestVhost::new("broker-many");
@@ -192,12 +205,7 @@ async fn applying_many_pipelines_puts_every_policy_before_any_exchange_or_queue(
         broker: &broker,
         log: Default::default(),
     };
-    let live = broker::snapshot_vhosts(&recording, &states)
-        .await
-        .expect("snapshot");
-    let reports = broker::reconcile_many(&recording, &states, live, 2)
-        .await
-        .expect("snapshots");
+    let reports = apply_all(&recording, &states).await;
     let log = recording.take();
     let is_policy = |e: &String| e.starts_with("create policy");
     let last_policy = log.iter().rposition(is_policy).expect("policies put");
@@ -226,12 +234,7 @@ async fn applying_many_pipelines_puts_every_policy_before_any_exchange_or_queue(
     }
 
     // Converged: one snapshot, nothing written, no second snapshot.
-    let live = broker::snapshot_vhosts(&recording, &states)
-        .await
-        .expect("snapshot");
-    let reports = broker::reconcile_many(&recording, &states, live, 2)
-        .await
-        .expect("snapshots");
+    let reports = apply_all(&recording, &states).await;
     assert!(
         reports
             .iter()
