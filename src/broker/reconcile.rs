@@ -119,8 +119,10 @@ where
     let (policies, rest) = plan.actions.split_at(first_other);
     let mut changes = Vec::new();
     execute_all(broker, vhost, policies, &mut changes).await?;
-    let asked = !(changes.is_empty() && rest.is_empty());
-    let deferred = if !asked || go_on(&changes).await || rest.is_empty() {
+    // A converged pipeline has nothing to ask about; a policy-only pass asks (the caller
+    // may count its writes) but has nothing to hold back.
+    let go = (changes.is_empty() && rest.is_empty()) || go_on(&changes).await;
+    let deferred = if go || rest.is_empty() {
         execute_all(broker, vhost, rest, &mut changes).await?;
         0
     } else {
