@@ -199,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
         let object: MessagePipeline = serde_json::from_value(api.get(&path(i)).context("stored")?)?;
         writer.apply_watcher_event(&watcher::Event::Apply(object));
     }
-    let synced = rss_kib();
+    let after_sync = rss_kib();
     let writes_before = ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total();
     api.take_calls();
     let (resync, failed, waiting) = run_pass(ctx.clone()).await;
@@ -262,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "RSS after first sync and a resync (broker pool, snapshots): {:.1} MiB / {:.1} MiB",
-        synced as f64 / 1024.0,
+        after_sync as f64 / 1024.0,
         idle as f64 / 1024.0
     );
     println!(
