@@ -30,8 +30,10 @@ fn msgpipe_apply(dir: &std::path::Path) -> std::process::Child {
             dir.to_str().expect("utf-8"),
             "--timeout",
             "5",
+            // Fewer than the default 8 at once, so the declares take long enough (seconds)
+            // that the kill always lands in the middle of them.
             "--concurrency",
-            "8",
+            "4",
         ])
         .env(
             "MSGPIPE_BROKER_URI",
@@ -90,8 +92,9 @@ fn broker_killed_mid_apply_then_restarted_converges_every_pipeline_once() {
     // Kill the node once provisioning is under way.
     let child = msgpipe_apply(dir.path());
     let start = Instant::now();
-    // As soon as the first objects exist: under load a whole apply can finish in seconds.
-    while list("policies").len() < 6 && start.elapsed() < Duration::from_secs(30) {
+    // As soon as the first queue exists. Every pipeline's policies go in first and take about
+    // a second in the empty vhost; the declares that follow take several.
+    while list("queues").is_empty() && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(node(&["kill"]), "kill -9");
@@ -114,6 +117,11 @@ fn broker_killed_mid_apply_then_restarted_converges_every_pipeline_once() {
     );
 
     assert!(node(&["ensure"]), "fault node restarts");
+    let survived = list("queues").len();
+    eprintln!(
+        "{survived} of {} queues existed when the node was killed",
+        6 * PIPELINES
+    );
     let (ok, out, err) = finish(msgpipe_apply(dir.path()));
     assert!(ok, "apply after restart failed:\n{err}");
     assert!(
