@@ -254,7 +254,7 @@ async fn timed_reconcile(
     let start = Instant::now();
     let outcome = async {
         let live = broker::snapshot_vhosts(&broker, states).await?;
-        anyhow::Ok(broker::reconcile_many(&broker, states, live, args.concurrency.max(1)).await?)
+        anyhow::Ok(broker::reconcile_many(&broker, states, &live, args.concurrency.max(1)).await)
     }
     .await;
     let elapsed = start.elapsed();

@@ -86,7 +86,7 @@ pub async fn reconcile<B: BrokerApi>(
     desired: &DesiredState,
     live: &LiveVhost,
 ) -> Result<BrokerReport, Failed> {
-    reconcile_policies_first(broker, desired, live, |_| async { true }).await
+    reconcile_policies_first(broker, desired, live, |_| true).await
 }
 
 /// Like [`reconcile`], but once the pipeline's policies are written, asks `go_on` (given
@@ -98,43 +98,91 @@ pub async fn reconcile<B: BrokerApi>(
 /// on each policy write, so when many pipelines are created at once, policies written while
 /// other pipelines' queues are being declared grow ever slower (docs/broker.md). Holding
 /// the declares back until the burst of policy writes is over keeps each write cheap.
-pub async fn reconcile_policies_first<B, F, Fut>(
+pub async fn reconcile_policies_first<B: BrokerApi>(
     broker: &B,
     desired: &DesiredState,
     live: &LiveVhost,
-    go_on: F,
-) -> Result<BrokerReport, Failed>
-where
-    B: BrokerApi,
-    F: FnOnce(&[Change]) -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let plan = diff::converge(desired, live);
-    let vhost = &desired.topology.vhost;
-    let first_other = plan
-        .actions
-        .iter()
-        .position(|a| !matches!(a, BrokerAction::PutPolicy { .. }))
-        .unwrap_or(plan.actions.len());
-    let (policies, rest) = plan.actions.split_at(first_other);
+    go_on: impl FnOnce(&[Change]) -> bool,
+) -> Result<BrokerReport, Failed> {
+    let plan = PhasedPlan::new(desired, live);
     let mut changes = Vec::new();
-    execute_all(broker, vhost, policies, &mut changes).await?;
+    plan.put_policies(broker, &mut changes).await?;
     // A converged pipeline has nothing to ask about; a policy-only pass asks (the caller
     // may count its writes) but has nothing to hold back.
-    let go = (changes.is_empty() && rest.is_empty()) || go_on(&changes).await;
-    let deferred = if go || rest.is_empty() {
-        execute_all(broker, vhost, rest, &mut changes).await?;
-        0
+    let rest = plan.rest().len();
+    let go = (changes.is_empty() && rest == 0) || go_on(&changes);
+    if go || rest == 0 {
+        plan.finish(broker, changes).await
     } else {
-        rest.len()
-    };
-    Ok(BrokerReport {
-        changes,
-        conflicts: plan.conflicts,
-        warnings: plan.warnings,
-        counts: counts(desired, live),
-        deferred,
-    })
+        Ok(plan.report(changes, rest))
+    }
+}
+
+/// A pipeline's plan with its leading policy writes told apart from the rest, so the two
+/// parts can run at different times from one snapshot (the rest never depends on the
+/// policies being read back).
+struct PhasedPlan<'a> {
+    desired: &'a DesiredState,
+    plan: diff::BrokerPlan,
+    /// Index of the first action that is not a policy write.
+    split: usize,
+    counts: LiveCounts,
+}
+
+impl<'a> PhasedPlan<'a> {
+    fn new(desired: &'a DesiredState, live: &LiveVhost) -> Self {
+        let plan = diff::converge(desired, live);
+        let split = plan
+            .actions
+            .iter()
+            .position(|a| !matches!(a, BrokerAction::PutPolicy { .. }))
+            .unwrap_or(plan.actions.len());
+        Self {
+            desired,
+            plan,
+            split,
+            counts: counts(desired, live),
+        }
+    }
+
+    fn rest(&self) -> &[BrokerAction] {
+        &self.plan.actions[self.split..]
+    }
+
+    async fn put_policies<B: BrokerApi>(
+        &self,
+        broker: &B,
+        changes: &mut Vec<Change>,
+    ) -> Result<(), Failed> {
+        let policies = &self.plan.actions[..self.split];
+        execute_all(broker, &self.desired.topology.vhost, policies, changes).await
+    }
+
+    /// Runs the rest, after the policy `changes` already made.
+    async fn finish<B: BrokerApi>(
+        self,
+        broker: &B,
+        mut changes: Vec<Change>,
+    ) -> Result<BrokerReport, Failed> {
+        execute_all(
+            broker,
+            &self.desired.topology.vhost,
+            self.rest(),
+            &mut changes,
+        )
+        .await?;
+        Ok(self.report(changes, 0))
+    }
+
+    fn report(self, changes: Vec<Change>, deferred: usize) -> BrokerReport {
+        BrokerReport {
+            changes,
+            conflicts: self.plan.conflicts,
+            warnings: self.plan.warnings,
+            counts: self.counts,
+            deferred,
+        }
+    }
 }
 
 /// Executes actions in order, adding to `changes`; stops at the first error, with what was
@@ -172,53 +220,41 @@ pub async fn snapshot_vhosts<B: BrokerApi>(
     Ok(live)
 }
 
-/// Reconciles every pipeline, `concurrency` at a time, in two phases: every pipeline's
-/// policies first (see [`reconcile_policies_first`] for why), then a fresh snapshot and the
-/// rest. Each queue still finds its policy in place when it is declared.
+/// Reconciles every pipeline from one snapshot per vhost (`live`, from [`snapshot_vhosts`]),
+/// `concurrency` at a time, in two phases: every pipeline's policies first (see
+/// [`reconcile_policies_first`] for why), then the rest of each plan. Each queue still
+/// finds its policy in place when it is declared.
 pub async fn reconcile_many<'a, B: BrokerApi>(
     broker: &B,
     states: &'a [DesiredState],
-    live: BTreeMap<String, LiveVhost>,
+    live: &BTreeMap<String, LiveVhost>,
     concurrency: usize,
-) -> Result<Vec<(&'a DesiredState, Result<BrokerReport, Failed>)>, BrokerError> {
-    let policies: Vec<Result<BrokerReport, Failed>> = stream::iter(states)
-        .map(|state| {
-            reconcile_policies_first(broker, state, &live[&state.topology.vhost], |_| async {
-                false
-            })
+) -> Vec<(&'a DesiredState, Result<BrokerReport, Failed>)> {
+    let plans: Vec<PhasedPlan<'a>> = states
+        .iter()
+        .map(|state| PhasedPlan::new(state, &live[&state.topology.vhost]))
+        .collect();
+    let policies: Vec<Result<Vec<Change>, Failed>> = stream::iter(&plans)
+        .map(|plan| async move {
+            let mut changes = Vec::new();
+            plan.put_policies(broker, &mut changes)
+                .await
+                .map(|()| changes)
         })
         .buffered(concurrency)
         .collect()
         .await;
-    let wrote = policies
-        .iter()
-        .any(|p| p.as_ref().map_or(true, BrokerReport::wrote));
-    let live = if wrote {
-        snapshot_vhosts(broker, states).await?
-    } else {
-        live
-    };
-    let live = &live;
-    Ok(stream::iter(states.iter().zip(policies))
-        .map(|(state, policies)| async move {
-            let result = match policies {
-                Err(failed) => Err(failed),
-                Ok(first) => reconcile(broker, state, &live[&state.topology.vhost])
-                    .await
-                    .map(|mut report| {
-                        report.changes.splice(0..0, first.changes.iter().cloned());
-                        report
-                    })
-                    .map_err(|mut failed| {
-                        failed.applied.splice(0..0, first.changes);
-                        failed
-                    }),
-            };
-            (state, result)
+    stream::iter(plans.into_iter().zip(policies))
+        .map(|(plan, policies)| async move {
+            let desired = plan.desired;
+            match policies {
+                Ok(changes) => (desired, plan.finish(broker, changes).await),
+                Err(failed) => (desired, Err(failed)),
+            }
         })
         .buffer_unordered(concurrency)
         .collect()
-        .await)
+        .await
 }
 
 /// Removes a pipeline's broker objects (`deletionPolicy: Delete`), never a queue that holds

@@ -181,7 +181,7 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         }
         return Ok(());
     }
-    let results = broker::reconcile_many(broker, &states, live, args.concurrency.max(1)).await?;
+    let results = broker::reconcile_many(broker, &states, &live, args.concurrency.max(1)).await;
     report(results)
 }
 

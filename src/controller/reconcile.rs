@@ -217,10 +217,8 @@ async fn converge_broker(
             })?;
         let broker = broker.as_ref();
         let result = broker::reconcile_policies_first(broker, desired, &live, |policies| {
-            let go_on = ctx
-                .brokers
-                .may_declare(broker, vhost, &key, !policies.is_empty());
-            async move { go_on }
+            ctx.brokers
+                .may_declare(broker, vhost, &key, !policies.is_empty())
         })
         .await;
         let wrote = match &result {
