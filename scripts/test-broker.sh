@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RabbitMQ nodes of msgpipe's own for tests and `make run`, separate from any system broker.
-#   test-broker.sh ensure|stop|kill|ctl|version|log [NAME] [PORT] [args...]
+#   test-broker.sh ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args...]
 # NAME defaults to msgpipe-test and PORT (AMQP) to 5673; the node listens on 127.0.0.1 only:
 # AMQP PORT, management PORT+10000, prometheus PORT+10020, distribution PORT+20000.
 #
@@ -211,6 +211,12 @@ case "$CMD" in
     ensure
     ;;
   stop) stop ;;
+  reset)
+    # Stopped and its data wiped: the next `ensure` starts a node that knows nothing (a
+    # cluster member that must join afresh).
+    stop
+    rm -rf "$DIR/mnesia" "$DIR/log" "$PIDFILE" "$DIR/version"
+    ;;
   kill)
     # The Erlang VM of this node (its PID is recorded), killed without warning.
     pid=$(node_pid || true)
@@ -219,5 +225,5 @@ case "$CMD" in
   ctl) shift 3; ctl "$@" ;;
   version) echo "$VERSION" ;;
   log) ls "$DIR"/log/*.log 2>/dev/null | grep -v -e upgrade -e console ;;
-  *) echo "usage: $0 ensure|stop|kill|ctl|version|log [NAME] [PORT] [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args]" >&2; exit 2 ;;
 esac
