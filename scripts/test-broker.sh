@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # RabbitMQ nodes of msgpipe's own for tests and `make run`, separate from any system broker.
-#   test-broker.sh ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args...]
+#   test-broker.sh prepare|ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args...]
 # NAME defaults to msgpipe-test and PORT (AMQP) to 5673; the node listens on 127.0.0.1 only:
 # AMQP PORT, management PORT+10000, prometheus PORT+10020, distribution PORT+20000.
 #
@@ -148,6 +148,15 @@ default_user = guest
 default_pass = guest
 ${MSGPIPE_TEST_BROKER_EXTRA_CONF:-}
 CONF
+  # On 4.x, deprecated features msgpipe could use are refused outright, so any use fails a
+  # test instead of only logging a warning (3.10 does not know these keys).
+  if [ "$VERSION" != 3.10 ]; then
+    cat >> "$DIR/rabbitmq.conf" <<CONF
+deprecated_features.permit.transient_nonexcl_queues = false
+deprecated_features.permit.global_qos = false
+deprecated_features.permit.queue_master_locator = false
+CONF
+  fi
   echo '[rabbitmq_management,rabbitmq_prometheus].' > "$DIR/enabled_plugins"
   if [ -n "${MSGPIPE_TEST_BROKER_CLUSTER_COOKIE:-}" ]; then
     mkdir -p "$DIR/home"
@@ -210,6 +219,7 @@ case "$CMD" in
     flock 9
     ensure
     ;;
+  prepare) ensure_chroot ;;
   stop) stop ;;
   reset)
     # Stopped and its data wiped: the next `ensure` starts a node that knows nothing (a
@@ -225,5 +235,5 @@ case "$CMD" in
   ctl) shift 3; ctl "$@" ;;
   version) echo "$VERSION" ;;
   log) ls "$DIR"/log/*.log 2>/dev/null | grep -v -e upgrade -e console ;;
-  *) echo "usage: $0 ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare|ensure|stop|reset|kill|ctl|version|log [NAME] [PORT] [args]" >&2; exit 2 ;;
 esac
