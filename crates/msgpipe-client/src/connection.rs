@@ -55,13 +55,23 @@ impl BackoffState {
     pub(crate) fn next_wait(&mut self) -> Duration {
         let base = self.next.min(self.policy.max);
         self.next = base.saturating_mul(2).min(self.policy.max);
-        // RandomState is seeded randomly per instance: enough randomness for jitter.
-        let random = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let factor = 0.8 + (random % 401) as f64 / 1000.0;
+        let factor = 0.8 + (random_u64() % 401) as f64 / 1000.0;
         base.mul_f64(factor)
     }
+}
+
+/// A random number: RandomState is seeded randomly per instance, enough for jitter.
+fn random_u64() -> u64 {
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// A random wait between zero and `max` (millisecond steps), so that a fleet of clients woken
+/// by the same event (a broker back up) does not act in the same instant.
+pub(crate) fn jitter(max: Duration) -> Duration {
+    let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(random_u64() % max_ms.saturating_add(1))
 }
 
 /// The URI is not something lapin can connect to. The text never contains the URI (it holds

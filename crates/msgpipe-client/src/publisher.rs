@@ -3,10 +3,23 @@
 //! `publish` sends with `mandatory` on a confirm channel and returns [`Outcome::Confirmed`] once
 //! the broker acked and routed the message. When the broker is unreachable, nacks, returns the
 //! message or does not confirm within `confirm_timeout`, the message is committed to the outbox
-//! (fsync) and `publish` returns [`Outcome::Queued`]. While the outbox holds anything, new
-//! messages are queued behind it, so the broker sees them in publish order. A background task
-//! resends the outbox oldest first every `retry_interval_seconds` while `retry_pending` is on
-//! (both read live from `pipeline.json`); a message leaves the outbox only after its confirm.
+//! (fsync) and `publish` returns [`Outcome::Queued`]. While the outbox holds anything (and
+//! `retry_pending` is on), new messages are queued behind it, so the broker sees them in publish
+//! order. A message leaves the outbox only after its confirm.
+//!
+//! When it resends (`retry_pending` and `retry_interval_seconds` are read live from
+//! `pipeline.json`):
+//! - as soon as the link comes (back) up with a non-empty outbox, after a random delay of at
+//!   most 0.5 s (so a fleet of publishers does not stampede a broker that just came back), and
+//!   when `retry_pending` is switched on;
+//! - then every `retry_interval_seconds` while messages remain (refused or unreachable).
+//!
+//! **`retry_pending: false` parks the outbox, not the publisher.** Its messages stay on disk
+//! and are not resent; fresh publishes go straight to the broker (`Confirmed`) instead of
+//! queueing behind messages that will not move, and only a fresh message the broker does not
+//! take joins the parked outbox. While the flag is off, publish order between the parked
+//! messages and fresh ones is therefore not kept: the fresh ones arrive first. Switching the
+//! flag back on resends the parked messages at once, oldest first.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -127,22 +140,38 @@ fn bump(counter: &AtomicU64, n: u64) {
 }
 
 /// The channel in use, shared by `publish` calls and the resender.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
     channel: RwLock<Option<Channel>>,
     /// Set when a publish saw the channel fail; the link task reconnects.
     broken: AtomicBool,
     wake: Notify,
+    /// Bumped each time a new channel is installed: the resender drains the outbox at once.
+    generation: watch::Sender<u64>,
 }
 
 impl Link {
+    fn new() -> Self {
+        Self {
+            channel: RwLock::new(None),
+            broken: AtomicBool::new(false),
+            wake: Notify::new(),
+            generation: watch::channel(0).0,
+        }
+    }
+
     fn current(&self) -> Option<Channel> {
         let guard = self.channel.read().unwrap_or_else(|p| p.into_inner());
         guard.clone().filter(|c| c.status().connected())
     }
 
+    /// Installs a fresh channel (and tells the resender) or clears it.
     fn set(&self, channel: Option<Channel>) {
+        let up = channel.is_some();
         *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+        if up {
+            self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     fn mark_broken(&self) {
@@ -204,12 +233,16 @@ impl Publisher {
             options,
             config,
             outbox,
-            link: Link::default(),
+            link: Link::new(),
             counters: Counters::default(),
         });
         let first = open_link(&shared.options).await;
-        if let Err(reason) = &first {
-            tracing::warn!(%reason, "publisher starts offline; messages go to the outbox");
+        match &first {
+            // Usable before `start` returns: the first publish must not race the link task.
+            Ok((_, channel)) => shared.link.set(Some(channel.clone())),
+            Err(reason) => {
+                tracing::warn!(%reason, "publisher starts offline; messages go to the outbox");
+            }
         }
         let (shutdown, stop) = watch::channel(false);
         let handles = vec![
@@ -253,8 +286,11 @@ impl Publisher {
         }
         let (properties, message_id) = stamp(properties);
         let shared = &self.shared;
-        // Anything in the outbox must reach the broker first: then this goes behind it.
-        if shared.outbox.is_empty()
+        // Anything in the outbox must reach the broker first: then this goes behind it. While
+        // `retry_pending` is off the outbox is parked, and fresh messages go straight on.
+        let behind_outbox =
+            !shared.outbox.is_empty() && shared.config.features().retry_pending;
+        if !behind_outbox
             && let Some(channel) = shared.link.current()
         {
             let timeout = shared.options.confirm_timeout;
@@ -444,38 +480,97 @@ async fn watch_link(
     }
 }
 
-/// Every `retry_interval_seconds`, while `retry_pending` is on, resends the outbox.
+/// Longest random delay before the resend that follows a (re)connection.
+const RECONNECT_JITTER: Duration = Duration::from_millis(500);
+
+/// Resends the outbox while `retry_pending` is on: right after the link comes (back) up or the
+/// flag is switched on (after a random delay of up to [`RECONNECT_JITTER`], so a fleet of
+/// publishers does not stampede a broker that just came back), then every
+/// `retry_interval_seconds` while messages remain.
 async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut link_up = shared.link.generation.subscribe();
+    // An outbox left by an earlier run drains as soon as the first link is up.
+    link_up.mark_changed();
+    let mut flags = shared.config.subscribe_features();
+    let mut flags_alive = true;
+    let interval = |shared: &Shared| {
+        Duration::from_secs(shared.config.features().retry_interval_seconds.max(1).into())
+    };
+    let mut next_round = Instant::now() + interval(&shared);
     loop {
-        let seconds = shared.config.features().retry_interval_seconds.max(1);
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(seconds.into())) => {}
+        let soon = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-        }
+            () = tokio::time::sleep_until(next_round) => false,
+            changed = link_up.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+            changed = flags.changed(), if flags_alive => {
+                // A fixed configuration never changes: stop listening, keep the interval.
+                flags_alive = changed.is_ok();
+                flags_alive && flags.borrow_and_update().retry_pending
+            }
+        };
         if !shared.config.features().retry_pending || shared.outbox.is_empty() {
+            next_round = Instant::now() + interval(&shared);
             continue;
         }
-        bump(&shared.counters.resend_rounds, 1);
-        match resend_round(&shared).await {
-            Ok(sent) if sent > 0 => {
-                tracing::info!(sent, left = shared.outbox.len(), "resent outbox messages");
+        if soon {
+            let wait = connection::jitter(RECONNECT_JITTER);
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(wait) => {}
             }
-            Ok(_) => {}
+        }
+        resend_until_refused(&shared).await;
+        next_round = Instant::now() + interval(&shared);
+    }
+}
+
+/// Resend rounds back to back while each one empties what it saw and messages remain (those
+/// appended behind a round that had just finished reading); stops at the first refusal or error.
+async fn resend_until_refused(shared: &Shared) {
+    loop {
+        bump(&shared.counters.resend_rounds, 1);
+        match resend_round(shared).await {
+            Ok(round) => {
+                if round.sent > 0 {
+                    tracing::info!(
+                        sent = round.sent,
+                        left = shared.outbox.len(),
+                        "resent outbox messages"
+                    );
+                }
+                if round.refused > 0 || round.sent == 0 || shared.outbox.is_empty() {
+                    return;
+                }
+            }
             Err(reason) => {
                 tracing::debug!(%reason, left = shared.outbox.len(), "resend round stopped");
+                return;
             }
         }
     }
 }
 
+/// What one resend round did.
+#[derive(Debug, Default)]
+struct Round {
+    sent: u64,
+    /// Messages the broker refused (returned, nacked): kept for the next interval.
+    refused: u64,
+}
+
 /// One pass over the outbox, oldest first, in pipelined batches. Messages the broker refused
 /// (returned, nacked) stay for the next round; a broken channel ends the round.
-async fn resend_round(shared: &Shared) -> Result<u64, String> {
+async fn resend_round(shared: &Shared) -> Result<Round, String> {
     let mut cursor = 0;
-    let mut sent = 0;
+    let mut round = Round::default();
     loop {
         if !shared.config.features().retry_pending {
-            return Ok(sent);
+            return Ok(round);
         }
         let channel = shared.link.current().ok_or("the broker is unreachable")?;
         let batch = shared
@@ -484,18 +579,19 @@ async fn resend_round(shared: &Shared) -> Result<u64, String> {
             .await
             .map_err(|e| e.to_string())?;
         let Some((last, _)) = batch.last() else {
-            return Ok(sent);
+            return Ok(round);
         };
         cursor = *last;
         let (confirmed, broken) = resend_batch(shared, &channel, &batch).await;
         let count = confirmed.len() as u64;
+        round.refused += batch.len() as u64 - count;
         shared
             .outbox
             .remove(confirmed)
             .await
             .map_err(|e| e.to_string())?;
         bump(&shared.counters.resent, count);
-        sent += count;
+        round.sent += count;
         if let Some(failure) = broken {
             shared.link.mark_broken();
             return Err(failure.to_string());
