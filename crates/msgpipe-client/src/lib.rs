@@ -119,6 +119,8 @@
 //! The consumer reads the queue name when it connects and everything else (max attempts,
 //! tiers, exchanges) per message, so a changed `pipeline.json` applies to the next message.
 
+#![warn(missing_docs)]
+
 pub mod config;
 mod connection;
 pub mod consumer;
@@ -127,10 +129,10 @@ pub mod live;
 pub mod outbox;
 mod publish;
 pub mod publisher;
-pub mod retry;
+mod retry;
 
 pub use config::{ConfigError, Features, PipelineConfig};
-pub use connection::{Backoff, InvalidUri};
+pub use connection::{Backoff, CA_FILE_ENV, InvalidUri};
 pub use consumer::{
     Consumer, ConsumerError, ConsumerOptions, ConsumerStats, ConsumerStatsHandle, HandlerError,
     Message, ShutdownHandle,
@@ -142,3 +144,4 @@ pub use publish::PublishFailure;
 pub use publisher::{
     Outcome, PublishError, Publisher, PublisherError, PublisherOptions, PublisherStats,
 };
+pub use retry::Destination;

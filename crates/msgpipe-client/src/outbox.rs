@@ -27,6 +27,7 @@ const MAX_BATCH: usize = 1024;
 /// [`OutboxError::Full`] rather than eating the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutboxLimits {
+    /// Most messages stored. Default: 100,000.
     pub max_messages: u64,
     /// Sum of the stored (encoded) message sizes.
     pub max_bytes: u64,
@@ -47,34 +48,56 @@ pub enum OutboxError {
     #[error(
         "the outbox is full ({messages} messages, {bytes} bytes; limits {max_messages} messages, {max_bytes} bytes): the broker has been unreachable for a while"
     )]
+    /// The message does not fit the limits.
     Full {
+        /// Messages stored now.
         messages: u64,
+        /// Bytes stored now.
         bytes: u64,
+        /// The message limit.
         max_messages: u64,
+        /// The byte limit.
         max_bytes: u64,
     },
     #[error("cannot open the outbox {path}: {source}")]
+    /// The file could not be opened or created (or is locked by another process).
     Open {
+        /// The outbox file.
         path: PathBuf,
+        /// What redb said.
         source: Box<redb::Error>,
     },
     #[error("outbox {operation} failed: {source}")]
+    /// A read or write failed.
     Storage {
+        /// What was being done.
         operation: &'static str,
+        /// What redb said.
         source: Box<redb::Error>,
     },
     #[error("outbox entry {seq} is unreadable: {reason}")]
-    Corrupt { seq: u64, reason: String },
+    /// A stored message cannot be decoded.
+    Corrupt {
+        /// Its sequence number.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     #[error("the outbox writer has stopped")]
+    /// The outbox was closed (its writer thread has stopped).
     Closed,
 }
 
 /// One saved message: where it goes and what it is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEntry {
+    /// Exchange to publish to.
     pub exchange: String,
+    /// Routing key to publish with.
     pub routing_key: String,
+    /// Message properties, message id included.
     pub properties: BasicProperties,
+    /// Message body.
     pub body: Vec<u8>,
 }
 
@@ -249,6 +272,7 @@ impl Outbox {
         self.inner.counters.messages.load(Ordering::Acquire)
     }
 
+    /// True when no message is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -258,6 +282,7 @@ impl Outbox {
         self.inner.counters.bytes.load(Ordering::Acquire)
     }
 
+    /// The limits this outbox was opened with.
     pub fn limits(&self) -> OutboxLimits {
         self.inner.limits
     }

@@ -43,12 +43,21 @@ use crate::publish::{PublishFailure, await_confirm, publish_confirmed, start_pub
 #[must_use]
 pub enum Outcome {
     /// The broker confirmed the message and routed it to a queue.
-    Confirmed { message_id: String },
+    /// Confirmed by the broker and routed to a queue.
+    Confirmed {
+        /// The message id (the caller's, or the UUID v7 the publisher set).
+        message_id: String,
+    },
     /// The broker could not take it now; it is committed to the local outbox and will be resent.
-    Queued { message_id: String },
+    /// Committed to the local outbox; resent later.
+    Queued {
+        /// The message id (the caller's, or the UUID v7 the publisher set).
+        message_id: String,
+    },
 }
 
 impl Outcome {
+    /// The message id, whichever the outcome.
     pub fn message_id(&self) -> &str {
         match self {
             Self::Confirmed { message_id } | Self::Queued { message_id } => message_id,
@@ -60,6 +69,7 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("exchange, routing key or message id longer than 255 bytes: {0}")]
+    /// The exchange, routing key or message id is not a valid AMQP short string.
     InvalidName(String),
     /// The broker did not take the message and the outbox is at its limit.
     #[error(transparent)]
@@ -73,32 +83,48 @@ pub enum PublishError {
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
     #[error(transparent)]
+    /// The URI cannot be parsed (the error does not repeat it).
     InvalidUri(#[from] InvalidUri),
     #[error(transparent)]
+    /// The outbox file could not be opened.
     Outbox(#[from] OutboxError),
 }
 
 /// Where the publisher connects and keeps its outbox.
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows the URI with its password replaced by `***`.
+#[derive(Clone)]
 pub struct PublisherOptions {
     /// `amqp[s]://user:password@host:port/vhost`.
     pub uri: String,
+    /// PEM file of the CA that signed the broker's certificate, for `amqps` URIs whose broker
+    /// certificate is not signed by a CA in the OS trust store. Default: `None` (OS store), or
+    /// the file named by [`crate::CA_FILE_ENV`] when set.
+    pub ca_file: Option<PathBuf>,
     /// The outbox file (created if missing). One publisher process per file: redb locks it.
     pub outbox_path: PathBuf,
+    /// How large the outbox may grow. Default: [`OutboxLimits::default`] (100,000 messages,
+    /// 256 MiB).
     pub outbox_limits: OutboxLimits,
     /// How long a publish waits for its confirm before the message goes to the outbox.
+    /// Default: 5 s.
     pub confirm_timeout: Duration,
+    /// Longest wait for the connection and its confirm channel. Default: 5 s.
     pub connect_timeout: Duration,
+    /// Waits between reconnect attempts. Default: [`Backoff::default`] (200 ms doubling to 30 s).
     pub reconnect: Backoff,
-    /// Messages resent per pipelined batch.
+    /// Messages resent per pipelined batch. Default: 256.
     pub resend_batch: usize,
+    /// Shown in the broker's connection list. Default: `msgpipe-publisher`.
     pub connection_name: String,
 }
 
 impl PublisherOptions {
+    /// Options with the defaults above for `uri` and the outbox file `outbox_path`.
     pub fn new(uri: impl Into<String>, outbox_path: impl Into<PathBuf>) -> Self {
         Self {
             uri: uri.into(),
+            ca_file: connection::ca_file_from_env(),
             outbox_path: outbox_path.into(),
             outbox_limits: OutboxLimits::default(),
             confirm_timeout: Duration::from_secs(5),
@@ -107,6 +133,22 @@ impl PublisherOptions {
             resend_batch: 256,
             connection_name: "msgpipe-publisher".into(),
         }
+    }
+}
+
+impl std::fmt::Debug for PublisherOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherOptions")
+            .field("uri", &connection::redact_uri(&self.uri))
+            .field("ca_file", &self.ca_file)
+            .field("outbox_path", &self.outbox_path)
+            .field("outbox_limits", &self.outbox_limits)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect", &self.reconnect)
+            .field("resend_batch", &self.resend_batch)
+            .field("connection_name", &self.connection_name)
+            .finish()
     }
 }
 
@@ -121,8 +163,11 @@ pub struct PublisherStats {
     pub resent: u64,
     /// Resend rounds started (only while `retry_pending` is on and the outbox is not empty).
     pub resend_rounds: u64,
+    /// Connections made (1 + reconnects).
     pub connections: u64,
+    /// Messages in the outbox now.
     pub outbox_messages: u64,
+    /// Encoded bytes in the outbox now.
     pub outbox_bytes: u64,
 }
 
@@ -288,11 +333,8 @@ impl Publisher {
         let shared = &self.shared;
         // Anything in the outbox must reach the broker first: then this goes behind it. While
         // `retry_pending` is off the outbox is parked, and fresh messages go straight on.
-        let behind_outbox =
-            !shared.outbox.is_empty() && shared.config.features().retry_pending;
-        if !behind_outbox
-            && let Some(channel) = shared.link.current()
-        {
+        let behind_outbox = !shared.outbox.is_empty() && shared.config.features().retry_pending;
+        if !behind_outbox && let Some(channel) = shared.link.current() {
             let timeout = shared.options.confirm_timeout;
             let sent = publish_confirmed(
                 &channel,
@@ -332,6 +374,7 @@ impl Publisher {
         self.shared.outbox.len()
     }
 
+    /// Counters since start, and the outbox now.
     pub fn stats(&self) -> PublisherStats {
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -387,6 +430,7 @@ async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), 
         &options.uri,
         &options.connection_name,
         options.connect_timeout,
+        options.ca_file.as_deref(),
     )
     .await?;
     let channel = async {
@@ -494,7 +538,14 @@ async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut flags = shared.config.subscribe_features();
     let mut flags_alive = true;
     let interval = |shared: &Shared| {
-        Duration::from_secs(shared.config.features().retry_interval_seconds.max(1).into())
+        Duration::from_secs(
+            shared
+                .config
+                .features()
+                .retry_interval_seconds
+                .max(1)
+                .into(),
+        )
     };
     let mut next_round = Instant::now() + interval(&shared);
     loop {
@@ -644,4 +695,33 @@ async fn resend_batch(
         }
     }
     (confirmed, broken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_output_hides_the_password_whatever_its_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, password) in ["x", "ab", "s3cr3t-Pa55word-0123456789"].iter().enumerate() {
+            // Port 9 (discard): nothing listens, the publisher starts offline.
+            let uri = format!("amqp://notes:{password}@127.0.0.1:9/%2f");
+            let mut options = PublisherOptions::new(uri, dir.path().join(format!("{i}.redb")));
+            options.connect_timeout = Duration::from_millis(200);
+            let shown = format!("{options:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+            assert!(
+                shown.contains("amqp://notes:***@127.0.0.1:9/%2f"),
+                "{shown}"
+            );
+            let config = LiveConfig::fixed(crate::config::tests::notes());
+            let publisher = Publisher::start(options, config)
+                .await
+                .expect("starts offline");
+            let shown = format!("{publisher:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+            publisher.close().await;
+        }
+    }
 }
