@@ -393,11 +393,38 @@ struct Run<'a, H> {
 
 /// Everything a delivery task needs from its session.
 struct Session {
-    publish: Channel,
+    connection: Arc<Connection>,
+    /// The confirm channel for copies; reopened on the same connection when the broker closed
+    /// it (a publish to a missing exchange closes the channel, not the connection).
+    publish: tokio::sync::Mutex<Channel>,
+    connect_timeout: Duration,
     config: LiveConfig,
     confirm_timeout: Duration,
     give_back_backoff: Backoff,
     counters: Arc<Counters>,
+}
+
+impl Session {
+    /// The confirm channel, reopened first if the broker closed it.
+    async fn confirm_channel(&self) -> Result<Channel, PublishFailure> {
+        let mut channel = self.publish.lock().await;
+        if !channel.status().connected() {
+            let reopen = async {
+                let fresh = self.connection.create_channel().await?;
+                fresh
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(fresh)
+            };
+            *channel = tokio::time::timeout(self.connect_timeout, reopen)
+                .await
+                .map_err(|_| PublishFailure::Timeout(self.connect_timeout))?
+                .map_err(|e| {
+                    PublishFailure::Channel(format!("reopening the confirm channel: {e}"))
+                })?;
+        }
+        Ok(channel.clone())
+    }
 }
 
 enum SessionEnd {
@@ -455,7 +482,7 @@ where
     }
 
     /// One connection's life: returns how it ended, and the connection to close.
-    async fn session(&mut self) -> Result<(Option<Connection>, SessionEnd), String> {
+    async fn session(&mut self) -> Result<(Option<Arc<Connection>>, SessionEnd), String> {
         let options = &self.consumer.options;
         let connection = connection::connect(
             &options.uri,
@@ -464,13 +491,14 @@ where
             options.ca_file.as_deref(),
         )
         .await?;
+        let connection = Arc::new(connection);
         match self.consume(&connection).await {
             Ok(end) => Ok((Some(connection), end)),
             Err(error) => Ok((Some(connection), SessionEnd::Lost(error))),
         }
     }
 
-    async fn consume(&mut self, connection: &Connection) -> Result<SessionEnd, String> {
+    async fn consume(&mut self, connection: &Arc<Connection>) -> Result<SessionEnd, String> {
         let options = &self.consumer.options;
         let setup = tokio::time::timeout(options.connect_timeout, self.open_channels(connection));
         let (consume, publish, mut deliveries) = setup
@@ -480,7 +508,9 @@ where
         bump(&self.consumer.counters.connections);
         tracing::info!(%queue, prefetch = options.prefetch, concurrency = options.concurrency, "consuming");
         let session = Arc::new(Session {
-            publish: publish.clone(),
+            connection: connection.clone(),
+            publish: tokio::sync::Mutex::new(publish),
+            connect_timeout: options.connect_timeout,
             config: self.consumer.config.clone(),
             confirm_timeout: options.confirm_timeout,
             give_back_backoff: options.give_back_backoff,
@@ -502,10 +532,6 @@ where
                 Some(Err(error)) => return Err(format!("delivery stream: {error}")),
                 None => return Err(format!("the broker cancelled the consumer on {queue}")),
             };
-            if !publish.status().connected() {
-                // The copy channel died (e.g. a missing retry exchange): start over.
-                return Err("the confirm channel closed".into());
-            }
             bump(&self.consumer.counters.delivered);
             let handler = self.handler.clone();
             let session = session.clone();
@@ -518,6 +544,7 @@ where
         let cancel = consume.basic_cancel(deliveries.tag(), BasicCancelOptions::default());
         let _ = tokio::time::timeout(SETTLE_TIMEOUT, cancel).await;
         self.wait_for_handlers().await;
+        let publish = session.publish.lock().await.clone();
         for channel in [&consume, &publish] {
             let _ =
                 tokio::time::timeout(SETTLE_TIMEOUT, channel.close(200, "shutdown".into())).await;
@@ -635,15 +662,20 @@ async fn move_failed(message: &Message, error: &HandlerError, session: &Session,
         .map(ToString::to_string)
         .unwrap_or_default();
     let routing_key = destination.routing_key(message.routing_key()).to_string();
-    let published = publish_confirmed(
-        &session.publish,
-        destination.exchange(),
-        &routing_key,
-        message.body(),
-        properties,
-        session.confirm_timeout,
-    )
-    .await;
+    let published = match session.confirm_channel().await {
+        Ok(channel) => {
+            publish_confirmed(
+                &channel,
+                destination.exchange(),
+                &routing_key,
+                message.body(),
+                properties,
+                session.confirm_timeout,
+            )
+            .await
+        }
+        Err(failure) => Err(failure),
+    };
     if published.is_ok() {
         session
             .counters

@@ -1,7 +1,9 @@
 //! A message the consumer can never move (its retry exchange is missing from the broker) must
-//! neither loop forever nor loop hot: every give-back is a `basic.reject(requeue)` (or a closed
-//! channel), which every supported RabbitMQ version counts toward the quorum work queue's
-//! `delivery-limit`, and comes after a pause. Version-agnostic: run it with
+//! neither loop forever nor loop hot: every give-back is a `basic.reject(requeue)`, which every
+//! supported RabbitMQ version counts toward the quorum work queue's `delivery-limit`, and comes
+//! after a pause. The consumer reopens the confirm channel the failed publish closed and keeps
+//! its connection, so only the rejects count here: with `basic.nack(requeue)` instead, RabbitMQ
+//! 4.3 never dead-letters the message and this test times out (checked). Version-agnostic: run it with
 //! `MSGPIPE_RABBITMQ=3.10|4.0|4.3` (the shared test node is started at that version).
 
 mod support;
