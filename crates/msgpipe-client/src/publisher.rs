@@ -10,8 +10,8 @@
 //! When it resends (`retry_pending` and `retry_interval_seconds` are read live from
 //! `pipeline.json`):
 //! - as soon as the link comes (back) up with a non-empty outbox, after a random delay of at
-//!   most 0.5 s (so a fleet of publishers does not stampede a broker that just came back), and
-//!   when `retry_pending` is switched on;
+//!   most [`PublisherOptions::resend_jitter`] (0.5 s by default, so a fleet of publishers does
+//!   not stampede a broker that just came back), and when `retry_pending` is switched on;
 //! - then every `retry_interval_seconds` while messages remain (refused or unreachable).
 //!
 //! **`retry_pending: false` parks the outbox, not the publisher.** Its messages stay on disk
@@ -115,6 +115,9 @@ pub struct PublisherOptions {
     pub reconnect: Backoff,
     /// Messages resent per pipelined batch. Default: 256.
     pub resend_batch: usize,
+    /// Longest random delay before the resend that follows a (re)connection, so that a fleet of
+    /// publishers does not stampede a broker that just came back. Default: 500 ms.
+    pub resend_jitter: Duration,
     /// Shown in the broker's connection list. Default: `msgpipe-publisher`.
     pub connection_name: String,
 }
@@ -131,6 +134,7 @@ impl PublisherOptions {
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
             resend_batch: 256,
+            resend_jitter: Duration::from_millis(500),
             connection_name: "msgpipe-publisher".into(),
         }
     }
@@ -147,6 +151,7 @@ impl std::fmt::Debug for PublisherOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
             .field("resend_batch", &self.resend_batch)
+            .field("resend_jitter", &self.resend_jitter)
             .field("connection_name", &self.connection_name)
             .finish()
     }
@@ -524,11 +529,8 @@ async fn watch_link(
     }
 }
 
-/// Longest random delay before the resend that follows a (re)connection.
-const RECONNECT_JITTER: Duration = Duration::from_millis(500);
-
 /// Resends the outbox while `retry_pending` is on: right after the link comes (back) up or the
-/// flag is switched on (after a random delay of up to [`RECONNECT_JITTER`], so a fleet of
+/// flag is switched on (after a random delay of up to `resend_jitter`, so a fleet of
 /// publishers does not stampede a broker that just came back), then every
 /// `retry_interval_seconds` while messages remain.
 async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -569,7 +571,7 @@ async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             continue;
         }
         if soon {
-            let wait = connection::jitter(RECONNECT_JITTER);
+            let wait = connection::jitter(shared.options.resend_jitter);
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
                 () = tokio::time::sleep(wait) => {}
