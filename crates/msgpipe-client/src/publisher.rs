@@ -43,13 +43,11 @@ use crate::publish::{PublishFailure, await_confirm, publish_confirmed, start_pub
 #[must_use]
 pub enum Outcome {
     /// The broker confirmed the message and routed it to a queue.
-    /// Confirmed by the broker and routed to a queue.
     Confirmed {
         /// The message id (the caller's, or the UUID v7 the publisher set).
         message_id: String,
     },
     /// The broker could not take it now; it is committed to the local outbox and will be resent.
-    /// Committed to the local outbox; resent later.
     Queued {
         /// The message id (the caller's, or the UUID v7 the publisher set).
         message_id: String,
