@@ -359,6 +359,36 @@ fn read_oldest(
     Ok(out)
 }
 
+/// Longest wait for more writers before a commit, when the previous commit served several.
+const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Group commit: `first` plus whatever is queued. When the last commit served several writers
+/// (concurrent publishers, each waiting for its commit before sending the next message), waits
+/// up to [`GATHER_WINDOW`] for as many to arrive: without it, the first writer woken by a commit
+/// gets a commit of its own and the batches alternate between one message and the rest. A lone
+/// sequential writer never waits.
+fn gather(first: WriteOp, ops: &mpsc::Receiver<WriteOp>, last_batch: usize) -> Vec<WriteOp> {
+    let mut batch = vec![first];
+    let deadline = std::time::Instant::now() + GATHER_WINDOW;
+    while batch.len() < MAX_BATCH {
+        match ops.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if batch.len() >= last_batch || left.is_zero() {
+                    break;
+                }
+                match ops.recv_timeout(left) {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    batch
+}
+
 /// The only thread that writes to the file.
 struct Writer {
     db: Arc<Database>,
@@ -369,15 +399,11 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, ops: &mpsc::Receiver<WriteOp>) {
+        let mut last_batch = 1;
         // Ends when every Outbox clone is dropped.
         while let Ok(first) = ops.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            let batch = gather(first, ops, last_batch);
+            last_batch = batch.len();
             self.commit(batch);
         }
     }

@@ -615,39 +615,73 @@ struct Round {
 }
 
 /// One pass over the outbox, oldest first, in pipelined batches. Messages the broker refused
-/// (returned, nacked) stay for the next round; a broken channel ends the round.
+/// (returned, nacked) stay for the next round; a broken channel ends the round. The removal of
+/// a confirmed batch (an fsync'd commit) runs while the next batch is published.
 async fn resend_round(shared: &Shared) -> Result<Round, String> {
     let mut cursor = 0;
     let mut round = Round::default();
-    loop {
+    let mut removing: Option<Removal<'_>> = None;
+    let result = loop {
         if !shared.config.features().retry_pending {
-            return Ok(round);
+            break Ok(());
         }
-        let channel = shared.link.current().ok_or("the broker is unreachable")?;
-        let batch = shared
+        let Some(channel) = shared.link.current() else {
+            break Err("the broker is unreachable".to_string());
+        };
+        let batch = match shared
             .outbox
             .oldest_after(cursor, shared.options.resend_batch.max(1))
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            Ok(batch) => batch,
+            Err(error) => break Err(error.to_string()),
+        };
         let Some((last, _)) = batch.last() else {
-            return Ok(round);
+            break Ok(());
         };
         cursor = *last;
-        let (confirmed, broken) = resend_batch(shared, &channel, &batch).await;
+        let previous = removing.take();
+        let ((confirmed, broken), removed) = tokio::join!(
+            resend_batch(shared, &channel, &batch),
+            finish_removal(shared, previous, &mut round),
+        );
+        if let Err(error) = removed {
+            break Err(error);
+        }
         let count = confirmed.len() as u64;
         round.refused += batch.len() as u64 - count;
-        shared
-            .outbox
-            .remove(confirmed)
-            .await
-            .map_err(|e| e.to_string())?;
-        bump(&shared.counters.resent, count);
-        round.sent += count;
+        removing = Some(Removal {
+            count,
+            done: Box::pin(shared.outbox.remove(confirmed)),
+        });
         if let Some(failure) = broken {
             shared.link.mark_broken();
-            return Err(failure.to_string());
+            break Err(failure.to_string());
         }
-    }
+    };
+    finish_removal(shared, removing, &mut round).await?;
+    result.map(|()| round)
+}
+
+/// A confirmed batch being deleted from the outbox.
+struct Removal<'a> {
+    count: u64,
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 'a>>,
+}
+
+/// Waits for a removal and counts its messages as resent.
+async fn finish_removal(
+    shared: &Shared,
+    removal: Option<Removal<'_>>,
+    round: &mut Round,
+) -> Result<(), String> {
+    let Some(removal) = removal else {
+        return Ok(());
+    };
+    removal.done.await.map_err(|e| e.to_string())?;
+    bump(&shared.counters.resent, removal.count);
+    round.sent += removal.count;
+    Ok(())
 }
 
 /// Publishes a batch, then collects its confirms in order. Returns the confirmed sequence

@@ -12,9 +12,7 @@ use msgpipe_client::{
     Consumer, ConsumerOptions, ConsumerStats, HandlerError, LiveConfig, Message, PipelineConfig,
     headers,
 };
-use support::{
-    Retry, SHARED_PORT, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision,
-};
+use support::{Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision};
 
 const NOTES_RETRY: Retry = Retry {
     max_attempts: 5,
@@ -82,7 +80,7 @@ fn time(headers: &FieldTable, name: &str) -> std::time::SystemTime {
 async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_header() {
     let vhost = TestVhost::new("client-backoff");
     let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let (_conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "note-backoff-1", b"always fails").await;
 
@@ -170,7 +168,7 @@ async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_hea
 async fn permanent_failure_goes_straight_to_dlq_and_success_is_acked() {
     let vhost = TestVhost::new("client-permanent");
     let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "bad-1", b"malformed").await;
     publish_note(&channel, "good-1", b"fine").await;
@@ -206,7 +204,7 @@ async fn permanent_failure_goes_straight_to_dlq_and_success_is_acked() {
 async fn a_copy_the_broker_returns_is_never_acked_the_original_is_requeued() {
     let vhost = TestVhost::new("client-unroutable");
     let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "stuck-1", b"retry me").await;
 

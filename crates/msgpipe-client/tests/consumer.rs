@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use msgpipe_client::{Backoff, Consumer, ConsumerOptions, HandlerError, LiveConfig};
 use support::{
-    Proxy, Retry, SHARED_PORT, TestVhost, amqp_channel, amqp_uri, depth, encode, notes_pipeline,
-    provision,
+    Proxy, Retry, TestVhost, amqp_channel, amqp_uri, depth, encode, notes_pipeline, provision,
 };
 
 const RETRY: Retry = Retry {
@@ -26,12 +25,12 @@ async fn consumer_reconnects_after_repeated_outages_and_loses_nothing() {
     const MESSAGES: usize = 3_000;
     let vhost = TestVhost::new("client-reconnect");
     let pipeline = notes_pipeline(&vhost.name, RETRY);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("r-{i:04}")).collect();
     support::publish_ids(&channel, "notes", "notes", &ids).await;
 
-    let proxy = Proxy::start("127.0.0.1:5673");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
     proxy.set_up(true);
     let mut options = ConsumerOptions::new(format!(
         "amqp://guest:guest@127.0.0.1:{}/{}",
@@ -109,7 +108,7 @@ async fn consumer_reconnects_after_repeated_outages_and_loses_nothing() {
 async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
     let vhost = TestVhost::new("client-shutdown");
     let pipeline = notes_pipeline(&vhost.name, RETRY);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     let ids: Vec<String> = (0..20).map(|i| format!("s-{i:02}")).collect();
     support::publish_ids(&channel, "notes", "notes", &ids).await;

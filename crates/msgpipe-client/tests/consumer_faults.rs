@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig};
 use support::{
-    IdLog, Retry, SHARED_PORT, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision,
-    spawn_child, write_config,
+    IdLog, Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision, spawn_child,
+    write_config,
 };
 
 const MESSAGES: usize = 10_000;
@@ -124,7 +124,7 @@ async fn consumer_killed_repeatedly_loses_no_message() {
     let started = Instant::now();
     let vhost = TestVhost::new("client-consumer-faults");
     let pipeline = notes_pipeline(&vhost.name, SHORT_TIERS);
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = write_config(dir.path(), &pipeline);
     let log_path = dir.path().join("processed.log");

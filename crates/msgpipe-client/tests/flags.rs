@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use msgpipe_client::{
     Backoff, BasicProperties, LiveConfig, Outcome, PipelineConfig, Publisher, PublisherOptions,
 };
-use support::{
-    Proxy, Retry, SHARED_PORT, TestVhost, amqp_channel, depth, encode, notes_pipeline, provision,
-};
+use support::{Proxy, Retry, TestVhost, amqp_channel, depth, encode, notes_pipeline, provision};
 
 /// A ConfigMap-style directory: `pipeline.json -> ..data/pipeline.json`, `..data -> ..gen_N`.
 struct MountedConfig {
@@ -71,7 +69,7 @@ fn note(id: &str) -> BasicProperties {
 async fn retry_pending_off_parks_the_outbox_and_fresh_publishes_go_straight_through() {
     let vhost = TestVhost::new("client-flags");
     let pipeline = notes_pipeline(&vhost.name, Retry::attempts(3));
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = pipeline.clone();
     config.features.retry_pending = true;
@@ -81,7 +79,7 @@ async fn retry_pending_off_parks_the_outbox_and_fresh_publishes_go_straight_thro
         .await
         .expect("watch");
 
-    let proxy = Proxy::start("127.0.0.1:5673");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
     let mut options = PublisherOptions::new(
         format!(
             "amqp://guest:guest@127.0.0.1:{}/{}",
@@ -201,14 +199,14 @@ async fn retry_pending_off_parks_the_outbox_and_fresh_publishes_go_straight_thro
 async fn an_outbox_drains_as_soon_as_the_broker_is_back_not_an_interval_later() {
     let vhost = TestVhost::new("client-drain");
     let mut pipeline = notes_pipeline(&vhost.name, Retry::attempts(3));
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     pipeline.features.retry_interval_seconds = 120; // the default: far longer than the test
     let dir = tempfile::tempdir().expect("tempdir");
     let mount = MountedConfig::new(dir.path(), &pipeline);
     let live = LiveConfig::watch(mount.path(), Duration::from_secs(1))
         .await
         .expect("watch");
-    let proxy = Proxy::start("127.0.0.1:5673");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
     let mut options = PublisherOptions::new(
         format!(
             "amqp://guest:guest@127.0.0.1:{}/{}",

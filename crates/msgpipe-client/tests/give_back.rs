@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig, headers};
 use support::{
-    Retry, SHARED_PORT, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, process_cpu_time,
-    provision, server_major,
+    Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, process_cpu_time, provision,
+    server_major,
 };
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -24,8 +24,8 @@ const MAX_ATTEMPTS: u32 = 3;
 async fn retry_with_the_retry_exchange_missing_ends_in_dlq_after_delivery_limit_with_bounded_cpu() {
     let vhost = TestVhost::new("client-give-back");
     let pipeline = notes_pipeline(&vhost.name, Retry::attempts(MAX_ATTEMPTS));
-    provision(&pipeline, SHARED_PORT).await;
-    let major = server_major(support::MGMT_URL);
+    provision(&pipeline, support::shared_port()).await;
+    let major = server_major(&support::mgmt_url());
     let (conn, channel) = amqp_channel(&vhost.name).await;
     channel
         .exchange_delete(

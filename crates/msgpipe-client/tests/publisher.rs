@@ -5,9 +5,7 @@ mod support;
 use std::time::Instant;
 
 use msgpipe_client::{BasicProperties, LiveConfig, Outcome, Publisher, PublisherOptions};
-use support::{
-    Retry, SHARED_PORT, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision,
-};
+use support::{Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision};
 
 const STARTS: usize = 50;
 const PUBLISHES: usize = 100;
@@ -19,7 +17,7 @@ const PUBLISHES: usize = 100;
 async fn the_first_hundred_publishes_after_start_are_confirmed_fifty_starts_in_a_row() {
     let vhost = TestVhost::new("client-first-publish");
     let pipeline = notes_pipeline(&vhost.name, Retry::attempts(3));
-    provision(&pipeline, SHARED_PORT).await;
+    provision(&pipeline, support::shared_port()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
     for run in 0..STARTS {

@@ -22,17 +22,34 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Management API of the shared test broker.
-pub const MGMT_URL: &str = "http://127.0.0.1:15673/api";
-/// AMQP port of the shared test broker.
-pub const SHARED_PORT: u16 = 5673;
+/// Environment variable: AMQP port of the node the tests use instead of the shared test node
+/// (`msgpipe-test` on 5673). The node is named `msgpipe-client-PORT` and started at
+/// `MSGPIPE_RABBITMQ`'s version, e.g. to try the suite on 3.10 without touching the shared node:
+/// `MSGPIPE_RABBITMQ=3.10 MSGPIPE_CLIENT_TEST_PORT=5691 cargo nextest run -p msgpipe-client`.
+pub const PORT_ENV: &str = "MSGPIPE_CLIENT_TEST_PORT";
+
+/// AMQP port of the test broker (5673, the shared node, unless [`PORT_ENV`] says otherwise).
+pub fn shared_port() -> u16 {
+    std::env::var(PORT_ENV)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5673)
+}
+
+/// Management API of the test broker.
+pub fn mgmt_url() -> String {
+    format!("http://127.0.0.1:{}/api", u32::from(shared_port()) + 10000)
+}
 
 /// Starts (or finds running) the test broker of `scripts/test-broker.sh`.
 pub fn ensure_test_broker() {
-    let status = Command::new(repo_path("scripts/test-broker.sh"))
-        .arg("ensure")
-        .status()
-        .expect("scripts/test-broker.sh runs");
+    let port = shared_port();
+    let mut script = Command::new(repo_path("scripts/test-broker.sh"));
+    script.arg("ensure");
+    if port != 5673 {
+        script.args([format!("msgpipe-client-{port}"), port.to_string()]);
+    }
+    let status = script.status().expect("scripts/test-broker.sh runs");
     assert!(
         status.success(),
         "the test broker did not start (scripts/test-broker.sh ensure)"
@@ -98,7 +115,12 @@ pub fn http(method: &str, url: &str, body: Option<&Value>, basic_auth: bool) -> 
 
 /// A management API call that must succeed.
 pub fn mgmt(method: &str, path: &str, body: Option<Value>) -> String {
-    let (status, text) = http(method, &format!("{MGMT_URL}{path}"), body.as_ref(), true);
+    let (status, text) = http(
+        method,
+        &format!("{}{path}", mgmt_url()),
+        body.as_ref(),
+        true,
+    );
     assert!(
         (200..300).contains(&status),
         "{method} {path} -> {status}: {text}"
@@ -116,7 +138,7 @@ impl TestVhost {
         ensure_test_broker();
         let name = format!("{prefix}-{}", std::process::id());
         let path = format!("/vhosts/{}", encode(&name));
-        let _ = http("DELETE", &format!("{MGMT_URL}{path}"), None, true);
+        let _ = http("DELETE", &format!("{}{path}", mgmt_url()), None, true);
         mgmt("PUT", &path, None);
         mgmt(
             "PUT",
@@ -135,7 +157,7 @@ impl Drop for TestVhost {
     fn drop(&mut self) {
         let _ = http(
             "DELETE",
-            &format!("{MGMT_URL}/vhosts/{}", encode(&self.name)),
+            &format!("{}/vhosts/{}", mgmt_url(), encode(&self.name)),
             None,
             true,
         );
@@ -144,7 +166,11 @@ impl Drop for TestVhost {
 
 /// AMQP URI of the test broker for `vhost`.
 pub fn amqp_uri(vhost: &str) -> String {
-    format!("amqp://guest:guest@127.0.0.1:5673/{}", encode(vhost))
+    format!(
+        "amqp://guest:guest@127.0.0.1:{}/{}",
+        shared_port(),
+        encode(vhost)
+    )
 }
 
 /// A plain lapin channel on the test broker's `vhost`, with publisher confirms on.
@@ -371,7 +397,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn start(target: &'static str) -> Self {
+    pub fn start(target: String) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -385,7 +411,7 @@ impl Proxy {
                     let _ = inbound.shutdown(std::net::Shutdown::Both);
                     continue;
                 }
-                let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                let Ok(outbound) = std::net::TcpStream::connect(target.as_str()) else {
                     continue;
                 };
                 let mut streams = open2.lock().expect("lock");
