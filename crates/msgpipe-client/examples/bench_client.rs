@@ -14,7 +14,8 @@
 //!    broker with an outbox of the same number of messages (resend jitter 0), timed from start
 //!    to an empty outbox.
 //!
-//! Each pair runs `BENCH_ROUNDS` times alternating, and the median is reported.
+//! Each pair runs `BENCH_ROUNDS` times alternating; the medians of the rates and of the
+//! per-round ratios are reported. `BENCH_ONLY=broker-down,drain` runs only the rows named.
 //!
 //! ```text
 //! scripts/test-broker.sh ensure
@@ -84,67 +85,96 @@ async fn main() -> Result<(), Error> {
     result
 }
 
+/// Whether the row `name` runs: all rows unless `BENCH_ONLY` (comma-separated names: consume,
+/// retry, publish, broker-down, drain) says otherwise.
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|n| n.trim() == name))
+}
+
+/// One result row: path, baseline name and rate, library name and rate, paired ratio, target.
+type Row = (&'static str, &'static str, f64, &'static str, f64, f64, f64);
+
 async fn run_all(bench: &Bench, rounds: usize) -> Result<(), Error> {
-    let mut rows = Vec::new();
-    let (raw, lib) = pair(rounds, || bench.raw_consume_ack(), || bench.consumer_ack()).await?;
-    rows.push((
-        "consume + ack",
-        "raw lapin consume+ack",
-        raw,
-        "Consumer, handler Ok",
-        lib,
-        0.9,
-    ));
-    let (raw, lib) = pair(rounds, || bench.raw_retry(), || bench.consumer_retry()).await?;
-    rows.push((
-        "retry path",
-        "raw consume+confirmed publish+ack",
-        raw,
-        "Consumer, handler Err(Retryable)",
-        lib,
-        0.9,
-    ));
-    let (raw, lib) = pair(rounds, || bench.raw_publish(), || bench.publisher()).await?;
-    rows.push((
-        "publish",
-        "raw lapin publish+confirm",
-        raw,
-        "Publisher (outbox on)",
-        lib,
-        0.7,
-    ));
-    let size = bench.outbox_entry_size().await?;
-    println!("  (outbox entry: {size} bytes encoded; raw redb values of the same size)");
-    let (raw, lib) = pair(
-        rounds,
-        || bench.raw_redb_commits(size),
-        || bench.outbox_append(),
-    )
-    .await?;
-    rows.push((
-        "broker down",
-        "raw redb commits (fsync), same size",
-        raw,
-        "Publisher -> outbox (fsync)",
-        lib,
-        0.8,
-    ));
-    let (raw, lib) = pair(rounds, || bench.raw_publish_best(), || bench.drain()).await?;
-    rows.push((
-        "drain",
-        "raw lapin publish+confirm",
-        raw,
-        "Publisher drains outbox on connect",
-        lib,
-        0.7,
-    ));
+    let mut rows: Vec<Row> = Vec::new();
+    if selected("consume") {
+        let (raw, lib, ratio) =
+            pair(rounds, || bench.raw_consume_ack(), || bench.consumer_ack()).await?;
+        rows.push((
+            "consume + ack",
+            "raw lapin consume+ack",
+            raw,
+            "Consumer, handler Ok",
+            lib,
+            ratio,
+            0.9,
+        ));
+    }
+    if selected("retry") {
+        let (raw, lib, ratio) =
+            pair(rounds, || bench.raw_retry(), || bench.consumer_retry()).await?;
+        rows.push((
+            "retry path",
+            "raw consume+confirmed publish+ack",
+            raw,
+            "Consumer, handler Err(Retryable)",
+            lib,
+            ratio,
+            0.9,
+        ));
+    }
+    if selected("publish") {
+        let (raw, lib, ratio) = pair(rounds, || bench.raw_publish(), || bench.publisher()).await?;
+        rows.push((
+            "publish",
+            "raw lapin publish+confirm",
+            raw,
+            "Publisher (outbox on)",
+            lib,
+            ratio,
+            0.7,
+        ));
+    }
+    if selected("broker-down") {
+        let size = bench.outbox_entry_size().await?;
+        println!("  (outbox entry: {size} bytes encoded; raw redb values of the same size)");
+        let (raw, lib, ratio) = pair(
+            rounds,
+            || bench.raw_redb_commits(size),
+            || bench.outbox_append(),
+        )
+        .await?;
+        rows.push((
+            "broker down",
+            "raw redb commits (fsync), same size",
+            raw,
+            "Publisher -> outbox (fsync)",
+            lib,
+            ratio,
+            0.8,
+        ));
+    }
+    if selected("drain") {
+        let (raw, lib, ratio) = pair(rounds, || bench.raw_publish_best(), || bench.drain()).await?;
+        rows.push((
+            "drain",
+            "raw lapin publish+confirm",
+            raw,
+            "Publisher drains outbox on connect",
+            lib,
+            ratio,
+            0.7,
+        ));
+    }
     println!();
+    println!(
+        "msg/s are medians over the rounds; ratio is the median of the per-round ratios (each"
+    );
+    println!("round runs baseline and library back to back, so a busy machine slows both alike).");
     println!(
         "{:<14} {:<36} {:>10}   {:<34} {:>10}   {:>6}  {:>6}",
         "path", "baseline", "msg/s", "msgpipe-client", "msg/s", "ratio", "target"
     );
-    for (path, base_name, base, lib_name, lib, target) in rows {
-        let ratio = lib / base;
+    for (path, base_name, base, lib_name, lib, ratio, target) in rows {
         println!(
             "{path:<14} {base_name:<36} {base:>10.0}   {lib_name:<34} {lib:>10.0}   {ratio:>6.2}  {:>5.2}{}",
             target,
@@ -159,22 +189,26 @@ async fn run_all(bench: &Bench, rounds: usize) -> Result<(), Error> {
 }
 
 /// Runs baseline and library alternately `rounds` times; returns the median rates.
-async fn pair<A, B, FA, FB>(rounds: usize, mut raw: A, mut lib: B) -> Result<(f64, f64), Error>
+async fn pair<A, B, FA, FB>(rounds: usize, mut raw: A, mut lib: B) -> Result<(f64, f64, f64), Error>
 where
     A: FnMut() -> FA,
     B: FnMut() -> FB,
     FA: Future<Output = Result<f64, Error>>,
     FB: Future<Output = Result<f64, Error>>,
 {
-    let (mut raws, mut libs) = (Vec::new(), Vec::new());
+    let (mut raws, mut libs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let r = raw().await?;
         let l = lib().await?;
-        println!("  round {round}: baseline {r:>8.0} msg/s   msgpipe-client {l:>8.0} msg/s");
+        println!(
+            "  round {round}: baseline {r:>8.0} msg/s   msgpipe-client {l:>8.0} msg/s   ratio {:.2}",
+            l / r
+        );
         raws.push(r);
         libs.push(l);
+        ratios.push(l / r);
     }
-    Ok((median(raws), median(libs)))
+    Ok((median(raws), median(libs), median(ratios)))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
