@@ -64,9 +64,10 @@ bench: bench-provision bench-client bench-operator ## every benchmark (release b
 bench-provision: setup ## msgpipe apply vs raw AMQP+HTTP vs per-object HTTP, N pipelines
 	$(CARGO) run --release --example bench_provision -- --pipelines $(N)
 
-bench-client: setup ## consumer/publisher vs raw lapin on the same broker
+bench-client: setup ## consumer/publisher vs raw lapin; outbox (broker down) vs raw redb; drain vs raw publish
 	scripts/test-broker.sh ensure
-	$(CARGO) run --release -p msgpipe-client --example bench_client
+	mkdir -p target/bench-client
+	BENCH_DIR=$(CURDIR)/target/bench-client $(CARGO) run --release -p msgpipe-client --example bench_client
 
 bench-operator: setup ## operator RSS, first sync, writes per resync (mocked Kubernetes API)
 	$(CARGO) run --release --example bench_operator -- --pipelines $(or $(PIPELINES),1000)

@@ -16,8 +16,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use msgpipe_client::retry::{self, Destination, FailureKind};
-use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig, Message, headers};
+use msgpipe_client::{
+    Consumer, ConsumerOptions, Destination, HandlerError, LiveConfig, Message, headers,
+};
 
 struct Args {
     uri: String,
@@ -64,12 +65,8 @@ fn save_note(text: &str, attempt: u32) -> Result<(), HandlerError> {
 }
 
 /// What the consumer will do with a failure, for the printout.
-fn next_step(config: &LiveConfig, message: &Message, error: &HandlerError) -> String {
-    let kind = match error {
-        HandlerError::Retryable(_) => FailureKind::Retryable,
-        HandlerError::Permanent(_) => FailureKind::Permanent,
-    };
-    match retry::destination(&config.current(), message.attempt(), kind) {
+fn next_step(message: &Message, error: &HandlerError) -> String {
+    match message.failure_destination(error) {
         Destination::Retry { tier, delay, .. } => {
             format!("retry tier {tier} in {:.1}s", delay.as_secs_f64())
         }
@@ -79,9 +76,7 @@ fn next_step(config: &LiveConfig, message: &Message, error: &HandlerError) -> St
 
 /// How long the message waited since its last failure (the backoff actually seen).
 fn waited(message: &Message) -> String {
-    let last = message
-        .header_text(headers::LAST_FAILURE)
-        .and_then(|t| retry::parse_rfc3339(&t));
+    let last = message.header_time(headers::LAST_FAILURE);
     match last.and_then(|t| SystemTime::now().duration_since(t).ok()) {
         Some(wait) => format!(", waited {:.2}s since the last failure", wait.as_secs_f64()),
         None => String::new(),
@@ -118,7 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Vec<_>>(),
         pipeline.dead_letter.queue
     );
-    let consumer = Consumer::new(ConsumerOptions::new(&args.uri), config.clone())?;
+    let consumer = Consumer::new(ConsumerOptions::new(&args.uri), config)?;
     let stop = consumer.shutdown_handle();
     let last_activity = Arc::new(Mutex::new(Instant::now()));
 
@@ -144,7 +139,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let final_stats = consumer
         .run(move |message: Message| {
-            let config = config.clone();
             let last_activity = last_activity.clone();
             async move {
                 if let Ok(mut t) = last_activity.lock() {
@@ -162,7 +156,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Err(error) => println!(
                         "consumer: {id} {attempt} {text:?}: failed ({error}){} -> {}",
                         waited(&message),
-                        next_step(&config, &message, error)
+                        next_step(&message, error)
                     ),
                 }
                 result

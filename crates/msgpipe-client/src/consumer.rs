@@ -3,24 +3,33 @@
 //! Success acks. A failure republishes a copy (to the retry tier of this attempt, or to the
 //! dead-letter exchange) on a confirm channel with `mandatory`, and acks the original only
 //! once the broker confirmed the copy and did not return it. If the copy is nacked, returned,
-//! times out or the channel dies, the original is nacked with `requeue = true`: it is never
-//! acked before it is safely elsewhere.
+//! times out or the channel dies, the original is *given back*: after a pause
+//! ([`ConsumerOptions::give_back_backoff`], growing while give-backs continue) it is rejected
+//! with `requeue = true`. It is never acked before it is safely elsewhere.
+//!
+//! Why `basic.reject` and not `basic.nack`: on a quorum queue the broker's `delivery-limit`
+//! must count every give-back, or a message the client can never move (a retry tier missing
+//! from the broker) loops forever. RabbitMQ 4.3 does not count `basic.nack(requeue)` toward
+//! `delivery-limit`; `basic.reject(requeue)` and a closed channel count on every supported
+//! version (3.10, 4.0, 4.3). The pause keeps a broken topology from becoming a hot loop.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel, Connection};
 use tokio::sync::{Semaphore, watch};
 
+use crate::config::PipelineConfig;
 use crate::connection::{self, Backoff, BackoffState, InvalidUri};
 use crate::live::LiveConfig;
 use crate::publish::{PublishFailure, publish_confirmed};
@@ -39,10 +48,12 @@ pub enum HandlerError {
 }
 
 impl HandlerError {
+    /// A failure worth retrying, with `error`'s text.
     pub fn retryable(error: impl std::fmt::Display) -> Self {
         Self::Retryable(error.to_string())
     }
 
+    /// A failure retrying cannot fix, with `error`'s text.
     pub fn permanent(error: impl std::fmt::Display) -> Self {
         Self::Permanent(error.to_string())
     }
@@ -75,14 +86,17 @@ struct MessageInner {
     routing_key: ShortString,
     redelivered: bool,
     attempt: u32,
-    max_attempts: u32,
+    /// The pipeline as it was when the message was delivered: its failure goes by this.
+    config: Arc<PipelineConfig>,
 }
 
 impl Message {
+    /// The message body.
     pub fn body(&self) -> &[u8] {
         &self.inner.body
     }
 
+    /// The message properties (headers, message id, content type, ...).
     pub fn properties(&self) -> &BasicProperties {
         &self.inner.properties
     }
@@ -104,12 +118,28 @@ impl Message {
 
     /// Attempts allowed by the pipeline (`maxAttempts`) when this message was delivered.
     pub fn max_attempts(&self) -> u32 {
-        self.inner.max_attempts
+        self.inner.config.max_attempts
     }
 
     /// True when a failure now sends the message to the DLQ rather than to a retry tier.
     pub fn is_last_attempt(&self) -> bool {
-        self.inner.attempt >= self.inner.max_attempts
+        self.inner.attempt >= self.inner.config.max_attempts
+    }
+
+    /// Where the consumer will send this message if the handler returns `error`: the retry
+    /// tier (and its delay) for this attempt, or the dead-letter exchange (and why).
+    ///
+    /// ```
+    /// # use msgpipe_client::{Destination, HandlerError, Message};
+    /// fn describe(message: &Message, error: &HandlerError) -> String {
+    ///     match message.failure_destination(error) {
+    ///         Destination::Retry { tier, delay, .. } => format!("retry tier {tier} in {delay:?}"),
+    ///         Destination::DeadLetter { reason, .. } => format!("dead-lettered ({reason})"),
+    ///     }
+    /// }
+    /// ```
+    pub fn failure_destination(&self, error: &HandlerError) -> Destination {
+        retry::destination(&self.inner.config, self.inner.attempt, error.kind())
     }
 
     /// The broker's redelivered flag: an earlier delivery of this copy may have been handled
@@ -123,44 +153,88 @@ impl Message {
         self.inner.exchange.as_str()
     }
 
+    /// Routing key of this copy (the queue name for a message back from a retry tier).
     pub fn routing_key(&self) -> &str {
         self.inner.routing_key.as_str()
     }
 
-    /// A header of the message, as text (e.g. [`crate::headers::LAST_FAILURE`]).
+    /// A header of the message, as text (e.g. [`crate::headers::ERROR`]).
     pub fn header_text(&self, name: &str) -> Option<String> {
         retry::header_text(self.inner.properties.headers().as_ref(), name)
+    }
+
+    /// A time header of the message (e.g. [`crate::headers::LAST_FAILURE`]); None when absent
+    /// or not RFC 3339.
+    pub fn header_time(&self, name: &str) -> Option<std::time::SystemTime> {
+        self.header_text(name)
+            .and_then(|text| crate::headers::parse_time(&text))
     }
 }
 
 /// How the consumer connects and how much it takes on at once.
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows the URI with its password replaced by `***`.
+#[derive(Clone)]
 pub struct ConsumerOptions {
     /// `amqp[s]://user:password@host:port/vhost`.
     pub uri: String,
-    /// Unacknowledged deliveries the broker may push ahead (`basic.qos`).
+    /// PEM file of the CA that signed the broker's certificate, for `amqps` URIs whose broker
+    /// certificate is not signed by a CA in the OS trust store. Default: `None` (OS store), or
+    /// the file named by [`crate::CA_FILE_ENV`] when set.
+    pub ca_file: Option<PathBuf>,
+    /// Unacknowledged deliveries the broker may push ahead (`basic.qos`). Default: 64.
     pub prefetch: u16,
-    /// Handlers running at once.
+    /// Handlers running at once. Default: 16.
     pub concurrency: usize,
-    /// How long a republished copy may wait for its confirm before the original is requeued.
+    /// How long a republished copy may wait for its confirm before the original is given back.
+    /// Default: 10 s.
     pub confirm_timeout: Duration,
+    /// Longest wait for the connection and its channels. Default: 10 s.
     pub connect_timeout: Duration,
+    /// Waits between reconnect attempts. Default: [`Backoff::default`] (200 ms doubling to 30 s).
     pub reconnect: Backoff,
-    /// Shown in the broker's connection list.
+    /// Pause before a message whose copy the broker did not take (returned: a missing retry
+    /// tier or DLQ binding; nacked; not confirmed) is given back to the queue. Doubles with each
+    /// give-back in a row, up to `max`, and starts over once a copy is confirmed. Default:
+    /// 500 ms doubling to 30 s.
+    pub give_back_backoff: Backoff,
+    /// Shown in the broker's connection list. Default: `msgpipe-consumer`.
     pub connection_name: String,
 }
 
 impl ConsumerOptions {
+    /// Options with the defaults above for `uri`.
     pub fn new(uri: impl Into<String>) -> Self {
         Self {
             uri: uri.into(),
+            ca_file: connection::ca_file_from_env(),
             prefetch: 64,
             concurrency: 16,
             confirm_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             reconnect: Backoff::default(),
+            give_back_backoff: Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+            },
             connection_name: "msgpipe-consumer".into(),
         }
+    }
+}
+
+impl std::fmt::Debug for ConsumerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerOptions")
+            .field("uri", &connection::redact_uri(&self.uri))
+            .field("ca_file", &self.ca_file)
+            .field("prefetch", &self.prefetch)
+            .field("concurrency", &self.concurrency)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect", &self.reconnect)
+            .field("give_back_backoff", &self.give_back_backoff)
+            .field("connection_name", &self.connection_name)
+            .finish()
     }
 }
 
@@ -169,14 +243,17 @@ impl ConsumerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error(transparent)]
+    /// The URI cannot be parsed (the error does not repeat it).
     InvalidUri(#[from] InvalidUri),
     #[error("concurrency and prefetch must be at least 1")]
+    /// `concurrency` or `prefetch` is 0.
     NoCapacity,
 }
 
 /// Counters of what the consumer did, since it started.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConsumerStats {
+    /// Messages handed to the handler.
     pub delivered: u64,
     /// Handled successfully and acked.
     pub acked: u64,
@@ -184,7 +261,8 @@ pub struct ConsumerStats {
     pub retried: u64,
     /// Failed and moved to the DLQ (copy confirmed, original acked).
     pub dead_lettered: u64,
-    /// Failed, but the copy was not confirmed: the original was requeued.
+    /// Failed, but the copy was not confirmed: the original was given back (rejected with
+    /// requeue) after a pause.
     pub requeued: u64,
     /// Successful connections (1 + reconnects).
     pub connections: u64,
@@ -198,9 +276,17 @@ struct Counters {
     dead_lettered: AtomicU64,
     requeued: AtomicU64,
     connections: AtomicU64,
+    /// Give-backs since the last confirmed copy: sets the next give-back pause.
+    give_backs_in_a_row: AtomicU32,
 }
 
 impl Counters {
+    /// Messages settled for good (acked after success or after a confirmed copy).
+    fn settled(&self) -> u64 {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        get(&self.acked) + get(&self.retried) + get(&self.dead_lettered)
+    }
+
     fn snapshot(&self) -> ConsumerStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ConsumerStats {
@@ -223,6 +309,7 @@ fn bump(counter: &AtomicU64) {
 pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
 
 impl ShutdownHandle {
+    /// Asks the consumer to stop; [`Consumer::run`] returns once the handlers in flight are done.
     pub fn shutdown(&self) {
         self.0.send_replace(true);
     }
@@ -242,12 +329,15 @@ pub struct Consumer {
 pub struct ConsumerStatsHandle(Arc<Counters>);
 
 impl ConsumerStatsHandle {
+    /// The counters now.
     pub fn get(&self) -> ConsumerStats {
         self.0.snapshot()
     }
 }
 
 impl Consumer {
+    /// A consumer of `config`'s work queue; nothing connects until [`Consumer::run`]. Fails on an
+    /// unparsable URI or zero capacity.
     pub fn new(options: ConsumerOptions, config: LiveConfig) -> Result<Self, ConsumerError> {
         connection::check_uri(&options.uri)?;
         if options.concurrency == 0 || options.prefetch == 0 {
@@ -261,10 +351,12 @@ impl Consumer {
         })
     }
 
+    /// A handle that stops [`Consumer::run`] from another task.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown.clone())
     }
 
+    /// Counters that stay readable while [`Consumer::run`] owns the consumer.
     pub fn stats(&self) -> ConsumerStatsHandle {
         ConsumerStatsHandle(self.counters.clone())
     }
@@ -301,10 +393,38 @@ struct Run<'a, H> {
 
 /// Everything a delivery task needs from its session.
 struct Session {
-    publish: Channel,
+    connection: Arc<Connection>,
+    /// The confirm channel for copies; reopened on the same connection when the broker closed
+    /// it (a publish to a missing exchange closes the channel, not the connection).
+    publish: tokio::sync::Mutex<Channel>,
+    connect_timeout: Duration,
     config: LiveConfig,
     confirm_timeout: Duration,
+    give_back_backoff: Backoff,
     counters: Arc<Counters>,
+}
+
+impl Session {
+    /// The confirm channel, reopened first if the broker closed it.
+    async fn confirm_channel(&self) -> Result<Channel, PublishFailure> {
+        let mut channel = self.publish.lock().await;
+        if !channel.status().connected() {
+            let reopen = async {
+                let fresh = self.connection.create_channel().await?;
+                fresh
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(fresh)
+            };
+            *channel = tokio::time::timeout(self.connect_timeout, reopen)
+                .await
+                .map_err(|_| PublishFailure::Timeout(self.connect_timeout))?
+                .map_err(|e| {
+                    PublishFailure::Channel(format!("reopening the confirm channel: {e}"))
+                })?;
+        }
+        Ok(channel.clone())
+    }
 }
 
 enum SessionEnd {
@@ -324,10 +444,20 @@ where
             if *self.shutdown.borrow() {
                 break;
             }
-            let (connection, end) = match self.session(&mut backoff).await {
+            let started = std::time::Instant::now();
+            let settled_before = self.consumer.counters.settled();
+            let (connection, end) = match self.session().await {
                 Ok(done) => done,
                 Err(error) => (None, SessionEnd::Lost(error)),
             };
+            // A session that settled a message, or lasted, was healthy: the next outage starts
+            // the backoff over. One that died at once (e.g. its copy channel closed by a missing
+            // retry exchange) keeps growing it, so a broken topology cannot cause a reconnect loop.
+            if self.consumer.counters.settled() > settled_before
+                || started.elapsed() >= options.reconnect.max
+            {
+                backoff.reset();
+            }
             if let Some(connection) = &connection {
                 connection::close(connection).await;
             }
@@ -352,41 +482,38 @@ where
     }
 
     /// One connection's life: returns how it ended, and the connection to close.
-    async fn session(
-        &mut self,
-        backoff: &mut BackoffState,
-    ) -> Result<(Option<Connection>, SessionEnd), String> {
+    async fn session(&mut self) -> Result<(Option<Arc<Connection>>, SessionEnd), String> {
         let options = &self.consumer.options;
         let connection = connection::connect(
             &options.uri,
             &options.connection_name,
             options.connect_timeout,
+            options.ca_file.as_deref(),
         )
         .await?;
-        match self.consume(&connection, backoff).await {
+        let connection = Arc::new(connection);
+        match self.consume(&connection).await {
             Ok(end) => Ok((Some(connection), end)),
             Err(error) => Ok((Some(connection), SessionEnd::Lost(error))),
         }
     }
 
-    async fn consume(
-        &mut self,
-        connection: &Connection,
-        backoff: &mut BackoffState,
-    ) -> Result<SessionEnd, String> {
+    async fn consume(&mut self, connection: &Arc<Connection>) -> Result<SessionEnd, String> {
         let options = &self.consumer.options;
         let setup = tokio::time::timeout(options.connect_timeout, self.open_channels(connection));
         let (consume, publish, mut deliveries) = setup
             .await
             .map_err(|_| "opening channels: no answer in time".to_string())??;
         let queue = deliveries.queue().to_string();
-        backoff.reset();
         bump(&self.consumer.counters.connections);
         tracing::info!(%queue, prefetch = options.prefetch, concurrency = options.concurrency, "consuming");
         let session = Arc::new(Session {
-            publish: publish.clone(),
+            connection: connection.clone(),
+            publish: tokio::sync::Mutex::new(publish),
+            connect_timeout: options.connect_timeout,
             config: self.consumer.config.clone(),
             confirm_timeout: options.confirm_timeout,
+            give_back_backoff: options.give_back_backoff,
             counters: self.consumer.counters.clone(),
         });
         loop {
@@ -405,10 +532,6 @@ where
                 Some(Err(error)) => return Err(format!("delivery stream: {error}")),
                 None => return Err(format!("the broker cancelled the consumer on {queue}")),
             };
-            if !publish.status().connected() {
-                // The copy channel died (e.g. a missing retry exchange): start over.
-                return Err("the confirm channel closed".into());
-            }
             bump(&self.consumer.counters.delivered);
             let handler = self.handler.clone();
             let session = session.clone();
@@ -421,6 +544,7 @@ where
         let cancel = consume.basic_cancel(deliveries.tag(), BasicCancelOptions::default());
         let _ = tokio::time::timeout(SETTLE_TIMEOUT, cancel).await;
         self.wait_for_handlers().await;
+        let publish = session.publish.lock().await.clone();
         for channel in [&consume, &publish] {
             let _ =
                 tokio::time::timeout(SETTLE_TIMEOUT, channel.close(200, "shutdown".into())).await;
@@ -487,7 +611,7 @@ where
     let message = Message {
         inner: Arc::new(MessageInner {
             attempt: retry::retry_count(properties.headers().as_ref()).saturating_add(1),
-            max_attempts: config.max_attempts,
+            config,
             body: data,
             properties,
             exchange,
@@ -511,9 +635,8 @@ where
 
 /// Republishes a failed message where the protocol says, then acks; requeues if that fails.
 async fn move_failed(message: &Message, error: &HandlerError, session: &Session, acker: &Acker) {
-    let config = session.config.current();
     let attempt = message.attempt();
-    let destination = retry::destination(&config, attempt, error.kind());
+    let destination = message.failure_destination(error);
     let now = retry::now_rfc3339();
     let failure = Failure {
         attempt,
@@ -539,15 +662,26 @@ async fn move_failed(message: &Message, error: &HandlerError, session: &Session,
         .map(ToString::to_string)
         .unwrap_or_default();
     let routing_key = destination.routing_key(message.routing_key()).to_string();
-    let published = publish_confirmed(
-        &session.publish,
-        destination.exchange(),
-        &routing_key,
-        message.body(),
-        properties,
-        session.confirm_timeout,
-    )
-    .await;
+    let published = match session.confirm_channel().await {
+        Ok(channel) => {
+            publish_confirmed(
+                &channel,
+                destination.exchange(),
+                &routing_key,
+                message.body(),
+                properties,
+                session.confirm_timeout,
+            )
+            .await
+        }
+        Err(failure) => Err(failure),
+    };
+    if published.is_ok() {
+        session
+            .counters
+            .give_backs_in_a_row
+            .store(0, Ordering::Relaxed);
+    }
     match (published, &destination) {
         (Ok(()), Destination::Retry { tier, delay, .. }) => {
             tracing::info!(%message_id, attempt, tier, delay_ms = delay.as_millis() as u64, error = %error, "retry scheduled");
@@ -562,7 +696,7 @@ async fn move_failed(message: &Message, error: &HandlerError, session: &Session,
             }
         }
         (Err(failure), _) => {
-            requeue(acker, message, &failure).await;
+            give_back(acker, message, &failure, session).await;
             bump(&session.counters.requeued);
         }
     }
@@ -583,12 +717,77 @@ async fn ack(acker: &Acker, message: &Message) -> bool {
     }
 }
 
-async fn requeue(acker: &Acker, message: &Message, failure: &PublishFailure) {
-    tracing::warn!(message_id = ?message.message_id(), attempt = message.attempt(), %failure, "copy not confirmed; requeueing the original");
-    let options = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    // If even the nack fails the channel is gone, and the broker requeues the message itself.
-    let _ = tokio::time::timeout(SETTLE_TIMEOUT, acker.nack(options)).await;
+/// Returns a message whose copy the broker did not take to its queue, after a pause that grows
+/// while give-backs continue. `basic.reject(requeue)` is the call every supported RabbitMQ
+/// version counts toward a quorum queue's `delivery-limit` (4.3 does not count
+/// `basic.nack(requeue)`), so a message that can never be moved still ends in the DLQ.
+async fn give_back(acker: &Acker, message: &Message, failure: &PublishFailure, session: &Session) {
+    let in_a_row = session
+        .counters
+        .give_backs_in_a_row
+        .fetch_add(1, Ordering::Relaxed);
+    let pause = give_back_pause(session.give_back_backoff, in_a_row);
+    tracing::warn!(
+        message_id = ?message.message_id(),
+        attempt = message.attempt(),
+        %failure,
+        pause_ms = pause.as_millis() as u64,
+        "copy not confirmed; giving the original back to the queue after a pause"
+    );
+    tokio::time::sleep(pause).await;
+    // If even the reject fails the channel is gone, and the broker requeues the message itself
+    // (a closed channel counts toward delivery-limit too).
+    let _ = tokio::time::timeout(
+        SETTLE_TIMEOUT,
+        acker.reject(BasicRejectOptions { requeue: true }),
+    )
+    .await;
+}
+
+/// `initial * 2^in_a_row`, capped at `max`, with ±20 % jitter.
+fn give_back_pause(policy: Backoff, in_a_row: u32) -> Duration {
+    let mut state = BackoffState::new(policy);
+    let mut wait = state.next_wait();
+    for _ in 0..in_a_row.min(32) {
+        wait = state.next_wait();
+    }
+    wait
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn give_back_pauses_double_up_to_the_cap() {
+        let policy = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for (in_a_row, base) in [(0, 100), (1, 200), (3, 800), (5, 2_000), (1_000, 2_000)] {
+            let ms = give_back_pause(policy, in_a_row).as_millis() as u64;
+            assert!(
+                (base * 8 / 10..=base * 12 / 10).contains(&ms),
+                "{in_a_row} in a row: {ms} ms vs {base}"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_password_whatever_its_length() {
+        for password in ["x", "ab", "s3cr3t-Pa55word-0123456789"] {
+            let uri = format!("amqp://notes:{password}@rabbitmq:5672/%2f");
+            let options = ConsumerOptions::new(uri);
+            let shown = format!("{options:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+            assert!(
+                shown.contains("amqp://notes:***@rabbitmq:5672/%2f"),
+                "{shown}"
+            );
+            let consumer = Consumer::new(options, LiveConfig::fixed(crate::config::tests::notes()))
+                .expect("consumer");
+            let shown = format!("{consumer:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+        }
+    }
 }

@@ -42,3 +42,9 @@ pub const REPLAY_COUNT: &str = "x-msgpipe-replay-count";
 pub const BROKER_FIRST_DEATH_REASON: &str = "x-first-death-reason";
 /// Broker-set header: the queue the message was first dead-lettered from.
 pub const BROKER_FIRST_DEATH_QUEUE: &str = "x-first-death-queue";
+
+/// Reads a time header such as [`FIRST_FAILURE`] or [`LAST_FAILURE`] (RFC 3339); None when the
+/// text is not one.
+pub fn parse_time(text: &str) -> Option<std::time::SystemTime> {
+    crate::retry::parse_rfc3339(text)
+}

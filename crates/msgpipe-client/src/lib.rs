@@ -55,18 +55,31 @@
 //!   come from a confirm that arrived too late (the message was also queued), and from a crash
 //!   between a resend's confirm and its removal from the outbox. Every message carries a stable
 //!   `message_id` (the caller's, or a UUID v7 set once at publish) that all copies keep.
-//! - Ordering: the outbox is resent oldest first, and while it holds anything new messages
-//!   queue behind it, so a single publisher's messages reach the broker in publish order,
-//!   except around a message the broker refuses (returned or nacked), which waits for the next
-//!   round while later ones go on.
+//! - Publisher start-up: when the broker is reachable, [`Publisher::start`] returns with the
+//!   link up, so the first publish is confirmed rather than queued.
+//! - Resending: the outbox is resent as soon as the link comes (back) up (after a jitter of at
+//!   most [`PublisherOptions::resend_jitter`], 0.5 s by default), then every
+//!   `retry_interval_seconds` while messages remain, all while `retry_pending` is on.
+//!   `retry_pending: false` parks the outbox: its messages wait on disk, and fresh publishes go
+//!   straight to the broker rather than queueing behind them.
+//! - Ordering: the outbox is resent oldest first, and while it holds anything (and
+//!   `retry_pending` is on) new messages queue behind it, so a single publisher's messages reach
+//!   the broker in publish order, except around a message the broker refuses (returned or
+//!   nacked), which waits for the next round while later ones go on, and except that fresh
+//!   messages overtake a parked outbox.
 //! - Consumer: the handler's success is acked after the handler returns; a crash in between
 //!   redelivers the message (`Message::redelivered`). A failure republishes a copy to the retry
 //!   tier or the DLQ on a confirm channel with `mandatory` and acks the original only after the
-//!   copy is confirmed and routed; otherwise the original is nacked with `requeue = true`. A
-//!   crash between the copy's confirm and the ack leaves two copies: the original comes back at
-//!   the same attempt (only handler failures count attempts). On a
-//!   quorum work queue the operator's delivery limit bounds such requeues: a message the client
-//!   can never move ends in the DLQ by the broker's own dead-lettering (`x-first-death-reason`).
+//!   copy is confirmed and routed; otherwise the original is given back to its queue with
+//!   `basic.reject(requeue = true)` after a pause that doubles while give-backs continue
+//!   ([`ConsumerOptions::give_back_backoff`], 0.5 s to 30 s). A crash between the copy's confirm
+//!   and the ack leaves two copies: the original comes back at the same attempt (only handler
+//!   failures count attempts). On a quorum work queue the operator's delivery limit bounds such
+//!   give-backs: a message the client can never move (say its retry tier is missing from the
+//!   broker) ends in the DLQ by the broker's own dead-lettering (`x-first-death-reason:
+//!   delivery_limit`). That is why the client rejects and never nacks: RabbitMQ 4.3 does not
+//!   count `basic.nack(requeue)` toward `delivery-limit`, while `basic.reject(requeue)` and a
+//!   closed channel count on 3.10, 4.0 and 4.3 alike.
 //! - Copies keep body and properties, become persistent, lose any per-message `expiration`
 //!   (kept in [`headers::ORIGINAL_EXPIRATION`]) and get a UUID v7 `message_id` if they had none.
 //!
@@ -105,6 +118,19 @@
 //! pass when a crashed file is reopened, proportional to its size, which a bounded outbox keeps
 //! small.
 //!
+//! # TLS
+//!
+//! `amqps://` URIs are verified against the OS trust store. A broker whose certificate comes
+//! from a private CA needs that CA: set [`ConsumerOptions::ca_file`] /
+//! [`PublisherOptions::ca_file`] to its PEM file, or the environment variable
+//! `MSGPIPE_CA_FILE` ([`CA_FILE_ENV`]), which both `new` constructors read. (The operator and
+//! the CLI take the same file with `--ca-file`.)
+//!
+//! # Credentials
+//!
+//! The `Debug` output of the options, the consumer and the publisher shows URIs with the
+//! password replaced by `***`, and no error carries the URI.
+//!
 //! # Reconnecting
 //!
 //! Both the consumer and the publisher run their own reconnect loop with capped exponential
@@ -112,12 +138,14 @@
 //! auto-recovery. Measured with lapin 4.12 through a TCP proxy that cuts the connection:
 //! auto-recovery resumed a consumer after 0.3 s cuts, but after a 4 s outage the connection
 //! stayed down for good (2,500 of 3,000 messages never consumed, no error on the stream). The
-//! own loop survives any outage length (`tests/client_consumer.rs` cuts it twice for 4 s).
-//! Acks, nacks and channel setup are time-boxed too: on a connection that just died lapin can
+//! own loop survives any outage length (`tests/consumer.rs` cuts it twice for 4 s).
+//! Acks, rejects and channel setup are time-boxed too: on a connection that just died lapin can
 //! leave them unanswered, which would hold a handler slot forever.
 //!
 //! The consumer reads the queue name when it connects and everything else (max attempts,
 //! tiers, exchanges) per message, so a changed `pipeline.json` applies to the next message.
+
+#![warn(missing_docs)]
 
 pub mod config;
 mod connection;
@@ -127,10 +155,10 @@ pub mod live;
 pub mod outbox;
 mod publish;
 pub mod publisher;
-pub mod retry;
+mod retry;
 
 pub use config::{ConfigError, Features, PipelineConfig};
-pub use connection::{Backoff, InvalidUri};
+pub use connection::{Backoff, CA_FILE_ENV, InvalidUri};
 pub use consumer::{
     Consumer, ConsumerError, ConsumerOptions, ConsumerStats, ConsumerStatsHandle, HandlerError,
     Message, ShutdownHandle,
@@ -142,3 +170,4 @@ pub use publish::PublishFailure;
 pub use publisher::{
     Outcome, PublishError, Publisher, PublisherError, PublisherOptions, PublisherStats,
 };
+pub use retry::Destination;

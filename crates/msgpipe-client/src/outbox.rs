@@ -27,6 +27,7 @@ const MAX_BATCH: usize = 1024;
 /// [`OutboxError::Full`] rather than eating the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutboxLimits {
+    /// Most messages stored. Default: 100,000.
     pub max_messages: u64,
     /// Sum of the stored (encoded) message sizes.
     pub max_bytes: u64,
@@ -47,34 +48,56 @@ pub enum OutboxError {
     #[error(
         "the outbox is full ({messages} messages, {bytes} bytes; limits {max_messages} messages, {max_bytes} bytes): the broker has been unreachable for a while"
     )]
+    /// The message does not fit the limits.
     Full {
+        /// Messages stored now.
         messages: u64,
+        /// Bytes stored now.
         bytes: u64,
+        /// The message limit.
         max_messages: u64,
+        /// The byte limit.
         max_bytes: u64,
     },
     #[error("cannot open the outbox {path}: {source}")]
+    /// The file could not be opened or created (or is locked by another process).
     Open {
+        /// The outbox file.
         path: PathBuf,
+        /// What redb said.
         source: Box<redb::Error>,
     },
     #[error("outbox {operation} failed: {source}")]
+    /// A read or write failed.
     Storage {
+        /// What was being done.
         operation: &'static str,
+        /// What redb said.
         source: Box<redb::Error>,
     },
     #[error("outbox entry {seq} is unreadable: {reason}")]
-    Corrupt { seq: u64, reason: String },
+    /// A stored message cannot be decoded.
+    Corrupt {
+        /// Its sequence number.
+        seq: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
     #[error("the outbox writer has stopped")]
+    /// The outbox was closed (its writer thread has stopped).
     Closed,
 }
 
 /// One saved message: where it goes and what it is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEntry {
+    /// Exchange to publish to.
     pub exchange: String,
+    /// Routing key to publish with.
     pub routing_key: String,
+    /// Message properties, message id included.
     pub properties: BasicProperties,
+    /// Message body.
     pub body: Vec<u8>,
 }
 
@@ -249,6 +272,7 @@ impl Outbox {
         self.inner.counters.messages.load(Ordering::Acquire)
     }
 
+    /// True when no message is stored.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -258,6 +282,7 @@ impl Outbox {
         self.inner.counters.bytes.load(Ordering::Acquire)
     }
 
+    /// The limits this outbox was opened with.
     pub fn limits(&self) -> OutboxLimits {
         self.inner.limits
     }
@@ -334,6 +359,36 @@ fn read_oldest(
     Ok(out)
 }
 
+/// Longest wait for more writers before a commit, when the previous commit served several.
+const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_micros(500);
+
+/// Group commit: `first` plus whatever is queued. When the last commit served several writers
+/// (concurrent publishers, each waiting for its commit before sending the next message), waits
+/// up to [`GATHER_WINDOW`] for as many to arrive: without it, the first writer woken by a commit
+/// gets a commit of its own and the batches alternate between one message and the rest. A lone
+/// sequential writer never waits.
+fn gather(first: WriteOp, ops: &mpsc::Receiver<WriteOp>, last_batch: usize) -> Vec<WriteOp> {
+    let mut batch = vec![first];
+    let deadline = std::time::Instant::now() + GATHER_WINDOW;
+    while batch.len() < MAX_BATCH {
+        match ops.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if batch.len() >= last_batch || left.is_zero() {
+                    break;
+                }
+                match ops.recv_timeout(left) {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    batch
+}
+
 /// The only thread that writes to the file.
 struct Writer {
     db: Arc<Database>,
@@ -344,15 +399,11 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, ops: &mpsc::Receiver<WriteOp>) {
+        let mut last_batch = 1;
         // Ends when every Outbox clone is dropped.
         while let Ok(first) = ops.recv() {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match ops.try_recv() {
-                    Ok(op) => batch.push(op),
-                    Err(_) => break,
-                }
-            }
+            let batch = gather(first, ops, last_batch);
+            last_batch = batch.len();
             self.commit(batch);
         }
     }

@@ -11,19 +11,27 @@ use lapin::{BasicProperties, Channel, Confirmation};
 #[derive(Debug, thiserror::Error)]
 pub enum PublishFailure {
     #[error("exchange or routing key longer than 255 bytes: {0}")]
+    /// The exchange or routing key is not a valid AMQP short string.
     InvalidName(String),
     #[error("the channel refused the publish: {0}")]
+    /// The channel failed (closed, or the connection is gone).
     Channel(String),
     #[error("the broker nacked the message")]
+    /// The broker nacked the message (e.g. a queue refused it: `overflow: reject-publish`).
     Nacked,
     #[error("unroutable: {exchange}/{routing_key} has no binding for it (returned)")]
+    /// No queue took the message (`mandatory`): a missing binding or exchange.
     Returned {
+        /// Exchange of the publish.
         exchange: String,
+        /// Routing key of the publish.
         routing_key: String,
     },
     #[error("no confirm within {0:?}")]
+    /// No confirm in time.
     Timeout(Duration),
     #[error("the channel was not in confirm mode")]
+    /// The channel was not in confirm mode.
     NotConfirmed,
 }
 

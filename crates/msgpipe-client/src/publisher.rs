@@ -3,10 +3,23 @@
 //! `publish` sends with `mandatory` on a confirm channel and returns [`Outcome::Confirmed`] once
 //! the broker acked and routed the message. When the broker is unreachable, nacks, returns the
 //! message or does not confirm within `confirm_timeout`, the message is committed to the outbox
-//! (fsync) and `publish` returns [`Outcome::Queued`]. While the outbox holds anything, new
-//! messages are queued behind it, so the broker sees them in publish order. A background task
-//! resends the outbox oldest first every `retry_interval_seconds` while `retry_pending` is on
-//! (both read live from `pipeline.json`); a message leaves the outbox only after its confirm.
+//! (fsync) and `publish` returns [`Outcome::Queued`]. While the outbox holds anything (and
+//! `retry_pending` is on), new messages are queued behind it, so the broker sees them in publish
+//! order. A message leaves the outbox only after its confirm.
+//!
+//! When it resends (`retry_pending` and `retry_interval_seconds` are read live from
+//! `pipeline.json`):
+//! - as soon as the link comes (back) up with a non-empty outbox, after a random delay of at
+//!   most [`PublisherOptions::resend_jitter`] (0.5 s by default, so a fleet of publishers does
+//!   not stampede a broker that just came back), and when `retry_pending` is switched on;
+//! - then every `retry_interval_seconds` while messages remain (refused or unreachable).
+//!
+//! **`retry_pending: false` parks the outbox, not the publisher.** Its messages stay on disk
+//! and are not resent; fresh publishes go straight to the broker (`Confirmed`) instead of
+//! queueing behind messages that will not move, and only a fresh message the broker does not
+//! take joins the parked outbox. While the flag is off, publish order between the parked
+//! messages and fresh ones is therefore not kept: the fresh ones arrive first. Switching the
+//! flag back on resends the parked messages at once, oldest first.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,12 +43,19 @@ use crate::publish::{PublishFailure, await_confirm, publish_confirmed, start_pub
 #[must_use]
 pub enum Outcome {
     /// The broker confirmed the message and routed it to a queue.
-    Confirmed { message_id: String },
+    Confirmed {
+        /// The message id (the caller's, or the UUID v7 the publisher set).
+        message_id: String,
+    },
     /// The broker could not take it now; it is committed to the local outbox and will be resent.
-    Queued { message_id: String },
+    Queued {
+        /// The message id (the caller's, or the UUID v7 the publisher set).
+        message_id: String,
+    },
 }
 
 impl Outcome {
+    /// The message id, whichever the outcome.
     pub fn message_id(&self) -> &str {
         match self {
             Self::Confirmed { message_id } | Self::Queued { message_id } => message_id,
@@ -47,6 +67,7 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error("exchange, routing key or message id longer than 255 bytes: {0}")]
+    /// The exchange, routing key or message id is not a valid AMQP short string.
     InvalidName(String),
     /// The broker did not take the message and the outbox is at its limit.
     #[error(transparent)]
@@ -60,40 +81,77 @@ pub enum PublishError {
 #[derive(Debug, thiserror::Error)]
 pub enum PublisherError {
     #[error(transparent)]
+    /// The URI cannot be parsed (the error does not repeat it).
     InvalidUri(#[from] InvalidUri),
     #[error(transparent)]
+    /// The outbox file could not be opened.
     Outbox(#[from] OutboxError),
 }
 
 /// Where the publisher connects and keeps its outbox.
-#[derive(Clone, Debug)]
+///
+/// `Debug` shows the URI with its password replaced by `***`.
+#[derive(Clone)]
 pub struct PublisherOptions {
     /// `amqp[s]://user:password@host:port/vhost`.
     pub uri: String,
+    /// PEM file of the CA that signed the broker's certificate, for `amqps` URIs whose broker
+    /// certificate is not signed by a CA in the OS trust store. Default: `None` (OS store), or
+    /// the file named by [`crate::CA_FILE_ENV`] when set.
+    pub ca_file: Option<PathBuf>,
     /// The outbox file (created if missing). One publisher process per file: redb locks it.
     pub outbox_path: PathBuf,
+    /// How large the outbox may grow. Default: [`OutboxLimits::default`] (100,000 messages,
+    /// 256 MiB).
     pub outbox_limits: OutboxLimits,
     /// How long a publish waits for its confirm before the message goes to the outbox.
+    /// Default: 5 s.
     pub confirm_timeout: Duration,
+    /// Longest wait for the connection and its confirm channel. Default: 5 s.
     pub connect_timeout: Duration,
+    /// Waits between reconnect attempts. Default: [`Backoff::default`] (200 ms doubling to 30 s).
     pub reconnect: Backoff,
-    /// Messages resent per pipelined batch.
+    /// Messages resent per pipelined batch. Default: 256.
     pub resend_batch: usize,
+    /// Longest random delay before the resend that follows a (re)connection, so that a fleet of
+    /// publishers does not stampede a broker that just came back. Default: 500 ms.
+    pub resend_jitter: Duration,
+    /// Shown in the broker's connection list. Default: `msgpipe-publisher`.
     pub connection_name: String,
 }
 
 impl PublisherOptions {
+    /// Options with the defaults above for `uri` and the outbox file `outbox_path`.
     pub fn new(uri: impl Into<String>, outbox_path: impl Into<PathBuf>) -> Self {
         Self {
             uri: uri.into(),
+            ca_file: connection::ca_file_from_env(),
             outbox_path: outbox_path.into(),
             outbox_limits: OutboxLimits::default(),
             confirm_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
             resend_batch: 256,
+            resend_jitter: Duration::from_millis(500),
             connection_name: "msgpipe-publisher".into(),
         }
+    }
+}
+
+impl std::fmt::Debug for PublisherOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherOptions")
+            .field("uri", &connection::redact_uri(&self.uri))
+            .field("ca_file", &self.ca_file)
+            .field("outbox_path", &self.outbox_path)
+            .field("outbox_limits", &self.outbox_limits)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect", &self.reconnect)
+            .field("resend_batch", &self.resend_batch)
+            .field("resend_jitter", &self.resend_jitter)
+            .field("connection_name", &self.connection_name)
+            .finish()
     }
 }
 
@@ -108,8 +166,11 @@ pub struct PublisherStats {
     pub resent: u64,
     /// Resend rounds started (only while `retry_pending` is on and the outbox is not empty).
     pub resend_rounds: u64,
+    /// Connections made (1 + reconnects).
     pub connections: u64,
+    /// Messages in the outbox now.
     pub outbox_messages: u64,
+    /// Encoded bytes in the outbox now.
     pub outbox_bytes: u64,
 }
 
@@ -127,22 +188,38 @@ fn bump(counter: &AtomicU64, n: u64) {
 }
 
 /// The channel in use, shared by `publish` calls and the resender.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
     channel: RwLock<Option<Channel>>,
     /// Set when a publish saw the channel fail; the link task reconnects.
     broken: AtomicBool,
     wake: Notify,
+    /// Bumped each time a new channel is installed: the resender drains the outbox at once.
+    generation: watch::Sender<u64>,
 }
 
 impl Link {
+    fn new() -> Self {
+        Self {
+            channel: RwLock::new(None),
+            broken: AtomicBool::new(false),
+            wake: Notify::new(),
+            generation: watch::channel(0).0,
+        }
+    }
+
     fn current(&self) -> Option<Channel> {
         let guard = self.channel.read().unwrap_or_else(|p| p.into_inner());
         guard.clone().filter(|c| c.status().connected())
     }
 
+    /// Installs a fresh channel (and tells the resender) or clears it.
     fn set(&self, channel: Option<Channel>) {
+        let up = channel.is_some();
         *self.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+        if up {
+            self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        }
     }
 
     fn mark_broken(&self) {
@@ -204,12 +281,16 @@ impl Publisher {
             options,
             config,
             outbox,
-            link: Link::default(),
+            link: Link::new(),
             counters: Counters::default(),
         });
         let first = open_link(&shared.options).await;
-        if let Err(reason) = &first {
-            tracing::warn!(%reason, "publisher starts offline; messages go to the outbox");
+        match &first {
+            // Usable before `start` returns: the first publish must not race the link task.
+            Ok((_, channel)) => shared.link.set(Some(channel.clone())),
+            Err(reason) => {
+                tracing::warn!(%reason, "publisher starts offline; messages go to the outbox");
+            }
         }
         let (shutdown, stop) = watch::channel(false);
         let handles = vec![
@@ -253,10 +334,10 @@ impl Publisher {
         }
         let (properties, message_id) = stamp(properties);
         let shared = &self.shared;
-        // Anything in the outbox must reach the broker first: then this goes behind it.
-        if shared.outbox.is_empty()
-            && let Some(channel) = shared.link.current()
-        {
+        // Anything in the outbox must reach the broker first: then this goes behind it. While
+        // `retry_pending` is off the outbox is parked, and fresh messages go straight on.
+        let behind_outbox = !shared.outbox.is_empty() && shared.config.features().retry_pending;
+        if !behind_outbox && let Some(channel) = shared.link.current() {
             let timeout = shared.options.confirm_timeout;
             let sent = publish_confirmed(
                 &channel,
@@ -296,6 +377,7 @@ impl Publisher {
         self.shared.outbox.len()
     }
 
+    /// Counters since start, and the outbox now.
     pub fn stats(&self) -> PublisherStats {
         let c = &self.shared.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -351,6 +433,7 @@ async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), 
         &options.uri,
         &options.connection_name,
         options.connect_timeout,
+        options.ca_file.as_deref(),
     )
     .await?;
     let channel = async {
@@ -444,63 +527,161 @@ async fn watch_link(
     }
 }
 
-/// Every `retry_interval_seconds`, while `retry_pending` is on, resends the outbox.
+/// Resends the outbox while `retry_pending` is on: right after the link comes (back) up or the
+/// flag is switched on (after a random delay of up to `resend_jitter`, so a fleet of
+/// publishers does not stampede a broker that just came back), then every
+/// `retry_interval_seconds` while messages remain.
 async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut link_up = shared.link.generation.subscribe();
+    // An outbox left by an earlier run drains as soon as the first link is up.
+    link_up.mark_changed();
+    let mut flags = shared.config.subscribe_features();
+    let mut flags_alive = true;
+    let interval = |shared: &Shared| {
+        Duration::from_secs(
+            shared
+                .config
+                .features()
+                .retry_interval_seconds
+                .max(1)
+                .into(),
+        )
+    };
+    let mut next_round = Instant::now() + interval(&shared);
     loop {
-        let seconds = shared.config.features().retry_interval_seconds.max(1);
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(seconds.into())) => {}
+        let soon = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-        }
+            () = tokio::time::sleep_until(next_round) => false,
+            changed = link_up.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+            changed = flags.changed(), if flags_alive => {
+                // A fixed configuration never changes: stop listening, keep the interval.
+                flags_alive = changed.is_ok();
+                flags_alive && flags.borrow_and_update().retry_pending
+            }
+        };
         if !shared.config.features().retry_pending || shared.outbox.is_empty() {
+            next_round = Instant::now() + interval(&shared);
             continue;
         }
-        bump(&shared.counters.resend_rounds, 1);
-        match resend_round(&shared).await {
-            Ok(sent) if sent > 0 => {
-                tracing::info!(sent, left = shared.outbox.len(), "resent outbox messages");
+        if soon {
+            let wait = connection::jitter(shared.options.resend_jitter);
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(wait) => {}
             }
-            Ok(_) => {}
+        }
+        resend_until_refused(&shared).await;
+        next_round = Instant::now() + interval(&shared);
+    }
+}
+
+/// Resend rounds back to back while each one empties what it saw and messages remain (those
+/// appended behind a round that had just finished reading); stops at the first refusal or error.
+async fn resend_until_refused(shared: &Shared) {
+    loop {
+        bump(&shared.counters.resend_rounds, 1);
+        match resend_round(shared).await {
+            Ok(round) => {
+                if round.sent > 0 {
+                    tracing::info!(
+                        sent = round.sent,
+                        left = shared.outbox.len(),
+                        "resent outbox messages"
+                    );
+                }
+                if round.refused > 0 || round.sent == 0 || shared.outbox.is_empty() {
+                    return;
+                }
+            }
             Err(reason) => {
                 tracing::debug!(%reason, left = shared.outbox.len(), "resend round stopped");
+                return;
             }
         }
     }
 }
 
+/// What one resend round did.
+#[derive(Debug, Default)]
+struct Round {
+    sent: u64,
+    /// Messages the broker refused (returned, nacked): kept for the next interval.
+    refused: u64,
+}
+
 /// One pass over the outbox, oldest first, in pipelined batches. Messages the broker refused
-/// (returned, nacked) stay for the next round; a broken channel ends the round.
-async fn resend_round(shared: &Shared) -> Result<u64, String> {
+/// (returned, nacked) stay for the next round; a broken channel ends the round. The removal of
+/// a confirmed batch (an fsync'd commit) runs while the next batch is published.
+async fn resend_round(shared: &Shared) -> Result<Round, String> {
     let mut cursor = 0;
-    let mut sent = 0;
-    loop {
+    let mut round = Round::default();
+    let mut removing: Option<Removal<'_>> = None;
+    let result = loop {
         if !shared.config.features().retry_pending {
-            return Ok(sent);
+            break Ok(());
         }
-        let channel = shared.link.current().ok_or("the broker is unreachable")?;
-        let batch = shared
+        let Some(channel) = shared.link.current() else {
+            break Err("the broker is unreachable".to_string());
+        };
+        let batch = match shared
             .outbox
             .oldest_after(cursor, shared.options.resend_batch.max(1))
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            Ok(batch) => batch,
+            Err(error) => break Err(error.to_string()),
+        };
         let Some((last, _)) = batch.last() else {
-            return Ok(sent);
+            break Ok(());
         };
         cursor = *last;
-        let (confirmed, broken) = resend_batch(shared, &channel, &batch).await;
+        let previous = removing.take();
+        let ((confirmed, broken), removed) = tokio::join!(
+            resend_batch(shared, &channel, &batch),
+            finish_removal(shared, previous, &mut round),
+        );
+        if let Err(error) = removed {
+            break Err(error);
+        }
         let count = confirmed.len() as u64;
-        shared
-            .outbox
-            .remove(confirmed)
-            .await
-            .map_err(|e| e.to_string())?;
-        bump(&shared.counters.resent, count);
-        sent += count;
+        round.refused += batch.len() as u64 - count;
+        removing = Some(Removal {
+            count,
+            done: Box::pin(shared.outbox.remove(confirmed)),
+        });
         if let Some(failure) = broken {
             shared.link.mark_broken();
-            return Err(failure.to_string());
+            break Err(failure.to_string());
         }
-    }
+    };
+    finish_removal(shared, removing, &mut round).await?;
+    result.map(|()| round)
+}
+
+/// A confirmed batch being deleted from the outbox.
+struct Removal<'a> {
+    count: u64,
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 'a>>,
+}
+
+/// Waits for a removal and counts its messages as resent.
+async fn finish_removal(
+    shared: &Shared,
+    removal: Option<Removal<'_>>,
+    round: &mut Round,
+) -> Result<(), String> {
+    let Some(removal) = removal else {
+        return Ok(());
+    };
+    removal.done.await.map_err(|e| e.to_string())?;
+    bump(&shared.counters.resent, removal.count);
+    round.sent += removal.count;
+    Ok(())
 }
 
 /// Publishes a batch, then collects its confirms in order. Returns the confirmed sequence
@@ -548,4 +729,33 @@ async fn resend_batch(
         }
     }
     (confirmed, broken)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_output_hides_the_password_whatever_its_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, password) in ["x", "ab", "s3cr3t-Pa55word-0123456789"].iter().enumerate() {
+            // Port 9 (discard): nothing listens, the publisher starts offline.
+            let uri = format!("amqp://notes:{password}@127.0.0.1:9/%2f");
+            let mut options = PublisherOptions::new(uri, dir.path().join(format!("{i}.redb")));
+            options.connect_timeout = Duration::from_millis(200);
+            let shown = format!("{options:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+            assert!(
+                shown.contains("amqp://notes:***@127.0.0.1:9/%2f"),
+                "{shown}"
+            );
+            let config = LiveConfig::fixed(crate::config::tests::notes());
+            let publisher = Publisher::start(options, config)
+                .await
+                .expect("starts offline");
+            let shown = format!("{publisher:?}");
+            assert!(!shown.contains(&format!(":{password}@")), "{shown}");
+            publisher.close().await;
+        }
+    }
 }

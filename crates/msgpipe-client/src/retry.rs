@@ -28,19 +28,26 @@ pub enum FailureKind {
 pub enum Destination {
     /// Retry tier `tier` on the retry exchange; the message returns after `delay`.
     Retry {
+        /// The retry exchange.
         exchange: String,
+        /// The tier's routing key.
         routing_key: String,
+        /// Tier number (1-based).
         tier: u32,
+        /// How long the message waits in the tier before the next attempt.
         delay: Duration,
     },
     /// The dead-letter exchange.
     DeadLetter {
+        /// The dead-letter exchange.
         exchange: String,
+        /// [`crate::headers::REASON_PERMANENT`] or [`crate::headers::REASON_EXHAUSTED`].
         reason: &'static str,
     },
 }
 
 impl Destination {
+    /// The exchange the copy is published to.
     pub fn exchange(&self) -> &str {
         match self {
             Self::Retry { exchange, .. } | Self::DeadLetter { exchange, .. } => exchange,

@@ -18,10 +18,7 @@ use futures_util::StreamExt;
 use msgpipe_client::{
     Backoff, BasicProperties, LiveConfig, PublishError, Publisher, PublisherOptions,
 };
-use support::{
-    ClientIdLog, client_notes_state, client_provision, client_spawn_child, client_write_config,
-    encode, http,
-};
+use support::{IdLog, Retry, encode, http, notes_pipeline, provision, spawn_child, write_config};
 
 const NODE: &str = "msgpipe-client";
 const PORT: u16 = 5677;
@@ -67,7 +64,7 @@ async fn publish_all(uri: String, config: String, outbox: String, done: String) 
     options.connect_timeout = Duration::from_secs(2);
     options.confirm_timeout = Duration::from_secs(2);
     let publisher = Publisher::start(options, config).await.expect("publisher");
-    let already: BTreeSet<String> = ClientIdLog::read(Path::new(&done)).into_iter().collect();
+    let already: BTreeSet<String> = IdLog::read(Path::new(&done)).into_iter().collect();
     let todo: VecDeque<String> = (0..MESSAGES)
         .map(|i| format!("p-{i:05}"))
         .filter(|id| !already.contains(id))
@@ -81,7 +78,7 @@ async fn publish_all(uri: String, config: String, outbox: String, done: String) 
     let pace = Arc::new(tokio::sync::Mutex::new(tokio::time::interval(
         Duration::from_micros(1_000_000 / RATE),
     )));
-    let log = ClientIdLog::open(Path::new(&done));
+    let log = IdLog::open(Path::new(&done));
     let mut workers = Vec::new();
     for _ in 0..16 {
         let (publisher, todo, pace, log) =
@@ -128,11 +125,11 @@ struct Parent {
 
 impl Parent {
     fn spawn(&self) -> Child {
-        client_spawn_child("publisher_child", &self.envs)
+        spawn_child("publisher_child", &self.envs)
     }
 
     fn published(&self) -> usize {
-        ClientIdLog::read(&self.done).len()
+        IdLog::read(&self.done).len()
     }
 
     async fn wait_published(&self, count: usize, started: Instant) {
@@ -170,7 +167,7 @@ async fn read_all(uri: &str, queue: &str) -> Vec<String> {
         tokio::time::timeout(Duration::from_secs(3), consumer.next()).await
     {
         let delivery = delivery.expect("delivery");
-        ids.push(support::client_message_id(&delivery.properties));
+        ids.push(support::message_id(&delivery.properties));
         delivery
             .acker
             .ack(lapin::options::BasicAckOptions::default())
@@ -183,7 +180,7 @@ async fn read_all(uri: &str, queue: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publisher_killed_during_a_broker_outage_loses_no_message() {
-    msgpipe::broker::install_crypto_provider();
+    support::install_crypto_provider();
     assert!(node("ensure"), "broker node {NODE} starts");
     let started = Instant::now();
     let vhost = format!("client-publisher-{}", std::process::id());
@@ -206,11 +203,11 @@ async fn publisher_killed_during_a_broker_outage_loses_no_message() {
         true,
     );
     assert!((200..300).contains(&status));
-    let state = client_notes_state(&vhost, "{ maxAttempts: 3 }");
-    client_provision(&state, PORT).await;
+    let pipeline = notes_pipeline(&vhost, Retry::attempts(3));
+    provision(&pipeline, PORT).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = client_write_config(dir.path(), &state.client_config); // retry interval 1 s
+    let config = write_config(dir.path(), &pipeline); // retry interval 1 s
     let uri = format!("amqp://guest:guest@127.0.0.1:{PORT}/{}", encode(&vhost));
     let done = dir.path().join("published.log");
     let parent = Parent {
@@ -261,7 +258,7 @@ async fn publisher_killed_during_a_broker_outage_loses_no_message() {
     };
     assert!(exit.success(), "publisher child failed: {exit}");
 
-    let ids = read_all(&uri, &state.client_config.queue).await;
+    let ids = read_all(&uri, &pipeline.queue).await;
     let distinct: BTreeSet<&String> = ids.iter().collect();
     println!(
         "{} messages in the queue, {} distinct ids, {} duplicates; {:?}",

@@ -12,10 +12,13 @@ use msgpipe_client::{
     Consumer, ConsumerOptions, ConsumerStats, HandlerError, LiveConfig, Message, PipelineConfig,
     headers,
 };
-use support::{TestVhost, amqp_channel, amqp_uri, client_notes_state, client_provision, depth};
+use support::{Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision};
 
-const NOTES_RETRY: &str =
-    "{ maxAttempts: 5, backoff: { initialDelay: 1s, multiplier: 2, maxDelay: 1m } }";
+const NOTES_RETRY: Retry = Retry {
+    max_attempts: 5,
+    initial_ms: 1_000,
+    max_ms: 60_000,
+};
 
 /// Publishes one message with a message id to the notes work exchange.
 async fn publish_note(channel: &lapin::Channel, id: &str, body: &[u8]) {
@@ -69,15 +72,15 @@ fn int(headers: &FieldTable, name: &str) -> i64 {
 
 fn time(headers: &FieldTable, name: &str) -> std::time::SystemTime {
     let value = text(headers, name);
-    msgpipe_client::retry::parse_rfc3339(&value)
+    msgpipe_client::headers::parse_time(&value)
         .unwrap_or_else(|| panic!("{name} = {value:?} is not RFC 3339"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_header() {
     let vhost = TestVhost::new("client-backoff");
-    let state = client_notes_state(&vhost.name, NOTES_RETRY);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
+    provision(&pipeline, support::shared_port()).await;
     let (_conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "note-backoff-1", b"always fails").await;
 
@@ -85,7 +88,7 @@ async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_hea
     let seen = calls.clone();
     let stats = consume_until(
         &vhost.name,
-        state.client_config.clone(),
+        pipeline.clone(),
         move |message| {
             seen.lock()
                 .expect("lock")
@@ -131,12 +134,12 @@ async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_hea
     }
 
     assert_eq!(depth(&channel, "notes_queue").await, 0);
-    let dead = support::client_drain(&channel, "notes_queue_dlq").await;
+    let dead = support::drain(&channel, "notes_queue_dlq").await;
     assert_eq!(dead.len(), 1, "exactly one dead letter");
     let letter = &dead[0].delivery;
     assert_eq!(letter.data, b"always fails", "body kept");
     assert_eq!(
-        support::client_message_id(&letter.properties),
+        support::message_id(&letter.properties),
         "note-backoff-1",
         "message id kept"
     );
@@ -164,15 +167,15 @@ async fn always_failing_message_waits_each_tier_then_lands_in_dlq_with_every_hea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_failure_goes_straight_to_dlq_and_success_is_acked() {
     let vhost = TestVhost::new("client-permanent");
-    let state = client_notes_state(&vhost.name, NOTES_RETRY);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "bad-1", b"malformed").await;
     publish_note(&channel, "good-1", b"fine").await;
 
     let stats = consume_until(
         &vhost.name,
-        state.client_config.clone(),
+        pipeline.clone(),
         |message| match message.body() {
             b"fine" => Ok(()),
             _ => Err(HandlerError::permanent("not a note")),
@@ -182,7 +185,7 @@ async fn permanent_failure_goes_straight_to_dlq_and_success_is_acked() {
     )
     .await;
     assert_eq!((stats.acked, stats.dead_lettered, stats.retried), (1, 1, 0));
-    let dead = support::client_drain(&channel, "notes_queue_dlq").await;
+    let dead = support::drain(&channel, "notes_queue_dlq").await;
     assert_eq!(dead.len(), 1);
     let h = dead[0]
         .delivery
@@ -200,13 +203,13 @@ async fn permanent_failure_goes_straight_to_dlq_and_success_is_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_the_broker_returns_is_never_acked_the_original_is_requeued() {
     let vhost = TestVhost::new("client-unroutable");
-    let state = client_notes_state(&vhost.name, NOTES_RETRY);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, NOTES_RETRY);
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     publish_note(&channel, "stuck-1", b"retry me").await;
 
     // A pipeline.json whose tier key has no binding: the broker returns the copy (mandatory).
-    let mut config = state.client_config.clone();
+    let mut config = pipeline.clone();
     for tier in &mut config.retry.tiers {
         tier.routing_key = "no-such-tier".into();
     }

@@ -11,24 +11,26 @@ use std::time::{Duration, Instant};
 
 use msgpipe_client::{Backoff, Consumer, ConsumerOptions, HandlerError, LiveConfig};
 use support::{
-    ClientProxy, TestVhost, amqp_channel, amqp_uri, client_notes_state, client_provision, depth,
-    encode,
+    Proxy, Retry, TestVhost, amqp_channel, amqp_uri, depth, encode, notes_pipeline, provision,
 };
 
-const RETRY: &str =
-    "{ maxAttempts: 3, backoff: { initialDelay: 100ms, multiplier: 2, maxDelay: 1s } }";
+const RETRY: Retry = Retry {
+    max_attempts: 3,
+    initial_ms: 100,
+    max_ms: 1_000,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_reconnects_after_repeated_outages_and_loses_nothing() {
     const MESSAGES: usize = 3_000;
     let vhost = TestVhost::new("client-reconnect");
-    let state = client_notes_state(&vhost.name, RETRY);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, RETRY);
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("r-{i:04}")).collect();
-    support::client_publish_ids(&channel, "notes", "notes", &ids).await;
+    support::publish_ids(&channel, "notes", "notes", &ids).await;
 
-    let proxy = ClientProxy::start("127.0.0.1:5673");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
     proxy.set_up(true);
     let mut options = ConsumerOptions::new(format!(
         "amqp://guest:guest@127.0.0.1:{}/{}",
@@ -42,8 +44,7 @@ async fn consumer_reconnects_after_repeated_outages_and_loses_nothing() {
         initial: Duration::from_millis(100),
         max: Duration::from_secs(1),
     };
-    let consumer =
-        Consumer::new(options, LiveConfig::fixed(state.client_config.clone())).expect("consumer");
+    let consumer = Consumer::new(options, LiveConfig::fixed(pipeline.clone())).expect("consumer");
     let stop = consumer.shutdown_handle();
     let stats = consumer.stats();
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -106,17 +107,16 @@ async fn consumer_reconnects_after_repeated_outages_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_handlers_and_leaves_the_rest_queued() {
     let vhost = TestVhost::new("client-shutdown");
-    let state = client_notes_state(&vhost.name, RETRY);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, RETRY);
+    provision(&pipeline, support::shared_port()).await;
     let (conn, channel) = amqp_channel(&vhost.name).await;
     let ids: Vec<String> = (0..20).map(|i| format!("s-{i:02}")).collect();
-    support::client_publish_ids(&channel, "notes", "notes", &ids).await;
+    support::publish_ids(&channel, "notes", "notes", &ids).await;
 
     let mut options = ConsumerOptions::new(amqp_uri(&vhost.name));
     options.prefetch = 4;
     options.concurrency = 4;
-    let consumer =
-        Consumer::new(options, LiveConfig::fixed(state.client_config.clone())).expect("consumer");
+    let consumer = Consumer::new(options, LiveConfig::fixed(pipeline.clone())).expect("consumer");
     let stop = consumer.shutdown_handle();
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));

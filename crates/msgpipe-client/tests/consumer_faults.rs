@@ -16,16 +16,19 @@ use std::time::{Duration, Instant};
 
 use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig};
 use support::{
-    ClientIdLog, TestVhost, amqp_channel, amqp_uri, client_notes_state, client_provision,
-    client_spawn_child, client_write_config, depth,
+    IdLog, Retry, TestVhost, amqp_channel, amqp_uri, depth, notes_pipeline, provision, spawn_child,
+    write_config,
 };
 
 const MESSAGES: usize = 10_000;
 const FAILURE_PERCENT: u64 = 30;
 /// Processed-count thresholds at which the consumer is killed.
 const KILL_AT: [usize; 4] = [500, 2_500, 5_000, 7_500];
-const SHORT_TIERS: &str =
-    "{ maxAttempts: 5, backoff: { initialDelay: 50ms, multiplier: 2, maxDelay: 400ms } }";
+const SHORT_TIERS: Retry = Retry {
+    max_attempts: 5,
+    initial_ms: 50,
+    max_ms: 400,
+};
 
 const ENV_URI: &str = "MSGPIPE_TEST_CHILD_URI";
 const ENV_CONFIG: &str = "MSGPIPE_TEST_CHILD_CONFIG";
@@ -51,7 +54,7 @@ fn consumer_child() {
         let config = LiveConfig::watch(&config, Duration::from_secs(1))
             .await
             .expect("pipeline.json");
-        let log = ClientIdLog::open(Path::new(&log));
+        let log = IdLog::open(Path::new(&log));
         let mut options = ConsumerOptions::new(uri);
         options.prefetch = 100;
         options.concurrency = 32;
@@ -87,7 +90,7 @@ struct Parent {
 
 impl Parent {
     fn spawn(&self) -> Child {
-        client_spawn_child(
+        spawn_child(
             "consumer_child",
             &[
                 (ENV_URI, self.uri.clone()),
@@ -120,10 +123,10 @@ async fn in_transit(channel: &lapin::Channel, queues: &[String]) -> u32 {
 async fn consumer_killed_repeatedly_loses_no_message() {
     let started = Instant::now();
     let vhost = TestVhost::new("client-consumer-faults");
-    let state = client_notes_state(&vhost.name, SHORT_TIERS);
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, SHORT_TIERS);
+    provision(&pipeline, support::shared_port()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config_path = client_write_config(dir.path(), &state.client_config);
+    let config_path = write_config(dir.path(), &pipeline);
     let log_path = dir.path().join("processed.log");
     let parent = Parent {
         uri: amqp_uri(&vhost.name),
@@ -132,24 +135,17 @@ async fn consumer_killed_repeatedly_loses_no_message() {
     };
     let (conn, channel) = amqp_channel(&vhost.name).await;
     let ids: Vec<String> = (0..MESSAGES).map(|i| format!("m-{i:05}")).collect();
-    support::client_publish_ids(&channel, "notes", "notes", &ids).await;
+    support::publish_ids(&channel, "notes", "notes", &ids).await;
     println!("published {MESSAGES} in {:?}", started.elapsed());
 
-    let mut queues = vec![state.client_config.queue.clone()];
-    queues.extend(
-        state
-            .client_config
-            .retry
-            .tiers
-            .iter()
-            .map(|t| t.queue.clone()),
-    );
-    let dlq = state.client_config.dead_letter.queue.clone();
+    let mut queues = vec![pipeline.queue.clone()];
+    queues.extend(pipeline.retry.tiers.iter().map(|t| t.queue.clone()));
+    let dlq = pipeline.dead_letter.queue.clone();
 
     let mut child = parent.spawn();
     let mut kills = 0;
     for threshold in KILL_AT {
-        while distinct(&ClientIdLog::read(&log_path)) < threshold {
+        while distinct(&IdLog::read(&log_path)) < threshold {
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "no progress to {threshold}"
@@ -173,7 +169,7 @@ async fn consumer_killed_repeatedly_loses_no_message() {
             "did not finish in time"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let processed = distinct(&ClientIdLog::read(&log_path));
+        let processed = distinct(&IdLog::read(&log_path));
         let dead = depth(&channel, &dlq).await as usize;
         if processed + dead < MESSAGES || in_transit(&channel, &queues).await > 0 {
             continue;
@@ -186,13 +182,13 @@ async fn consumer_killed_repeatedly_loses_no_message() {
         child = parent.spawn(); // a kill put unacked messages back: consume them too
     }
 
-    let processed_lines = ClientIdLog::read(&log_path);
+    let processed_lines = IdLog::read(&log_path);
     let processed: BTreeSet<&String> = processed_lines.iter().collect();
-    let dead_letters = support::client_drain(&channel, &dlq).await;
+    let dead_letters = support::drain(&channel, &dlq).await;
     let mut dead_ids: HashMap<String, usize> = HashMap::new();
     for letter in &dead_letters {
         *dead_ids
-            .entry(support::client_message_id(&letter.delivery.properties))
+            .entry(support::message_id(&letter.delivery.properties))
             .or_default() += 1;
     }
     let missing: Vec<&String> = ids

@@ -1,6 +1,7 @@
-//! The publisher's `retry_pending` flag, flipped in a watched pipeline.json the way the kubelet
-//! updates a ConfigMap volume (symlink swap): off stops resending the outbox from the next
-//! interval on, even with the broker reachable; on resumes it, in publish order.
+//! The publisher's outbox against a broker that goes away and comes back: the outbox drains as
+//! soon as the broker is back (not an interval later), and the `retry_pending` flag, flipped in a
+//! watched pipeline.json the way the kubelet updates a ConfigMap volume (symlink swap), parks the
+//! outbox while off (fresh publishes go straight through) and drains it, in order, once on.
 //!
 //! The broker "outage" is a TCP proxy in front of the shared test node that refuses and cuts
 //! connections, so the shared node is never stopped.
@@ -13,9 +14,7 @@ use std::time::{Duration, Instant};
 use msgpipe_client::{
     Backoff, BasicProperties, LiveConfig, Outcome, PipelineConfig, Publisher, PublisherOptions,
 };
-use support::{
-    ClientProxy, TestVhost, amqp_channel, client_notes_state, client_provision, depth, encode,
-};
+use support::{Proxy, Retry, TestVhost, amqp_channel, depth, encode, notes_pipeline, provision};
 
 /// A ConfigMap-style directory: `pipeline.json -> ..data/pipeline.json`, `..data -> ..gen_N`.
 struct MountedConfig {
@@ -67,12 +66,12 @@ fn note(id: &str) -> BasicProperties {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
+async fn retry_pending_off_parks_the_outbox_and_fresh_publishes_go_straight_through() {
     let vhost = TestVhost::new("client-flags");
-    let state = client_notes_state(&vhost.name, "{ maxAttempts: 3 }");
-    client_provision(&state, 5673).await;
+    let pipeline = notes_pipeline(&vhost.name, Retry::attempts(3));
+    provision(&pipeline, support::shared_port()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = state.client_config.clone();
+    let mut config = pipeline.clone();
     config.features.retry_pending = true;
     config.features.retry_interval_seconds = 1;
     let mut mount = MountedConfig::new(dir.path(), &config);
@@ -80,7 +79,7 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
         .await
         .expect("watch");
 
-    let proxy = ClientProxy::start("127.0.0.1:5673");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
     let mut options = PublisherOptions::new(
         format!(
             "amqp://guest:guest@127.0.0.1:{}/{}",
@@ -119,7 +118,7 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
     })
     .await;
 
-    // Flag off, broker back: the outbox stays put, and new messages queue behind it.
+    // Flag off, broker back: the outbox stays put, and fresh messages do not wait behind it.
     config.features.retry_pending = false;
     mount.write(&config);
     let seen = wait_for("the flag off", Duration::from_secs(3), || {
@@ -138,9 +137,12 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
             .publish(id.as_bytes(), note(id))
             .await
             .expect("publish");
-        assert!(
-            matches!(outcome, Outcome::Queued { .. }),
-            "behind the outbox: {outcome:?}"
+        assert_eq!(
+            outcome,
+            Outcome::Confirmed {
+                message_id: id.clone()
+            },
+            "a parked outbox must not hold fresh publishes back"
         );
     }
     tokio::time::sleep(Duration::from_millis(2_500)).await; // 2.5 intervals
@@ -150,15 +152,15 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
         rounds_when_off,
         "no round while off"
     );
-    assert_eq!(publisher.outbox_len(), 55);
+    assert_eq!(publisher.outbox_len(), 50, "the parked messages stay");
     assert_eq!(
         depth(&channel, "notes_queue").await,
-        0,
-        "nothing resent while off"
+        5,
+        "only the fresh messages reached the broker while off"
     );
     println!("flag off seen after {seen:?}; no resend for 2.5 s with the broker up");
 
-    // Flag on: the next interval resends everything, oldest first.
+    // Flag on: the parked messages are resent at once, oldest first.
     config.features.retry_pending = true;
     mount.write(&config);
     let drained = wait_for("the outbox to drain", Duration::from_secs(4), || {
@@ -166,13 +168,16 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
     })
     .await;
     println!("outbox drained {drained:?} after the flag went back on");
-    let arrived: Vec<String> = support::client_drain(&channel, "notes_queue")
+    let arrived: Vec<String> = support::drain(&channel, "notes_queue")
         .await
         .iter()
-        .map(|m| support::client_message_id(&m.delivery.properties))
+        .map(|m| support::message_id(&m.delivery.properties))
         .collect();
-    let expected: Vec<String> = first.iter().chain(&later).cloned().collect();
-    assert_eq!(arrived, expected, "every message, once, in publish order");
+    let expected: Vec<String> = later.iter().chain(&first).cloned().collect();
+    assert_eq!(
+        arrived, expected,
+        "every message once: the fresh ones, then the parked ones in publish order"
+    );
 
     // Outbox empty and broker up: straight through.
     let outcome = publisher
@@ -185,6 +190,78 @@ async fn retry_pending_off_stops_resending_and_on_resumes_in_order() {
             message_id: "h-0".into()
         }
     );
+    publisher.close().await;
+    proxy.set_up(false);
+    let _ = conn.close(200, "test done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_drains_as_soon_as_the_broker_is_back_not_an_interval_later() {
+    let vhost = TestVhost::new("client-drain");
+    let mut pipeline = notes_pipeline(&vhost.name, Retry::attempts(3));
+    provision(&pipeline, support::shared_port()).await;
+    pipeline.features.retry_interval_seconds = 120; // the default: far longer than the test
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = MountedConfig::new(dir.path(), &pipeline);
+    let live = LiveConfig::watch(mount.path(), Duration::from_secs(1))
+        .await
+        .expect("watch");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", support::shared_port()));
+    let mut options = PublisherOptions::new(
+        format!(
+            "amqp://guest:guest@127.0.0.1:{}/{}",
+            proxy.port,
+            encode(&vhost.name)
+        ),
+        dir.path().join("outbox.redb"),
+    );
+    options.reconnect = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(300),
+    };
+    options.connect_timeout = Duration::from_secs(2);
+    let publisher = Publisher::start(options, live)
+        .await
+        .expect("starts offline");
+
+    let outage: Vec<String> = (0..20).map(|i| format!("o-{i:02}")).collect();
+    for id in &outage {
+        let outcome = publisher
+            .publish(id.as_bytes(), note(id))
+            .await
+            .expect("publish");
+        assert!(matches!(outcome, Outcome::Queued { .. }), "{outcome:?}");
+    }
+    proxy.set_up(true);
+    let drained = wait_for("the outbox to drain", Duration::from_secs(10), || {
+        publisher.outbox_len() == 0
+    })
+    .await;
+    println!("outbox of 20 drained {drained:?} after the broker came back");
+    let stats = publisher.stats();
+    assert_eq!(stats.resent, 20, "{stats:?}");
+
+    let after: Vec<String> = (0..5).map(|i| format!("a-{i}")).collect();
+    for id in &after {
+        let outcome = publisher
+            .publish(id.as_bytes(), note(id))
+            .await
+            .expect("publish");
+        assert_eq!(
+            outcome,
+            Outcome::Confirmed {
+                message_id: id.clone()
+            }
+        );
+    }
+    let (conn, channel) = amqp_channel(&vhost.name).await;
+    let arrived: Vec<String> = support::drain(&channel, "notes_queue")
+        .await
+        .iter()
+        .map(|m| support::message_id(&m.delivery.properties))
+        .collect();
+    let expected: Vec<String> = outage.iter().chain(&after).cloned().collect();
+    assert_eq!(arrived, expected, "every message once, in publish order");
     publisher.close().await;
     proxy.set_up(false);
     let _ = conn.close(200, "test done".into()).await;
