@@ -382,26 +382,18 @@ impl RabbitBroker {
                 (format!("tags [{}]", tags.join(", ")), tags)
             }
             _ => {
-                let login = connect_amqp(
-                    &self.endpoint,
-                    vhost.unwrap_or("/"),
-                    self.timeout,
-                    "msgpipe login check",
-                )
-                .await;
-                match login {
+                let vhost = vhost.map_or_else(|| self.endpoint.uri_vhost(), str::to_string);
+                let check = "msgpipe login check";
+                match connect_amqp(&self.endpoint, &vhost, self.timeout, check).await {
+                    // Logged in (a vhost it may not use still proves the credentials).
                     Ok(connection) => {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(2),
-                            connection.close(200, "done".into()),
-                        )
-                        .await;
-                        ("no management tag".to_string(), Vec::new())
+                        let bye = connection.close(200, "done".into());
+                        let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
                     }
-                    Err(BrokerError::AuthenticationFailed { .. }) | Err(_) => {
-                        return BrokerError::AuthenticationFailed { endpoint, user };
-                    }
+                    Err(BrokerError::VhostNotFound { .. }) => {}
+                    Err(_) => return BrokerError::AuthenticationFailed { endpoint, user },
                 }
+                ("no management tag".to_string(), Vec::new())
             }
         };
         let needed = needed_tag(operation);
@@ -922,30 +914,21 @@ fn classify_amqp_connect(
     error: &lapin::Error,
 ) -> BrokerError {
     let text = endpoint.redact(&error.to_string());
-    let lower = text.to_lowercase();
-    if let Some(reason) = tls_problem(&text, endpoint.is_tls()) {
-        BrokerError::Unreachable {
-            endpoint: endpoint.to_string(),
-            reason,
-        }
-    } else if lower.contains("access_refused")
-        || lower.contains("login")
-        || lower.contains("authentication")
-    {
-        BrokerError::AuthenticationFailed {
+    match reply_code(error) {
+        // Login refused (wrong user or password, or a mechanism the user may not use).
+        Some(reply::ACCESS_REFUSED) => BrokerError::AuthenticationFailed {
             endpoint: endpoint.to_string(),
             user: endpoint.username(),
-        }
-    } else if lower.contains("not_allowed") || lower.contains("vhost") {
-        BrokerError::VhostNotFound {
+        },
+        // The vhost does not exist, or the user has no permissions on it.
+        Some(reply::NOT_ALLOWED) => BrokerError::VhostNotFound {
             endpoint: endpoint.to_string(),
             vhost: vhost.into(),
-        }
-    } else {
-        BrokerError::Unreachable {
+        },
+        _ => BrokerError::Unreachable {
             endpoint: endpoint.to_string(),
-            reason: text,
-        }
+            reason: tls_problem(&text, endpoint.is_tls()).unwrap_or(text),
+        },
     }
 }
 
