@@ -707,6 +707,47 @@ async fn fill(channel: &Channel, ids: std::ops::Range<usize>, size: usize) {
     }
 }
 
+/// The figures in docs/broker.md: time and peak RSS of a dry run and a replay of 100,000
+/// small dead letters. Slow (minutes), so run by hand:
+/// `cargo nextest run --test dlq --run-ignored only --no-capture replay_of_100000`.
+#[tokio::test]
+#[ignore = "measurement: minutes long"]
+async fn replay_of_100000_small_dead_letters_figures() {
+    let vhost = TestVhost::new("dlq-100k");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = support::test_broker(&vhost.name);
+    let file = provision(&broker, dir.path(), &vhost.name, "quorum").await;
+    let (_connection, channel) = amqp_channel(&vhost.name).await;
+    let uri = amqp_uri(&vhost.name);
+    let file = file.to_str().expect("utf-8");
+    let started = Instant::now();
+    fill(&channel, 0..100_000, 100).await;
+    println!(
+        "filled 100000 dead letters of 100 bytes in {:?}",
+        started.elapsed()
+    );
+    for args in [
+        &["dlq", "replay", "--all", "--dry-run", "-f", file][..],
+        &["dlq", "replay", "--all", "-f", file][..],
+    ] {
+        let started = Instant::now();
+        let (peak, out) = peak_rss_kib(&uri, args);
+        let summary = text(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        println!(
+            "{}: {:?}, peak RSS {peak} KiB; {summary}",
+            args.join(" "),
+            started.elapsed()
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert_eq!(depth(&channel, WORK_QUEUE).await, 100_000);
+    assert_eq!(depth(&channel, DLQ).await, 0);
+}
+
 #[tokio::test]
 async fn replay_memory_is_bounded_by_one_message_not_the_dlq() {
     let vhost = TestVhost::new("dlq-memory");
