@@ -708,22 +708,29 @@ async fn fill(channel: &Channel, ids: std::ops::Range<usize>, size: usize) {
 }
 
 /// The figures in docs/broker.md: time and peak RSS of a dry run and a replay of 100,000
-/// small dead letters. Slow (minutes), so run by hand:
+/// small dead letters (`MSGPIPE_REPLAY_COUNT`, `MSGPIPE_REPLAY_QUEUE_TYPE` change the size
+/// and the queue type, default classic). Slow (minutes), so run by hand:
 /// `cargo nextest run --test dlq --run-ignored only --no-capture replay_of_100000`.
 #[tokio::test]
 #[ignore = "measurement: minutes long"]
 async fn replay_of_100000_small_dead_letters_figures() {
+    let count: usize = std::env::var("MSGPIPE_REPLAY_COUNT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100_000);
+    let queue_type =
+        std::env::var("MSGPIPE_REPLAY_QUEUE_TYPE").unwrap_or_else(|_| "classic".into());
     let vhost = TestVhost::new("dlq-100k");
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = support::test_broker(&vhost.name);
-    let file = provision(&broker, dir.path(), &vhost.name, "quorum").await;
+    let file = provision(&broker, dir.path(), &vhost.name, &queue_type).await;
     let (_connection, channel) = amqp_channel(&vhost.name).await;
     let uri = amqp_uri(&vhost.name);
     let file = file.to_str().expect("utf-8");
     let started = Instant::now();
-    fill(&channel, 0..100_000, 100).await;
+    fill(&channel, 0..count, 100).await;
     println!(
-        "filled 100000 dead letters of 100 bytes in {:?}",
+        "filled {count} {queue_type} dead letters of 100 bytes in {:?}",
         started.elapsed()
     );
     for args in [
@@ -744,7 +751,7 @@ async fn replay_of_100000_small_dead_letters_figures() {
         );
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
-    assert_eq!(depth(&channel, WORK_QUEUE).await, 100_000);
+    assert_eq!(depth(&channel, WORK_QUEUE).await as usize, count);
     assert_eq!(depth(&channel, DLQ).await, 0);
 }
 

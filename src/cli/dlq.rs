@@ -53,24 +53,31 @@ pub enum DlqCommand {
     /// control characters, else as a hex dump; with -o json|yaml it is UTF-8 text or base64.
     /// Reads the same way as `list` (nothing is taken from the DLQ).
     Show(ShowArgs),
-    /// Send dead letters back to the pipeline's work exchange, without losing any.
+    /// Send dead letters back to the pipeline's work queue, without losing any.
     ///
-    /// For each selected dead letter: publish a copy to the work exchange, with its original
-    /// routing key (x-msgpipe-original-routing-key) or else the pipeline's routing key, on a
-    /// publisher-confirm channel with mandatory set; only once the broker confirmed the copy
-    /// (and did not return it as unroutable) is the dead letter removed. On a nack, a return,
-    /// a timeout or a lost connection the dead letter is put back and the replay stops with
-    /// an error saying how many were replayed; run it again to go on. A dead letter can be
-    /// delivered twice if the connection drops between the broker storing the copy and
-    /// removing the dead letter; the copy keeps its message id, so consumers can drop it.
+    /// For each selected dead letter: publish a copy to the work queue — through the default
+    /// exchange, by the queue's name, so no other queue bound to the work exchange gets one;
+    /// the routing key it was first published with stays in x-msgpipe-original-routing-key —
+    /// on a publisher-confirm channel with mandatory set; only once the broker confirmed the
+    /// copy is the dead letter removed. On a nack, a return, a timeout or a lost connection
+    /// the dead letter is put back and the replay stops with an error saying how many were
+    /// replayed.
+    ///
+    /// Selection (combine freely): --all, --id, --reason, --error-matches, --older-than,
+    /// --newer-than, --limit. --rate paces the copies. Every run prints its replay id and
+    /// stamps it on each copy (x-msgpipe-replay-id); --resume ID runs it again and skips dead
+    /// letters carrying that id (copies of this replay that failed again), so an interrupted
+    /// replay goes on without replaying them twice. A dead letter can still be delivered
+    /// twice if the connection drops between the broker storing the copy and removing the
+    /// dead letter; the copy keeps its message id and replay id, so consumers can drop it.
     ///
     /// The copy starts over as a first delivery: x-retry-count, the consumer's failure headers
     /// (error, reason, attempts, failure times) and the broker's x-death / x-first-death-* /
     /// x-delivery-count are removed; the original exchange and routing key headers stay; it is
     /// made persistent and gets x-msgpipe-replayed-at (now) and x-msgpipe-replay-count (+1).
     ///
-    /// One run only considers the dead letters present when it starts, so a copy that fails
-    /// again and returns to the DLQ is not replayed twice by the same run.
+    /// One run only considers the dead letters present when it starts, reads them one at a
+    /// time (memory holds one message), and ends with a summary: replayed, skipped, remaining.
     #[command(group(ArgGroup::new("selection").required(true).multiple(true).args(["all", "ids", "limit", "reason", "error_matches", "older_than", "newer_than", "resume"])))]
     Replay(ReplayArgs),
     /// Delete every dead letter in the DLQ, for good.

@@ -35,7 +35,7 @@ pub enum Command {
     Delete(apply::DeleteArgs),
     /// Inspect a pipeline's dead letters (why they failed), replay them to the work queue
     /// without loss, or purge them.
-    Dlq(dlq::DlqArgs),
+    Dlq(Box<dlq::DlqArgs>),
     /// Run the Kubernetes controller: reconcile every MessagePipeline in scope until SIGTERM.
     Operator(operator::OperatorArgs),
 }
