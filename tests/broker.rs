@@ -4,9 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use msgpipe::broker::{
     self, ActionOutcome, BrokerAction, BrokerApi, BrokerError, BrokerReport, LiveVhost, QueueDepth,
@@ -100,9 +98,10 @@ async fn apply_creates_every_object_with_its_arguments_and_effective_policy() {
         assert!(found, "missing binding {binding:?}");
     }
     // The policy RabbitMQ applies to each queue is ours, with our definition.
+    let major = broker.server_major().await.expect("server version");
     for policy in &t.policies {
         let queue = policy.name.trim_start_matches("msgpipe.");
-        let expected = broker::diff::policy_definition(&policy.definition, 3);
+        let expected = broker::diff::policy_definition(&policy.definition, major);
         let path = vhost.path("queues", queue);
         eventually(&format!("effective policy on {queue}"), || {
             let live = get_json(&path);
@@ -250,9 +249,23 @@ async fn drift_behind_the_operators_back_is_repaired() {
 
     // A DLX without its binding drops dead letters silently; a retry queue deleted; a policy edited.
     let v = support::encode(&vhost.name);
+    let dlx_bindings = get_json(&format!(
+        "/bindings/{v}/e/notes_dlq_exchange/q/notes_queue_dlq"
+    ));
+    let props = dlx_bindings[0]["properties_key"]
+        .as_str()
+        .expect("one binding");
+    assert_eq!(
+        dlx_bindings[0]["arguments"][broker::BINDING_MARKER],
+        true,
+        "msgpipe marks the routes it makes"
+    );
     mgmt(
         "DELETE",
-        &format!("/bindings/{v}/e/notes_dlq_exchange/q/notes_queue_dlq/~"),
+        &format!(
+            "/bindings/{v}/e/notes_dlq_exchange/q/notes_queue_dlq/{}",
+            support::encode(props)
+        ),
         None,
     );
     mgmt("DELETE", &vhost.path("queues", "notes_queue.retry.2"), None);
@@ -359,7 +372,10 @@ async fn a_removed_tier_holding_messages_is_kept_until_it_drains() {
         "  retry: { maxAttempts: 2, backoff: { initialDelay: 10m, multiplier: 2, maxDelay: 1h } }";
     let report = changes(&converge(&broker, &notes(&vhost.name, shorter)).await);
     assert!(
-        report.contains(&"kept queue notes_queue.retry.3: holds 1 messages".to_string()),
+        report.contains(
+            &"kept queue notes_queue.retry.3: holds 1 messages (ready or unacknowledged)"
+                .to_string()
+        ),
         "{report:?}"
     );
     assert!(
@@ -394,6 +410,11 @@ async fn a_changed_queue_type_is_refused_and_nothing_is_deleted() {
     converge(&broker, &notes(&vhost.name, "")).await;
     let (_conn, channel) = amqp_channel(&vhost.name).await;
     publish(&channel, "notes", "notes", b"precious").await;
+    let policy_before = get_json(&vhost.path("policies", "msgpipe.notes_queue"));
+    assert_eq!(
+        policy_before["definition"]["dead-letter-strategy"],
+        "at-least-once"
+    );
 
     let classic = notes(
         &vhost.name,
@@ -421,6 +442,239 @@ async fn a_changed_queue_type_is_refused_and_nothing_is_deleted() {
         1,
         "the message survives"
     );
+    // Nothing about the refused queue is written: its policy (and so the live queue's
+    // dead-letter strategy and delivery limit) is the quorum one it had.
+    assert!(
+        report
+            .changes
+            .iter()
+            .all(|c| !c.name.contains("notes_queue ")
+                && c.name != "msgpipe.notes_queue"
+                && c.name != "notes_queue"),
+        "{:?}",
+        changes(&report)
+    );
+    assert_eq!(
+        get_json(&vhost.path("policies", "msgpipe.notes_queue")),
+        policy_before
+    );
+    // The queue's effective policy shows in the management figures (they lag).
+    let path = vhost.path("queues", "notes_queue");
+    eventually("the effective policy of notes_queue", || {
+        let effective = &get_json(&path)["effective_policy_definition"];
+        effective["dead-letter-strategy"] == "at-least-once" && effective["delivery-limit"] == 5
+    })
+    .await;
+    // And a second pass is just as careful.
+    let again = converge(&broker, &classic).await;
+    assert!(again.changes.is_empty(), "{:?}", changes(&again));
+}
+
+#[tokio::test]
+async fn a_changed_routing_key_no_longer_routes_by_the_old_key() {
+    let vhost = TestVhost::new("broker-stale-route");
+    let broker = support::test_broker(&vhost.name);
+    converge(&broker, &notes(&vhost.name, "")).await;
+    let moved = notes(
+        &vhost.name,
+        "  queue: { name: notes_queue, exchange: notes, routingKey: notes.v2 }",
+    );
+    let report = converge(&broker, &moved).await;
+    let lines = changes(&report);
+    assert!(
+        lines.contains(&"unbound notes -> notes_queue (key \"notes\")".to_string()),
+        "{lines:?}"
+    );
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    assert!(
+        publish_returned(&channel, "notes", "notes").await,
+        "the old key still routes"
+    );
+    publish(&channel, "notes", "notes.v2", b"new route").await;
+    assert_eq!(depth(&channel, "notes_queue").await, 1);
+
+    // A moved work exchange: the route from the old one goes too.
+    let elsewhere = notes(
+        &vhost.name,
+        "  queue: { name: notes_queue, exchange: notes.elsewhere, routingKey: notes.v2 }",
+    );
+    let lines = changes(&converge(&broker, &elsewhere).await);
+    assert!(
+        lines.contains(&"unbound notes -> notes_queue (key \"notes.v2\")".to_string()),
+        "{lines:?}"
+    );
+    assert!(publish_returned(&channel, "notes", "notes.v2").await);
+    // Converged: the next pass changes nothing.
+    assert!(converge(&broker, &elsewhere).await.changes.is_empty());
+}
+
+/// Publishes with mandatory set; true when the broker returned the message as unroutable.
+async fn publish_returned(channel: &lapin::Channel, exchange: &str, key: &str) -> bool {
+    let options = lapin::options::BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            options,
+            b"probe",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    confirm.take_message().is_some()
+}
+
+/// The test's own broker node, of the version `MSGPIPE_RABBITMQ` names (so the
+/// compatibility pass runs this test on 3.10, 4.0 and 4.3 without touching the shared node).
+const TEARDOWN_NODE: (&str, &str) = ("msgpipe-teardown", "5691");
+
+#[tokio::test]
+async fn teardown_keeps_a_dlq_whose_messages_are_held_unacked() {
+    let (name, port) = TEARDOWN_NODE;
+    assert!(
+        support::broker_node("ensure", name, port, &[], None),
+        "broker node {name} did not start"
+    );
+    let mgmt_url = format!("http://127.0.0.1:1{port}");
+    let uri = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    for queue_type in ["quorum", "classic"] {
+        let state = plan_yaml(&format!(
+            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: held-{queue_type}, namespace: t }}\nspec:\n  broker: {{ secretRef: {{ name: rabbitmq }} }}\n  queue: {{ type: {queue_type} }}\n  deletionPolicy: Delete\n"
+        ));
+        let endpoint = broker::BrokerEndpoint::new(&uri, Some(&mgmt_url), None).expect("endpoint");
+        let broker = RabbitBroker::new(endpoint, Duration::from_secs(15)).expect("client");
+        let live = broker.snapshot("/").await.expect("snapshot");
+        broker::reconcile(&broker, &state, &live)
+            .await
+            .expect("apply");
+        let dlq = state.names.dead_letter_queue.clone();
+
+        msgpipe::broker::install_crypto_provider();
+        let browser = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let channel = browser.create_channel().await.expect("channel");
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        for body in [b"first".as_slice(), b"second"] {
+            publish(&channel, &state.names.dead_letter_exchange, "", body).await;
+        }
+        // A browse, as `msgpipe dlq list` does: get without ack, hold, give back on close.
+        for _ in 0..2 {
+            let got = channel
+                .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .expect("get");
+            assert!(got.is_some(), "a dead letter to browse");
+        }
+        assert_eq!(depth(&channel, &dlq).await, 0, "nothing ready: all held");
+        // The broker's figures count what the browse holds once they catch up (the stats
+        // interval; docs/broker.md says what this leaves).
+        let stats_url = format!("{mgmt_url}/api/queues/%2f/{dlq}");
+        eventually("the held dead letters in the management figures", || {
+            let (_, body) = support::http("GET", &stats_url, None, true);
+            serde_json::from_str::<Value>(&body).is_ok_and(|v| v["messages_unacknowledged"] == 2)
+        })
+        .await;
+
+        let live = broker.snapshot("/").await.expect("snapshot");
+        let report = broker::teardown(&broker, &state, &live)
+            .await
+            .expect("teardown");
+        let lines = changes(&report);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("kept queue {dlq}"))),
+            "{queue_type}: {lines:?}"
+        );
+        assert!(
+            lines.contains(&format!("deleted queue {}", state.names.queue)),
+            "{queue_type}: {lines:?}"
+        );
+        browser.close(200, "done".into()).await.expect("close");
+        let (_conn, check) = {
+            let c = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+                .await
+                .expect("connect");
+            let ch = c.create_channel().await.expect("channel");
+            (c, ch)
+        };
+        let mut back = 0;
+        for _ in 0..40 {
+            back = depth(&check, &dlq).await;
+            if back == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            back, 2,
+            "{queue_type}: both dead letters survive the teardown"
+        );
+        let _ = support::http(
+            "DELETE",
+            &format!("{mgmt_url}/api/queues/%2f/{dlq}"),
+            None,
+            true,
+        );
+        broker.close().await;
+    }
+}
+
+#[tokio::test]
+async fn a_user_without_the_policymaker_tag_is_refused_naming_the_tag() {
+    let vhost = TestVhost::new("broker-tags");
+    let state = notes(&vhost.name, "");
+    for (tags, missing) in [("management", "policymaker"), ("", "management")] {
+        let user = format!(
+            "msgpipe-{}-{}",
+            if tags.is_empty() { "notag" } else { tags },
+            std::process::id()
+        );
+        mgmt(
+            "PUT",
+            &format!("/users/{user}"),
+            Some(serde_json::json!({"password": "pw-for-tags", "tags": tags})),
+        );
+        mgmt(
+            "PUT",
+            &format!("/permissions/{}/{user}", support::encode(&vhost.name)),
+            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+        );
+        let endpoint = broker::BrokerEndpoint::new(
+            &format!("amqp://{user}:pw-for-tags@127.0.0.1:5673/"),
+            Some("http://127.0.0.1:15673"),
+            None,
+        )
+        .expect("endpoint");
+        let broker = RabbitBroker::new(endpoint, Duration::from_secs(10)).expect("client");
+        let error = match broker.snapshot(&vhost.name).await {
+            Err(error) => error,
+            Ok(live) => {
+                broker::reconcile(&broker, &state, &live)
+                    .await
+                    .expect_err("a policy write must be refused")
+                    .error
+            }
+        };
+        assert!(
+            matches!(&error, BrokerError::MissingUserTag { tag, .. } if *tag == missing),
+            "{tags:?}: {error:?}"
+        );
+        assert_eq!(error.condition_reason(), "BrokerAccessRefused");
+        assert!(error.to_string().contains(missing), "{error}");
+        assert!(!error.to_string().contains("pw-for-tags"), "{error}");
+        broker.close().await;
+        mgmt("DELETE", &format!("/users/{user}"), None);
+    }
 }
 
 #[tokio::test]
@@ -438,7 +692,9 @@ async fn delete_policy_removes_empty_objects_and_keeps_a_dlq_holding_messages() 
         .expect("teardown");
     let lines = changes(&report);
     assert!(
-        lines.contains(&"kept queue notes_queue_dlq: holds 1 messages".to_string()),
+        lines.contains(
+            &"kept queue notes_queue_dlq: holds 1 messages (ready or unacknowledged)".to_string()
+        ),
         "{lines:?}"
     );
     for deleted in [
@@ -557,15 +813,14 @@ async fn a_quorum_work_queue_dead_letters_after_its_delivery_limit() {
             .expect("get")
         {
             deliveries += 1;
+            // reject, not nack: RabbitMQ 4.3 does not count a requeueing nack toward the
+            // delivery limit (4.0 and 3.x count both).
             message
                 .delivery
                 .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
+                .reject(lapin::options::BasicRejectOptions { requeue: true })
                 .await
-                .expect("nack");
+                .expect("reject");
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -612,6 +867,32 @@ async fn broker_errors_are_typed_and_never_show_the_password() {
             !error.to_string().contains(secret) && !format!("{error:?}").contains(secret),
             "{error}"
         );
+    }
+    // Short passwords and credentials in managementUri never show either.
+    for (uri, management) in [
+        ("amqp://guest:Q7@127.0.0.1:5673/", "http://127.0.0.1:15673"),
+        ("amqp://guest:Q7@127.0.0.1:1/", "http://127.0.0.1:2"),
+        (
+            "amqp://guest:guest@127.0.0.1:5673/",
+            "http://admin:Mg-Secret@127.0.0.1:2",
+        ),
+        (
+            "amqp://guest:Q7@127.0.0.1:5673/",
+            "http://guest:Q7@127.0.0.1:2",
+        ),
+    ] {
+        let endpoint =
+            msgpipe::broker::BrokerEndpoint::new(uri, Some(management), None).expect("endpoint");
+        let shown = format!("{endpoint:?} {endpoint}");
+        let broker = RabbitBroker::new(endpoint, Duration::from_secs(5)).expect("client");
+        let error = broker
+            .snapshot(&state.topology.vhost)
+            .await
+            .expect_err("must fail");
+        let printed = format!("{error} {error:?} {shown}");
+        for secret in ["Q7", "Mg-Secret"] {
+            assert!(!printed.contains(secret), "{uri} {management}: {printed}");
+        }
     }
     let broker = support::test_broker(&vhost.name);
     let error = broker

@@ -426,10 +426,10 @@ async fn replay_by_id_sends_a_fresh_copy_and_dry_run_changes_nothing() {
         "{dry}"
     );
     assert!(
-        dry.contains("would replay #2 b -> exchange notes, routing key \"notes\""),
+        dry.contains("would replay #2 b -> queue notes_queue (original routing key \"notes\")"),
         "{dry}"
     );
-    assert!(dry.contains("(nothing was changed)"), "{dry}");
+    assert!(dry.contains("nothing was changed"), "{dry}");
     assert_eq!(depth(&channel, DLQ).await, 4, "dry run leaves the DLQ");
     assert_eq!(
         depth(&channel, WORK_QUEUE).await,
@@ -451,7 +451,7 @@ async fn replay_by_id_sends_a_fresh_copy_and_dry_run_changes_nothing() {
         &uri,
         &["dlq", "replay", "--id", "b", "d", "-f", file],
     ));
-    assert!(out.contains("replayed #2 b -> exchange notes"), "{out}");
+    assert!(out.contains("replayed #2 b -> queue notes_queue"), "{out}");
     assert!(out.contains("replayed 2 of the 4 dead letters"), "{out}");
     assert_eq!(
         ids_in(&uri, DLQ).await,
@@ -508,13 +508,33 @@ async fn replay_by_id_sends_a_fresh_copy_and_dry_run_changes_nothing() {
 }
 
 #[tokio::test]
-async fn an_unroutable_copy_leaves_its_dead_letter_in_place() {
-    let vhost = TestVhost::new("dlq-unroutable");
+async fn replay_reaches_the_work_queue_and_nothing_else() {
+    let vhost = TestVhost::new("dlq-exact");
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = support::test_broker(&vhost.name);
     let file = provision(&broker, dir.path(), &vhost.name, "classic").await;
     let (_connection, channel) = amqp_channel(&vhost.name).await;
+    // A bystander bound to the work exchange with the pipeline's own key.
+    channel
+        .queue_declare(
+            "bystander".into(),
+            lapin::options::QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    channel
+        .queue_bind(
+            "bystander".into(),
+            "notes".into(),
+            "notes".into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
     consumer_dead_letter(&channel, "ok-1", "db timeout", "max-attempts", b"1").await;
+    // A key no queue is bound with: the copy still reaches the work queue, by name.
     let mut stray = consumer_headers("db timeout", "max-attempts", 3);
     stray.insert(
         ShortString::from(headers::ORIGINAL_ROUTING_KEY),
@@ -524,24 +544,259 @@ async fn an_unroutable_copy_leaves_its_dead_letter_in_place() {
         .with_message_id("stray-1".into())
         .with_headers(stray);
     publish(&channel, DLX, "notes", b"2", properties).await;
-    consumer_dead_letter(&channel, "ok-2", "db timeout", "max-attempts", b"3").await;
     let uri = amqp_uri(&vhost.name);
     let file = file.to_str().expect("utf-8");
 
-    let output = msgpipe(&uri, &["dlq", "replay", "--all", "-f", file]);
-    let error = one_line_error(&output);
-    assert!(
-        error.contains(
-            "replay stopped at dead letter #2 (message id stray-1) after 1 were replayed"
-        ),
-        "{error}"
+    let out = ok(&msgpipe(&uri, &["dlq", "replay", "--all", "-f", file]));
+    assert!(out.contains("replayed 2 of the 2 dead letters"), "{out}");
+    assert_eq!(ids_in(&uri, WORK_QUEUE).await, ["ok-1", "stray-1"]);
+    assert_eq!(
+        depth(&channel, "bystander").await,
+        0,
+        "the bystander got a copy"
     );
-    assert!(error.contains("unroutable"), "{error}");
-    assert!(text(&output.stdout).contains("replayed #1 ok-1"));
-    assert_eq!(ids_in(&uri, WORK_QUEUE).await, ["ok-1"]);
-    let mut left = ids_in(&uri, DLQ).await;
-    left.sort();
-    assert_eq!(left, ["ok-2", "stray-1"], "classic DLQ: nothing lost");
+    assert_eq!(depth(&channel, DLQ).await, 0);
+}
+
+#[tokio::test]
+async fn replay_selects_by_reason_and_error_and_a_resumed_replay_skips_its_own_copies() {
+    let vhost = TestVhost::new("dlq-select");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = support::test_broker(&vhost.name);
+    let file = provision(&broker, dir.path(), &vhost.name, "classic").await;
+    let (_connection, channel) = amqp_channel(&vhost.name).await;
+    for id in ["t1", "t2", "t3"] {
+        consumer_dead_letter(&channel, id, "db timeout after 5s", "max-attempts", b"t").await;
+    }
+    for id in ["p1", "p2"] {
+        consumer_dead_letter(&channel, id, "invalid JSON", "permanent", b"p").await;
+    }
+    let uri = amqp_uri(&vhost.name);
+    let file = file.to_str().expect("utf-8");
+
+    let out = ok(&msgpipe(
+        &uri,
+        &["dlq", "replay", "--reason", "permanent", "-f", file],
+    ));
+    assert!(
+        out.contains("replayed 2 of the 5 dead letters in notes_queue_dlq to queue notes_queue; skipped 3, 3 remaining"),
+        "{out}"
+    );
+    assert_eq!(ids_in(&uri, WORK_QUEUE).await, ["p1", "p2"]);
+    for _ in 0..2 {
+        let done = channel
+            .basic_get(WORK_QUEUE.into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("a replayed copy");
+        done.delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .expect("ack");
+    }
+
+    let started = Instant::now();
+    let out = ok(&msgpipe(
+        &uri,
+        &[
+            "dlq",
+            "replay",
+            "--error-matches",
+            "time(out)?",
+            "--limit",
+            "2",
+            "--rate",
+            "4/s",
+            "-f",
+            file,
+        ],
+    ));
+    assert!(out.contains("replayed 2 of the 3"), "{out}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "4/s: the second copy waits a quarter second"
+    );
+    let replay_id = out
+        .lines()
+        .find_map(|l| l.split("replay id ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the replay id is printed")
+        .to_string();
+    assert_eq!(ids_in(&uri, DLQ).await, ["t3"]);
+
+    // One copy of that replay fails again and comes back to the DLQ.
+    support::reject_head(&channel, WORK_QUEUE).await;
+    wait_for_depth(&channel, DLQ, 2).await;
+    let out = ok(&msgpipe(
+        &uri,
+        &["dlq", "replay", "--resume", &replay_id, "-f", file],
+    ));
+    assert!(out.contains("replayed 1 of the 2"), "{out}");
+    assert!(out.contains("skipped 1"), "{out}");
+    assert!(
+        out.contains("replayed #1 t3") || out.contains("t3"),
+        "{out}"
+    );
+    assert_eq!(
+        depth(&channel, DLQ).await,
+        1,
+        "its own copy stays, not replayed twice"
+    );
+
+    let bad = one_line_error(&msgpipe(
+        &uri,
+        &["dlq", "replay", "--error-matches", "(", "-f", file],
+    ));
+    assert!(bad.contains("--error-matches"), "{bad}");
+    let bad = one_line_error(&msgpipe(
+        &uri,
+        &["dlq", "replay", "--all", "--rate", "fast", "-f", file],
+    ));
+    assert!(bad.contains("--rate"), "{bad}");
+}
+
+/// Peak resident memory (KiB) of `msgpipe ARGS`, from /usr/bin/time.
+fn peak_rss_kib(uri: &str, args: &[&str]) -> (u64, Output) {
+    let output = Command::new("/usr/bin/time")
+        .arg("-f")
+        .arg("PEAK_RSS_KIB=%M")
+        .arg(env!("CARGO_BIN_EXE_msgpipe"))
+        .args(args)
+        .env("MSGPIPE_BROKER_URI", uri)
+        .env_remove("MSGPIPE_MANAGEMENT_URI")
+        .stdin(Stdio::null())
+        .output()
+        .expect("time runs");
+    let stderr = text(&output.stderr);
+    let peak = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("PEAK_RSS_KIB="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {stderr}"));
+    (peak, output)
+}
+
+/// Fills the DLQ with dead letters `m-N` for N in `ids`, of `size` bytes, fast (confirms in batches).
+async fn fill(channel: &Channel, ids: std::ops::Range<usize>, size: usize) {
+    let body = vec![b'x'; size];
+    let mut pending = Vec::new();
+    for i in ids {
+        let properties = BasicProperties::default()
+            .with_message_id(format!("m-{i}").into())
+            .with_delivery_mode(2);
+        let confirm = channel
+            .basic_publish(
+                DLX.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .expect("publish");
+        pending.push(confirm);
+        if pending.len() == 500 {
+            for confirm in pending.drain(..) {
+                assert!(confirm.await.expect("confirm").is_ack());
+            }
+        }
+    }
+    for confirm in pending {
+        assert!(confirm.await.expect("confirm").is_ack());
+    }
+}
+
+/// The figures in docs/broker.md: time and peak RSS of a dry run and a replay of 100,000
+/// small dead letters (`MSGPIPE_REPLAY_COUNT`, `MSGPIPE_REPLAY_QUEUE_TYPE` change the size
+/// and the queue type, default classic). Slow (minutes), so run by hand:
+/// `cargo nextest run --test dlq --run-ignored only --no-capture replay_of_100000`.
+#[tokio::test]
+#[ignore = "measurement: minutes long"]
+async fn replay_of_100000_small_dead_letters_figures() {
+    let count: usize = std::env::var("MSGPIPE_REPLAY_COUNT")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100_000);
+    let queue_type =
+        std::env::var("MSGPIPE_REPLAY_QUEUE_TYPE").unwrap_or_else(|_| "classic".into());
+    let vhost = TestVhost::new("dlq-100k");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = support::test_broker(&vhost.name);
+    let file = provision(&broker, dir.path(), &vhost.name, &queue_type).await;
+    let (connection, channel) = amqp_channel(&vhost.name).await;
+    let uri = amqp_uri(&vhost.name);
+    let file = file.to_str().expect("utf-8");
+    let started = Instant::now();
+    fill(&channel, 0..count, 100).await;
+    let _ = connection.close(200, "filled".into()).await;
+    println!(
+        "filled {count} {queue_type} dead letters of 100 bytes in {:?}",
+        started.elapsed()
+    );
+    for args in [
+        &["dlq", "replay", "--all", "--dry-run", "-f", file][..],
+        &["dlq", "replay", "--all", "-f", file][..],
+    ] {
+        let started = Instant::now();
+        let (peak, out) = peak_rss_kib(&uri, args);
+        let summary = text(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        println!(
+            "{}: {:?}, peak RSS {peak} KiB; {summary}",
+            args.join(" "),
+            started.elapsed()
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // A fresh connection: the first one missed heartbeats while this thread waited.
+    drop(channel);
+    let (_connection, check) = amqp_channel(&vhost.name).await;
+    assert_eq!(depth(&check, WORK_QUEUE).await as usize, count);
+    assert_eq!(depth(&check, DLQ).await, 0);
+}
+
+#[tokio::test]
+async fn replay_memory_is_bounded_by_one_message_not_the_dlq() {
+    let vhost = TestVhost::new("dlq-memory");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = support::test_broker(&vhost.name);
+    let file = provision(&broker, dir.path(), &vhost.name, "classic").await;
+    let (_connection, channel) = amqp_channel(&vhost.name).await;
+    let uri = amqp_uri(&vhost.name);
+    let file = file.to_str().expect("utf-8");
+    // 500 then 5,000 dead letters of 4 KiB: 2 MB then 20 MB of bodies.
+    fill(&channel, 0..500, 4096).await;
+    let (small, out) = peak_rss_kib(&uri, &["dlq", "replay", "--all", "--dry-run", "-f", file]);
+    assert!(
+        text(&out.stdout).contains("would replay 500 of the 500"),
+        "{}",
+        text(&out.stdout)
+    );
+    fill(&channel, 500..5000, 4096).await;
+    let (large, out) = peak_rss_kib(&uri, &["dlq", "replay", "--all", "--dry-run", "-f", file]);
+    assert!(
+        text(&out.stdout).contains("would replay 5000 of the 5000"),
+        "{}",
+        text(&out.stdout)
+    );
+    let (by_id, out) = peak_rss_kib(&uri, &["dlq", "replay", "--id", "m-4999", "-f", file]);
+    assert!(
+        text(&out.stdout).contains("replayed 1 of the 5000"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    println!("peak RSS: 500 dead letters {small} KiB, 5000 {large} KiB, --id {by_id} KiB");
+    // Ten times the dead letters (18 MB more bodies) must not cost ten times the memory.
+    assert!(
+        large < small + 8 * 1024 && by_id < small + 8 * 1024,
+        "peak RSS grows with the DLQ: {small} KiB -> {large} KiB (--id {by_id} KiB)"
+    );
+    assert_eq!(depth(&channel, DLQ).await, 4999);
 }
 
 #[tokio::test]

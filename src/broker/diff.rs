@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use super::live::LiveVhost;
 use crate::plan::DesiredState;
-use crate::plan::topology::{Binding, Exchange, POLICY_PREFIX, Policy, PolicyDefinition, Queue};
+use crate::plan::topology::{
+    Binding, Exchange, POLICY_PREFIX, Policy, PolicyDefinition, Queue, QueueRole,
+};
 
 /// One change to make on the broker.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,10 +27,22 @@ pub enum BrokerAction {
     DeclareQueue(Queue),
     Bind(Binding),
     Unbind(Binding),
-    /// Delete a queue only if a passive declare finds it empty and unconsumed; then its policy.
+    /// Delete a queue only if it holds no message (ready or unacknowledged) and has no
+    /// consumer; then its policy. How each broker version is held to that: docs/broker.md.
     DeleteQueueIfEmpty {
         queue: String,
         policy: Option<String>,
+    },
+    /// Delete an exchange (teardown only; planned only when nothing else is bound to it).
+    DeleteExchange {
+        exchange: String,
+    },
+    /// Leave an object in place on purpose (teardown): nothing is written, the reason is
+    /// reported like any change.
+    Keep {
+        kind: &'static str,
+        name: String,
+        reason: String,
     },
 }
 
@@ -37,7 +51,8 @@ impl BrokerAction {
     pub fn object_kind(&self) -> &'static str {
         match self {
             BrokerAction::PutPolicy { .. } => "policy",
-            BrokerAction::DeclareExchange(_) => "exchange",
+            BrokerAction::DeclareExchange(_) | BrokerAction::DeleteExchange { .. } => "exchange",
+            BrokerAction::Keep { kind, .. } => kind,
             BrokerAction::DeclareQueue(_) | BrokerAction::DeleteQueueIfEmpty { .. } => "queue",
             BrokerAction::Bind(_) | BrokerAction::Unbind(_) => "binding",
         }
@@ -75,8 +90,10 @@ impl fmt::Display for BrokerAction {
                 b.source, b.destination, b.routing_key
             ),
             BrokerAction::DeleteQueueIfEmpty { queue, .. } => {
-                write!(f, "delete queue {queue} if empty")
+                write!(f, "delete queue {queue} if empty and unused")
             }
+            BrokerAction::DeleteExchange { exchange } => write!(f, "delete exchange {exchange}"),
+            BrokerAction::Keep { kind, name, reason } => write!(f, "keep {kind} {name} ({reason})"),
         }
     }
 }
@@ -127,8 +144,16 @@ pub fn policy_definition(definition: &PolicyDefinition, server_major: u32) -> Ma
 pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
     let topology = &desired.topology;
     let mut plan = BrokerPlan::default();
+    // A queue whose live type differs is refused, and nothing about it is written: its
+    // policy made for the other type would strip settings the live queue relies on.
+    let refused = refused_queues(desired, live, &mut plan);
+    let untouchable = |queue: &str| refused.iter().any(|r| r == queue);
     // Policies first: a queue is never live without its dead-letter settings.
     for policy in &topology.policies {
+        let queue = policy.name.strip_prefix(POLICY_PREFIX).unwrap_or_default();
+        if untouchable(queue) {
+            continue;
+        }
         let definition = policy_definition(&policy.definition, live.server_major);
         let current = live.policies.get(&policy.name);
         let matches = current.is_some_and(|p| {
@@ -162,30 +187,187 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
         }
     }
     for queue in &topology.queues {
-        match live.queues.get(&queue.name) {
-            None => plan.actions.push(BrokerAction::DeclareQueue(queue.clone())),
-            Some(found) if found.queue_type != queue.queue_type.as_str() || !found.durable => {
-                plan.conflicts.push(Conflict {
-                    field: "spec.queue.type".into(),
-                    message: format!(
-                        "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change, and msgpipe never deletes a queue to change it (drain and delete it yourself, or revert the spec)",
-                        queue.name,
-                        found.queue_type,
-                        queue.queue_type.as_str()
-                    ),
-                })
-            }
-            Some(_) => {}
+        if !live.queues.contains_key(&queue.name) {
+            plan.actions.push(BrokerAction::DeclareQueue(queue.clone()));
         }
     }
     for binding in &topology.bindings {
-        if !live.has_binding(&binding.source, &binding.destination, &binding.routing_key) {
+        if !untouchable(&binding.destination)
+            && !live.has_binding(&binding.source, &binding.destination, &binding.routing_key)
+        {
             plan.actions.push(BrokerAction::Bind(binding.clone()));
         }
     }
+    remove_stale_bindings(desired, live, &refused, &mut plan);
     retire_removed_tiers(desired, live, &mut plan);
     plan.warnings = overriding_policies(desired, live);
     plan
+}
+
+/// Desired queues that exist on the broker with another type or not durable: each one is a
+/// conflict, and the names are returned so nothing else about them is written.
+fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPlan) -> Vec<String> {
+    let mut refused = Vec::new();
+    for queue in &desired.topology.queues {
+        let Some(found) = live.queues.get(&queue.name) else {
+            continue;
+        };
+        if found.queue_type == queue.queue_type.as_str() && found.durable {
+            continue;
+        }
+        plan.conflicts.push(Conflict {
+            field: "spec.queue.type".into(),
+            message: format!(
+                "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change, and msgpipe never deletes a queue to change it (drain and delete it yourself, or revert the spec); nothing about this queue was changed",
+                queue.name,
+                found.queue_type,
+                queue.queue_type.as_str()
+            ),
+        });
+        refused.push(queue.name.clone());
+    }
+    refused
+}
+
+/// Routes msgpipe made into the pipeline's queues that the spec no longer wants (a changed
+/// routing key or work exchange): a binding carrying msgpipe's marker, or one from an
+/// exchange the pipeline declares (made before bindings were marked). A binding someone else
+/// added from another exchange is left alone.
+fn remove_stale_bindings(
+    desired: &DesiredState,
+    live: &LiveVhost,
+    refused: &[String],
+    plan: &mut BrokerPlan,
+) {
+    let topology = &desired.topology;
+    let ours = |queue: &str| {
+        topology.queues.iter().any(|q| q.name == queue) && !refused.iter().any(|r| r == queue)
+    };
+    let our_exchange = |exchange: &str| topology.exchanges.iter().any(|e| e.name == exchange);
+    for live_binding in &live.bindings {
+        let wanted = topology.bindings.iter().any(|b| {
+            b.source == live_binding.source
+                && b.destination == live_binding.destination
+                && b.routing_key == live_binding.routing_key
+        });
+        let made_by_us =
+            live.owned_bindings.contains(live_binding) || our_exchange(&live_binding.source);
+        if wanted || !made_by_us || !ours(&live_binding.destination) {
+            continue;
+        }
+        plan.actions.push(BrokerAction::Unbind(Binding {
+            source: live_binding.source.clone(),
+            destination: live_binding.destination.clone(),
+            routing_key: live_binding.routing_key.clone(),
+        }));
+    }
+}
+
+/// A pipeline's teardown (`deletionPolicy: Delete`) as stages of actions. A stage runs only
+/// once every queue the earlier stages delete is gone, so nothing a kept queue still needs
+/// goes: retry tiers first (they return messages to the work queue), then the retry
+/// exchange and the work queue, then the work exchange and the DLQ, then the dead-letter
+/// exchange. Queues are unbound before they are deleted, except the DLQ (its exchange only
+/// carries dead letters of the queues already gone).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TeardownPlan {
+    pub stages: Vec<Vec<BrokerAction>>,
+}
+
+impl TeardownPlan {
+    /// Every action of every stage, in order (what `delete --dry-run` prints).
+    pub fn actions(&self) -> impl Iterator<Item = &BrokerAction> {
+        self.stages.iter().flatten()
+    }
+}
+
+/// The teardown of `desired` given the live vhost (pure).
+pub fn teardown(desired: &DesiredState, live: &LiveVhost) -> TeardownPlan {
+    let names = &desired.names;
+    let mut tiers: Vec<String> = desired
+        .topology
+        .queues
+        .iter()
+        .filter(|q| matches!(q.role, QueueRole::Retry(_)))
+        .map(|q| q.name.clone())
+        .collect();
+    // Tiers left over from an earlier, longer retry schedule.
+    let mut retired = BrokerPlan::default();
+    retire_removed_tiers(desired, live, &mut retired);
+    tiers.extend(retired.actions.into_iter().filter_map(|a| match a {
+        BrokerAction::DeleteQueueIfEmpty { queue, .. } => Some(queue),
+        _ => None,
+    }));
+    let mut ours: Vec<&str> = desired
+        .topology
+        .queues
+        .iter()
+        .map(|q| q.name.as_str())
+        .collect();
+    ours.extend(tiers.iter().map(String::as_str));
+
+    let mut stages = vec![Vec::new(); 4];
+    for tier in &tiers {
+        remove_queue(live, tier, true, &mut stages[0]);
+    }
+    remove_exchange(live, &names.retry_exchange, &ours, &mut stages[1]);
+    remove_queue(live, &names.queue, true, &mut stages[1]);
+    remove_exchange(live, &names.work_exchange, &ours, &mut stages[2]);
+    remove_queue(live, &names.dead_letter_queue, false, &mut stages[2]);
+    remove_exchange(live, &names.dead_letter_exchange, &ours, &mut stages[3]);
+    stages.retain(|stage| !stage.is_empty());
+    TeardownPlan { stages }
+}
+
+fn remove_queue(live: &LiveVhost, queue: &str, unbind: bool, actions: &mut Vec<BrokerAction>) {
+    if !live.queues.contains_key(queue) {
+        return;
+    }
+    if unbind {
+        actions.extend(
+            live.bindings
+                .iter()
+                .filter(|b| b.destination == queue)
+                .map(|b| {
+                    BrokerAction::Unbind(Binding {
+                        source: b.source.clone(),
+                        destination: b.destination.clone(),
+                        routing_key: b.routing_key.clone(),
+                    })
+                }),
+        );
+    }
+    actions.push(BrokerAction::DeleteQueueIfEmpty {
+        queue: queue.to_string(),
+        policy: Some(format!("{POLICY_PREFIX}{queue}")),
+    });
+}
+
+/// Deletes an exchange unless something outside the pipeline is bound to it.
+fn remove_exchange(
+    live: &LiveVhost,
+    exchange: &str,
+    ours: &[&str],
+    actions: &mut Vec<BrokerAction>,
+) {
+    if !live.exchanges.contains_key(exchange) {
+        return;
+    }
+    let shared = live
+        .bindings
+        .iter()
+        .any(|b| b.source == exchange && !ours.contains(&b.destination.as_str()));
+    actions.push(if shared {
+        BrokerAction::Keep {
+            kind: "exchange",
+            name: exchange.to_string(),
+            reason: "other queues are bound to it".into(),
+        }
+    } else {
+        BrokerAction::DeleteExchange {
+            exchange: exchange.to_string(),
+        }
+    });
 }
 
 /// Retry tiers that exist but are no longer desired: unbind, then delete once empty. Their
@@ -333,6 +515,7 @@ mod tests {
                 })
                 .collect(),
             server_major,
+            ..LiveVhost::default()
         }
     }
 
@@ -402,9 +585,9 @@ mod tests {
             [
                 "update policy msgpipe.notes_queue",
                 "unbind notes_queue.retry -> notes_queue.retry.3 (key \"3\")",
-                "delete queue notes_queue.retry.3 if empty",
+                "delete queue notes_queue.retry.3 if empty and unused",
                 "unbind notes_queue.retry -> notes_queue.retry.4 (key \"4\")",
-                "delete queue notes_queue.retry.4 if empty"
+                "delete queue notes_queue.retry.4 if empty and unused"
             ]
         );
         assert!(
@@ -440,6 +623,113 @@ mod tests {
             plan.actions
                 .iter()
                 .all(|a| !matches!(a, BrokerAction::DeleteQueueIfEmpty { .. }))
+        );
+    }
+
+    #[test]
+    fn a_refused_queue_type_writes_nothing_about_that_queue() {
+        let desired = notes(5);
+        let mut live = converged(&desired, 4);
+        live.queues
+            .get_mut("notes_queue")
+            .expect("queue")
+            .queue_type = "classic".into();
+        // Its policy and binding differ too: still, nothing about notes_queue is written.
+        live.policies
+            .get_mut("msgpipe.notes_queue")
+            .expect("policy")
+            .definition
+            .insert("delivery-limit".into(), 9.into());
+        live.bindings.retain(|b| b.destination != "notes_queue");
+        let plan = converge(&desired, &live);
+        assert_eq!(plan.conflicts.len(), 1, "{plan:?}");
+        assert!(plan.actions.is_empty(), "{:?}", described(&plan));
+    }
+
+    #[test]
+    fn a_route_the_spec_no_longer_wants_is_removed_and_a_foreign_one_kept() {
+        let desired = notes(5);
+        let mut live = converged(&desired, 4);
+        let stale = LiveBinding {
+            source: "notes".into(),
+            destination: "notes_queue".into(),
+            routing_key: "old-key".into(),
+        };
+        let moved = LiveBinding {
+            source: "old_exchange".into(),
+            destination: "notes_queue".into(),
+            routing_key: "notes".into(),
+        };
+        let foreign = LiveBinding {
+            source: "audit".into(),
+            destination: "notes_queue".into(),
+            routing_key: "notes".into(),
+        };
+        live.bindings
+            .extend([stale.clone(), moved.clone(), foreign]);
+        live.owned_bindings.insert(moved);
+        assert_eq!(
+            described(&converge(&desired, &live)),
+            [
+                "unbind notes -> notes_queue (key \"old-key\")",
+                "unbind old_exchange -> notes_queue (key \"notes\")"
+            ]
+        );
+    }
+
+    #[test]
+    fn teardown_is_staged_so_nothing_a_kept_queue_needs_goes_first() {
+        let desired = notes(3);
+        // A tier left over from a longer schedule is torn down with the others.
+        let live = converged(&notes(4), 4);
+        let plan = teardown(&desired, &live);
+        let stages: Vec<Vec<String>> = plan
+            .stages
+            .iter()
+            .map(|s| s.iter().map(ToString::to_string).collect())
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                vec![
+                    "unbind notes_queue.retry -> notes_queue.retry.1 (key \"1\")",
+                    "delete queue notes_queue.retry.1 if empty and unused",
+                    "unbind notes_queue.retry -> notes_queue.retry.2 (key \"2\")",
+                    "delete queue notes_queue.retry.2 if empty and unused",
+                    "unbind notes_queue.retry -> notes_queue.retry.3 (key \"3\")",
+                    "delete queue notes_queue.retry.3 if empty and unused",
+                ],
+                vec![
+                    "delete exchange notes_queue.retry",
+                    "unbind notes -> notes_queue (key \"notes\")",
+                    "delete queue notes_queue if empty and unused",
+                ],
+                vec![
+                    "delete exchange notes",
+                    "delete queue notes_queue_dlq if empty and unused",
+                ],
+                vec!["delete exchange notes_dlq_exchange"],
+            ]
+        );
+    }
+
+    #[test]
+    fn teardown_keeps_an_exchange_other_queues_use() {
+        let desired = notes(2);
+        let mut live = converged(&desired, 4);
+        live.bindings.insert(LiveBinding {
+            source: "notes".into(),
+            destination: "audit_queue".into(),
+            routing_key: "notes".into(),
+        });
+        let plan = teardown(&desired, &live);
+        assert!(
+            plan.actions()
+                .any(|a| a.to_string() == "keep exchange notes (other queues are bound to it)")
+        );
+        assert!(
+            plan.actions()
+                .all(|a| a.to_string() != "delete exchange notes")
         );
     }
 

@@ -18,7 +18,11 @@ pub const SECRET_CA_KEY: &str = "ca.crt";
 #[derive(Clone)]
 pub struct BrokerEndpoint {
     amqp: Url,
+    /// Without userinfo: the management API is called with the AMQP URI's credentials, and
+    /// a password given in `managementUri` is kept only to redact it.
     management: Url,
+    /// Password of `managementUri`, if it carried one (redacted wherever it could appear).
+    management_password: Option<String>,
     ca_pem: Option<String>,
 }
 
@@ -102,9 +106,19 @@ impl BrokerEndpoint {
                 })?
             }
         };
+        let management_password = management.password().map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
+        let mut management = management;
+        // Infallible for http(s) URLs with a host (checked above).
+        let _ = management.set_username("");
+        let _ = management.set_password(None);
         Ok(Self {
             amqp,
             management,
+            management_password,
             ca_pem,
         })
     }
@@ -169,7 +183,8 @@ impl BrokerEndpoint {
         self.amqp.scheme() == "amqps"
     }
 
-    /// Identity for connection pooling: same address, user, password and CA share a pool entry.
+    /// Identity for connection pooling: same address, user, password and CA share a pool
+    /// entry. Holds the password: compare it, never print it.
     pub fn pool_key(&self) -> String {
         format!(
             "{}|{}|{}",
@@ -179,18 +194,83 @@ impl BrokerEndpoint {
         )
     }
 
-    /// Replaces every occurrence of this endpoint's password in `text`.
+    /// Removes this endpoint's passwords (of `uri` and `managementUri`, raw and decoded) and
+    /// the userinfo of any URL from `text`, whatever the password's length.
     pub fn redact(&self, text: &str) -> String {
-        let password = self.password();
-        let raw = self.amqp.password().unwrap_or("");
-        let mut out = text.to_string();
-        for secret in [password.as_str(), raw] {
-            if secret.len() >= 3 {
-                out = out.replace(secret, "***");
-            }
-        }
-        out
+        let mut secrets = vec![
+            self.password(),
+            self.amqp.password().unwrap_or("").to_string(),
+        ];
+        secrets.extend(self.management_password.clone());
+        redact_secrets(text, &secrets)
     }
+}
+
+/// `text` without URL userinfo (`scheme://user:pass@` becomes `scheme://user:***@`) and
+/// without any of `secrets`. A secret shorter than 3 characters is replaced only where it
+/// stands alone (not inside a longer word), so short passwords are hidden without mangling
+/// every word that happens to contain them.
+pub(crate) fn redact_secrets(text: &str, secrets: &[String]) -> String {
+    let mut out = strip_userinfo(text);
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = if secret.chars().count() >= 3 {
+            out.replace(secret.as_str(), "***")
+        } else {
+            replace_standalone(&out, secret)
+        };
+    }
+    out
+}
+
+/// Replaces the password part of every `://user:password@` in `text`.
+fn strip_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority_end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(tail.len());
+        let authority = &tail[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                out.push_str(user);
+                if userinfo.contains(':') {
+                    out.push_str(":***");
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Replaces `secret` where it is not part of a longer alphanumeric run.
+fn replace_standalone(text: &str, secret: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut previous: Option<char> = None;
+    while let Some(found) = rest.find(secret) {
+        let before = rest[..found].chars().next_back().or(previous);
+        let after = rest[found + secret.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
+        out.push_str(&rest[..found]);
+        if word(before) || word(after) {
+            out.push_str(secret);
+        } else {
+            out.push_str("***");
+        }
+        previous = secret.chars().next_back();
+        rest = &rest[found + secret.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl fmt::Display for BrokerEndpoint {
@@ -215,6 +295,10 @@ impl fmt::Debug for BrokerEndpoint {
         f.debug_struct("BrokerEndpoint")
             .field("amqp", &self.to_string())
             .field("management", &self.management.as_str())
+            .field(
+                "management_password",
+                &self.management_password.as_ref().map(|_| "***"),
+            )
             .field("ca", &self.ca_pem.is_some())
             .finish()
     }
@@ -261,5 +345,31 @@ mod tests {
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let err = BrokerEndpoint::new("amqp://app:hunter2@", None, None).expect_err("no host");
         assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn short_passwords_and_management_credentials_are_redacted_too() {
+        let e = BrokerEndpoint::new(
+            "amqp://app:Q7@h:5672/v",
+            Some("http://admin:mgmtpw@h:15672"),
+            None,
+        )
+        .expect("valid");
+        assert_eq!(e.management_api(), "http://h:15672/api");
+        let debug = format!("{e:?}");
+        assert!(
+            !debug.contains("Q7") && !debug.contains("mgmtpw"),
+            "{debug}"
+        );
+        assert_eq!(
+            e.redact("connect amqp://app:Q7@h:5672/v failed: bad password Q7; mgmtpw"),
+            "connect amqp://app:***@h:5672/v failed: bad password ***; ***"
+        );
+        // A short password inside a longer word is not a leak; the word stays readable.
+        assert_eq!(e.redact("Q7x and xQ7 stay"), "Q7x and xQ7 stay");
+        assert_eq!(
+            redact_secrets("http://u:a@h/ and (a)", &["a".into()]),
+            "http://u:***@h/ and (***)"
+        );
     }
 }

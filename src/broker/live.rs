@@ -4,6 +4,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
+/// Argument msgpipe puts on every binding it makes (value `true`), so a route the spec no
+/// longer wants is told apart from one somebody else added. Direct and fanout exchanges
+/// ignore binding arguments when routing.
+pub const BINDING_MARKER: &str = "x-msgpipe-managed";
+
 /// A snapshot of one vhost: every exchange, queue, queue binding and policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LiveVhost {
@@ -11,6 +16,10 @@ pub struct LiveVhost {
     pub queues: BTreeMap<String, LiveQueue>,
     /// Exchange-to-queue bindings (source, queue, routing key).
     pub bindings: BTreeSet<LiveBinding>,
+    /// The bindings among `bindings` that carry msgpipe's marker argument
+    /// ([`BINDING_MARKER`]): routes msgpipe made, which it removes once the spec no longer
+    /// wants them.
+    pub owned_bindings: BTreeSet<LiveBinding>,
     pub policies: BTreeMap<String, LivePolicy>,
     /// Major version of the server (3 or 4), which changes what a policy may say.
     pub server_major: u32,

@@ -7,17 +7,19 @@ mod endpoint;
 pub mod live;
 mod rabbit;
 mod reconcile;
+pub mod session;
 
 use std::future::Future;
 
-pub use diff::{BrokerAction, BrokerPlan, Conflict};
+pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
-pub use live::LiveVhost;
+pub use live::{BINDING_MARKER, LiveVhost};
 pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
 pub use reconcile::{
     BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
     snapshot_vhosts, teardown,
 };
+pub use session::AmqpSession;
 
 /// Why a broker call failed. Messages name the broker (`amqp://user@host:port`) and the
 /// step, never the password.
@@ -36,6 +38,17 @@ pub enum BrokerError {
         endpoint: String,
         user: String,
         operation: String,
+    },
+    #[error(
+        "user {user:?} may not {operation} on broker {endpoint}: the management API needs the user tag {tag:?} (or \"administrator\"), and the user has {has}"
+    )]
+    MissingUserTag {
+        endpoint: String,
+        user: String,
+        operation: String,
+        tag: &'static str,
+        /// The user's tags as the broker reported them, e.g. `tags [management]`.
+        has: String,
     },
     #[error(
         "the management API of broker {endpoint} is not available at {api} (is the rabbitmq_management plugin enabled?): {reason}"
@@ -67,17 +80,20 @@ impl BrokerError {
             BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => "BrokerUnreachable",
             BrokerError::AuthenticationFailed { .. } => "BrokerAuthenticationFailed",
             BrokerError::VhostNotFound { .. } => "VhostNotFound",
-            BrokerError::AccessRefused { .. } => "BrokerAccessRefused",
+            BrokerError::AccessRefused { .. } | BrokerError::MissingUserTag { .. } => {
+                "BrokerAccessRefused"
+            }
             BrokerError::ManagementUnavailable { .. } => "ManagementAPIUnavailable",
             BrokerError::Rejected { .. } => "BrokerRejected",
         }
     }
 }
 
-/// Exact depth of a queue, from a passive declare.
+/// Depth of a queue: exact from a passive declare, or what kept a queue from deletion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueDepth {
-    /// Ready messages.
+    /// Ready messages (passive declare); for a queue kept from deletion, ready plus
+    /// unacknowledged.
     pub messages: u64,
     pub consumers: u64,
 }
@@ -86,7 +102,8 @@ pub struct QueueDepth {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActionOutcome {
     Done,
-    /// A delete was skipped because the queue holds messages or has consumers.
+    /// A delete was skipped because the queue holds messages (ready or unacknowledged) or
+    /// has consumers.
     Kept(QueueDepth),
     /// The object was already gone.
     Gone,

@@ -20,7 +20,8 @@ use rabbitmq_http_client::requests::PolicyParams;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::diff::BrokerAction;
-use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost};
+use super::live::{BINDING_MARKER, LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost};
+use super::session::{self, reply, reply_code};
 use super::{ActionOutcome, BrokerApi, BrokerEndpoint, BrokerError, QueueDepth};
 use crate::plan::topology::ExchangeKind;
 
@@ -34,12 +35,19 @@ const MAX_IDLE_CHANNELS: usize = 32;
 /// Round trips of an AMQP connection handshake (start, tune, open; TLS adds its own).
 const CONNECT_ROUND_TRIPS: u64 = 3;
 
+/// How long deleting a queue waits for the management API to report figures for it (a
+/// queue a few seconds old has none yet; see [`RabbitBroker::queue_stats`]).
+const STATS_WAIT: Duration = Duration::from_secs(20);
+
 type HttpApi = Client<String, String, String>;
 
 /// One broker: a pooled HTTP client and one AMQP connection per vhost, made on first use.
 pub struct RabbitBroker {
     endpoint: BrokerEndpoint,
     http: HttpApi,
+    /// The same pool, for the calls rabbitmq_http_client does not offer (conditional delete,
+    /// one queue's raw figures).
+    raw_http: reqwest::Client,
     amqp: Mutex<HashMap<String, Arc<VhostConnection>>>,
     server_major: OnceCell<u32>,
     timeout: Duration,
@@ -89,6 +97,7 @@ impl RabbitBroker {
             field: "managementUri",
             reason: e.to_string(),
         })?;
+        let raw_http = http_client.clone();
         let http = ClientBuilder::new()
             .with_endpoint(endpoint.management_api())
             .with_basic_auth_credentials(endpoint.username(), endpoint.password())
@@ -101,6 +110,7 @@ impl RabbitBroker {
         Ok(Self {
             endpoint,
             http,
+            raw_http,
             amqp: Mutex::new(HashMap::new()),
             server_major: OnceCell::new(),
             timeout,
@@ -219,13 +229,13 @@ impl RabbitBroker {
     {
         let (vhost_connection, channel) = self.checkout(vhost).await?;
         self.count_round_trips(1);
-        let answer = tokio::time::timeout(self.timeout, call(channel.clone()))
-            .await
-            .map_err(|_| BrokerError::Timeout {
-                endpoint: self.endpoint.to_string(),
-                operation: operation.into(),
-                seconds: self.timeout.as_secs(),
-            })?;
+        let answer = session::bounded(
+            &self.endpoint,
+            self.timeout,
+            operation,
+            call(channel.clone()),
+        )
+        .await?;
         if answer.is_ok() {
             vhost_connection.give_back(channel);
         }
@@ -260,22 +270,21 @@ impl RabbitBroker {
         call: impl Future<Output = Result<T, lapin::Error>>,
     ) -> Result<T, BrokerError> {
         self.count_round_trips(1);
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(BrokerError::Timeout {
-                endpoint: self.endpoint.to_string(),
-                operation: operation.into(),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(result) => result.map_err(|e| self.amqp_error(operation, &e)),
-        }
+        session::bounded(&self.endpoint, self.timeout, operation, call)
+            .await?
+            .map_err(|e| self.amqp_error(operation, &e))
     }
 
+    /// A failed AMQP call, classified by its reply code. The pooled connection may be gone
+    /// (the next checkout replaces it), so a broker error without a reply code reads as
+    /// "unreachable".
     fn amqp_error(&self, operation: &str, error: &lapin::Error) -> BrokerError {
-        BrokerError::Rejected {
-            endpoint: self.endpoint.to_string(),
-            operation: operation.into(),
-            reason: self.endpoint.redact(&error.to_string()),
-        }
+        session::classify(
+            &self.endpoint,
+            operation,
+            error,
+            reply_code(error).is_some(),
+        )
     }
 
     /// Runs one management API call with the timeout and maps its error; `vhost` names the
@@ -309,10 +318,7 @@ impl RabbitBroker {
             HttpClientError::ClientErrorResponse { status_code, .. }
                 if status_code.as_u16() == 401 =>
             {
-                BrokerError::AuthenticationFailed {
-                    endpoint,
-                    user: self.endpoint.username(),
-                }
+                self.unauthorized(operation, vhost).await
             }
             HttpClientError::ClientErrorResponse { status_code, .. }
                 if status_code.as_u16() == 403 =>
@@ -360,6 +366,50 @@ impl RabbitBroker {
         }
     }
 
+    /// RabbitMQ answers 401 both to wrong credentials and to a valid user whose management
+    /// tags do not allow the call (writing a policy needs `policymaker`). The user's tags
+    /// (`whoami`) or, when the API refuses even that, an AMQP login tell the two apart.
+    async fn unauthorized(&self, operation: &str, vhost: Option<&str>) -> BrokerError {
+        let endpoint = self.endpoint.to_string();
+        let user = self.endpoint.username();
+        let whoami = tokio::time::timeout(self.timeout, self.http.current_user()).await;
+        let (has, tags) = match whoami {
+            Ok(Ok(me)) => {
+                let tags: Vec<String> = serde_json::to_value(&me.tags)
+                    .ok()
+                    .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+                    .unwrap_or_default();
+                (format!("tags [{}]", tags.join(", ")), tags)
+            }
+            _ => {
+                let vhost = vhost.map_or_else(|| self.endpoint.uri_vhost(), str::to_string);
+                let check = "msgpipe login check";
+                match connect_amqp(&self.endpoint, &vhost, self.timeout, check).await {
+                    // Logged in (a vhost it may not use still proves the credentials).
+                    Ok(connection) => {
+                        let bye = connection.close(200, "done".into());
+                        let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+                    }
+                    Err(BrokerError::VhostNotFound { .. }) => {}
+                    Err(_) => return BrokerError::AuthenticationFailed { endpoint, user },
+                }
+                ("no management tag".to_string(), Vec::new())
+            }
+        };
+        let needed = needed_tag(operation);
+        if tags.iter().any(|t| t == "administrator" || t == needed) {
+            // The tag is there, so the 401 was about something else.
+            return BrokerError::AuthenticationFailed { endpoint, user };
+        }
+        BrokerError::MissingUserTag {
+            endpoint,
+            user,
+            operation: operation.into(),
+            tag: needed,
+            has,
+        }
+    }
+
     /// Whether the AMQP port answers: tells "broker down" from "management plugin missing".
     async fn amqp_port_open(&self) -> bool {
         let Some(address) = self.endpoint.amqp_address() else {
@@ -397,6 +447,17 @@ impl RabbitBroker {
         Ok(ActionOutcome::Done)
     }
 
+    /// Deletes `queue` only if it holds no message, ready or unacknowledged, and has no
+    /// consumer; then its policy.
+    ///
+    /// No RabbitMQ version (3.10, 4.0, 4.3 measured) refuses to delete a queue whose
+    /// messages a client holds unacknowledged after `basic.get`: a passive declare and
+    /// `if-empty` count ready messages only, `if-unused` counts consumers only, and quorum
+    /// queues refuse both flags (over AMQP by closing the connection). So: the exact ready
+    /// and consumer counts (passive declare), then the management figures, which do count
+    /// unacknowledged messages (they lag by the stats interval), then the exact counts
+    /// again, then the delete, with `if-empty` and `if-unused` for a classic queue so the
+    /// broker itself refuses one that got a message or a consumer in between.
     async fn delete_queue_if_empty(
         &self,
         vhost: &str,
@@ -409,15 +470,27 @@ impl RabbitBroker {
         if depth.messages > 0 || depth.consumers > 0 {
             return Ok(ActionOutcome::Kept(depth));
         }
-        let operation = format!("delete queue {queue}");
-        // Over HTTP: quorum queues refuse if-empty, and over AMQP that error closes the
-        // whole connection. Emptiness was just checked exactly, and the queue was unbound first.
-        self.http_call(
-            &operation,
-            Some(vhost),
-            self.http.delete_queue(vhost, queue, true),
-        )
-        .await?;
+        let Some(stats) = self.queue_stats(vhost, queue).await? else {
+            return Ok(ActionOutcome::Gone);
+        };
+        if stats.held() {
+            return Ok(ActionOutcome::Kept(stats.depth()));
+        }
+        let Some(depth) = BrokerApi::queue_depth(self, vhost, queue).await? else {
+            return Ok(ActionOutcome::Gone);
+        };
+        if depth.messages > 0 || depth.consumers > 0 {
+            return Ok(ActionOutcome::Kept(depth));
+        }
+        if !self
+            .delete_queue_guarded(vhost, queue, stats.classic)
+            .await?
+        {
+            let depth = BrokerApi::queue_depth(self, vhost, queue)
+                .await?
+                .unwrap_or(depth);
+            return Ok(ActionOutcome::Kept(depth));
+        }
         if let Some(policy) = policy {
             let operation = format!("delete policy {policy}");
             self.http_call(
@@ -429,6 +502,169 @@ impl RabbitBroker {
         }
         Ok(ActionOutcome::Done)
     }
+
+    /// One queue's figures from the management API, waiting (up to [`STATS_WAIT`]) for a
+    /// queue too young to have any; None if the queue is gone. Without figures after the
+    /// wait (statistics turned off on the broker), the queue counts as holding nothing.
+    async fn queue_stats(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<Option<QueueStats>, BrokerError> {
+        let url = format!(
+            "{}/queues/{}/{}",
+            self.endpoint.management_api(),
+            encode(vhost),
+            encode(queue)
+        );
+        let operation = format!("read the figures of queue {queue}");
+        let deadline = tokio::time::Instant::now() + STATS_WAIT;
+        loop {
+            self.count_round_trips(1);
+            let request = self
+                .raw_http
+                .get(&url)
+                .basic_auth(self.endpoint.username(), Some(self.endpoint.password()))
+                .send();
+            let response = self.raw_call(&operation, request).await?;
+            let status = response.status().as_u16();
+            if status == 404 {
+                return Ok(None);
+            }
+            let body = response.text().await.unwrap_or_default();
+            if !(200..300).contains(&status) {
+                return Err(self.raw_error(&operation, vhost, status, &body).await);
+            }
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let stats = QueueStats::from_json(&value);
+            if stats.has_figures || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(stats));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The delete itself; false when the broker refused it because the queue is not empty
+    /// or in use (classic queues only: quorum queues refuse the flags themselves).
+    async fn delete_queue_guarded(
+        &self,
+        vhost: &str,
+        queue: &str,
+        classic: bool,
+    ) -> Result<bool, BrokerError> {
+        let mut url = format!(
+            "{}/queues/{}/{}",
+            self.endpoint.management_api(),
+            encode(vhost),
+            encode(queue)
+        );
+        if classic {
+            url.push_str("?if-empty=true&if-unused=true");
+        }
+        let operation = format!("delete queue {queue}");
+        self.count_round_trips(1);
+        let request = self
+            .raw_http
+            .delete(&url)
+            .basic_auth(self.endpoint.username(), Some(self.endpoint.password()))
+            .send();
+        let response = self.raw_call(&operation, request).await?;
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        match status {
+            200..=299 | 404 => Ok(true),
+            400 if classic => Ok(false),
+            _ => Err(self.raw_error(&operation, vhost, status, &body).await),
+        }
+    }
+
+    async fn raw_call(
+        &self,
+        operation: &str,
+        request: impl Future<Output = Result<reqwest::Response, reqwest::Error>>,
+    ) -> Result<reqwest::Response, BrokerError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Err(_) => Err(BrokerError::Timeout {
+                endpoint: self.endpoint.to_string(),
+                operation: operation.into(),
+                seconds: self.timeout.as_secs(),
+            }),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(BrokerError::ManagementUnavailable {
+                endpoint: self.endpoint.to_string(),
+                api: self.endpoint.management_api(),
+                reason: self.endpoint.redact(&error_chain(&error)),
+            }),
+        }
+    }
+
+    async fn raw_error(
+        &self,
+        operation: &str,
+        vhost: &str,
+        status: u16,
+        body: &str,
+    ) -> BrokerError {
+        match status {
+            401 => self.unauthorized(operation, Some(vhost)).await,
+            403 => BrokerError::AccessRefused {
+                endpoint: self.endpoint.to_string(),
+                user: self.endpoint.username(),
+                operation: operation.into(),
+            },
+            _ => {
+                let reason = serde_json::from_str::<serde_json::Value>(body)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                BrokerError::Rejected {
+                    endpoint: self.endpoint.to_string(),
+                    operation: operation.into(),
+                    reason: self.endpoint.redact(&format!("HTTP {status} {reason}")),
+                }
+            }
+        }
+    }
+}
+
+/// One queue's figures as the management API reports them (they lag by the stats interval).
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueStats {
+    classic: bool,
+    has_figures: bool,
+    ready: u64,
+    unacknowledged: u64,
+    messages: u64,
+    consumers: u64,
+}
+
+impl QueueStats {
+    fn from_json(value: &serde_json::Value) -> Self {
+        let count = |key: &str| value[key].as_u64();
+        Self {
+            classic: value["type"].as_str().is_none_or(|t| t == "classic"),
+            has_figures: count("messages").is_some() || count("messages_unacknowledged").is_some(),
+            ready: count("messages_ready").unwrap_or(0),
+            unacknowledged: count("messages_unacknowledged").unwrap_or(0),
+            messages: count("messages").unwrap_or(0),
+            consumers: count("consumers").unwrap_or(0),
+        }
+    }
+
+    fn held(&self) -> bool {
+        self.messages > 0 || self.unacknowledged > 0 || self.consumers > 0
+    }
+
+    fn depth(&self) -> QueueDepth {
+        QueueDepth {
+            messages: self.messages.max(self.ready + self.unacknowledged),
+            consumers: self.consumers,
+        }
+    }
+}
+
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 impl BrokerApi for RabbitBroker {
@@ -479,11 +715,16 @@ impl BrokerApi for RabbitBroker {
             if !b.source.is_empty()
                 && format!("{:?}", b.destination_type).eq_ignore_ascii_case("queue")
             {
-                live.bindings.insert(LiveBinding {
+                let owned = b.arguments.0.contains_key(BINDING_MARKER);
+                let binding = LiveBinding {
                     source: b.source,
                     destination: b.destination,
                     routing_key: b.routing_key,
-                });
+                };
+                if owned {
+                    live.owned_bindings.insert(binding.clone());
+                }
+                live.bindings.insert(binding);
             }
         }
         for p in policies {
@@ -554,25 +795,34 @@ impl BrokerApi for RabbitBroker {
                             binding.source.as_str().into(),
                             binding.routing_key.as_str().into(),
                             QueueBindOptions::default(),
-                            FieldTable::default(),
+                            marker(),
                         )
                         .await
                 })
                 .await
             }
+            // Both forms: marked (made by this version) and unmarked (made before).
             BrokerAction::Unbind(binding) => {
                 self.amqp_action(vhost, action, async |channel| {
-                    channel
-                        .queue_unbind(
-                            binding.destination.as_str().into(),
-                            binding.source.as_str().into(),
-                            binding.routing_key.as_str().into(),
-                            FieldTable::default(),
-                        )
-                        .await
+                    for arguments in [marker(), FieldTable::default()] {
+                        channel
+                            .queue_unbind(
+                                binding.destination.as_str().into(),
+                                binding.source.as_str().into(),
+                                binding.routing_key.as_str().into(),
+                                arguments,
+                            )
+                            .await?;
+                    }
+                    Ok(())
                 })
                 .await
             }
+            BrokerAction::DeleteExchange { exchange } => {
+                BrokerApi::delete_exchange(self, vhost, exchange).await?;
+                Ok(ActionOutcome::Done)
+            }
+            BrokerAction::Keep { .. } => Ok(ActionOutcome::Done),
         }
     }
 
@@ -599,9 +849,7 @@ impl BrokerApi for RabbitBroker {
                 consumers: u64::from(declared.consumer_count()),
             })),
             // A passive declare of a missing queue is refused with 404 NOT_FOUND.
-            Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => {
-                Ok(None)
-            }
+            Err(e) if reply_code(&e) == Some(reply::NOT_FOUND) => Ok(None),
             Err(e) => Err(self.amqp_error(&operation, &e)),
         }
     }
@@ -615,6 +863,13 @@ impl BrokerApi for RabbitBroker {
         )
         .await
     }
+}
+
+/// The arguments marking a binding as msgpipe's ([`BINDING_MARKER`]).
+fn marker() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(BINDING_MARKER.into(), AMQPValue::Boolean(true));
+    arguments
 }
 
 /// One AMQP connection to `vhost`, bounded by `timeout`, with its failure classified
@@ -659,30 +914,31 @@ fn classify_amqp_connect(
     error: &lapin::Error,
 ) -> BrokerError {
     let text = endpoint.redact(&error.to_string());
-    let lower = text.to_lowercase();
-    if let Some(reason) = tls_problem(&text, endpoint.is_tls()) {
-        BrokerError::Unreachable {
-            endpoint: endpoint.to_string(),
-            reason,
-        }
-    } else if lower.contains("access_refused")
-        || lower.contains("login")
-        || lower.contains("authentication")
-    {
-        BrokerError::AuthenticationFailed {
+    match reply_code(error) {
+        // Login refused (wrong user or password, or a mechanism the user may not use).
+        Some(reply::ACCESS_REFUSED) => BrokerError::AuthenticationFailed {
             endpoint: endpoint.to_string(),
             user: endpoint.username(),
-        }
-    } else if lower.contains("not_allowed") || lower.contains("vhost") {
-        BrokerError::VhostNotFound {
+        },
+        // The vhost does not exist, or the user has no permissions on it.
+        Some(reply::NOT_ALLOWED) => BrokerError::VhostNotFound {
             endpoint: endpoint.to_string(),
             vhost: vhost.into(),
-        }
-    } else {
-        BrokerError::Unreachable {
+        },
+        _ => BrokerError::Unreachable {
             endpoint: endpoint.to_string(),
-            reason: text,
-        }
+            reason: tls_problem(&text, endpoint.is_tls()).unwrap_or(text),
+        },
+    }
+}
+
+/// The management user tag a call needs: writing or deleting policies needs `policymaker`;
+/// reading needs `monitoring` or `management` (msgpipe's reads work with `management`).
+fn needed_tag(operation: &str) -> &'static str {
+    if operation.contains("policy") {
+        "policymaker"
+    } else {
+        "management"
     }
 }
 

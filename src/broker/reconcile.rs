@@ -9,7 +9,7 @@ use super::diff::{self, BrokerAction, Conflict};
 use super::live::LiveVhost;
 use super::{ActionOutcome, BrokerApi, BrokerError, QueueDepth};
 use crate::plan::DesiredState;
-use crate::plan::topology::{Binding, POLICY_PREFIX, QueueRole};
+use crate::plan::topology::Binding;
 
 /// One thing that changed (or was deliberately left) on the broker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,7 +194,7 @@ async fn execute_all<B: BrokerApi>(
     changes: &mut Vec<Change>,
 ) -> Result<(), Failed> {
     for action in actions {
-        match broker.execute(vhost, action).await {
+        match execute_one(broker, vhost, action).await {
             Ok(outcome) => changes.extend(change_of(action, outcome)),
             Err(error) => {
                 return Err(Failed {
@@ -257,153 +257,57 @@ pub async fn reconcile_many<'a, B: BrokerApi>(
         .await
 }
 
-/// Removes a pipeline's broker objects (`deletionPolicy: Delete`), never a queue that holds
-/// messages, and nothing a kept queue still needs: retry queues go first (they return
-/// messages to the work queue), then the work queue, then the DLQ, then unused exchanges.
+/// Removes a pipeline's broker objects (`deletionPolicy: Delete`): runs the teardown plan
+/// ([`diff::teardown`]) stage by stage, never deleting a queue that holds messages (ready or
+/// unacknowledged) or has consumers, and stopping before a stage that needs a kept queue gone.
 pub async fn teardown<B: BrokerApi>(
     broker: &B,
     desired: &DesiredState,
     live: &LiveVhost,
 ) -> Result<BrokerReport, Failed> {
-    let mut run = Teardown {
-        broker,
-        vhost: &desired.topology.vhost,
-        live,
-        changes: Vec::new(),
-    };
-    let names = &desired.names;
-    let mut retry_queues: Vec<String> = desired
-        .topology
-        .queues
-        .iter()
-        .filter(|q| matches!(q.role, QueueRole::Retry(_)))
-        .map(|q| q.name.clone())
-        .collect();
-    // Tiers left over from an earlier, longer retry schedule.
-    retry_queues.extend(
-        diff::converge(desired, live)
-            .actions
-            .into_iter()
-            .filter_map(|a| match a {
-                BrokerAction::DeleteQueueIfEmpty { queue, .. } => Some(queue),
-                _ => None,
-            }),
-    );
-    let mut retries_gone = true;
-    for queue in &retry_queues {
-        retries_gone &= run.remove_queue(queue, true).await?;
-    }
-    let work_gone = retries_gone && run.remove_queue(&names.queue, true).await?;
-    let dlq_gone = work_gone && run.remove_queue(&names.dead_letter_queue, false).await?;
-
-    let ours: Vec<&str> = desired
-        .topology
-        .queues
-        .iter()
-        .map(|q| q.name.as_str())
-        .collect();
-    if retries_gone {
-        run.remove_exchange(&names.retry_exchange, &ours).await?;
-    }
-    if work_gone {
-        run.remove_exchange(&names.work_exchange, &ours).await?;
-    }
-    if dlq_gone {
-        run.remove_exchange(&names.dead_letter_exchange, &ours)
-            .await?;
+    let plan = diff::teardown(desired, live);
+    let vhost = &desired.topology.vhost;
+    let mut changes = Vec::new();
+    for stage in &plan.stages {
+        let mut all_gone = true;
+        for action in stage {
+            let outcome = match execute_one(broker, vhost, action).await {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    return Err(Failed {
+                        error,
+                        applied: changes,
+                    });
+                }
+            };
+            all_gone &= !matches!(outcome, ActionOutcome::Kept(_));
+            changes.extend(change_of(action, outcome));
+        }
+        if !all_gone {
+            break;
+        }
     }
     Ok(BrokerReport {
-        changes: run.changes,
+        changes,
         counts: counts(desired, live),
         ..BrokerReport::default()
     })
 }
 
-struct Teardown<'a, B> {
-    broker: &'a B,
-    vhost: &'a str,
-    live: &'a LiveVhost,
-    changes: Vec<Change>,
-}
-
-impl<B: BrokerApi> Teardown<'_, B> {
-    /// Deletes `queue` if empty (after unbinding it, to stop new arrivals, when `unbind`).
-    /// Returns whether the queue is gone.
-    async fn remove_queue(&mut self, queue: &str, unbind: bool) -> Result<bool, Failed> {
-        if !self.live.queues.contains_key(queue) {
-            return Ok(true);
-        }
-        if unbind {
-            let bindings: Vec<Binding> = self
-                .live
-                .bindings
-                .iter()
-                .filter(|b| b.destination == queue)
-                .map(|b| Binding {
-                    source: b.source.clone(),
-                    destination: b.destination.clone(),
-                    routing_key: b.routing_key.clone(),
-                })
-                .collect();
-            for binding in bindings {
-                self.run(BrokerAction::Unbind(binding)).await?;
-            }
-        }
-        let action = BrokerAction::DeleteQueueIfEmpty {
-            queue: queue.to_string(),
-            policy: Some(format!("{POLICY_PREFIX}{queue}")),
-        };
-        let outcome = self.run(action).await?;
-        Ok(!matches!(outcome, ActionOutcome::Kept(_)))
-    }
-
-    /// Deletes an exchange unless something outside the pipeline is bound to it.
-    async fn remove_exchange(&mut self, exchange: &str, ours: &[&str]) -> Result<(), Failed> {
-        if !self.live.exchanges.contains_key(exchange) {
-            return Ok(());
-        }
-        let shared = self
-            .live
-            .bindings
-            .iter()
-            .any(|b| b.source == exchange && !ours.contains(&b.destination.as_str()));
-        if shared {
-            self.changes.push(Change {
-                verb: "kept",
-                kind: "exchange",
-                name: exchange.into(),
-                detail: Some("other queues are bound to it".into()),
-            });
-            return Ok(());
-        }
-        match self.broker.delete_exchange(self.vhost, exchange).await {
-            Ok(()) => {
-                self.changes.push(Change {
-                    verb: "deleted",
-                    kind: "exchange",
-                    name: exchange.into(),
-                    detail: None,
-                });
-                Ok(())
-            }
-            Err(error) => Err(Failed {
-                error,
-                applied: std::mem::take(&mut self.changes),
-            }),
-        }
-    }
-
-    async fn run(&mut self, action: BrokerAction) -> Result<ActionOutcome, Failed> {
-        match self.broker.execute(self.vhost, &action).await {
-            Ok(outcome) => {
-                self.changes.extend(change_of(&action, outcome));
-                Ok(outcome)
-            }
-            Err(error) => Err(Failed {
-                error,
-                applied: std::mem::take(&mut self.changes),
-            }),
-        }
+/// One action: `Keep` writes nothing, exchange deletes go through
+/// [`BrokerApi::delete_exchange`], the rest through [`BrokerApi::execute`].
+async fn execute_one<B: BrokerApi>(
+    broker: &B,
+    vhost: &str,
+    action: &BrokerAction,
+) -> Result<ActionOutcome, BrokerError> {
+    match action {
+        BrokerAction::Keep { .. } => Ok(ActionOutcome::Done),
+        BrokerAction::DeleteExchange { exchange } => broker
+            .delete_exchange(vhost, exchange)
+            .await
+            .map(|()| ActionOutcome::Done),
+        other => broker.execute(vhost, other).await,
     }
 }
 
@@ -427,6 +331,15 @@ fn change_of(action: &BrokerAction, outcome: ActionOutcome) -> Option<Change> {
         (BrokerAction::Bind(b), _) => ("bound", binding_name(b)),
         (BrokerAction::Unbind(b), _) => ("unbound", binding_name(b)),
         (BrokerAction::DeleteQueueIfEmpty { queue, .. }, _) => ("deleted", queue.clone()),
+        (BrokerAction::DeleteExchange { exchange }, _) => ("deleted", exchange.clone()),
+        (BrokerAction::Keep { name, reason, .. }, _) => {
+            return Some(Change {
+                verb: "kept",
+                kind: action.object_kind(),
+                name: name.clone(),
+                detail: Some(reason.clone()),
+            });
+        }
     };
     Some(Change {
         verb,
@@ -438,7 +351,7 @@ fn change_of(action: &BrokerAction, outcome: ActionOutcome) -> Option<Change> {
 
 fn kept_because(depth: QueueDepth) -> String {
     match (depth.messages, depth.consumers) {
-        (m, 0) => format!("holds {m} messages"),
+        (m, 0) => format!("holds {m} messages (ready or unacknowledged)"),
         (0, c) => format!("has {c} consumers"),
         (m, c) => format!("holds {m} messages and has {c} consumers"),
     }

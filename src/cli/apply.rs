@@ -61,6 +61,11 @@ pub struct DeleteArgs {
     pub files: Vec<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Print the teardown plan, change nothing. Each queue delete runs only if the queue
+    /// then holds no message (ready or unacknowledged) and has no consumer; a later step
+    /// runs only once the queues before it are gone.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl BrokerArgs {
@@ -202,6 +207,15 @@ async fn delete_with(broker: &RabbitBroker, args: &DeleteArgs) -> anyhow::Result
             println!(
                 "{}: deletionPolicy is Retain: broker objects left in place",
                 state.pipeline
+            );
+            continue;
+        }
+        if args.dry_run {
+            let plan = broker::diff::teardown(state, &live[&state.topology.vhost]);
+            print_lines(
+                state,
+                plan.actions().map(|a| format!("would {a}")),
+                "nothing to delete",
             );
             continue;
         }

@@ -17,7 +17,7 @@ use crate::broker::{BrokerEndpoint, install_crypto_provider};
 use crate::dlq::detail::{hex_dump, is_printable_text};
 use crate::dlq::summary::group;
 use crate::dlq::{
-    DeadLetter, DeadLetterDetail, DeadLetterQueue, FailureGroup, GroupBy, RawDeadLetter,
+    DeadLetter, DeadLetterDetail, DeadLetterQueue, FailureGroup, GroupBy, RawDeadLetter, ReplayRun,
     ReplaySelection, replay,
 };
 use crate::plan::{self, DesiredState};
@@ -53,25 +53,32 @@ pub enum DlqCommand {
     /// control characters, else as a hex dump; with -o json|yaml it is UTF-8 text or base64.
     /// Reads the same way as `list` (nothing is taken from the DLQ).
     Show(ShowArgs),
-    /// Send dead letters back to the pipeline's work exchange, without losing any.
+    /// Send dead letters back to the pipeline's work queue, without losing any.
     ///
-    /// For each selected dead letter: publish a copy to the work exchange, with its original
-    /// routing key (x-msgpipe-original-routing-key) or else the pipeline's routing key, on a
-    /// publisher-confirm channel with mandatory set; only once the broker confirmed the copy
-    /// (and did not return it as unroutable) is the dead letter removed. On a nack, a return,
-    /// a timeout or a lost connection the dead letter is put back and the replay stops with
-    /// an error saying how many were replayed; run it again to go on. A dead letter can be
-    /// delivered twice if the connection drops between the broker storing the copy and
-    /// removing the dead letter; the copy keeps its message id, so consumers can drop it.
+    /// For each selected dead letter: publish a copy to the work queue — through the default
+    /// exchange, by the queue's name, so no other queue bound to the work exchange gets one;
+    /// the routing key it was first published with stays in x-msgpipe-original-routing-key —
+    /// on a publisher-confirm channel with mandatory set; only once the broker confirmed the
+    /// copy is the dead letter removed. On a nack, a return, a timeout or a lost connection
+    /// the dead letter is put back and the replay stops with an error saying how many were
+    /// replayed.
+    ///
+    /// Selection (combine freely): --all, --id, --reason, --error-matches, --older-than,
+    /// --newer-than, --limit. --rate paces the copies. Every run prints its replay id and
+    /// stamps it on each copy (x-msgpipe-replay-id); --resume ID runs it again and skips dead
+    /// letters carrying that id (copies of this replay that failed again), so an interrupted
+    /// replay goes on without replaying them twice. A dead letter can still be delivered
+    /// twice if the connection drops between the broker storing the copy and removing the
+    /// dead letter; the copy keeps its message id and replay id, so consumers can drop it.
     ///
     /// The copy starts over as a first delivery: x-retry-count, the consumer's failure headers
     /// (error, reason, attempts, failure times) and the broker's x-death / x-first-death-* /
     /// x-delivery-count are removed; the original exchange and routing key headers stay; it is
     /// made persistent and gets x-msgpipe-replayed-at (now) and x-msgpipe-replay-count (+1).
     ///
-    /// One run only considers the dead letters present when it starts, so a copy that fails
-    /// again and returns to the DLQ is not replayed twice by the same run.
-    #[command(group(ArgGroup::new("selection").required(true).args(["all", "ids", "first"])))]
+    /// One run only considers the dead letters present when it starts, reads them one at a
+    /// time (memory holds one message), and ends with a summary: replayed, skipped, remaining.
+    #[command(group(ArgGroup::new("selection").required(true).multiple(true).args(["all", "ids", "limit", "reason", "error_matches", "older_than", "newer_than", "resume"])))]
     Replay(ReplayArgs),
     /// Delete every dead letter in the DLQ, for good.
     ///
@@ -139,15 +146,36 @@ pub struct ShowArgs {
 pub struct ReplayArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
-    /// Replay every dead letter present when the replay starts.
+    /// Replay every dead letter present when the replay starts (that the filters select).
     #[arg(long)]
     pub all: bool,
     /// Replay the dead letters with these message ids (repeat the flag or list several).
     #[arg(long = "id", value_name = "ID", num_args = 1..)]
     pub ids: Vec<String>,
-    /// Replay the first N dead letters from the head of the DLQ.
+    /// Replay at most N dead letters (the first N selected, from the head of the DLQ).
     #[arg(long = "limit", value_name = "N")]
-    pub first: Option<usize>,
+    pub limit: Option<usize>,
+    /// Only dead letters with this reason (permanent, max-attempts, rejected, expired,
+    /// maxlen, delivery_limit).
+    #[arg(long, value_name = "REASON")]
+    pub reason: Option<String>,
+    /// Only dead letters whose last error matches this regular expression.
+    #[arg(long, value_name = "REGEX")]
+    pub error_matches: Option<String>,
+    /// Only dead letters that last failed more than this long ago (e.g. 1h, 30m, 2d).
+    #[arg(long, value_name = "DURATION")]
+    pub older_than: Option<String>,
+    /// Only dead letters that last failed less than this long ago.
+    #[arg(long, value_name = "DURATION")]
+    pub newer_than: Option<String>,
+    /// At most this many copies per second, e.g. 50/s (default: as fast as the broker
+    /// confirms).
+    #[arg(long, value_name = "N/s")]
+    pub rate: Option<String>,
+    /// Resume the replay of this id (printed by every replay): dead letters that carry it
+    /// are copies that already went back and failed again, and are skipped.
+    #[arg(long, value_name = "REPLAY_ID")]
+    pub resume: Option<String>,
     /// Show what would be replayed; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -466,85 +494,107 @@ fn serde_plain<T: Serialize>(value: &T) -> String {
 }
 
 async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    let selection = if args.all {
-        ReplaySelection::All
-    } else if let Some(n) = args.first {
-        ReplaySelection::First(n)
-    } else {
-        ReplaySelection::Ids(args.ids.iter().cloned().collect())
-    };
+    let run = replay_run(args)?;
     let target = Target::open(&args.pipeline).await?;
-    let result = if args.dry_run {
-        dry_run(&target, &selection).await
-    } else {
-        replay_for_real(&target, &selection).await
-    };
+    let result = replay_with(&target, &run).await;
     target.dlq.close().await;
     result
 }
 
-async fn replay_for_real(target: &Target, selection: &ReplaySelection) -> anyhow::Result<()> {
+/// The replay the flags ask for; a bad flag value is an error naming the flag.
+fn replay_run(args: &ReplayArgs) -> anyhow::Result<ReplayRun> {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let ago = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<_>> {
+        text.as_deref()
+            .map(|t| {
+                let duration = t
+                    .parse::<crate::api::duration::Duration>()
+                    .map_err(|e| anyhow::anyhow!("--{flag} {t:?}: {e}"))?;
+                let span = k8s_openapi::jiff::SignedDuration::try_from(duration.as_std())
+                    .map_err(|e| anyhow::anyhow!("--{flag} {t:?}: {e}"))?;
+                now.checked_sub(span)
+                    .map_err(|e| anyhow::anyhow!("--{flag} {t:?}: {e}"))
+            })
+            .transpose()
+    };
+    let error_matches = args
+        .error_matches
+        .as_deref()
+        .map(|re| {
+            regex::Regex::new(re).map_err(|e| {
+                anyhow::anyhow!("--error-matches {re:?}: not a regular expression: {e}")
+            })
+        })
+        .transpose()?;
+    let selection = ReplaySelection {
+        ids: (!args.ids.is_empty()).then(|| args.ids.iter().cloned().collect()),
+        reason: args.reason.clone(),
+        error_matches,
+        failed_before: ago("older-than", &args.older_than)?,
+        failed_after: ago("newer-than", &args.newer_than)?,
+        limit: args.limit,
+        replay_id: args.resume.clone(),
+    };
+    let rate = args.rate.as_deref().map(parse_rate).transpose()?;
+    let replay_id = args
+        .resume
+        .clone()
+        .unwrap_or_else(|| format!("replay-{}", now.as_millisecond()));
+    Ok(ReplayRun {
+        selection,
+        rate,
+        replay_id,
+        dry_run: args.dry_run,
+    })
+}
+
+/// `N/s` or `N` (per second), N > 0.
+fn parse_rate(text: &str) -> anyhow::Result<f64> {
+    let number = text.trim().strip_suffix("/s").unwrap_or(text.trim());
+    match number.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => bail!("--rate {text:?}: expected a positive number per second, e.g. 50/s"),
+    }
+}
+
+async fn replay_with(target: &Target, run: &ReplayRun) -> anyhow::Result<()> {
     let pipeline = &target.state.pipeline;
+    let verb = if run.dry_run {
+        "would replay"
+    } else {
+        "replayed"
+    };
+    if !run.dry_run {
+        println!(
+            "{pipeline}: replay id {} (run again with --resume {} to go on after an interruption)",
+            run.replay_id, run.replay_id
+        );
+    }
     let outcome = target
         .dlq
-        .replay(selection, &target.state.names, |letter, to| {
+        .replay(run, &target.state.names, |letter, to| {
             println!(
-                "replayed {} -> {}",
+                "{verb} {} -> {}",
                 describe_letter(letter),
                 describe_target(to)
             );
         })
         .await
         .with_context(|| pipeline.to_string())?;
+    let dry = if run.dry_run {
+        " (dry run: nothing was changed)"
+    } else {
+        ""
+    };
     println!(
-        "{pipeline}: replayed {} of the {} dead letters in {} to exchange {}",
+        "{pipeline}: {verb} {} of the {} dead letters in {} to queue {}; skipped {}, {} remaining in the DLQ{dry}",
         outcome.replayed,
         outcome.depth,
         target.queue(),
-        target.state.names.work_exchange
+        target.state.names.queue,
+        outcome.skipped,
+        outcome.remaining,
     );
-    Ok(())
-}
-
-async fn dry_run(target: &Target, selection: &ReplaySelection) -> anyhow::Result<()> {
-    let pipeline = &target.state.pipeline;
-    let depth = target
-        .dlq
-        .depth()
-        .await
-        .with_context(|| pipeline.to_string())?;
-    let browsed = target
-        .dlq
-        .browse(selection.scan_limit(depth))
-        .await
-        .with_context(|| pipeline.to_string())?;
-    let mut count = 0;
-    let mut seen = Vec::new();
-    for raw in browsed.letters.iter().filter(|raw| selection.selects(raw)) {
-        let letter = DeadLetter::interpret(raw);
-        let to = replay::replay_target(&letter, &target.state.names);
-        println!(
-            "would replay {} -> {}",
-            describe_letter(&letter),
-            describe_target(&to)
-        );
-        seen.extend(raw.message_id());
-        count += 1;
-    }
-    println!(
-        "{pipeline}: dry run: would replay {count} of the {} dead letters in {} to exchange {} (nothing was changed)",
-        browsed.depth,
-        target.queue(),
-        target.state.names.work_exchange
-    );
-    let missing = selection.missing_ids(seen);
-    if !missing.is_empty() {
-        bail!(
-            "{pipeline}: no dead letter in {} has message id {}",
-            target.queue(),
-            printable(&missing.join(", "))
-        );
-    }
     Ok(())
 }
 
@@ -557,9 +607,9 @@ fn describe_letter(letter: &DeadLetter) -> String {
 
 fn describe_target(to: &replay::ReplayTarget) -> String {
     format!(
-        "exchange {}, routing key {:?}",
-        to.exchange,
-        printable(&to.routing_key)
+        "queue {} (original routing key {:?})",
+        to.queue,
+        printable(&to.original_routing_key)
     )
 }
 

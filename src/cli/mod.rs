@@ -31,11 +31,11 @@ pub enum Command {
     /// Reconcile pipeline files straight against a broker, no Kubernetes needed.
     Apply(apply::ApplyArgs),
     /// Remove the broker objects of pipeline files whose deletionPolicy is Delete (never a
-    /// queue that holds messages).
+    /// queue that holds messages, ready or unacknowledged); --dry-run prints the plan.
     Delete(apply::DeleteArgs),
     /// Inspect a pipeline's dead letters (why they failed), replay them to the work queue
     /// without loss, or purge them.
-    Dlq(dlq::DlqArgs),
+    Dlq(Box<dlq::DlqArgs>),
     /// Run the Kubernetes controller: reconcile every MessagePipeline in scope until SIGTERM.
     Operator(operator::OperatorArgs),
 }

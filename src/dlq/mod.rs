@@ -19,10 +19,11 @@
 //! While a browse runs, the messages it holds are invisible to anyone else reading the DLQ
 //! (the DLQ has no consumers by design).
 //!
-//! # Replay without loss
+//! # Replay without loss, to the work queue only
 //!
-//! Each selected dead letter is copied to the pipeline's work exchange on a publisher-confirm
-//! channel with `mandatory`; only after the broker confirmed the copy (ack, not returned as
+//! Each selected dead letter is copied to the pipeline's work queue — through the default
+//! exchange, by the queue's name, as retry tiers return messages, so no other queue bound to
+//! the work exchange gets a copy — on a publisher-confirm channel with `mandatory`; only after the broker confirmed the copy (ack, not returned as
 //! unroutable) is the dead letter acknowledged. A nack, a return, a timeout or a lost
 //! connection puts the dead letter back (reject with requeue, or the broker's own requeue
 //! when the connection is gone) and stops the replay with an error naming how many were
@@ -32,8 +33,18 @@
 //!
 //! The copy starts over as a first delivery: `x-retry-count`, the consumer's failure headers
 //! and the broker's `x-death` / `x-first-death-*` / `x-last-death-*` / `x-delivery-count` are
-//! removed; the original exchange and routing key headers stay; `x-msgpipe-replayed-at` and
-//! `x-msgpipe-replay-count` record the replay; the message is made persistent.
+//! removed; the original exchange and routing key headers stay (the routing key is added
+//! when missing); `x-msgpipe-replayed-at`, `x-msgpipe-replay-count` and
+//! `x-msgpipe-replay-id` record the replay; the message is made persistent.
+//!
+//! # Selection, rate and resuming
+//!
+//! A replay reads the DLQ from the head, one message at a time (memory holds one message,
+//! whatever the DLQ's size), up to the depth it had at the start, and replays those its
+//! [`ReplaySelection`] takes (ids, reason, error regex, failure time, limit), at most `rate`
+//! per second. Every copy carries the replay's id; a replay resumed under the same id skips
+//! dead letters that carry it (copies of this replay that failed again), so running it
+//! again after an interruption replays only what was left.
 
 pub mod detail;
 pub mod letter;
@@ -46,8 +57,8 @@ use crate::broker::BrokerError;
 
 pub use detail::DeadLetterDetail;
 pub use letter::{DeadLetter, RawDeadLetter, ReasonSource};
-pub use queue::{Browse, DeadLetterQueue, ReplayOutcome};
-pub use replay::{ReplaySelection, ReplayTarget};
+pub use queue::{Browse, DeadLetterQueue, ReplayOutcome, ReplayRun};
+pub use replay::{REPLAY_ID, ReplaySelection, ReplayTarget, Skipped};
 pub use summary::{FailureGroup, GroupBy};
 
 /// Why a DLQ command failed. Never carries the broker password.
@@ -62,14 +73,6 @@ pub enum DlqError {
         endpoint: String,
         vhost: String,
         queue: String,
-    },
-    #[error(
-        "work exchange {exchange:?} does not exist in vhost {vhost:?} on broker {endpoint} (has the pipeline been applied?); nothing was replayed"
-    )]
-    ExchangeNotFound {
-        endpoint: String,
-        vhost: String,
-        exchange: String,
     },
     #[error(
         "replay stopped at dead letter {message} after {replayed} were replayed; it and the rest are still in {queue}: {cause}"
@@ -99,13 +102,8 @@ pub enum DlqError {
 /// Why one dead letter could not be replayed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayFailure {
-    #[error(
-        "the broker returned the copy as unroutable: exchange {exchange:?} has no queue bound with routing key {routing_key:?}"
-    )]
-    Unroutable {
-        exchange: String,
-        routing_key: String,
-    },
+    #[error("the broker returned the copy as unroutable: work queue {queue:?} is gone")]
+    Unroutable { queue: String },
     #[error("the broker refused the copy (nack); is the work queue full (maxLength)?")]
     Nacked,
     #[error(

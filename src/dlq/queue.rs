@@ -1,30 +1,28 @@
 //! The AMQP side of `msgpipe dlq`: browse a DLQ without taking messages, replay them with
-//! confirms, purge it. Every call is bounded by the timeout; errors never carry the password.
+//! confirms, purge it. Sessions, timeouts and error classification are the broker edge's
+//! ([`AmqpSession`]); errors never carry the password.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Acker, Channel, Confirmation, Connection};
+use lapin::{Acker, Channel, Confirmation};
 
 use super::letter::{DeadLetter, RawDeadLetter};
-use super::replay::{ReplaySelection, ReplayTarget, replay_properties, replay_target};
+use super::replay::{ReplaySelection, ReplayTarget, Skipped, replay_properties, replay_target};
 use super::{DlqError, ReplayFailure};
-use crate::broker::{BrokerEndpoint, BrokerError, connect_amqp};
+use crate::broker::session::close_channel;
+use crate::broker::{AmqpSession, BrokerEndpoint, BrokerError};
 use crate::plan::PipelineNames;
 
 /// One DLQ on one broker vhost, over a connection of its own.
 pub struct DeadLetterQueue {
-    endpoint: BrokerEndpoint,
-    vhost: String,
+    session: AmqpSession,
     queue: String,
-    timeout: Duration,
-    connection: Connection,
 }
 
 /// Dead letters read from the head of a DLQ, and how many it held.
@@ -43,6 +41,22 @@ pub struct ReplayOutcome {
     /// Dead letters read (selected or not).
     pub examined: usize,
     pub replayed: usize,
+    /// Read but not replayed: not selected, or copies of this replay that came back.
+    pub skipped: usize,
+    /// Messages ready in the DLQ once the replay ended.
+    pub remaining: u64,
+}
+
+/// How a replay runs: what it takes, how fast, and under which id.
+#[derive(Clone, Debug)]
+pub struct ReplayRun {
+    pub selection: ReplaySelection,
+    /// Copies published per second at most (None: as fast as the broker confirms).
+    pub rate: Option<f64>,
+    /// Names this replay in every copy (`x-msgpipe-replay-id`); reuse it to resume.
+    pub replay_id: String,
+    /// Read and report only; publish and remove nothing.
+    pub dry_run: bool,
 }
 
 impl DeadLetterQueue {
@@ -55,13 +69,10 @@ impl DeadLetterQueue {
     ) -> Result<Self, DlqError> {
         // A connection of our own (not the reconciler's pool): browsing holds messages
         // unacknowledged on it, and closing it is what hands them back.
-        let connection = connect_amqp(endpoint, vhost, timeout, "msgpipe dlq").await?;
+        let session = AmqpSession::open(endpoint, vhost, timeout, "msgpipe dlq").await?;
         let dlq = DeadLetterQueue {
-            endpoint: endpoint.clone(),
-            vhost: vhost.to_string(),
+            session,
             queue: queue.to_string(),
-            timeout,
-            connection,
         };
         dlq.depth().await?;
         Ok(dlq)
@@ -73,31 +84,22 @@ impl DeadLetterQueue {
 
     /// Closes the connection; anything still unacknowledged returns to the DLQ.
     pub async fn close(self) {
-        if self.connection.status().connected() {
-            let bye = self.connection.close(200, "msgpipe dlq done".into());
-            let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
-        }
+        self.session.close().await;
     }
 
     /// Ready messages, exactly (passive declare).
     pub async fn depth(&self) -> Result<u64, DlqError> {
-        let channel = self.channel().await?;
-        let options = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let declare =
-            channel.queue_declare(self.queue.as_str().into(), options, FieldTable::default());
-        let result = self.call("count the dead letters", declare).await;
-        close(&channel).await;
-        match result {
-            Ok(declared) => Ok(u64::from(declared.message_count())),
-            Err(e) if is_not_found(&e) => Err(DlqError::QueueNotFound {
-                endpoint: self.endpoint.to_string(),
-                vhost: self.vhost.clone(),
-                queue: self.queue.clone(),
-            }),
-            Err(e) => Err(e.into()),
+        match self.session.queue_depth(&self.queue).await? {
+            Some(depth) => Ok(depth.messages),
+            None => Err(self.not_found(&self.queue)),
+        }
+    }
+
+    fn not_found(&self, queue: &str) -> DlqError {
+        DlqError::QueueNotFound {
+            endpoint: self.session.endpoint().to_string(),
+            vhost: self.session.vhost().to_string(),
+            queue: queue.to_string(),
         }
     }
 
@@ -105,7 +107,7 @@ impl DeadLetterQueue {
     /// the channel so the broker puts every one back (see the module docs for the cost).
     pub async fn browse(&self, limit: usize) -> Result<Browse, DlqError> {
         let depth = self.depth().await?;
-        let channel = self.channel().await?;
+        let channel = self.session.channel().await?;
         let mut letters = Vec::new();
         let scan = usize::try_from(depth).unwrap_or(usize::MAX).min(limit);
         let result = async {
@@ -118,60 +120,88 @@ impl DeadLetterQueue {
             Ok::<(), DlqError>(())
         }
         .await;
-        close(&channel).await;
+        close_channel(&channel).await;
         result.map(|()| Browse { depth, letters })
     }
 
-    /// Replays the selected dead letters to the pipeline's work exchange, one at a time:
-    /// publish a copy (confirm channel, mandatory), and only once the broker confirmed it and
-    /// did not return it, ack the dead letter. Anything else puts the dead letter back and
-    /// stops. `on_replayed` runs after each dead letter is replayed.
+    /// Replays the selected dead letters to the pipeline's work queue, one at a time:
+    /// publish a copy (confirm channel, mandatory, default exchange with the work queue's
+    /// name), and only once the broker confirmed it and did not return it, ack the dead
+    /// letter. Anything else puts the dead letter back and stops. `on_replayed` runs after
+    /// each dead letter is replayed (or, in a dry run, would be). Memory holds one message
+    /// at a time, whatever the DLQ's size.
     pub async fn replay(
         &self,
-        selection: &ReplaySelection,
+        run: &ReplayRun,
         names: &PipelineNames,
         mut on_replayed: impl FnMut(&DeadLetter, &ReplayTarget),
     ) -> Result<ReplayOutcome, DlqError> {
         let depth = self.depth().await?;
-        self.check_exchange(&names.work_exchange).await?;
-        let source = self.channel().await?;
-        let target = self.channel().await?;
-        self.call(
-            "turn on publisher confirms",
-            target.confirm_select(ConfirmSelectOptions::default()),
-        )
-        .await?;
+        if self.session.queue_depth(&names.queue).await?.is_none() {
+            return Err(self.not_found(&names.queue));
+        }
+        let source = self.session.channel().await?;
+        let target = self.session.channel().await?;
+        if !run.dry_run {
+            self.session
+                .call(
+                    "turn on publisher confirms",
+                    target.confirm_select(ConfirmSelectOptions::default()),
+                )
+                .await?;
+        }
         let replayed_at = format!("{:.3}", Timestamp::now());
         let mut outcome = ReplayOutcome {
             depth,
             examined: 0,
             replayed: 0,
+            skipped: 0,
+            remaining: depth,
         };
-        let mut seen_ids: Vec<String> = Vec::new();
+        let mut found_ids: Vec<String> = Vec::new();
+        let started = Instant::now();
+        let scan = usize::try_from(depth).unwrap_or(usize::MAX);
         let result = async {
-            for index in 1..=selection.scan_limit(depth) {
+            for index in 1..=scan {
+                if run.selection.done(outcome.replayed, found_ids.len()) {
+                    break;
+                }
                 let got = self.get(&source, index).await;
                 let Some((raw, acker)) = got.map_err(|e| self.interrupted(outcome.replayed, e))?
                 else {
                     break;
                 };
                 outcome.examined = index;
-                if !selection.selects(&raw) {
-                    continue; // held unacknowledged; back in the DLQ when the channel closes
-                }
-                seen_ids.extend(raw.message_id().map(str::to_string));
                 let letter = DeadLetter::interpret(&raw);
+                match run.selection.check(&raw, &letter) {
+                    // Held unacknowledged; back in the DLQ when the channel closes.
+                    Err(Skipped::NotSelected | Skipped::AlreadyReplayed) => {
+                        outcome.skipped += 1;
+                        continue;
+                    }
+                    Ok(()) => {}
+                }
+                if run.selection.ids.is_some() {
+                    found_ids.extend(letter.message_id.clone());
+                }
                 let to = replay_target(&letter, names);
-                if let Err(cause) = self
-                    .replay_one(&target, &raw, &acker, &to, &replayed_at)
-                    .await
-                {
-                    return Err(DlqError::ReplayStopped {
-                        queue: self.queue.clone(),
-                        replayed: outcome.replayed,
-                        message: describe(&letter),
-                        cause,
-                    });
+                if !run.dry_run {
+                    pace(run.rate, started, outcome.replayed).await;
+                    let copy = Copy {
+                        raw: &raw,
+                        acker: &acker,
+                        to: &to,
+                        replayed_at: &replayed_at,
+                        replay_id: &run.replay_id,
+                    };
+                    if let Err(cause) = self.replay_one(&target, copy).await {
+                        return Err(DlqError::ReplayStopped {
+                            queue: self.queue.clone(),
+                            replayed: outcome.replayed,
+                            message: describe(&letter),
+                            cause,
+                        });
+                    }
                 }
                 outcome.replayed += 1;
                 on_replayed(&letter, &to);
@@ -179,10 +209,13 @@ impl DeadLetterQueue {
             Ok(())
         }
         .await;
-        close(&target).await;
-        close(&source).await;
+        close_channel(&target).await;
+        close_channel(&source).await;
         result?;
-        let missing = selection.missing_ids(seen_ids.iter().map(String::as_str));
+        outcome.remaining = self.depth().await.unwrap_or(outcome.remaining);
+        let missing = run
+            .selection
+            .missing_ids(found_ids.iter().map(String::as_str));
         if !missing.is_empty() {
             return Err(DlqError::IdsNotFound {
                 queue: self.queue.clone(),
@@ -206,54 +239,53 @@ impl DeadLetterQueue {
     }
 
     /// Publishes one copy and settles its dead letter: ack after a clean confirm, else requeue.
-    async fn replay_one(
-        &self,
-        channel: &Channel,
-        raw: &RawDeadLetter,
-        acker: &Acker,
-        to: &ReplayTarget,
-        replayed_at: &str,
-    ) -> Result<(), ReplayFailure> {
-        let confirmed = self.publish_confirmed(channel, raw, to, replayed_at).await;
+    async fn replay_one(&self, channel: &Channel, copy: Copy<'_>) -> Result<(), ReplayFailure> {
+        let confirmed = self.publish_confirmed(channel, &copy).await;
         if let Err(failure) = confirmed {
             // Best effort: if the connection is gone, the broker requeues it anyway.
-            let requeue = acker.reject(BasicRejectOptions { requeue: true });
-            let _ = tokio::time::timeout(self.timeout, requeue).await;
+            let requeue = copy.acker.reject(BasicRejectOptions { requeue: true });
+            let _ = tokio::time::timeout(self.session.timeout(), requeue).await;
             return Err(failure);
         }
-        self.call(
-            "remove the replayed dead letter",
-            acker.ack(BasicAckOptions::default()),
-        )
-        .await
-        .map(|_| ())
-        .map_err(ReplayFailure::AckFailed)
+        self.session
+            .call(
+                "remove the replayed dead letter",
+                copy.acker.ack(BasicAckOptions::default()),
+            )
+            .await
+            .map(|_| ())
+            .map_err(ReplayFailure::AckFailed)
     }
 
     async fn publish_confirmed(
         &self,
         channel: &Channel,
-        raw: &RawDeadLetter,
-        to: &ReplayTarget,
-        replayed_at: &str,
+        copy: &Copy<'_>,
     ) -> Result<(), ReplayFailure> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..Default::default()
         };
+        let properties = replay_properties(
+            &copy.raw.properties,
+            copy.to,
+            copy.replayed_at,
+            copy.replay_id,
+        );
         let publish = async {
             channel
                 .basic_publish(
-                    to.exchange.as_str().into(),
-                    to.routing_key.as_str().into(),
+                    copy.to.exchange.as_str().into(),
+                    copy.to.queue.as_str().into(),
                     options,
-                    &raw.body,
-                    replay_properties(&raw.properties, replayed_at),
+                    &copy.raw.body,
+                    properties,
                 )
                 .await?
                 .await
         };
         let confirmation = self
+            .session
             .call("publish the replayed copy", publish)
             .await
             .map_err(ReplayFailure::Unconfirmed)?;
@@ -261,51 +293,25 @@ impl DeadLetterQueue {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
                 Err(ReplayFailure::Unroutable {
-                    exchange: to.exchange.clone(),
-                    routing_key: to.routing_key.clone(),
+                    queue: copy.to.queue.clone(),
                 })
             }
             Confirmation::Nack(None) => Err(ReplayFailure::Nacked),
-            Confirmation::NotRequested => Err(ReplayFailure::Unconfirmed(self.rejected(
-                "publish the replayed copy",
-                "the channel is not in confirm mode".into(),
-            ))),
+            Confirmation::NotRequested => Err(ReplayFailure::Unconfirmed(BrokerError::Rejected {
+                endpoint: self.session.endpoint().to_string(),
+                operation: "publish the replayed copy".into(),
+                reason: "the channel is not in confirm mode".into(),
+            })),
         }
     }
 
     /// Deletes every message in the DLQ; returns how many there were.
     pub async fn purge(&self) -> Result<u64, DlqError> {
-        let channel = self.channel().await?;
+        let channel = self.session.channel().await?;
         let purge = channel.queue_purge(self.queue.as_str().into(), QueuePurgeOptions::default());
-        let result = self.call("purge the DLQ", purge).await;
-        close(&channel).await;
+        let result = self.session.call("purge the DLQ", purge).await;
+        close_channel(&channel).await;
         Ok(u64::from(result?))
-    }
-
-    /// A passive declare: the work exchange must exist before anything is taken from the DLQ.
-    async fn check_exchange(&self, exchange: &str) -> Result<(), DlqError> {
-        let channel = self.channel().await?;
-        let options = ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let declare = channel.exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Direct,
-            options,
-            FieldTable::default(),
-        );
-        let result = self.call("check the work exchange", declare).await;
-        close(&channel).await;
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Err(DlqError::ExchangeNotFound {
-                endpoint: self.endpoint.to_string(),
-                vhost: self.vhost.clone(),
-                exchange: exchange.to_string(),
-            }),
-            Err(e) => Err(e.into()),
-        }
     }
 
     /// One message from the head, unacknowledged, with the handle that settles it.
@@ -318,7 +324,8 @@ impl DeadLetterQueue {
             self.queue.as_str().into(),
             BasicGetOptions { no_ack: false },
         );
-        let Some(BasicGetMessage { delivery, .. }) = self.call("read a dead letter", get).await?
+        let Some(BasicGetMessage { delivery, .. }) =
+            self.session.call("read a dead letter", get).await?
         else {
             return Ok(None);
         };
@@ -331,43 +338,25 @@ impl DeadLetterQueue {
         };
         Ok(Some((letter, delivery.acker)))
     }
+}
 
-    async fn channel(&self) -> Result<Channel, BrokerError> {
-        self.call("open a channel", self.connection.create_channel())
-            .await
-    }
+/// One dead letter on its way back, and how to settle it.
+struct Copy<'a> {
+    raw: &'a RawDeadLetter,
+    acker: &'a Acker,
+    to: &'a ReplayTarget,
+    replayed_at: &'a str,
+    replay_id: &'a str,
+}
 
-    /// Runs one AMQP call with the timeout; a dropped connection reads as "unreachable".
-    async fn call<T>(
-        &self,
-        operation: &str,
-        call: impl Future<Output = Result<T, lapin::Error>>,
-    ) -> Result<T, BrokerError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(BrokerError::Timeout {
-                endpoint: self.endpoint.to_string(),
-                operation: operation.into(),
-                seconds: self.timeout.as_secs(),
-            }),
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if !self.connection.status().connected() => Err(BrokerError::Unreachable {
-                endpoint: self.endpoint.to_string(),
-                reason: format!(
-                    "the connection was lost while trying to {operation}: {}",
-                    self.endpoint.redact(&e.to_string())
-                ),
-            }),
-            Ok(Err(e)) => Err(self.rejected(operation, e.to_string())),
-        }
-    }
-
-    fn rejected(&self, operation: &str, reason: String) -> BrokerError {
-        BrokerError::Rejected {
-            endpoint: self.endpoint.to_string(),
-            operation: operation.into(),
-            reason: self.endpoint.redact(&reason),
-        }
-    }
+/// Waits until publishing copy number `done + 1` keeps the rate (copies per second since
+/// `started`).
+async fn pace(rate: Option<f64>, started: Instant, done: usize) {
+    let Some(rate) = rate.filter(|r| *r > 0.0) else {
+        return;
+    };
+    let due = started + Duration::from_secs_f64(done as f64 / rate);
+    tokio::time::sleep_until(due.into()).await;
 }
 
 /// `message id X` or `#N (no message id)`, for errors.
@@ -375,15 +364,5 @@ fn describe(letter: &DeadLetter) -> String {
     match &letter.message_id {
         Some(id) => format!("#{} (message id {id})", letter.index),
         None => format!("#{} (no message id)", letter.index),
-    }
-}
-
-fn is_not_found(error: &BrokerError) -> bool {
-    matches!(error, BrokerError::Rejected { reason, .. } if reason.contains("NOT_FOUND") || reason.contains("404"))
-}
-
-async fn close(channel: &Channel) {
-    if channel.status().connected() {
-        let _ = channel.close(200, "done".into()).await;
     }
 }

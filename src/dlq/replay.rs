@@ -8,43 +8,113 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use msgpipe_client::headers;
 use serde::Serialize;
 
+use k8s_openapi::jiff::Timestamp;
+use regex::Regex;
+
 use super::letter::{BROKER_DEATHS, BROKER_DELIVERY_COUNT, DeadLetter, RawDeadLetter};
 use super::value::header_u64;
 use crate::plan::PipelineNames;
 
-/// Which dead letters a replay takes. The scan never goes past the messages that were in the
-/// DLQ when it started, so a replayed message that fails again and returns is not replayed
-/// twice by one run.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplaySelection {
-    /// Every dead letter present at the start.
-    All,
-    /// Every dead letter whose message id is one of these.
-    Ids(BTreeSet<String>),
-    /// The first N from the head of the DLQ.
-    First(usize),
+/// Header naming the replay that made a copy (`x-msgpipe-replay-id`): a copy that fails
+/// again and comes back to the DLQ carries it, so the same replay (resumed with
+/// `--resume ID`) skips it instead of replaying it twice; consumers can drop a duplicate by
+/// (message id, replay id).
+pub const REPLAY_ID: &str = "x-msgpipe-replay-id";
+
+/// Which dead letters a replay takes, and when it stops. The scan never goes past the
+/// messages that were in the DLQ when it started, so a replayed message that fails again
+/// and returns is not replayed twice by one run.
+#[derive(Clone, Debug, Default)]
+pub struct ReplaySelection {
+    /// Only these message ids (None: any).
+    pub ids: Option<BTreeSet<String>>,
+    /// Only this reason (`permanent`, `max-attempts`, `rejected`, `expired`, ...).
+    pub reason: Option<String>,
+    /// Only dead letters whose last error matches.
+    pub error_matches: Option<Regex>,
+    /// Only dead letters that last failed before this instant.
+    pub failed_before: Option<Timestamp>,
+    /// Only dead letters that last failed after this instant.
+    pub failed_after: Option<Timestamp>,
+    /// Replay at most this many.
+    pub limit: Option<usize>,
+    /// Skip dead letters a copy of this replay made (they came back after a resumed run).
+    pub replay_id: Option<String>,
+}
+
+/// Why a dead letter the scan read is not replayed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skipped {
+    /// It does not match the selection.
+    NotSelected,
+    /// A copy made by this same replay that failed again.
+    AlreadyReplayed,
 }
 
 impl ReplaySelection {
-    pub fn selects(&self, letter: &RawDeadLetter) -> bool {
-        match self {
-            ReplaySelection::All | ReplaySelection::First(_) => true,
-            ReplaySelection::Ids(ids) => letter.message_id().is_some_and(|id| ids.contains(id)),
+    /// Every dead letter.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// The dead letters with these message ids.
+    pub fn ids(ids: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            ids: Some(ids.into_iter().collect()),
+            ..Self::default()
         }
     }
 
-    /// How many dead letters to read from the head, given the depth at the start.
-    pub fn scan_limit(&self, depth: u64) -> usize {
-        let depth = usize::try_from(depth).unwrap_or(usize::MAX);
-        match self {
-            ReplaySelection::First(n) => depth.min(*n),
-            ReplaySelection::All | ReplaySelection::Ids(_) => depth,
+    /// Whether the replay takes `letter` (`raw` is the same message, for its headers).
+    pub fn check(&self, raw: &RawDeadLetter, letter: &DeadLetter) -> Result<(), Skipped> {
+        if let Some(id) = &self.replay_id
+            && raw
+                .headers()
+                .and_then(|h| h.inner().get(REPLAY_ID))
+                .and_then(super::value::header_text)
+                .is_some_and(|seen| &seen == id)
+        {
+            return Err(Skipped::AlreadyReplayed);
         }
+        let failed_at = letter
+            .last_failure
+            .as_deref()
+            .and_then(|t| t.parse::<Timestamp>().ok());
+        let selected = self.ids.as_ref().is_none_or(|ids| {
+            letter
+                .message_id
+                .as_ref()
+                .is_some_and(|id| ids.contains(id))
+        }) && self
+            .reason
+            .as_ref()
+            .is_none_or(|r| letter.reason.as_ref() == Some(r))
+            && self
+                .error_matches
+                .as_ref()
+                .is_none_or(|re| letter.error.as_deref().is_some_and(|e| re.is_match(e)))
+            && self
+                .failed_before
+                .is_none_or(|t| failed_at.is_some_and(|at| at < t))
+            && self
+                .failed_after
+                .is_none_or(|t| failed_at.is_some_and(|at| at > t));
+        if selected {
+            Ok(())
+        } else {
+            Err(Skipped::NotSelected)
+        }
+    }
+
+    /// Whether the scan can stop: the limit is reached, or every requested id was found.
+    pub fn done(&self, replayed: usize, found_ids: usize) -> bool {
+        self.limit.is_some_and(|limit| replayed >= limit)
+            || self.ids.as_ref().is_some_and(|ids| found_ids >= ids.len())
     }
 
     /// Requested ids that none of `seen` carries.
     pub fn missing_ids<'a>(&self, seen: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-        let ReplaySelection::Ids(ids) = self else {
+        let Some(ids) = &self.ids else {
             return Vec::new();
         };
         let seen: BTreeSet<&str> = seen.into_iter().collect();
@@ -59,17 +129,26 @@ impl ReplaySelection {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplayTarget {
+    /// Always the default exchange (`""`): the copy goes to the work queue by name, the way
+    /// retry tiers return messages, and reaches no other queue whatever is bound where.
     pub exchange: String,
-    pub routing_key: String,
+    /// The pipeline's work queue.
+    pub queue: String,
+    /// The key the message was first published with, kept in
+    /// `x-msgpipe-original-routing-key` (else the pipeline's routing key).
+    pub original_routing_key: String,
 }
 
-/// The pipeline's work exchange, with the routing key the message was first published with
-/// (`x-msgpipe-original-routing-key`), else the pipeline's routing key. Never the key it
-/// reached the DLQ with: a retry tier or the broker may have changed that.
+/// The pipeline's work queue, by name through the default exchange. The routing key the
+/// message was first published with (`x-msgpipe-original-routing-key`, else the pipeline's
+/// routing key) travels in that header. Never the work exchange: every other queue bound
+/// there with the same key would get a copy, and a drifted binding would send the copy
+/// elsewhere while the dead letter is acked.
 pub fn replay_target(letter: &DeadLetter, names: &PipelineNames) -> ReplayTarget {
     ReplayTarget {
-        exchange: names.work_exchange.clone(),
-        routing_key: letter
+        exchange: String::new(),
+        queue: names.queue.clone(),
+        original_routing_key: letter
             .original_routing_key
             .clone()
             .filter(|key| !key.is_empty())
@@ -97,10 +176,16 @@ fn is_failure_header(name: &str) -> bool {
 }
 
 /// Properties of the replayed copy: the original's (message id, content type, correlation id,
-/// ...) made persistent, failure headers removed, the original exchange and routing key kept,
-/// and the audit trail `x-msgpipe-replayed-at` (this run's time) and `x-msgpipe-replay-count`
-/// (previous count + 1) set.
-pub fn replay_properties(original: &BasicProperties, replayed_at: &str) -> BasicProperties {
+/// ...) made persistent, failure headers removed, the original exchange and routing key kept
+/// (`to.original_routing_key` when the message had none), and the audit trail
+/// `x-msgpipe-replayed-at` (this run's time), `x-msgpipe-replay-count` (previous count + 1)
+/// and `x-msgpipe-replay-id` (this replay) set.
+pub fn replay_properties(
+    original: &BasicProperties,
+    to: &ReplayTarget,
+    replayed_at: &str,
+    replay_id: &str,
+) -> BasicProperties {
     let mut table = FieldTable::default();
     let mut previous_replays = 0;
     if let Some(headers) = original.headers() {
@@ -116,6 +201,16 @@ pub fn replay_properties(original: &BasicProperties, replayed_at: &str) -> Basic
         ShortString::from(headers::REPLAYED_AT),
         AMQPValue::LongString(replayed_at.into()),
     );
+    table.insert(
+        ShortString::from(REPLAY_ID),
+        AMQPValue::LongString(replay_id.into()),
+    );
+    if !table.contains_key(headers::ORIGINAL_ROUTING_KEY) {
+        table.insert(
+            ShortString::from(headers::ORIGINAL_ROUTING_KEY),
+            AMQPValue::LongString(to.original_routing_key.as_str().into()),
+        );
+    }
     let count = i64::try_from(previous_replays.saturating_add(1)).unwrap_or(i64::MAX);
     table.insert(
         ShortString::from(headers::REPLAY_COUNT),
@@ -184,7 +279,9 @@ mod tests {
                 ("tenant", long("acme")),
             ]),
         );
-        let copy = replay_properties(&original.properties, "2024-06-01T00:00:00.000Z");
+        let letter = DeadLetter::interpret(&original);
+        let to = replay_target(&letter, &names());
+        let copy = replay_properties(&original.properties, &to, "2024-06-01T00:00:00.000Z", "r-1");
         let headers: Vec<&str> = copy
             .headers()
             .as_ref()
@@ -197,6 +294,7 @@ mod tests {
                 headers::ORIGINAL_EXCHANGE,
                 headers::ORIGINAL_ROUTING_KEY,
                 headers::REPLAY_COUNT,
+                REPLAY_ID,
                 headers::REPLAYED_AT,
             ]
         );
@@ -216,13 +314,14 @@ mod tests {
             Some("application/json")
         );
         assert_eq!(*copy.delivery_mode(), Some(2));
-
-        let letter = DeadLetter::interpret(&original);
+        assert_eq!(get(REPLAY_ID), Some(long("r-1")));
+        // To the work queue by name through the default exchange; the key travels along.
         assert_eq!(
-            replay_target(&letter, &names()),
+            to,
             ReplayTarget {
-                exchange: "notes".into(),
-                routing_key: "notes.eu".into()
+                exchange: String::new(),
+                queue: "notes_queue".into(),
+                original_routing_key: "notes.eu".into()
             }
         );
     }
@@ -234,26 +333,93 @@ mod tests {
             properties: BasicProperties::default(),
             ..original
         });
-        assert_eq!(replay_target(&letter, &names()).routing_key, "notes");
-        let copy = replay_properties(&BasicProperties::default(), "now");
-        assert_eq!(
+        let to = replay_target(&letter, &names());
+        assert_eq!(to.original_routing_key, "notes");
+        let copy = replay_properties(&BasicProperties::default(), &to, "now", "r-2");
+        let get = |name: &str| {
             copy.headers()
                 .as_ref()
-                .and_then(|h| h.inner().get(headers::REPLAY_COUNT).cloned()),
-            Some(AMQPValue::LongLongInt(1))
-        );
+                .and_then(|h| h.inner().get(name).cloned())
+        };
+        assert_eq!(get(headers::REPLAY_COUNT), Some(AMQPValue::LongLongInt(1)));
+        // The original routing key is recorded even when the message did not carry it.
+        assert_eq!(get(headers::ORIGINAL_ROUTING_KEY), Some(long("notes")));
     }
 
     #[test]
-    fn selection_by_id_scans_everything_present_and_reports_missing_ids() {
-        let ids = ReplaySelection::Ids(["a".to_string(), "b".to_string()].into());
-        assert!(ids.selects(&raw(Some("a"), FieldTable::default())));
-        assert!(!ids.selects(&raw(Some("c"), FieldTable::default())));
-        assert!(!ids.selects(&raw(None, FieldTable::default())));
-        assert_eq!(ids.scan_limit(40), 40);
+    fn selection_by_id_stops_once_every_id_is_found_and_reports_missing_ids() {
+        let ids = ReplaySelection::ids(["a".to_string(), "b".to_string()]);
+        let check = |s: &ReplaySelection, r: &RawDeadLetter| s.check(r, &DeadLetter::interpret(r));
+        assert_eq!(check(&ids, &raw(Some("a"), FieldTable::default())), Ok(()));
+        let c = raw(Some("c"), FieldTable::default());
+        assert_eq!(check(&ids, &c), Err(Skipped::NotSelected));
+        assert_eq!(
+            check(&ids, &raw(None, FieldTable::default())),
+            Err(Skipped::NotSelected)
+        );
+        assert!(!ids.done(1, 1));
+        assert!(ids.done(2, 2), "both found: stop reading");
         assert_eq!(ids.missing_ids(["a", "c"]), ["b"]);
-        assert_eq!(ReplaySelection::First(10).scan_limit(3), 3);
-        assert_eq!(ReplaySelection::First(10).scan_limit(300), 10);
-        assert!(ReplaySelection::All.missing_ids([]).is_empty());
+        assert!(ReplaySelection::all().missing_ids([]).is_empty());
+        let limited = ReplaySelection {
+            limit: Some(10),
+            ..ReplaySelection::all()
+        };
+        assert!(!limited.done(9, 0) && limited.done(10, 0));
+    }
+
+    #[test]
+    fn selection_by_reason_error_and_failure_time() {
+        let letter = |reason: &str, error: &str, at: &str| {
+            raw(
+                Some("m"),
+                table(&[
+                    (headers::REASON, long(reason)),
+                    (headers::ERROR, long(error)),
+                    (headers::LAST_FAILURE, long(at)),
+                ]),
+            )
+        };
+        let timeout = letter(
+            "max-attempts",
+            "db timeout after 5s",
+            "2024-05-01T10:00:00Z",
+        );
+        let parse = letter("permanent", "invalid JSON", "2024-06-01T10:00:00Z");
+        let check =
+            |s: &ReplaySelection, r: &RawDeadLetter| s.check(r, &DeadLetter::interpret(r)).is_ok();
+        let by_reason = ReplaySelection {
+            reason: Some("permanent".into()),
+            ..ReplaySelection::all()
+        };
+        assert!(!check(&by_reason, &timeout) && check(&by_reason, &parse));
+        let by_error = ReplaySelection {
+            error_matches: Some(Regex::new("timeout").expect("regex")),
+            ..ReplaySelection::all()
+        };
+        assert!(check(&by_error, &timeout) && !check(&by_error, &parse));
+        let may: Timestamp = "2024-05-15T00:00:00Z".parse().expect("time");
+        let older = ReplaySelection {
+            failed_before: Some(may),
+            ..ReplaySelection::all()
+        };
+        assert!(check(&older, &timeout) && !check(&older, &parse));
+        let newer = ReplaySelection {
+            failed_after: Some(may),
+            ..ReplaySelection::all()
+        };
+        assert!(!check(&newer, &timeout) && check(&newer, &parse));
+    }
+
+    #[test]
+    fn a_resumed_replay_skips_its_own_copies_that_came_back() {
+        let came_back = raw(Some("m"), table(&[(REPLAY_ID, long("r-9"))]));
+        let resumed = ReplaySelection {
+            replay_id: Some("r-9".into()),
+            ..ReplaySelection::all()
+        };
+        let check = |s: &ReplaySelection| s.check(&came_back, &DeadLetter::interpret(&came_back));
+        assert_eq!(check(&resumed), Err(Skipped::AlreadyReplayed));
+        assert_eq!(check(&ReplaySelection::all()), Ok(()));
     }
 }
