@@ -98,7 +98,7 @@ pub fn markdown_table() -> String {
     let mut table = String::from(
         "| API group | resource | verbs | why |\n|---|---|---|---|\n",
     );
-    for (scope, calls) in [("", PIPELINE_CALLS), (" (Lease)", LEASE_CALLS)] {
+    for (scope, calls) in [("", PIPELINE_CALLS), (" (release namespace)", LEASE_CALLS)] {
         for call in calls {
             let group = if call.group.is_empty() {
                 "\"\" (core)"
@@ -129,6 +129,16 @@ mod tests {
             "delete"
         ));
         assert!(!allows(PIPELINE_CALLS, "", "secrets", "patch"));
+    }
+
+    #[test]
+    fn the_docs_rbac_table_is_this_list() {
+        let docs = include_str!("../../docs/operator.md");
+        assert!(
+            docs.contains(&markdown_table()),
+            "docs/operator.md must hold markdown_table()'s output verbatim:\n{}",
+            markdown_table()
+        );
     }
 
     #[test]
