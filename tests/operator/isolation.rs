@@ -1,5 +1,6 @@
 //! The whole controller (watchers, store, reconcile, status, events) against a mocked API
-//! server that lists and watches like a real one and authorizes every request with the
+//! server that lists and watches like a real one (every change through the API is a watch
+//! event with a new resourceVersion) and authorizes every request with the
 //! operator's RBAC list (`msgpipe::k8s::rbac::PIPELINE_CALLS`, which tests/chart.rs holds
 //! the chart to): a request outside it gets the 403 a real cluster would answer.
 //!
@@ -94,6 +95,31 @@ struct Cluster {
     denied: Arc<Mutex<Vec<String>>>,
     /// List requests per collection path.
     lists: Arc<Mutex<BTreeMap<String, usize>>>,
+    changes: Arc<Mutex<Changes>>,
+}
+
+/// Every change made through the API since the cluster started, for watches.
+#[derive(Default)]
+struct Changes {
+    /// The last resourceVersion handed out.
+    version: u64,
+    events: Vec<Change>,
+}
+
+struct Change {
+    version: u64,
+    path: String,
+    kind: &'static str,
+    object: Value,
+}
+
+/// A watch request waiting for changes after `since`.
+struct Watch {
+    send: tower_test::mock::SendResponse<Response<Body>>,
+    collection: String,
+    selector: Option<(String, String)>,
+    since: u64,
+    metadata_only: bool,
 }
 
 impl Cluster {
@@ -101,35 +127,121 @@ impl Cluster {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let cluster = self.clone();
         let task = tokio::spawn(async move {
-            // Open watches: answered never, like a watch on which nothing happens.
-            let mut watches = Vec::new();
+            // Watches wait here until something they cover changes.
+            let mut watches: Vec<Watch> = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().clone();
                 let path = request.uri().path().to_string();
                 let query = request.uri().query().unwrap_or_default().to_string();
-                let exists = cluster.api.get(&path).is_some()
-                    || path.ends_with("/status")
-                    || request.method() != Method::PATCH;
-                if let Some(denied) = cluster.authorize(request.method(), &path, &query, exists) {
+                let object_path = path.strip_suffix("/status").unwrap_or(&path).to_string();
+                let existed = cluster.api.get(&object_path);
+                let exists =
+                    existed.is_some() || path.ends_with("/status") || method != Method::PATCH;
+                if let Some(denied) = cluster.authorize(&method, &path, &query, exists) {
                     send.send_response(denied);
                     continue;
                 }
-                let is_collection_get =
-                    request.method() == Method::GET && is_collection(&path);
+                let metadata_only = request
+                    .headers()
+                    .get(http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
+                let is_collection_get = method == Method::GET && is_collection(&path);
                 if is_collection_get && query.split('&').any(|p| p == "watch=true" || p == "watch=1") {
-                    watches.push(send);
+                    let since = query
+                        .split('&')
+                        .find_map(|p| p.strip_prefix("resourceVersion="))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    watches.push(Watch {
+                        send,
+                        collection: path,
+                        selector: label_selector(&query),
+                        since,
+                        metadata_only,
+                    });
                 } else if is_collection_get {
-                    let metadata_only = request
-                        .headers()
-                        .get(http::header::ACCEPT)
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|v| v.contains("as=PartialObjectMetadataList"));
                     send.send_response(cluster.list(&path, &query, metadata_only));
                 } else {
-                    send.send_response(cluster.api.answer(request).await);
+                    let response = cluster.api.answer(request).await;
+                    let mutating = method != Method::GET && !path.contains("/events");
+                    if mutating && response.status().is_success() {
+                        cluster.record(&method, &object_path, existed);
+                    }
+                    send.send_response(response);
                 }
+                cluster.flush(&mut watches);
             }
         });
         (Client::new(service, "default"), task)
+    }
+
+    /// A change to the object at `path`: a new resourceVersion and a watch event.
+    fn record(&self, method: &Method, path: &str, before: Option<Value>) {
+        let mut changes = self.changes.lock().expect("changes");
+        changes.version += 1;
+        let version = changes.version;
+        let mut state = self.api.0.lock().expect("state");
+        let (kind, object) = match state.objects.get_mut(path) {
+            Some(object) if *method != Method::DELETE => {
+                object["metadata"]["resourceVersion"] = json!(version.to_string());
+                let kind = if before.is_some() { "MODIFIED" } else { "ADDED" };
+                (kind, object.clone())
+            }
+            _ => match before {
+                Some(mut object) => {
+                    object["metadata"]["resourceVersion"] = json!(version.to_string());
+                    ("DELETED", object)
+                }
+                None => return,
+            },
+        };
+        changes.events.push(Change {
+            version,
+            path: path.to_string(),
+            kind,
+            object,
+        });
+    }
+
+    /// Answers every waiting watch that has changes to report, as a real watch streams them
+    /// (one JSON event per line); the watcher then watches again from the last version.
+    fn flush(&self, watches: &mut Vec<Watch>) {
+        let changes = self.changes.lock().expect("changes");
+        let mut waiting = Vec::new();
+        for watch in watches.drain(..) {
+            let lines: Vec<String> = changes
+                .events
+                .iter()
+                .filter(|c| c.version > watch.since && in_collection(&watch.collection, &c.path))
+                .filter(|c| {
+                    watch.selector.as_ref().is_none_or(|(key, value)| {
+                        c.object["metadata"]["labels"][key.as_str()] == value.as_str()
+                    })
+                })
+                .map(|c| {
+                    let object = if watch.metadata_only {
+                        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                               "metadata": c.object["metadata"]})
+                    } else {
+                        c.object.clone()
+                    };
+                    json!({"type": c.kind, "object": object}).to_string()
+                })
+                .collect();
+            if lines.is_empty() {
+                waiting.push(watch);
+                continue;
+            }
+            let body = lines.join("\n") + "\n";
+            watch.send.send_response(
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .body(Body::from(body.into_bytes()))
+                    .expect("response"),
+            );
+        }
+        *watches = waiting;
     }
 
     /// A 403 like the API server's, or None when the operator's RBAC allows the request.
@@ -171,6 +283,7 @@ impl Cluster {
             .entry(path.to_string())
             .or_default() += 1;
         let selector = label_selector(query);
+        let version = self.changes.lock().expect("changes").version;
         let state = self.api.0.lock().expect("state");
         let items: Vec<Value> = state
             .objects
@@ -194,7 +307,7 @@ impl Cluster {
         let list = json!({
             "apiVersion": if metadata_only { "meta.k8s.io/v1" } else { "v1" },
             "kind": if metadata_only { "PartialObjectMetadataList" } else { "List" },
-            "metadata": {"resourceVersion": "100"},
+            "metadata": {"resourceVersion": version.to_string()},
             "items": items,
         });
         Response::builder()
@@ -300,6 +413,28 @@ fn condition(api: &FakeApi, path: &str, kind: &str) -> Option<(String, String, S
     ))
 }
 
+/// How many pipelines have which Ready (status, reason), and one message of each.
+fn ready_summary(api: &FakeApi) -> BTreeMap<String, (usize, String)> {
+    let paths: Vec<String> = api
+        .0
+        .lock()
+        .expect("state")
+        .objects
+        .keys()
+        .filter(|p| p.contains("/messagepipelines/"))
+        .cloned()
+        .collect();
+    let mut summary: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for path in paths {
+        let key = condition(api, &path, "Ready")
+            .map(|(status, reason, message)| (format!("{status} {reason}"), message))
+            .unwrap_or_else(|| ("no status".into(), path.clone()));
+        let entry = summary.entry(key.0).or_insert((0, key.1));
+        entry.0 += 1;
+    }
+    summary
+}
+
 fn ready(api: &FakeApi, path: &str) -> bool {
     condition(api, path, "Ready").is_some_and(|(status, _, _)| status == "True")
 }
@@ -320,12 +455,13 @@ fn start_controller(cluster: &Cluster) -> (oneshot::Sender<()>, tokio::task::Joi
     (stop, task)
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+async fn wait_until(api: &FakeApi, what: &str, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !done() {
         assert!(
             started.elapsed() < CONVERGE_WITHIN,
-            "timed out after {CONVERGE_WITHIN:?} waiting for {what}"
+            "timed out after {CONVERGE_WITHIN:?} waiting for {what}; Ready conditions: {:?}",
+            ready_summary(api)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -392,7 +528,7 @@ async fn an_undecodable_pipeline_among_fifty_gets_invalid_spec_and_the_fifty_con
 
     // First run.
     let (stop, task) = start_controller(&cluster);
-    let took = wait_until("50 Ready pipelines and an InvalidSpec one", || {
+    let took = wait_until(&api, "50 Ready pipelines and an InvalidSpec one", || {
         good.iter().all(|p| ready(&api, p)) && condition(&api, &bad, "Ready").is_some()
     })
     .await;
@@ -439,7 +575,7 @@ async fn an_undecodable_pipeline_among_fifty_gets_invalid_spec_and_the_fifty_con
     api.put(&late, pipeline("beta", "late", &vhost.name, json!({})));
 
     let (stop, task) = start_controller(&cluster);
-    let took = wait_until("the new pipeline Ready and the edited bad one reported", || {
+    let took = wait_until(&api, "the new pipeline Ready and the edited bad one reported", || {
         ready(&api, &late)
             && condition(&api, &bad, "Ready").is_some_and(|(_, _, m)| m.contains("maxAttempts"))
     })
@@ -475,7 +611,7 @@ async fn deleting_an_undecodable_pipeline_releases_it_without_touching_the_broke
     object["metadata"]["deletionTimestamp"] = json!("2026-11-29T12:00:00Z");
     api.put(&path, object);
     let (stop, task) = start_controller(&cluster);
-    wait_until("the finalizer released", || {
+    wait_until(&api, "the finalizer released", || {
         api.get(&path)
             .is_some_and(|o| o["metadata"]["finalizers"] == json!([]))
     })
