@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Once, OnceLock};
 
+// The operator's Kubernetes API calls are listed once, in src/k8s/rbac.rs: the chart must
+// grant exactly those, no more and no less.
+use msgpipe::k8s::rbac::{ApiCall, LEASE_CALLS, PIPELINE_CALLS};
 use serde_json::Value;
 use support::{output_text, repo_path};
 
@@ -22,62 +25,6 @@ const NAMESPACE: &str = "msgpipe-system";
 const FULLNAME: &str = "msgpipe-operator";
 const CHART_DIR: &str = "charts/msgpipe-operator";
 const DASHBOARD_FILE: &str = "charts/msgpipe-operator/dashboards/msgpipe-pipelines.json";
-
-/// Every Kubernetes API call the operator makes where it manages pipelines (cluster-wide, or
-/// in each watched namespace), as (API group, resource, verbs).
-///
-/// KEEP IN SYNC: this table is the operator's call list. Operator code that starts or stops
-/// calling a Kubernetes API changes this table, then the chart's rules
-/// (charts/msgpipe-operator/templates/_helpers.tpl, "msgpipe-operator.rules") until the
-/// tests pass. The chart grants exactly these and nothing more:
-///
-/// | group                 | resource                    | verbs                           |
-/// |-----------------------|-----------------------------|---------------------------------|
-/// | msgpipe.io            | messagepipelines            | get list watch patch update     |
-/// | msgpipe.io            | messagepipelines/status     | get patch update                |
-/// | msgpipe.io            | messagepipelines/finalizers | update                          |
-/// | "" (core)             | secrets                     | get list watch                  |
-/// | "" (core)             | configmaps                  | get list watch create patch     |
-/// | monitoring.coreos.com | prometheusrules             | get list watch create patch     |
-/// | events.k8s.io         | events                      | create patch                    |
-/// | "" (core)             | events                      | create patch                    |
-/// | coordination.k8s.io   | leases (release namespace)  | get create update patch         |
-///
-/// The PrometheusRule CRD is detected through API discovery, which needs no RBAC.
-const PIPELINE_CALLS: &[(&str, &str, &[&str])] = &[
-    (
-        "msgpipe.io",
-        "messagepipelines",
-        &["get", "list", "watch", "patch", "update"],
-    ),
-    (
-        "msgpipe.io",
-        "messagepipelines/status",
-        &["get", "patch", "update"],
-    ),
-    ("msgpipe.io", "messagepipelines/finalizers", &["update"]),
-    ("", "secrets", &["get", "list", "watch"]),
-    (
-        "",
-        "configmaps",
-        &["get", "list", "watch", "create", "patch"],
-    ),
-    (
-        "monitoring.coreos.com",
-        "prometheusrules",
-        &["get", "list", "watch", "create", "patch"],
-    ),
-    ("events.k8s.io", "events", &["create", "patch"]),
-    ("", "events", &["create", "patch"]),
-];
-
-/// Leader election's calls, only in the Lease's namespace (the release namespace). RBAC cannot
-/// restrict `create` by name, so create covers any Lease there and the rest only the
-/// operator's own Lease.
-const LEASE_CALLS: &[(&str, &str, &[&str])] = &[
-    ("coordination.k8s.io", "leases", &["create"]),
-    ("coordination.k8s.io", "leases", &["get", "update", "patch"]),
-];
 
 // ---------------------------------------------------------------------------------------
 // helm
@@ -251,14 +198,14 @@ fn granted(role: &Value) -> BTreeSet<Grant> {
     grants
 }
 
-fn expected(calls: &[(&str, &str, &[&str])], name: Option<&str>) -> BTreeSet<Grant> {
+fn expected(calls: &[ApiCall], name: Option<&str>) -> BTreeSet<Grant> {
     calls
         .iter()
-        .flat_map(|(group, resource, verbs)| {
-            verbs.iter().map(move |verb| {
+        .flat_map(|call| {
+            call.verbs.iter().map(move |verb| {
                 (
-                    group.to_string(),
-                    resource.to_string(),
+                    call.group.to_string(),
+                    call.resource.to_string(),
                     verb.to_string(),
                     name.map(str::to_string),
                 )
@@ -483,6 +430,21 @@ fn rbac_grants_exactly_the_operators_api_calls() {
         expected(PIPELINE_CALLS, None),
         "leader election adds no cluster-wide rule"
     );
+}
+
+#[test]
+fn disabling_alerts_is_allowed_to_delete_the_prometheus_rule_in_every_mode() {
+    let Some(helm) = helm() else { return };
+    let delete_rule = (
+        "monitoring.coreos.com".to_string(),
+        "prometheusrules".to_string(),
+        "delete".to_string(),
+        None,
+    );
+    let cluster_wide = render(&helm, &[]);
+    assert!(granted(only(&cluster_wide, "ClusterRole")).contains(&delete_rule));
+    let namespaced = render(&helm, &["--set", "watchNamespaces={a}"]);
+    assert!(granted(named(&namespaced, "Role", "a", FULLNAME)).contains(&delete_rule));
 }
 
 #[test]

@@ -7,10 +7,25 @@ use std::str::FromStr;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Pattern every duration string matches; also put in the CRD schema.
-pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
+/// [`DURATION_PATTERN`] as a literal, for CEL rules built with `concat!`.
+macro_rules! duration_pattern {
+    () => {
+        "^([0-9]{1,10}(ms|s|m|h|d))+$"
+    };
+}
+pub(crate) use duration_pattern;
+
+/// Pattern every duration string matches; also put in the CRD schema. At most
+/// [`DURATION_MAX_DIGITS`] digits per number and [`DURATION_MAX_LEN`] characters: no string
+/// it admits overflows the parser (u64 milliseconds) or CEL's int64 arithmetic.
+pub const DURATION_PATTERN: &str = duration_pattern!();
 /// Longest duration string accepted (keeps CEL cost estimates bounded).
 pub const DURATION_MAX_LEN: usize = 32;
+/// Most digits in one number of a duration (`9999999999d` is about 27 million years).
+pub const DURATION_MAX_DIGITS: usize = 10;
+
+/// 10^DURATION_MAX_DIGITS: the first number that needs too many digits.
+const MAX_NUMBER: u64 = 10_000_000_000;
 
 const UNITS: [(&str, u64); 5] = [
     ("ms", 1),
@@ -87,6 +102,9 @@ impl FromStr for Duration {
             if digits == 0 {
                 return Err(fail("a number must come before each unit"));
             }
+            if digits > DURATION_MAX_DIGITS {
+                return Err(fail("at most 10 digits per number"));
+            }
             let value: u64 = rest[..digits]
                 .parse()
                 .map_err(|_| fail("number too large"))?;
@@ -118,7 +136,20 @@ impl fmt::Display for Duration {
             .rev()
             .find(|(_, factor)| self.millis.is_multiple_of(*factor))
             .unwrap_or(&UNITS[0]);
-        write!(f, "{}{}", self.millis / factor, unit)
+        let count = self.millis / factor;
+        if count < MAX_NUMBER {
+            return write!(f, "{count}{unit}");
+        }
+        // Too many digits for one number: every unit, largest first (`12725d19h53m47s775ms`).
+        let mut rest = self.millis;
+        for (unit, factor) in UNITS.iter().rev() {
+            let count = rest / factor;
+            rest %= factor;
+            if count > 0 {
+                write!(f, "{count}{unit}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -205,13 +236,56 @@ mod tests {
             (300_000, "5m"),
             (86_400_000, "1d"),
             (0, "0s"),
+            (1_099_511_627_775, "12725d19h53m47s775ms"),
         ];
         for (millis, text) in cases {
             assert_eq!(Duration::from_millis(millis).to_string(), text);
         }
     }
 
+    #[test]
+    fn the_largest_strings_the_pattern_admits_parse() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern");
+        // The largest sums 32 characters can spell: two 10-digit day counts and the rest.
+        for text in [
+            "9999999999d9999999999d999999999d",
+            "9999999999d9999999999d9999999h1s",
+            "99999999ms99999999ms99999999ms9s",
+            "9999999999d",
+        ] {
+            assert!(pattern.is_match(text) && text.len() <= DURATION_MAX_LEN, "{text}");
+            let millis = text.parse::<Duration>().expect(text).as_millis();
+            assert!(i64::try_from(millis).is_ok(), "{text} fits CEL's int64");
+        }
+    }
+
+    #[test]
+    fn the_parser_refuses_exactly_what_the_pattern_refuses() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern");
+        for text in [
+            "99999999999999999999d",
+            "12345678901s",
+            "1.5s",
+            "s",
+            "1x",
+            "",
+            "1h30m",
+            "0s",
+            "0000000001ms",
+        ] {
+            let admitted = pattern.is_match(text) && text.len() <= DURATION_MAX_LEN;
+            assert_eq!(text.parse::<Duration>().is_ok(), admitted, "{text:?}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn anything_the_schema_admits_parses(text in "([0-9]{1,10}(ms|s|m|h|d)){1,6}") {
+            if text.len() <= DURATION_MAX_LEN {
+                proptest::prop_assert!(text.parse::<Duration>().is_ok(), "{}", text);
+            }
+        }
+
         #[test]
         fn display_round_trips(millis in 0u64..(1u64 << 40)) {
             let d = Duration::from_millis(millis);

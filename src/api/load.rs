@@ -80,6 +80,19 @@ pub fn pipeline_from_value(document: Value) -> Result<MessagePipeline, FieldErro
     Ok(pipeline)
 }
 
+/// Decodes a MessagePipeline as the API server stores it (the operator's view).
+///
+/// Unlike [`pipeline_from_value`] it ignores fields it does not know (the API server
+/// prunes them; a newer CRD may add some), but a field it cannot read (wrong type, an
+/// unparsable or overflowing duration) is an error naming the field's JSON path, so one
+/// such object can be reported on its own instead of failing a whole list.
+pub fn decode_stored(object: Value) -> Result<MessagePipeline, FieldError> {
+    serde_path_to_error::deserialize(object).map_err(|e| {
+        let path = e.path().to_string();
+        field_error_from_serde(&path, &e.into_inner().to_string())
+    })
+}
+
 fn check_type_meta(document: &Value) -> Result<(), FieldError> {
     let Value::Object(map) = document else {
         return Err(FieldError::new(
@@ -204,6 +217,33 @@ mod tests {
                 .starts_with("document 2: spec.retry.maxAttempts: invalid value"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_stored_object_with_an_overflowing_duration_names_the_field() {
+        let object = serde_json::json!({
+            "apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": "p", "namespace": "a"},
+            "spec": {"broker": {"secretRef": {"name": "s"}},
+                     "deadLetter": {"retention": "99999999999999999999d"},
+                     "futureField": 1}
+        });
+        let error = decode_stored(object).expect_err("overflows");
+        assert_eq!(error.path, "spec.deadLetter.retention");
+        assert!(error.message.contains("invalid duration"), "{error}");
+        assert!(!error.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn a_stored_object_ignores_fields_it_does_not_know() {
+        let object = serde_json::json!({
+            "apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": "p", "namespace": "a"},
+            "spec": {"broker": {"secretRef": {"name": "s"}}, "futureField": 1},
+            "status": {"observedGeneration": 1}
+        });
+        let pipeline = decode_stored(object).expect("decodes");
+        assert_eq!(pipeline.spec.broker.secret_ref.name, "s");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::duration::Duration;
+use super::duration::{Duration, duration_pattern};
 use super::status::MessagePipelineStatus;
 
 /// Most deliveries a message may get before it is dead-lettered.
@@ -26,6 +26,37 @@ pub const RETRY_INTERVAL_MAX_SECONDS: u32 = 86_400;
 
 /// CEL rule shared by every RabbitMQ object name the user may set.
 const NOT_RESERVED_RULE: &str = "!self.startsWith('amq.')";
+/// CEL rule: no control characters (what `char::is_control` refuses), like the operator.
+const NO_CONTROL_RULE: &str = r"!self.matches('[\\x00-\\x1f\\x7f-\\x9f]')";
+/// Longest queue name: `<queue>.retry`, the retry exchange, must fit in 255 bytes too.
+pub const QUEUE_NAME_MAX_BYTES: usize = RABBIT_NAME_MAX_BYTES - ".retry".len();
+
+/// CEL: milliseconds of the duration string `$field` (Kubernetes' `findAll`/`find`/`sum`;
+/// CEL's own `duration()` knows no `d` unit). Only ever evaluated behind a
+/// `matches(DURATION_PATTERN)` guard, so `int()` never sees more than 10 digits and the sum
+/// stays far inside int64.
+macro_rules! millis {
+    ($($field:literal),+) => {
+        concat!(
+            $($field,)+
+            ".findAll('[0-9]+(ms|s|m|h|d)').map(p, int(p.find('[0-9]+')) * (p.endsWith('ms') ? 1 : p.endsWith('s') ? 1000 : p.endsWith('m') ? 60000 : p.endsWith('h') ? 3600000 : 86400000)).sum()"
+        )
+    };
+}
+
+/// CEL: `$field` is absent, refused by the pattern already (that error suffices), or a
+/// message TTL RabbitMQ accepts: 1ms to 2^32-1 ms.
+macro_rules! ttl_rule {
+    ($field:literal) => {
+        concat!(
+            "!has(self.", $field, ") || !self.", $field, ".matches('", duration_pattern!(), "') || (",
+            millis!("self.", $field), " >= 1 && ", millis!("self.", $field), " <= 4294967295)"
+        )
+    };
+}
+
+/// Message of the TTL rules.
+const TTL_MESSAGE: &str = "must be between 1ms and 4294967295ms (about 49.7 days): RabbitMQ's longest message TTL";
 
 /// A MessagePipeline declares one work queue on RabbitMQ and everything that keeps its
 /// messages from being lost: retry queues with exponential backoff, a dead-letter exchange
@@ -72,6 +103,28 @@ const NOT_RESERVED_RULE: &str = "!self.startsWith('amq.')";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.queue.name) || !has(self.deadLetter.queue) || self.deadLetter.queue != self.queue.name",
+        "message": "must differ from queue.name: each queue of a pipeline needs its own name",
+        "fieldPath": ".deadLetter.queue"
+    },
+    {
+        "rule": "!has(self.queue.exchange) || !has(self.deadLetter.exchange) || self.deadLetter.exchange != self.queue.exchange",
+        "message": "must differ from queue.exchange: each exchange of a pipeline needs its own name",
+        "fieldPath": ".deadLetter.exchange"
+    },
+    {
+        "rule": "!has(self.queue.name) || !has(self.queue.exchange) || (self.queue.exchange != self.queue.name + '.retry' && (has(self.deadLetter.exchange) || self.queue.exchange != self.queue.name + '.dlx'))",
+        "message": "is the name of another exchange of this pipeline (the retry exchange <queue>.retry, or the default dead-letter exchange <queue>.dlx)",
+        "fieldPath": ".queue.exchange"
+    },
+    {
+        "rule": "!has(self.queue.name) || !has(self.deadLetter.exchange) || (self.deadLetter.exchange != self.queue.name + '.retry' && (has(self.queue.exchange) || self.deadLetter.exchange != self.queue.name + '.work'))",
+        "message": "is the name of another exchange of this pipeline (the retry exchange <queue>.retry, or the default work exchange <queue>.work)",
+        "fieldPath": ".deadLetter.exchange"
+    }
+]))]
 pub struct MessagePipelineSpec {
     /// Which RabbitMQ broker to provision on.
     pub broker: BrokerSpec,
@@ -121,17 +174,29 @@ pub struct SecretRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueSpec {
-    /// Queue name. Default: metadata.name. At most 255 bytes; may not start with "amq.".
+    /// Queue name. Default: metadata.name. At most 249 bytes (the retry exchange
+    /// `<queue>.retry` is a RabbitMQ name too); may not start with "amq.".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [{"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"}]))]
+    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [
+        {"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"},
+        {"rule": NO_CONTROL_RULE, "message": "must not contain control characters"},
+        {"rule": "bytes(self).size() <= 249", "message": "must be at most 249 bytes: the retry exchange <queue>.retry must fit RabbitMQ's 255"},
+    ]))]
     pub name: Option<String>,
     /// Queue type: quorum (default; replicated, at-least-once dead-lettering) or classic.
-    /// Cannot change once the queue exists.
+    /// Cannot change once the pipeline exists: the API server refuses the change.
     #[serde(default, rename = "type")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self == oldSelf",
+        "message": "queue.type cannot change: quorum and classic queues are different RabbitMQ objects and the live queue keeps its type; create a new pipeline for the other type"
+    }]))]
     pub queue_type: QueueType,
     /// Work exchange (direct) publishers send to. Default: "<queue>.work".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [{"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"}]))]
+    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [
+        {"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"},
+        {"rule": NO_CONTROL_RULE, "message": "must not contain control characters"},
+    ]))]
     pub exchange: Option<String>,
     /// Routing key binding the work exchange to the queue. Default: the queue name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -192,10 +257,19 @@ fn default_max_attempts() -> u32 {
 /// Exponential backoff. Each distinct delay gets its own retry queue.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "!has(self.initialDelay) || !has(self.maxDelay) || self.initialDelay.contains('d') || self.maxDelay.contains('d') || duration(self.maxDelay) >= duration(self.initialDelay)",
-    "message": "maxDelay must be >= initialDelay"
-}]))]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": ttl_rule!("initialDelay"), "message": TTL_MESSAGE, "fieldPath": ".initialDelay"},
+    {"rule": ttl_rule!("maxDelay"), "message": TTL_MESSAGE, "fieldPath": ".maxDelay"},
+    {
+        "rule": concat!(
+            "!has(self.initialDelay) || !has(self.maxDelay) || !self.initialDelay.matches('", duration_pattern!(),
+            "') || !self.maxDelay.matches('", duration_pattern!(), "') || ",
+            millis!("self.maxDelay"), " >= ", millis!("self.initialDelay")
+        ),
+        "message": "maxDelay must be >= initialDelay",
+        "fieldPath": ".maxDelay"
+    }
+]))]
 pub struct BackoffSpec {
     /// Delay before the second attempt (e.g. 500ms, 1s). At least 1ms.
     #[serde(default = "default_initial_delay")]
@@ -234,14 +308,23 @@ fn default_max_delay() -> Duration {
 /// The dead-letter exchange and queue.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": ttl_rule!("retention"), "message": TTL_MESSAGE, "fieldPath": ".retention"}
+]))]
 pub struct DeadLetterSpec {
     /// Dead-letter exchange (fanout: everything sent to it lands in the DLQ). Default: "<queue>.dlx".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [{"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"}]))]
+    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [
+        {"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"},
+        {"rule": NO_CONTROL_RULE, "message": "must not contain control characters"},
+    ]))]
     pub exchange: Option<String>,
     /// Dead-letter queue. Default: "<queue>.dlq".
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [{"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"}]))]
+    #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES), extend("x-kubernetes-validations" = [
+        {"rule": NOT_RESERVED_RULE, "message": "names starting with amq. are reserved by RabbitMQ"},
+        {"rule": NO_CONTROL_RULE, "message": "must not contain control characters"},
+    ]))]
     pub queue: Option<String>,
     /// How long a dead letter is kept before RabbitMQ discards it (e.g. 14d). Default: forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -434,4 +517,262 @@ pub enum DeletionPolicy {
     #[default]
     Retain,
     Delete,
+}
+
+/// The CRD's CEL rules evaluated as the API server would (Kubernetes' CEL libraries, schema
+/// defaults applied first), with `kube-cel`, and checked against the operator's own checks:
+/// admission refuses what the operator would, and never what it accepts.
+#[cfg(test)]
+mod admission_tests {
+    use kube::CustomResourceExt;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::api::DURATION_PATTERN;
+    use crate::api::load::pipeline_from_value;
+
+    fn schema() -> Value {
+        let crd = MessagePipeline::crd();
+        let schema = crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema");
+        serde_json::to_value(schema).expect("json")
+    }
+
+    /// A pipeline as `kubectl apply` sends it: `spec` merged over a minimal valid one.
+    fn object(spec: Value) -> Value {
+        let mut base = json!({"broker": {"secretRef": {"name": "s"}}});
+        merge(&mut base, spec);
+        json!({"apiVersion": "msgpipe.io/v1alpha1", "kind": "MessagePipeline",
+               "metadata": {"name": "notes", "namespace": "a"}, "spec": base})
+    }
+
+    fn merge(into: &mut Value, from: Value) {
+        match (into, from) {
+            (Value::Object(into), Value::Object(from)) => {
+                for (key, value) in from {
+                    merge(into.entry(key).or_insert(Value::Null), value);
+                }
+            }
+            (into, from) => *into = from,
+        }
+    }
+
+    /// Every CEL rule failure (or evaluation error) for `object`, updating `old` if given.
+    fn cel(object: &Value, old: Option<&Value>) -> Vec<String> {
+        match kube_cel::Validator::new().validate(&schema(), object, old) {
+            Ok(()) => vec![],
+            Err(errors) => errors
+                .iter()
+                .map(|e| format!("{:?} {}", e.kind, e))
+                .collect(),
+        }
+    }
+
+    /// Whether msgpipe itself accepts the object (parse, validate, plan).
+    fn operator_accepts(object: &Value) -> bool {
+        pipeline_from_value(object.clone())
+            .ok()
+            .is_some_and(|p| crate::plan::plan(&p, None).is_ok())
+    }
+
+    #[test]
+    fn every_rule_compiles() {
+        let compiled = kube_cel::compile_schema(&schema());
+        let errors: Vec<String> = compiled
+            .compilation_errors()
+            .iter()
+            .map(|e| format!("{e:?}"))
+            .collect();
+        assert!(errors.is_empty(), "{errors:#?}");
+        assert!(cel(&object(json!({})), None).is_empty());
+    }
+
+    #[test]
+    fn ttls_are_admitted_up_to_rabbitmqs_limit_and_refused_beyond_it() {
+        let cases = [
+            ("49d", true),
+            ("50d", false),
+            ("4294967295ms", true),
+            ("4294967296ms", false),
+            ("1193h2m47s295ms", true),
+            ("1193h2m47s296ms", false),
+            ("1ms", true),
+            ("0s", false),
+            ("9999999999d9999999999d", false),
+        ];
+        for (retention, admitted) in cases {
+            let pipeline = object(json!({"deadLetter": {"retention": retention}}));
+            let errors = cel(&pipeline, None);
+            assert_eq!(errors.is_empty(), admitted, "retention {retention}: {errors:?}");
+            assert_eq!(operator_accepts(&pipeline), admitted, "retention {retention}");
+            if !admitted {
+                assert!(
+                    errors[0].starts_with("ValidationFailure spec.deadLetter.retention: must be between 1ms"),
+                    "{errors:?}"
+                );
+            }
+            let pipeline = object(json!({"retry": {"backoff": {"initialDelay": retention, "maxDelay": "50d"}}}));
+            let errors = cel(&pipeline, None);
+            assert!(
+                errors.iter().any(|e| e.contains("spec.retry.backoff.maxDelay: must be between")),
+                "maxDelay 50d: {errors:?}"
+            );
+            assert_eq!(
+                errors.iter().any(|e| e.contains("spec.retry.backoff.initialDelay")),
+                !admitted,
+                "initialDelay {retention}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn max_delay_below_initial_delay_is_refused_in_days_too() {
+        for (initial, max, admitted) in [
+            ("2d", "1d", false),
+            ("1d", "25h", true),
+            ("1500ms", "1s", false),
+            ("1s", "1s", true),
+            ("90s", "1m30s", true),
+        ] {
+            let pipeline = object(
+                json!({"retry": {"backoff": {"initialDelay": initial, "maxDelay": max}}}),
+            );
+            let errors = cel(&pipeline, None);
+            assert_eq!(errors.is_empty(), admitted, "{initial}..{max}: {errors:?}");
+            assert_eq!(operator_accepts(&pipeline), admitted, "{initial}..{max}");
+            if !admitted {
+                assert_eq!(
+                    errors,
+                    ["ValidationFailure spec.retry.backoff.maxDelay: maxDelay must be >= initialDelay"]
+                );
+            }
+        }
+    }
+
+    /// What the pattern refuses yields the pattern's error only: every CEL rule on a
+    /// duration is guarded by the same pattern, so none fails or errors on top of it (no
+    /// "type conversion error from 'string' to 'google.protobuf.Duration'").
+    #[test]
+    fn durations_the_pattern_refuses_raise_no_cel_error() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern");
+        for bad in ["99999999999999999999d", "1x", "1.5s", "-1s", "abc", "12345678901ms", "5"] {
+            assert!(!pattern.is_match(bad), "{bad}");
+            assert!(bad.parse::<crate::api::Duration>().is_err(), "{bad}");
+            for spec in [
+                json!({"deadLetter": {"retention": bad}}),
+                json!({"retry": {"backoff": {"initialDelay": bad}}}),
+                json!({"retry": {"backoff": {"maxDelay": bad}}}),
+                json!({"retry": {"backoff": {"initialDelay": bad, "maxDelay": bad}}}),
+            ] {
+                let errors = cel(&object(spec.clone()), None);
+                assert!(errors.is_empty(), "{spec}: {errors:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_queue_type_change_is_refused_by_a_transition_rule() {
+        let quorum = object(json!({"queue": {"type": "quorum"}}));
+        let defaulted = object(json!({}));
+        let classic = object(json!({"queue": {"type": "classic"}}));
+        let errors = cel(&classic, Some(&quorum));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("ValidationFailure spec.queue.type: queue.type cannot change"),
+            "{errors:?}"
+        );
+        // Defaults apply to the stored object too: no type means quorum.
+        assert_eq!(cel(&classic, Some(&defaulted)).len(), 1);
+        assert_eq!(cel(&defaulted, Some(&classic)).len(), 1);
+        assert!(cel(&classic, Some(&classic)).is_empty(), "unchanged");
+        assert!(cel(&classic, None).is_empty(), "any type on create");
+        let renamed = object(json!({"queue": {"type": "quorum", "name": "other"}}));
+        assert!(cel(&renamed, Some(&quorum)).is_empty(), "other fields may change");
+    }
+
+    #[test]
+    fn names_two_objects_of_a_pipeline_would_share_are_refused() {
+        let cases = [
+            json!({"queue": {"name": "q"}, "deadLetter": {"queue": "q"}}),
+            json!({"queue": {"exchange": "x"}, "deadLetter": {"exchange": "x"}}),
+            json!({"queue": {"name": "q", "exchange": "q.retry"}}),
+            json!({"queue": {"name": "q", "exchange": "q.dlx"}}),
+            json!({"queue": {"name": "q"}, "deadLetter": {"exchange": "q.retry"}}),
+            json!({"queue": {"name": "q"}, "deadLetter": {"exchange": "q.work"}}),
+        ];
+        for spec in cases {
+            let pipeline = object(spec.clone());
+            let errors = cel(&pipeline, None);
+            assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
+            assert!(errors[0].starts_with("ValidationFailure spec."), "{errors:?}");
+            assert!(!operator_accepts(&pipeline), "the operator refuses {spec} too");
+        }
+        for spec in [
+            json!({"queue": {"name": "q", "exchange": "q.dlx"}, "deadLetter": {"exchange": "d"}}),
+            json!({"queue": {"name": "q", "exchange": "w"}, "deadLetter": {"exchange": "q.work"}}),
+            json!({"queue": {"name": "q"}, "deadLetter": {"queue": "q.dead"}}),
+        ] {
+            let pipeline = object(spec.clone());
+            assert_eq!(cel(&pipeline, None), Vec::<String>::new(), "{spec}");
+            assert!(operator_accepts(&pipeline), "{spec}");
+        }
+    }
+
+    #[test]
+    fn queue_names_are_counted_in_bytes_and_leave_room_for_the_retry_exchange() {
+        let at = |name: String| object(json!({"queue": {"name": name}, "retry": {"maxAttempts": 1}}));
+        let longest = at("q".repeat(QUEUE_NAME_MAX_BYTES));
+        assert!(cel(&longest, None).is_empty());
+        assert!(operator_accepts(&longest));
+        for too_long in ["q".repeat(QUEUE_NAME_MAX_BYTES + 1), "é".repeat(125)] {
+            let pipeline = at(too_long);
+            let errors = cel(&pipeline, None);
+            assert!(
+                errors.iter().any(|e| e.contains("spec.queue.name: must be at most 249 bytes")),
+                "{errors:?}"
+            );
+            assert!(!operator_accepts(&pipeline));
+        }
+    }
+
+    #[test]
+    fn control_characters_in_names_are_refused() {
+        for spec in [
+            json!({"queue": {"name": "a\u{7}b"}}),
+            json!({"queue": {"exchange": "a\nb"}}),
+            json!({"deadLetter": {"queue": "a\u{85}b"}}),
+        ] {
+            let pipeline = object(spec.clone());
+            let errors = cel(&pipeline, None);
+            assert!(
+                errors.iter().any(|e| e.contains("must not contain control characters")),
+                "{spec}: {errors:?}"
+            );
+            assert!(!operator_accepts(&pipeline), "{spec}");
+        }
+        assert!(cel(&object(json!({"queue": {"name": "notes é ✓"}})), None).is_empty());
+    }
+
+    /// Everything the operator accepts, admission accepts too: the shipped examples.
+    #[test]
+    fn every_example_is_admitted() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("examples") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read");
+            for pipeline in crate::api::load::parse_pipelines(&text).expect("parses") {
+                let value = serde_json::to_value(&pipeline).expect("json");
+                assert_eq!(cel(&value, None), Vec::<String>::new(), "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "examples found: {seen}");
+    }
 }

@@ -2,10 +2,15 @@
 //! reconciles each one — broker topology, client ConfigMap, PrometheusRule, status, events.
 //!
 //! Every Kubernetes call made here and in [`crate::k8s`] must be granted by the chart's RBAC:
-//! the table in `tests/chart.rs` is the call list and fails the build when the chart drifts;
-//! a new call means a new row there (and in `charts/msgpipe-operator/templates/rbac.yaml`).
+//! [`crate::k8s::rbac::PIPELINE_CALLS`] is the call list; `tests/chart.rs` fails when the
+//! chart's rules differ from it and the operator tests answer 403 to any call outside it.
+//! A new call means a new row there (and in the chart's `msgpipe-operator.rules`).
+//!
+//! Pipelines are watched untyped and decoded one by one ([`invalid`]): an object the API
+//! server admitted but msgpipe cannot read is reported on its own and never stops the others.
 
 mod brokers;
+mod invalid;
 pub mod metrics;
 mod reconcile;
 mod server;
@@ -20,6 +25,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{ApiResource, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -267,12 +273,25 @@ pub async fn run_controller(
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
-    let pipelines: Api<MessagePipeline> = scoped(&client, ns);
+    // Untyped, so that one object msgpipe cannot decode fails neither the list nor the watch.
+    let resource = ApiResource::erase::<MessagePipeline>(&());
+    let pipelines: Api<DynamicObject> = match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let (bad_tx, bad_rx) = tokio::sync::mpsc::unbounded_channel();
+    let retry = bad_tx.downgrade();
+    let report_invalid = invalid::run(ctx.clone(), resource, bad_rx, retry);
+    let typed = watcher(pipelines, watcher::Config::default().any_semantic()).filter_map(
+        move |event| {
+            futures_util::future::ready(match event {
+                Ok(event) => invalid::split(event, &bad_tx).map(Ok),
+                Err(error) => Some(Err(error)),
+            })
+        },
+    );
     let (reader, writer) = reflector::store();
-    let trigger = reflector(
-        writer,
-        watcher(pipelines, watcher::Config::default().any_semantic()),
-    )
+    let trigger = reflector(writer, typed)
     .default_backoff()
     .touched_objects()
     .predicate_filter(pipeline_trigger, Default::default());
@@ -290,7 +309,7 @@ pub async fn run_controller(
     let config = controller::Config::default()
         .concurrency(ctx.config.concurrency)
         .debounce(Duration::from_millis(200));
-    Controller::for_stream(trigger, reader)
+    let controller = Controller::for_stream(trigger, reader)
         .owns(config_maps, watcher::Config::default().labels(&managed))
         .watches_stream(secrets, move |secret| {
             let namespace = secret.namespace();
@@ -310,8 +329,9 @@ pub async fn run_controller(
                 Ok((object, _)) => debug!(pipeline = %object, "reconciled"),
                 Err(error) => debug!(%error, "controller event"),
             }
-        })
-        .await;
+        });
+    // The controller owns the last strong sender: when it stops, the reporter stops too.
+    futures_util::future::join(controller, report_invalid).await;
 }
 
 /// Flags of `msgpipe operator` beyond [`OperatorConfig`].

@@ -5,6 +5,7 @@
 //! (Named `k8s` rather than `kube` so it never shadows the `kube` crate.)
 
 mod owned;
+pub mod rbac;
 mod secret;
 
 pub use owned::{AlertsOutcome, apply_client_config, apply_prometheus_rule, prometheus_rule_api};

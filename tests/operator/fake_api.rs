@@ -78,7 +78,7 @@ impl FakeApi {
         self.0.lock().expect("fake API state")
     }
 
-    async fn answer(&self, request: Request<Body>) -> Response<Body> {
+    pub async fn answer(&self, request: Request<Body>) -> Response<Body> {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let query = request.uri().query().unwrap_or_default().to_string();

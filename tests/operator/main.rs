@@ -3,6 +3,7 @@
 //! missing Secret, deletion with Retain and with Delete.
 
 mod fake_api;
+mod isolation;
 #[path = "../support/mod.rs"]
 mod support;
 

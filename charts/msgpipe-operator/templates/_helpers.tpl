@@ -61,17 +61,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/*
 The rules the operator needs where it watches pipelines (ClusterRole in cluster-wide mode,
-one Role per watched namespace otherwise). Exactly the operator's Kubernetes API calls:
-tests/chart.rs holds the same list and the operator code must keep it in sync.
+one Role per watched namespace otherwise). Exactly the operator's Kubernetes API calls as
+listed in src/k8s/rbac.rs (PIPELINE_CALLS): tests/chart.rs compares the rendered rules with it.
 Leases are not here: they live in their own Role in the release namespace.
 */}}
 {{- define "msgpipe-operator.rules" -}}
 - apiGroups: ["msgpipe.io"]
   resources: ["messagepipelines"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["msgpipe.io"]
   resources: ["messagepipelines/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 - apiGroups: ["msgpipe.io"]
   resources: ["messagepipelines/finalizers"]
   verbs: ["update"]
@@ -83,11 +83,8 @@ Leases are not here: they live in their own Role in the release namespace.
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["prometheusrules"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}

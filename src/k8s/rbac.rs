@@ -1,0 +1,152 @@
+//! Every Kubernetes API call the operator makes, as RBAC sees it: (API group, resource,
+//! verb). This list is the one source of truth:
+//!
+//! - `tests/chart.rs` renders the Helm chart (cluster-wide and namespaced) and requires its
+//!   rules to grant exactly these, no more and no less;
+//! - the operator tests' mocked API server answers `403 Forbidden`, as a real one would,
+//!   to any request these do not allow, so a new call that is not listed here fails a test;
+//! - `docs/operator.md`'s RBAC table is [`markdown_table`]'s output.
+//!
+//! API discovery (`/apis/monitoring.coreos.com/v1`, to see whether the PrometheusRule CRD
+//! is installed) is a non-resource URL every authenticated client may read: not listed.
+
+/// One (group, resource) and the verbs the operator uses on it, with the call sites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    /// API group; "" is the core group.
+    pub group: &'static str,
+    /// Resource, or `resource/subresource`.
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+    /// What makes the calls (for the docs and for whoever edits this list).
+    pub why: &'static str,
+}
+
+/// Calls made where pipelines are managed: a ClusterRole in cluster-wide mode, one Role
+/// per watched namespace otherwise.
+pub const PIPELINE_CALLS: &[ApiCall] = &[
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "messagepipelines",
+        verbs: &["get", "list", "watch", "patch"],
+        why: "watch every pipeline; re-read one that cannot be decoded; add and remove the finalizer (JSON patch)",
+    },
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "messagepipelines/status",
+        verbs: &["patch"],
+        why: "write the status (server-side apply)",
+    },
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "messagepipelines/finalizers",
+        verbs: &["update"],
+        why: "owner references with blockOwnerDeletion on the ConfigMap and PrometheusRule",
+    },
+    ApiCall {
+        group: "",
+        resource: "secrets",
+        verbs: &["get", "list", "watch"],
+        why: "read the broker Secret; watch Secrets' metadata to reconcile on rotation",
+    },
+    ApiCall {
+        group: "",
+        resource: "configmaps",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        why: "the `<name>-client` ConfigMap: read, watch, server-side apply (create when new)",
+    },
+    ApiCall {
+        group: "monitoring.coreos.com",
+        resource: "prometheusrules",
+        verbs: &["get", "create", "patch", "delete"],
+        why: "the `<name>-alerts` PrometheusRule: read, server-side apply, delete when alerts are disabled",
+    },
+    ApiCall {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+        why: "Normal and Warning events on pipelines (repeats patch the series)",
+    },
+];
+
+/// Leader election (kube-lease-manager), in the release namespace only. RBAC cannot
+/// restrict `create` by name: create covers any Lease there, the rest only the operator's.
+pub const LEASE_CALLS: &[ApiCall] = &[
+    ApiCall {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["create"],
+        why: "create the Lease the first time",
+    },
+    ApiCall {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "update", "patch"],
+        why: "hold and renew the operator's own Lease (resourceNames: the lease name)",
+    },
+];
+
+/// Whether `calls` grant `verb` on `group`/`resource`.
+pub fn allows(calls: &[ApiCall], group: &str, resource: &str, verb: &str) -> bool {
+    calls
+        .iter()
+        .any(|c| c.group == group && c.resource == resource && c.verbs.contains(&verb))
+}
+
+/// The RBAC table of docs/operator.md.
+pub fn markdown_table() -> String {
+    let mut table = String::from(
+        "| API group | resource | verbs | why |\n|---|---|---|---|\n",
+    );
+    for (scope, calls) in [("", PIPELINE_CALLS), (" (release namespace)", LEASE_CALLS)] {
+        for call in calls {
+            let group = if call.group.is_empty() {
+                "\"\" (core)"
+            } else {
+                call.group
+            };
+            table.push_str(&format!(
+                "| {group} | {}{scope} | {} | {} |\n",
+                call.resource,
+                call.verbs.join(", "),
+                call.why
+            ));
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disabling_alerts_may_delete_the_prometheus_rule() {
+        assert!(allows(
+            PIPELINE_CALLS,
+            "monitoring.coreos.com",
+            "prometheusrules",
+            "delete"
+        ));
+        assert!(!allows(PIPELINE_CALLS, "", "secrets", "patch"));
+    }
+
+    #[test]
+    fn the_docs_rbac_table_is_this_list() {
+        let docs = include_str!("../../docs/operator.md");
+        assert!(
+            docs.contains(&markdown_table()),
+            "docs/operator.md must hold markdown_table()'s output verbatim:\n{}",
+            markdown_table()
+        );
+    }
+
+    #[test]
+    fn no_resource_is_listed_twice_and_no_wildcards() {
+        let mut seen = std::collections::BTreeSet::new();
+        for call in PIPELINE_CALLS {
+            assert!(seen.insert((call.group, call.resource)), "{call:?}");
+            assert!(!call.verbs.contains(&"*") && call.resource != "*");
+        }
+    }
+}
