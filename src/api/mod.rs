@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod load;
+pub mod reason;
 mod spec;
 mod status;
 pub mod validate;
@@ -11,7 +12,8 @@ use kube::CustomResourceExt;
 
 pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
 pub use spec::*;
-pub use status::{MessagePipelineStatus, RetryQueueStatus, condition, reason};
+pub use reason::Reason;
+pub use status::{MessagePipelineStatus, RetryQueueStatus, condition};
 
 /// The CustomResourceDefinition as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {

@@ -5,12 +5,13 @@
 //! pipelines policies-first.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use crate::broker::{BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, RabbitBroker};
+use crate::broker::{BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, MemoryBroker, RabbitBroker};
 
 /// How long a snapshot may be reused. The management API's own counts lag ~5 s, so a
 /// snapshot this young is as fresh as a new one.
@@ -24,6 +25,12 @@ pub const POLICY_QUIET: Duration = Duration::from_secs(2);
 /// A pipeline holds its declares back for at most this many quiet periods, however long
 /// the burst lasts (60 s by default).
 const MAX_WAIT_QUIETS: u32 = 30;
+/// A broker that could not be reached is reported down, without a new connect, for this long.
+pub const DOWN_MEMORY: Duration = Duration::from_secs(15);
+/// How long a reconcile waits for another one's first call to a broker before it leaves
+/// (a broker that answers at all answers a snapshot well within this).
+pub const PROBE_PATIENCE: Duration = Duration::from_millis(500);
+const PROBE_POLL: Duration = Duration::from_millis(20);
 
 type Snapshot = Option<(Instant, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
@@ -86,36 +93,91 @@ impl PolicyBurst {
     }
 }
 
-struct PooledBroker {
-    broker: Arc<RabbitBroker>,
+/// A broker client the pool can hold: RabbitMQ in the operator, [`MemoryBroker`] in tests.
+pub trait PooledBroker: BrokerApi + 'static {
+    /// Closes its connections (idle eviction, shutdown).
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl PooledBroker for RabbitBroker {
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        RabbitBroker::close(self)
+    }
+}
+
+impl PooledBroker for MemoryBroker {
+    async fn close(&self) {}
+}
+
+/// Makes the client of an endpoint (no IO: clients connect on first use).
+pub type Connector<B> =
+    Box<dyn Fn(&BrokerEndpoint, Duration) -> Result<Arc<B>, BrokerError> + Send + Sync>;
+
+struct Pooled<B> {
+    broker: Arc<B>,
     last_used: Instant,
 }
 
-/// The operator's brokers and their cached vhost snapshots.
-pub struct BrokerPool {
-    timeout: Duration,
-    policy_quiet: Duration,
-    brokers: Mutex<HashMap<String, PooledBroker>>,
-    snapshots: Mutex<SnapshotSlots>,
-    bursts: std::sync::Mutex<HashMap<(String, String), PolicyBurst>>,
+/// What the pool knows about whether an endpoint answers.
+#[derive(Debug)]
+enum Health {
+    /// Its last call got an answer.
+    Answering,
+    /// One reconcile is making the first call after a failure (or ever); since when.
+    Probing(Instant),
+    /// It did not answer at this time; pipelines are told so without a new connect.
+    Down(Instant, BrokerError),
 }
 
-impl BrokerPool {
+/// Whether a reconcile may call a broker now.
+#[derive(Debug)]
+pub enum Gate {
+    /// Go on (and report the outcome with [`BrokerPool::answered`] / [`BrokerPool::failed`]).
+    Open,
+    /// The endpoint failed recently: this is its error, as reported then.
+    Down(BrokerError),
+    /// Another reconcile's first call to the endpoint has not come back yet: look again
+    /// later, without holding a worker while it times out.
+    Busy,
+}
+
+/// The operator's brokers, their cached vhost snapshots and what is known of their health.
+pub struct BrokerPool<B: PooledBroker = RabbitBroker> {
+    timeout: Duration,
+    policy_quiet: Duration,
+    connect: Connector<B>,
+    brokers: Mutex<HashMap<String, Pooled<B>>>,
+    snapshots: Mutex<SnapshotSlots>,
+    bursts: std::sync::Mutex<HashMap<(String, String), PolicyBurst>>,
+    health: std::sync::Mutex<HashMap<String, Health>>,
+}
+
+impl BrokerPool<RabbitBroker> {
     pub fn new(timeout: Duration, policy_quiet: Duration) -> Self {
+        Self::with_connector(
+            timeout,
+            policy_quiet,
+            Box::new(|endpoint, timeout| RabbitBroker::new(endpoint.clone(), timeout).map(Arc::new)),
+        )
+    }
+}
+
+impl<B: PooledBroker> BrokerPool<B> {
+    /// A pool whose clients `connect` makes.
+    pub fn with_connector(timeout: Duration, policy_quiet: Duration, connect: Connector<B>) -> Self {
         Self {
             timeout,
             policy_quiet,
+            connect,
             brokers: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             bursts: std::sync::Mutex::new(HashMap::new()),
+            health: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// The client for `endpoint`, made on first use.
-    pub async fn broker(
-        &self,
-        endpoint: &BrokerEndpoint,
-    ) -> Result<Arc<RabbitBroker>, BrokerError> {
+    pub async fn broker(&self, endpoint: &BrokerEndpoint) -> Result<Arc<B>, BrokerError> {
         let key = endpoint.pool_key();
         let now = Instant::now();
         let mut brokers = self.brokers.lock().await;
@@ -133,15 +195,79 @@ impl BrokerPool {
             pooled.last_used = now;
             return Ok(pooled.broker.clone());
         }
-        let broker = Arc::new(RabbitBroker::new(endpoint.clone(), self.timeout)?);
+        let broker = (self.connect)(endpoint, self.timeout)?;
         brokers.insert(
             key,
-            PooledBroker {
+            Pooled {
                 broker: broker.clone(),
                 last_used: now,
             },
         );
         Ok(broker)
+    }
+
+    /// Whether a reconcile may call `endpoint` now. An endpoint that failed within
+    /// [`DOWN_MEMORY`] is reported down at once; while one reconcile makes the first call
+    /// after a failure, the others wait at most [`PROBE_PATIENCE`] for its answer and are
+    /// then told to come back, so a broker that times out holds one worker, not all.
+    pub async fn gate(&self, endpoint: &BrokerEndpoint) -> Gate {
+        let key = endpoint.pool_key();
+        let arrived = Instant::now();
+        loop {
+            match self.look(&key, arrived) {
+                Some(gate) => return gate,
+                None => tokio::time::sleep(PROBE_POLL).await,
+            }
+        }
+    }
+
+    /// One look at `key`'s health: a verdict, or None to wait and look again.
+    fn look(&self, key: &str, arrived: Instant) -> Option<Gate> {
+        let mut health = self.health_map();
+        let now = Instant::now();
+        match health.get(key) {
+            Some(Health::Answering) => Some(Gate::Open),
+            Some(Health::Down(at, error)) if now.duration_since(*at) < DOWN_MEMORY => {
+                Some(Gate::Down(remembered(error)))
+            }
+            // A prober that never reported (cancelled) stops counting after a full call.
+            Some(Health::Probing(since)) if now.duration_since(*since) < 2 * self.timeout => {
+                if now.duration_since(arrived) < PROBE_PATIENCE {
+                    None
+                } else {
+                    Some(Gate::Busy)
+                }
+            }
+            _ => {
+                health.insert(key.to_string(), Health::Probing(now));
+                Some(Gate::Open)
+            }
+        }
+    }
+
+    /// `endpoint` answered a call.
+    pub fn answered(&self, endpoint: &BrokerEndpoint) {
+        self.health_map()
+            .insert(endpoint.pool_key(), Health::Answering);
+    }
+
+    /// A call to `endpoint` failed with `error`; a failure to reach it is remembered for
+    /// [`DOWN_MEMORY`], any other error means it answered.
+    pub fn failed(&self, endpoint: &BrokerEndpoint, error: &BrokerError) {
+        let health = match error {
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => {
+                Health::Down(Instant::now(), remembered(error))
+            }
+            _ => Health::Answering,
+        };
+        self.health_map().insert(endpoint.pool_key(), health);
+    }
+
+    fn health_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
+        // Never held across an await; a poisoned lock only means another reconcile panicked.
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old and taken after `not_before`
@@ -150,11 +276,12 @@ impl BrokerPool {
     /// caller's objects.
     pub async fn snapshot(
         &self,
-        broker: &RabbitBroker,
+        endpoint: &BrokerEndpoint,
+        broker: &B,
         vhost: &str,
         not_before: Option<Instant>,
     ) -> Result<Arc<LiveVhost>, BrokerError> {
-        let slot = self.slot(broker, vhost).await;
+        let slot = self.slot(endpoint, vhost).await;
         let mut cached = slot.lock().await;
         if let Some((taken, live)) = cached.as_ref()
             && taken.elapsed() < SNAPSHOT_MAX_AGE
@@ -162,14 +289,20 @@ impl BrokerPool {
         {
             return Ok(live.clone());
         }
+        // Another caller may have found the broker down while this one waited for the slot.
+        if let Some(Health::Down(at, error)) = self.health_map().get(&endpoint.pool_key())
+            && at.elapsed() < DOWN_MEMORY
+        {
+            return Err(remembered(error));
+        }
         let taken = Instant::now();
         let live = Arc::new(broker.snapshot(vhost).await?);
         *cached = Some((taken, live.clone()));
         Ok(live)
     }
 
-    async fn slot(&self, broker: &RabbitBroker, vhost: &str) -> Arc<Mutex<Snapshot>> {
-        let key = (broker.endpoint().pool_key(), vhost.to_string());
+    async fn slot(&self, endpoint: &BrokerEndpoint, vhost: &str) -> Arc<Mutex<Snapshot>> {
+        let key = (endpoint.pool_key(), vhost.to_string());
         self.snapshots.lock().await.entry(key).or_default().clone()
     }
 
@@ -177,12 +310,12 @@ impl BrokerPool {
     /// may go on to declare its queues now (see [`PolicyBurst`]).
     pub fn may_declare(
         &self,
-        broker: &RabbitBroker,
+        endpoint: &BrokerEndpoint,
         vhost: &str,
         pipeline: &str,
         wrote: bool,
     ) -> bool {
-        let key = (broker.endpoint().pool_key(), vhost.to_string());
+        let key = (endpoint.pool_key(), vhost.to_string());
         let now = Instant::now();
         // Never held across an await; a poisoned lock only means another reconcile panicked.
         let mut bursts = self
@@ -200,11 +333,34 @@ impl BrokerPool {
 
     /// Closes every broker connection (shutdown).
     pub async fn close(&self) {
-        let brokers: Vec<PooledBroker> =
-            self.brokers.lock().await.drain().map(|(_, b)| b).collect();
+        let brokers: Vec<Pooled<B>> = self.brokers.lock().await.drain().map(|(_, b)| b).collect();
         for pooled in brokers {
             pooled.broker.close().await;
         }
+    }
+}
+
+/// A copy of a failure to reach a broker, to tell the next pipelines (same words, so their
+/// status does not change with every retry).
+fn remembered(error: &BrokerError) -> BrokerError {
+    match error {
+        BrokerError::Timeout {
+            endpoint,
+            operation,
+            seconds,
+        } => BrokerError::Timeout {
+            endpoint: endpoint.clone(),
+            operation: operation.clone(),
+            seconds: *seconds,
+        },
+        BrokerError::Unreachable { endpoint, reason } => BrokerError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: reason.clone(),
+        },
+        other => BrokerError::Unreachable {
+            endpoint: String::new(),
+            reason: other.to_string(),
+        },
     }
 }
 

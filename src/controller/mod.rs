@@ -22,30 +22,82 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::finalizer;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
-pub use brokers::{BrokerPool, POLICY_QUIET, PolicyBurst, SNAPSHOT_MAX_AGE};
+pub use brokers::{
+    BrokerPool, Connector, DOWN_MEMORY, Gate, POLICY_QUIET, PROBE_PATIENCE, PolicyBurst,
+    PooledBroker, SNAPSHOT_MAX_AGE,
+};
 pub use metrics::Metrics;
 pub use reconcile::{FINALIZER, reconcile};
 
-use crate::api::MessagePipeline;
+use crate::api::reason::one_line;
+use crate::api::validate::InvalidSpec;
+use crate::api::{MessagePipeline, Reason};
+use crate::broker::{BrokerError, RabbitBroker};
 use crate::plan::MANAGED_BY_LABEL;
 
 /// Why a reconcile did not finish; the controller retries with capped backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid spec: {0}")]
-    InvalidSpec(String),
-    #[error("{0}")]
-    Broker(String),
+    InvalidSpec(#[source] InvalidSpec),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error(transparent)]
     Kube(#[from] crate::k8s::KubeError),
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// kube's finalizer helper; shown without its "failed to apply object:" wrapper.
+    #[error("{}", finalizer_message(.0))]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The reconcile's own error, if the finalizer helper only wraps it.
+    fn inner(&self) -> &Error {
+        match self {
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.inner()
+                }
+                _ => self,
+            },
+            other => other,
+        }
+    }
+}
+
+fn finalizer_message(error: &finalizer::Error<Error>) -> String {
+    match error {
+        finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+            inner.to_string()
+        }
+        finalizer::Error::AddFinalizer(e) => {
+            format!("cannot add the finalizer: {}", crate::k8s::plain(e))
+        }
+        finalizer::Error::RemoveFinalizer(e) => {
+            format!("cannot remove the finalizer: {}", crate::k8s::plain(e))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// What a person reads about `error` on a condition or an event: its reason and one line
+/// of at most 1 KiB (see [`one_line`]), never a `Debug` dump or a credential.
+pub fn describe(error: &Error) -> (Reason, String) {
+    use crate::k8s::KubeError;
+    let reason = match error.inner() {
+        Error::InvalidSpec(_) => Reason::InvalidSpec,
+        Error::Broker(e) => e.condition_reason(),
+        Error::Kube(KubeError::SecretMissing { .. }) => Reason::SecretMissing,
+        Error::Kube(KubeError::SecretInvalid { .. }) => Reason::InvalidBrokerSecret,
+        Error::Kube(KubeError::Api { .. }) | Error::Finalizer(_) => Reason::KubernetesAPIFailed,
+    };
+    (reason, one_line(&error.to_string()))
 }
 
 /// Operator settings (flags and environment).
@@ -82,13 +134,13 @@ impl Default for OperatorConfig {
     }
 }
 
-/// What every reconcile shares.
-pub struct Context {
+/// What every reconcile shares; `B` is the broker client (RabbitMQ, or in-memory in tests).
+pub struct Context<B: PooledBroker = RabbitBroker> {
     pub client: Client,
     /// Shared recorder: repeats of one failure become one Event with a growing series count.
     pub recorder: Recorder,
     reporter: Reporter,
-    pub brokers: BrokerPool,
+    pub brokers: BrokerPool<B>,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
     failures: Mutex<HashMap<String, u32>>,
@@ -96,8 +148,21 @@ pub struct Context {
     last_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
 
-impl Context {
+impl Context<RabbitBroker> {
     pub fn new(client: Client, metrics: Arc<Metrics>, config: OperatorConfig) -> Self {
+        let brokers = BrokerPool::new(config.broker_timeout, config.policy_quiet);
+        Context::with_brokers(client, metrics, config, brokers)
+    }
+}
+
+impl<B: PooledBroker> Context<B> {
+    /// A context over `brokers` (e.g. a pool of [`crate::broker::MemoryBroker`]s).
+    pub fn with_brokers(
+        client: Client,
+        metrics: Arc<Metrics>,
+        config: OperatorConfig,
+        brokers: BrokerPool<B>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "msgpipe".into(),
             instance: Some(config.identity.clone()),
@@ -105,7 +170,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
-            brokers: BrokerPool::new(config.broker_timeout, config.policy_quiet),
+            brokers,
             client,
             metrics,
             config,
@@ -120,28 +185,19 @@ impl Context {
         &self,
         pipeline: &MessagePipeline,
         kind: EventType,
-        reason: &str,
+        reason: Reason,
         note: &str,
     ) {
         publish(&self.recorder, pipeline, kind, reason, note).await;
     }
 
-    /// Publishes a broker failure as a Warning (reason: its condition reason); returns the
-    /// message, which never holds a credential.
-    pub async fn failure_event(
-        &self,
-        pipeline: &MessagePipeline,
-        error: &crate::broker::BrokerError,
-    ) -> String {
-        let message = error.to_string();
-        self.event(
-            pipeline,
-            EventType::Warning,
-            error.condition_reason(),
-            &message,
-        )
-        .await;
-        message
+    /// Publishes a failure as a Warning (reason and message from [`describe`]); returns
+    /// them, for the status.
+    pub async fn failure_event(&self, pipeline: &MessagePipeline, error: &Error) -> (Reason, String) {
+        let (reason, message) = describe(error);
+        self.event(pipeline, EventType::Warning, reason, &message)
+            .await;
+        (reason, message)
     }
 
     /// Publishes one Event per broker change. A fresh recorder, because folding would keep
@@ -150,7 +206,7 @@ impl Context {
         &self,
         pipeline: &MessagePipeline,
         kind: EventType,
-        reason: &str,
+        reason: Reason,
         note: &str,
     ) {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
@@ -191,14 +247,14 @@ async fn publish(
     recorder: &Recorder,
     pipeline: &MessagePipeline,
     kind: EventType,
-    reason: &str,
+    reason: Reason,
     note: &str,
 ) {
     let event = Event {
         type_: kind,
         reason: reason.into(),
-        // The events API limits notes to 1 kB.
-        note: Some(note.chars().take(1000).collect()),
+        // The events API limits notes to 1 KiB.
+        note: Some(one_line(note)),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -214,16 +270,12 @@ pub fn backoff_delay(attempts: u32) -> Duration {
 }
 
 /// Retry policy: an invalid spec waits for a change; anything else backs off per object.
-pub fn error_policy(pipeline: Arc<MessagePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
-    let invalid = match error {
-        Error::InvalidSpec(_) => true,
-        Error::Finalizer(e) => matches!(
-            **e,
-            kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_))
-        ),
-        _ => false,
-    };
-    if invalid {
+pub fn error_policy<B: PooledBroker>(
+    pipeline: Arc<MessagePipeline>,
+    error: &Error,
+    ctx: Arc<Context<B>>,
+) -> Action {
+    if matches!(error.inner(), Error::InvalidSpec(_)) {
         return Action::await_change();
     }
     let key = format!(
