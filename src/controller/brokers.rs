@@ -208,13 +208,13 @@ impl<B: PooledBroker> BrokerPool<B> {
 
     /// Whether a reconcile may call `endpoint` now. An endpoint that failed within
     /// [`DOWN_MEMORY`] is reported down at once; while one reconcile makes the first call
-    /// after a failure, the others wait at most [`PROBE_PATIENCE`] for its answer and are
-    /// then told to come back, so a broker that times out holds one worker, not all.
+    /// after a failure (or ever), the others wait for its answer until that call is
+    /// [`PROBE_PATIENCE`] old and are then told to come back, so a broker that times out
+    /// holds one worker for the timeout, not all of them.
     pub async fn gate(&self, endpoint: &BrokerEndpoint) -> Gate {
         let key = endpoint.pool_key();
-        let arrived = Instant::now();
         loop {
-            match self.look(&key, arrived) {
+            match self.look(&key) {
                 Some(gate) => return gate,
                 None => tokio::time::sleep(PROBE_POLL).await,
             }
@@ -222,7 +222,7 @@ impl<B: PooledBroker> BrokerPool<B> {
     }
 
     /// One look at `key`'s health: a verdict, or None to wait and look again.
-    fn look(&self, key: &str, arrived: Instant) -> Option<Gate> {
+    fn look(&self, key: &str) -> Option<Gate> {
         let mut health = self.health_map();
         let now = Instant::now();
         match health.get(key) {
@@ -232,7 +232,8 @@ impl<B: PooledBroker> BrokerPool<B> {
             }
             // A prober that never reported (cancelled) stops counting after a full call.
             Some(Health::Probing(since)) if now.duration_since(*since) < 2 * self.timeout => {
-                if now.duration_since(arrived) < PROBE_PATIENCE {
+                // Patience counts from the probe's start: once it is overdue, nobody waits.
+                if now.duration_since(*since) < PROBE_PATIENCE {
                     None
                 } else {
                     Some(Gate::Busy)
@@ -367,6 +368,61 @@ fn remembered(error: &BrokerError) -> BrokerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memory_pool() -> BrokerPool<MemoryBroker> {
+        let broker = Arc::new(MemoryBroker::new("memory://a"));
+        BrokerPool::with_connector(
+            Duration::from_secs(5),
+            POLICY_QUIET,
+            Box::new(move |_, _| Ok(broker.clone())),
+        )
+    }
+
+    fn endpoint() -> BrokerEndpoint {
+        BrokerEndpoint::new("amqp://app:pw@rabbit.invalid:5672/", None, None).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn one_reconcile_probes_a_new_broker_and_the_others_leave_once_it_is_overdue() {
+        let pool = memory_pool();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open), "the prober");
+        let waited = Instant::now();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
+        let waited = waited.elapsed();
+        assert!(
+            waited >= PROBE_PATIENCE - PROBE_POLL && waited < PROBE_PATIENCE * 3,
+            "waited {waited:?}"
+        );
+        let at_once = Instant::now();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
+        assert!(at_once.elapsed() < PROBE_PATIENCE / 2, "an overdue probe is not waited for");
+        pool.answered(&endpoint());
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_broker_is_reported_down_with_its_own_words_without_a_new_call() {
+        let pool = memory_pool();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+        let error = BrokerError::Unreachable {
+            endpoint: endpoint().to_string(),
+            reason: "connection refused".into(),
+        };
+        pool.failed(&endpoint(), &error);
+        for _ in 0..3 {
+            match pool.gate(&endpoint()).await {
+                Gate::Down(remembered) => assert_eq!(remembered.to_string(), error.to_string()),
+                other => panic!("expected Down, got {other:?}"),
+            }
+        }
+        // A broker that answered, even with a refusal, is not down.
+        let refused = BrokerError::AuthenticationFailed {
+            endpoint: endpoint().to_string(),
+            user: "app".into(),
+        };
+        pool.failed(&endpoint(), &refused);
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
 
     #[test]
     fn a_lone_pipeline_declares_at_once() {

@@ -435,6 +435,54 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
 mod tests {
     use super::*;
 
+    fn forbidden() -> kube::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "prometheusrules.monitoring.coreos.com \"notes-alerts\" is forbidden: User \"system:serviceaccount:msgpipe-system:msgpipe\" cannot delete resource \"prometheusrules\" in API group \"monitoring.coreos.com\" in the namespace \"notes-app\"",
+            "details": {"name": "notes-alerts", "group": "monitoring.coreos.com", "kind": "prometheusrules"}
+        }))
+        .expect("status");
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn a_forbidden_call_reads_as_the_servers_words_and_the_finalizer_wrapper_is_dropped() {
+        let kube_error = crate::k8s::KubeError::Api {
+            operation: "delete PrometheusRule notes-app/notes-alerts".into(),
+            source: forbidden(),
+        };
+        let error = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(Error::Kube(
+            kube_error,
+        ))));
+        let (reason, message) = describe(&error);
+        assert_eq!(reason, Reason::KubernetesAPIFailed);
+        assert!(
+            message.starts_with("cannot delete PrometheusRule notes-app/notes-alerts: forbidden: "),
+            "{message}"
+        );
+        assert!(message.contains("cannot delete resource \"prometheusrules\""), "{message}");
+        assert!(message.contains("RBAC"), "{message}");
+        for shown in [message.clone(), error.to_string()] {
+            assert!(!shown.contains("Status {"), "{shown}");
+            assert!(!shown.contains("failed to apply object"), "{shown}");
+            assert!(shown.len() <= 1024 && !shown.contains('\n'), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_broker_error_keeps_its_reason_through_the_finalizer() {
+        let error = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(Error::Broker(
+            BrokerError::AccessRefused {
+                endpoint: "amqp://app@h:5672".into(),
+                user: "app".into(),
+                operation: "write policy p".into(),
+            },
+        ))));
+        assert_eq!(describe(&error).0, Reason::BrokerAccessRefused);
+        assert!(matches!(error.inner(), Error::Broker(_)));
+    }
+
     #[test]
     fn backoff_doubles_from_five_seconds_and_caps_at_five_minutes() {
         let delays: Vec<u64> = (1..=9).map(|n| backoff_delay(n).as_secs()).collect();
