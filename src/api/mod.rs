@@ -11,8 +11,8 @@ pub mod validate;
 use kube::CustomResourceExt;
 
 pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
-pub use spec::*;
 pub use reason::Reason;
+pub use spec::*;
 pub use status::{MessagePipelineStatus, RetryQueueStatus, condition};
 
 /// The CustomResourceDefinition as YAML, exactly as committed under `crds/`.

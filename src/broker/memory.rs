@@ -119,7 +119,11 @@ impl MemoryBroker {
         f(live)
     }
 
-    fn apply(&self, live: &mut LiveVhost, action: &BrokerAction) -> Result<ActionOutcome, BrokerError> {
+    fn apply(
+        &self,
+        live: &mut LiveVhost,
+        action: &BrokerAction,
+    ) -> Result<ActionOutcome, BrokerError> {
         match action {
             BrokerAction::PutPolicy {
                 policy, definition, ..
@@ -225,7 +229,11 @@ impl BrokerApi for MemoryBroker {
         self.with_vhost_mut(vhost, |live| Ok(live.clone()))
     }
 
-    async fn execute(&self, vhost: &str, action: &BrokerAction) -> Result<ActionOutcome, BrokerError> {
+    async fn execute(
+        &self,
+        vhost: &str,
+        action: &BrokerAction,
+    ) -> Result<ActionOutcome, BrokerError> {
         let outcome = self.with_vhost_mut(vhost, |live| self.apply(live, action))?;
         if outcome == ActionOutcome::Done {
             lock(&self.writes).push(action.to_string());
@@ -236,7 +244,11 @@ impl BrokerApi for MemoryBroker {
         Ok(outcome)
     }
 
-    async fn queue_depth(&self, vhost: &str, queue: &str) -> Result<Option<QueueDepth>, BrokerError> {
+    async fn queue_depth(
+        &self,
+        vhost: &str,
+        queue: &str,
+    ) -> Result<Option<QueueDepth>, BrokerError> {
         self.with_vhost_mut(vhost, |live| {
             Ok(live.queues.get(queue).map(|q| QueueDepth {
                 messages: q.messages,
@@ -272,10 +284,18 @@ mod tests {
     async fn a_converged_memory_vhost_plans_no_further_action() {
         let desired = notes();
         let broker = MemoryBroker::new("memory://a").with_vhost(&desired.topology.vhost, 4);
-        let live = broker.snapshot(&desired.topology.vhost).await.expect("vhost");
-        let report = reconcile(&broker, &desired, &live).await.expect("converges");
+        let live = broker
+            .snapshot(&desired.topology.vhost)
+            .await
+            .expect("vhost");
+        let report = reconcile(&broker, &desired, &live)
+            .await
+            .expect("converges");
         assert!(report.wrote());
-        let after = broker.snapshot(&desired.topology.vhost).await.expect("vhost");
+        let after = broker
+            .snapshot(&desired.topology.vhost)
+            .await
+            .expect("vhost");
         assert_eq!(diff::converge(&desired, &after).actions, vec![]);
         assert_eq!(after.queues.len(), desired.topology.queues.len());
     }
@@ -286,12 +306,19 @@ mod tests {
         let vhost = desired.topology.vhost.clone();
         let broker = MemoryBroker::new("memory://a").with_vhost(&vhost, 4);
         let live = broker.snapshot(&vhost).await.expect("vhost");
-        reconcile(&broker, &desired, &live).await.expect("converges");
+        reconcile(&broker, &desired, &live)
+            .await
+            .expect("converges");
         assert!(broker.set_messages(&vhost, &desired.names.dead_letter_queue, 1));
         let live = broker.snapshot(&vhost).await.expect("vhost");
         let report = teardown(&broker, &desired, &live).await.expect("teardown");
         assert!(report.changes.iter().any(|c| c.verb == "kept"));
-        let left: Vec<String> = broker.vhost(&vhost).expect("vhost").queues.into_keys().collect();
+        let left: Vec<String> = broker
+            .vhost(&vhost)
+            .expect("vhost")
+            .queues
+            .into_keys()
+            .collect();
         assert_eq!(left, [desired.names.dead_letter_queue.clone()]);
     }
 
@@ -300,6 +327,9 @@ mod tests {
         let broker = MemoryBroker::new("memory://a").with_vhost("/", 4);
         broker.set_unreachable(Some("connection refused"));
         let error = broker.snapshot("/").await.expect_err("unreachable");
-        assert_eq!(error.condition_reason(), crate::api::Reason::BrokerUnreachable);
+        assert_eq!(
+            error.condition_reason(),
+            crate::api::Reason::BrokerUnreachable
+        );
     }
 }

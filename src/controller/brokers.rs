@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use crate::broker::{BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, MemoryBroker, RabbitBroker};
+use crate::broker::{
+    BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, MemoryBroker, RabbitBroker,
+};
 
 /// How long a snapshot may be reused. The management API's own counts lag ~5 s, so a
 /// snapshot this young is as fresh as a new one.
@@ -29,7 +31,7 @@ const MAX_WAIT_QUIETS: u32 = 30;
 pub const DOWN_MEMORY: Duration = Duration::from_secs(15);
 /// How long a reconcile waits for another one's first call to a broker before it leaves
 /// (a broker that answers at all answers a snapshot well within this).
-pub const PROBE_PATIENCE: Duration = Duration::from_millis(500);
+pub const PROBE_PATIENCE: Duration = Duration::from_millis(300);
 const PROBE_POLL: Duration = Duration::from_millis(20);
 
 type Snapshot = Option<(Instant, Arc<LiveVhost>)>;
@@ -157,14 +159,20 @@ impl BrokerPool<RabbitBroker> {
         Self::with_connector(
             timeout,
             policy_quiet,
-            Box::new(|endpoint, timeout| RabbitBroker::new(endpoint.clone(), timeout).map(Arc::new)),
+            Box::new(|endpoint, timeout| {
+                RabbitBroker::new(endpoint.clone(), timeout).map(Arc::new)
+            }),
         )
     }
 }
 
 impl<B: PooledBroker> BrokerPool<B> {
     /// A pool whose clients `connect` makes.
-    pub fn with_connector(timeout: Duration, policy_quiet: Duration, connect: Connector<B>) -> Self {
+    pub fn with_connector(
+        timeout: Duration,
+        policy_quiet: Duration,
+        connect: Connector<B>,
+    ) -> Self {
         Self {
             timeout,
             policy_quiet,
@@ -385,7 +393,10 @@ mod tests {
     #[tokio::test]
     async fn one_reconcile_probes_a_new_broker_and_the_others_leave_once_it_is_overdue() {
         let pool = memory_pool();
-        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open), "the prober");
+        assert!(
+            matches!(pool.gate(&endpoint()).await, Gate::Open),
+            "the prober"
+        );
         let waited = Instant::now();
         assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
         let waited = waited.elapsed();
@@ -395,7 +406,10 @@ mod tests {
         );
         let at_once = Instant::now();
         assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
-        assert!(at_once.elapsed() < PROBE_PATIENCE / 2, "an overdue probe is not waited for");
+        assert!(
+            at_once.elapsed() < PROBE_PATIENCE / 2,
+            "an overdue probe is not waited for"
+        );
         pool.answered(&endpoint());
         assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
     }

@@ -22,8 +22,8 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::finalizer;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -193,7 +193,11 @@ impl<B: PooledBroker> Context<B> {
 
     /// Publishes a failure as a Warning (reason and message from [`describe`]); returns
     /// them, for the status.
-    pub async fn failure_event(&self, pipeline: &MessagePipeline, error: &Error) -> (Reason, String) {
+    pub async fn failure_event(
+        &self,
+        pipeline: &MessagePipeline,
+        error: &Error,
+    ) -> (Reason, String) {
         let (reason, message) = describe(error);
         self.event(pipeline, EventType::Warning, reason, &message)
             .await;
@@ -461,7 +465,10 @@ mod tests {
             message.starts_with("cannot delete PrometheusRule notes-app/notes-alerts: forbidden: "),
             "{message}"
         );
-        assert!(message.contains("cannot delete resource \"prometheusrules\""), "{message}");
+        assert!(
+            message.contains("cannot delete resource \"prometheusrules\""),
+            "{message}"
+        );
         assert!(message.contains("RBAC"), "{message}");
         for shown in [message.clone(), error.to_string()] {
             assert!(!shown.contains("Status {"), "{shown}");

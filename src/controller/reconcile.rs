@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
-use k8s_openapi::api::core::v1::ConfigMap;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::brokers::{Gate, PooledBroker};
@@ -38,7 +38,9 @@ pub async fn reconcile<B: PooledBroker>(
         pipeline.name_any()
     );
     let span = info_span!("reconcile", pipeline = %key);
-    reconcile_pipeline(pipeline, ctx, key).instrument(span).await
+    reconcile_pipeline(pipeline, ctx, key)
+        .instrument(span)
+        .await
 }
 
 async fn reconcile_pipeline<B: PooledBroker>(
@@ -285,8 +287,13 @@ async fn converge_broker<B: PooledBroker>(
         Ok(report) => {
             record_changes(pipeline, &report.changes, drift, ctx).await;
             for warning in &report.warnings {
-                ctx.event(pipeline, EventType::Warning, Reason::PolicyOverridden, warning)
-                    .await;
+                ctx.event(
+                    pipeline,
+                    EventType::Warning,
+                    Reason::PolicyOverridden,
+                    warning,
+                )
+                .await;
             }
             broker_verdict(pipeline, &report, ctx).await
         }
@@ -508,8 +515,13 @@ async fn cleanup<B: PooledBroker>(
                     ctx.config.cleanup_timeout.as_secs(),
                     planned_objects(pipeline, Some(&endpoint.uri_vhost()))
                 );
-                ctx.event(pipeline, EventType::Warning, Reason::CleanupAbandoned, &note)
-                    .await;
+                ctx.event(
+                    pipeline,
+                    EventType::Warning,
+                    Reason::CleanupAbandoned,
+                    &note,
+                )
+                .await;
                 return Ok(Action::await_change());
             }
             let error = Error::Broker(error);

@@ -131,7 +131,10 @@ impl FakeApi {
             && !path.contains("/events")
             && let Some(journal) = &state.journal
         {
-            journal.lock().expect("journal").push(format!("kube: {method} {path}"));
+            journal
+                .lock()
+                .expect("journal")
+                .push(format!("kube: {method} {path}"));
         }
         let (status, reply) = route(&mut state, &method, &path, body, &manager);
         drop(state);
@@ -170,8 +173,14 @@ fn forbidden(state: &State, method: &Method, path: &str) -> Option<Value> {
     let group = if parts[0] == "apis" { parts[1] } else { "" };
     let at = parts.iter().position(|p| *p == "namespaces");
     let namespace = at.map(|i| parts[i + 1]).unwrap_or_default();
-    let resource = at.and_then(|i| parts.get(i + 2)).copied().unwrap_or_default();
-    let name = at.and_then(|i| parts.get(i + 3)).copied().unwrap_or_default();
+    let resource = at
+        .and_then(|i| parts.get(i + 2))
+        .copied()
+        .unwrap_or_default();
+    let name = at
+        .and_then(|i| parts.get(i + 3))
+        .copied()
+        .unwrap_or_default();
     let verb = match *method {
         Method::GET => "get",
         Method::DELETE => "delete",

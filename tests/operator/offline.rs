@@ -43,7 +43,8 @@ impl Offline {
         );
         let journal = Arc::new(Mutex::new(Vec::new()));
         api.journal_to(journal.clone());
-        let broker = Arc::new(MemoryBroker::new("amqp://app@rabbit.invalid:5672").with_vhost(VHOST, 4));
+        let broker =
+            Arc::new(MemoryBroker::new("amqp://app@rabbit.invalid:5672").with_vhost(VHOST, 4));
         let to_journal = journal.clone();
         broker.on_write(move |_, action| {
             to_journal
@@ -177,7 +178,10 @@ async fn offline_first_reconcile_converges_and_announces_tiers_only_after_declar
     assert_eq!(announced.len(), 4, "{announced:?}");
     for queue in &announced {
         let declared = declared(&journal, queue);
-        assert!(declared < config_map, "{queue} announced before it existed: {journal:#?}");
+        assert!(
+            declared < config_map,
+            "{queue} announced before it existed: {journal:#?}"
+        );
     }
     // Converged: a second pass writes nothing anywhere.
     let (result, _) = h.reconcile().await;
@@ -226,7 +230,10 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
     let (result, _) = h.reconcile().await;
     assert!(result.is_ok(), "{result:?}");
     let journal = h.take_journal();
-    assert_eq!(h.announced(), ["notes_queue.retry.1", "notes_queue.retry.2"]);
+    assert_eq!(
+        h.announced(),
+        ["notes_queue.retry.1", "notes_queue.retry.2"]
+    );
     let config_map = position(&journal, &format!("kube: PATCH {CONFIG_MAP}"));
     let first_retirement = journal
         .iter()
@@ -239,7 +246,11 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
     assert!(journal.contains(&"broker: delete queue notes_queue.retry.3 if empty".to_string()));
     assert_eq!(
         h.retry_queues_on_broker(),
-        ["notes_queue.retry.1", "notes_queue.retry.2", "notes_queue.retry.4"],
+        [
+            "notes_queue.retry.1",
+            "notes_queue.retry.2",
+            "notes_queue.retry.4"
+        ],
         "the tier holding a message stays until it is empty"
     );
 
@@ -264,7 +275,11 @@ async fn new_tiers_are_not_announced_while_the_broker_is_unreachable() {
     let (result, calls) = h.reconcile().await;
     let error = result.expect_err("an unreachable broker is retried");
     assert!(error.contains("connection refused"), "{error}");
-    assert_eq!(h.announced().len(), 2, "clients still see only the tiers that exist");
+    assert_eq!(
+        h.announced().len(),
+        2,
+        "clients still see only the tiers that exist"
+    );
     assert!(
         !calls
             .iter()
@@ -272,7 +287,10 @@ async fn new_tiers_are_not_announced_while_the_broker_is_unreachable() {
         "{calls:?}"
     );
     let (status, reason, message) = h.condition("BrokerReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "BrokerUnreachable"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "BrokerUnreachable")
+    );
     assert!(message.contains("connection refused"), "{message}");
     assert!(!message.contains("Sup3r-Secret-Pw"));
 }
@@ -300,10 +318,15 @@ async fn a_forbidden_rule_delete_reads_plainly_in_conditions_and_events() {
     let (result, calls) = h.reconcile().await;
     assert!(result.is_ok(), "alerts do not block the broker: {result:?}");
     let (status, reason, message) = h.condition("AlertsReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "AlertsApplyFailed"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "AlertsApplyFailed")
+    );
     assert!(
         message.starts_with("cannot delete PrometheusRule notes-app/notes-alerts: forbidden: ")
-            && message.contains("cannot delete resource \"prometheusrules\" in API group \"monitoring.coreos.com\"")
+            && message.contains(
+                "cannot delete resource \"prometheusrules\" in API group \"monitoring.coreos.com\""
+            )
             && message.contains("RBAC"),
         "{message}"
     );
@@ -327,7 +350,10 @@ async fn a_forbidden_config_map_write_fails_the_reconcile_in_plain_words() {
         error.starts_with("cannot apply ConfigMap notes-app/notes-client: forbidden: "),
         "{error}"
     );
-    assert!(!error.contains("Status {") && !error.contains("failed to apply object"), "{error}");
+    assert!(
+        !error.contains("Status {") && !error.contains("failed to apply object"),
+        "{error}"
+    );
     for text in readable_texts(&h, &calls) {
         assert!(!text.contains("Status {") && text.len() <= 1024, "{text}");
     }
@@ -342,8 +368,16 @@ async fn a_broker_message_longer_than_a_kibibyte_is_cut_on_a_char_boundary() {
     assert!(result.is_err());
     let (_, reason, message) = h.condition("BrokerReady");
     assert_eq!(reason, "BrokerUnreachable");
-    assert!(message.len() <= 1024 && message.ends_with('…'), "{} bytes", message.len());
+    assert!(
+        message.len() <= 1024 && message.ends_with('…'),
+        "{} bytes",
+        message.len()
+    );
     for text in readable_texts(&h, &calls) {
-        assert!(text.len() <= 1024 && !text.contains('\n'), "{} bytes", text.len());
+        assert!(
+            text.len() <= 1024 && !text.contains('\n'),
+            "{} bytes",
+            text.len()
+        );
     }
 }
