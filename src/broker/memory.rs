@@ -319,7 +319,7 @@ mod tests {
             .queues
             .into_keys()
             .collect();
-        assert_eq!(left, [desired.names.dead_letter_queue.clone()]);
+        assert_eq!(left, std::slice::from_ref(&desired.names.dead_letter_queue));
     }
 
     #[tokio::test]
