@@ -110,6 +110,14 @@ async fn converge<B: PooledBroker>(
     .await;
     let uri_vhost = endpoint.as_ref().ok().map(|e| e.uri_vhost());
     let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
+    let config_map = k8s::read_client_config(&ctx.client, &desired).await?;
+    let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
+    if !new_tiers {
+        write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
+    }
+    let alerts = converge_alerts(pipeline, &desired, ctx).await;
+    // Right before the broker pass, so a reconcile that is let through as the probe always
+    // reports what the broker did.
     let gate = match &endpoint {
         Ok(endpoint) => ctx.brokers.gate(endpoint).await,
         Err(_) => Gate::Open,
@@ -118,13 +126,6 @@ async fn converge<B: PooledBroker>(
         debug!("another reconcile is probing this broker; looking again shortly");
         return Ok(Action::requeue(BUSY_RETRY));
     }
-
-    let config_map = k8s::read_client_config(&ctx.client, &desired).await?;
-    let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
-    if !new_tiers {
-        write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
-    }
-    let alerts = converge_alerts(pipeline, &desired, ctx).await;
     let outcome = match (endpoint, gate) {
         (Ok(_), Gate::Down(error)) => broker_failed(pipeline, Error::Broker(error), ctx).await,
         (Ok(endpoint), _) => converge_broker(pipeline, &desired, &endpoint, ctx).await,

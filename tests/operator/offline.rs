@@ -381,3 +381,100 @@ async fn a_broker_message_longer_than_a_kibibyte_is_cut_on_a_char_boundary() {
         );
     }
 }
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_log_line_of_a_reconcile_names_the_pipeline() {
+    let buffer = LogBuffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = Offline::new();
+    assert!(h.first_sync().await.0.is_ok());
+    // A failing pass logs too (the error, without kube's wrapper).
+    h.api.forbid(Method::PATCH, &format!("{PIPELINE}/status"));
+    h.broker.set_unreachable(Some("connection refused"));
+    let (result, _) = h.reconcile().await;
+    assert!(result.is_err());
+    let text = String::from_utf8(buffer.0.lock().expect("log buffer").clone()).expect("utf-8");
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains(" msgpipe::")).collect();
+    assert!(
+        ours.iter().any(|l| l.contains("broker changed")),
+        "broker changes are logged: {text}"
+    );
+    assert!(
+        ours.iter().any(|l| l.contains("reconcile failed")),
+        "{text}"
+    );
+    for line in &ours {
+        assert!(line.contains("pipeline=notes-app/notes"), "{line}");
+        assert!(
+            !line.contains("Status {") && !line.contains("failed to apply object"),
+            "{line}"
+        );
+        assert!(!line.contains("Sup3r-Secret-Pw"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn deleting_on_an_unreachable_broker_retries_then_releases_after_the_cleanup_timeout() {
+    let h = Offline::new();
+    h.change_spec(|spec| spec["deletionPolicy"] = json!("Delete"));
+    assert!(h.first_sync().await.0.is_ok());
+    h.broker.set_unreachable(Some("connection refused"));
+    let mark_deleted = |at: &str| {
+        let mut object = h.api.get(PIPELINE).expect("pipeline");
+        object["metadata"]["deletionTimestamp"] = json!(at);
+        h.api.put(PIPELINE, object);
+    };
+    mark_deleted(&k8s_openapi::jiff::Timestamp::now().to_string());
+    let (result, calls) = h.reconcile().await;
+    let error = result.expect_err("retried while the broker may come back");
+    assert!(error.contains("connection refused"), "{error}");
+    assert!(
+        events(&calls)
+            .iter()
+            .any(|(r, n)| r == "BrokerUnreachable" && n.contains("connection refused")),
+        "{:?}",
+        events(&calls)
+    );
+    assert_eq!(
+        h.api.get(PIPELINE).expect("pipeline")["metadata"]["finalizers"],
+        json!(["msgpipe.io/cleanup"]),
+        "still held"
+    );
+    // Deleted longer ago than the cleanup timeout: released, saying what was left.
+    mark_deleted("2026-01-01T00:00:00Z");
+    let (result, calls) = h.reconcile().await;
+    assert_eq!(result, Ok(Action::await_change()));
+    assert!(
+        events(&calls)
+            .iter()
+            .any(|(r, n)| r == "CleanupAbandoned" && n.contains("notes_queue_dlq")),
+        "{:?}",
+        events(&calls)
+    );
+    assert_eq!(
+        h.api.get(PIPELINE).expect("pipeline")["metadata"]["finalizers"],
+        json!([])
+    );
+    assert_eq!(h.retry_queues_on_broker().len(), 4, "nothing deleted");
+}
