@@ -155,30 +155,45 @@ async fn live_converged_after(vhosts: &[TestVhost], dead: usize, dead_port: u16)
         .expect("live pipelines")
 }
 
+/// Rounds of (alone, beside the dead ones), interleaved; the best of each is compared, so a
+/// burst of load on a shared machine does not decide the result.
+const ROUNDS: usize = 2;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_pipelines_converge_as_fast_beside_twenty_on_a_dead_broker() {
     let (dead_port, _blackhole) = blackhole().await;
-    let alone_vhosts: Vec<TestVhost> = (0..LIVE_PIPELINES)
-        .map(|n| TestVhost::new(&format!("dead-alone-{n}")))
-        .collect();
-    let mixed_vhosts: Vec<TestVhost> = (0..LIVE_PIPELINES)
-        .map(|n| TestVhost::new(&format!("dead-mixed-{n}")))
-        .collect();
-    let alone = live_converged_after(&alone_vhosts, 0, dead_port).await;
-    let mixed = live_converged_after(&mixed_vhosts, DEAD_PIPELINES, dead_port).await;
-    let ratio = mixed.as_secs_f64() / alone.as_secs_f64();
+    let mut alone = Vec::new();
+    let mut mixed = Vec::new();
+    for round in 0..ROUNDS {
+        let vhosts = |kind: &str| -> Vec<TestVhost> {
+            (0..LIVE_PIPELINES)
+                .map(|n| TestVhost::new(&format!("dead-{kind}{round}-{n}")))
+                .collect()
+        };
+        let (alone_vhosts, mixed_vhosts) = (vhosts("alone"), vhosts("mixed"));
+        alone.push(live_converged_after(&alone_vhosts, 0, dead_port).await);
+        mixed.push(live_converged_after(&mixed_vhosts, DEAD_PIPELINES, dead_port).await);
+    }
+    let ms = |runs: &[Duration]| {
+        runs.iter()
+            .map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let best_alone = alone.iter().min().copied().expect("rounds");
+    let best_mixed = mixed.iter().min().copied().expect("rounds");
+    let ratio = best_mixed.as_secs_f64() / best_alone.as_secs_f64();
     println!(
-        "{LIVE_PIPELINES} live pipelines Ready after {:.0} ms alone, {:.0} ms beside {DEAD_PIPELINES} on a dead broker \
-         (broker timeout {}s, {WORKERS} workers): ratio {ratio:.2}",
-        alone.as_secs_f64() * 1000.0,
-        mixed.as_secs_f64() * 1000.0,
+        "{LIVE_PIPELINES} live pipelines Ready after [{}] ms alone, [{}] ms beside {DEAD_PIPELINES} on a dead broker \
+         (broker timeout {}s, {WORKERS} workers): best-of-{ROUNDS} ratio {ratio:.2}",
+        ms(&alone),
+        ms(&mixed),
         BROKER_TIMEOUT.as_secs()
     );
     // Without the broker gate the dead pipelines time out one after another behind the
-    // snapshot lock (20 x 3 s) before any live one gets a worker.
-    // Measured: without the gate 42.8 s beside the dead ones vs 0.73 s alone.
+    // snapshot lock before any live one gets a worker: measured 42.8 s vs 0.73 s alone.
     assert!(
-        mixed < alone * 2 + Duration::from_millis(500),
-        "live pipelines held up by the dead broker: {mixed:?} vs {alone:?} alone"
+        ratio < 1.6 || best_mixed < best_alone + Duration::from_millis(600),
+        "live pipelines held up by the dead broker: {best_mixed:?} vs {best_alone:?} alone"
     );
 }
