@@ -61,7 +61,7 @@ async fn reconcile_pipeline<B: PooledBroker>(
     .map_err(|e| Error::Finalizer(Box::new(e)));
     let label = match &result {
         Ok(_) => "success",
-        Err(error) if describe(error).0 == Reason::InvalidSpec => "invalid_spec",
+        Err(error) if matches!(error.inner(), Error::InvalidSpec(_)) => "invalid_spec",
         Err(_) => "error",
     };
     ctx.metrics.reconciled(label, started.elapsed());
