@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::brokers::{Gate, PooledBroker};
 use super::status::{Observation, Verdict, next_status};
 use super::{Context, Error, describe};
+use crate::api::validate::InvalidSpec;
 use crate::api::{DeletionPolicy, MessagePipeline, Reason};
 use crate::broker::{self, BrokerReport, Change, Failed};
 use crate::k8s::{self, AlertsOutcome};
@@ -91,15 +92,7 @@ async fn converge<B: PooledBroker>(
     let generation = pipeline.metadata.generation;
     // Validation first: an invalid spec never reaches the broker or the Secret.
     if let Err(invalid) = plan::plan(pipeline, None) {
-        let error = Error::InvalidSpec(invalid);
-        let (reason, message) = describe(&error);
-        let observation = Observation::invalid_spec(generation, &message);
-        if write_status(api, pipeline, &observation, None, ctx).await? {
-            ctx.event(pipeline, EventType::Warning, reason, &message)
-                .await;
-        }
-        ctx.metrics.set_ready(&key, Some(false));
-        return Err(error);
+        return report_invalid_spec(pipeline, api, invalid, ctx).await;
     }
     let secret = &pipeline.spec.broker.secret_ref.name;
     let endpoint = k8s::broker_endpoint(
@@ -156,6 +149,30 @@ async fn converge<B: PooledBroker>(
         ctx.config.resync
     };
     Ok(Action::requeue(next))
+}
+
+/// Not ready for every condition, one Warning when that is news; the error waits for a
+/// spec change.
+async fn report_invalid_spec<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    api: &Api<MessagePipeline>,
+    invalid: InvalidSpec,
+    ctx: &Context<B>,
+) -> Result<Action, Error> {
+    let error = Error::InvalidSpec(invalid);
+    let (reason, message) = describe(&error);
+    let observation = Observation::invalid_spec(pipeline.metadata.generation, &message);
+    if write_status(api, pipeline, &observation, None, ctx).await? {
+        ctx.event(pipeline, EventType::Warning, reason, &message)
+            .await;
+    }
+    let key = format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    ctx.metrics.set_ready(&key, Some(false));
+    Err(error)
 }
 
 /// Whether the planned `pipeline.json` names a retry queue the current one does not.
