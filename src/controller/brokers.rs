@@ -33,6 +33,10 @@ pub const DOWN_MEMORY: Duration = Duration::from_secs(15);
 /// (a broker that answers at all answers a snapshot well within this).
 pub const PROBE_PATIENCE: Duration = Duration::from_millis(300);
 const PROBE_POLL: Duration = Duration::from_millis(20);
+/// A broker known to answer, whose oldest outstanding read has gone unanswered this long,
+/// takes no more reconciles until it answers or fails: a broker that dies while in use holds
+/// the workers that reached it in this window, not every worker for a whole timeout.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(2);
 
 type Snapshot = Option<(Instant, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
@@ -123,8 +127,9 @@ struct Pooled<B> {
 /// What the pool knows about whether an endpoint answers.
 #[derive(Debug)]
 enum Health {
-    /// Its last call got an answer.
-    Answering,
+    /// Its last read got an answer; `unanswered` is when the oldest read begun since then
+    /// started, if one is still out.
+    Answering { unanswered: Option<Instant> },
     /// One reconcile is making the first call after a failure (or ever); since when.
     Probing(Instant),
     /// It did not answer at this time; pipelines are told so without a new connect.
@@ -218,7 +223,8 @@ impl<B: PooledBroker> BrokerPool<B> {
     /// [`DOWN_MEMORY`] is reported down at once; while one reconcile makes the first call
     /// after a failure (or ever), the others wait for its answer until that call is
     /// [`PROBE_PATIENCE`] old and are then told to come back, so a broker that times out
-    /// holds one worker for the timeout, not all of them.
+    /// holds one worker for the timeout, not all of them. A broker that answered before but
+    /// has left a read unanswered for [`SILENCE_LIMIT`] turns newcomers away the same way.
     pub async fn gate(&self, endpoint: &BrokerEndpoint) -> Gate {
         let key = endpoint.pool_key();
         loop {
@@ -234,7 +240,11 @@ impl<B: PooledBroker> BrokerPool<B> {
         let mut health = self.health_map();
         let now = Instant::now();
         match health.get(key) {
-            Some(Health::Answering) => Some(Gate::Open),
+            // A broker that went silent: nobody else joins the reads waiting for it.
+            Some(Health::Answering {
+                unanswered: Some(since),
+            }) if now.duration_since(*since) >= SILENCE_LIMIT => Some(Gate::Busy),
+            Some(Health::Answering { .. }) => Some(Gate::Open),
             Some(Health::Down(at, error)) if now.duration_since(*at) < DOWN_MEMORY => {
                 Some(Gate::Down(remembered(error)))
             }
@@ -257,7 +267,22 @@ impl<B: PooledBroker> BrokerPool<B> {
     /// `endpoint` answered a call.
     pub fn answered(&self, endpoint: &BrokerEndpoint) {
         self.health_map()
-            .insert(endpoint.pool_key(), Health::Answering);
+            .insert(endpoint.pool_key(), Health::Answering { unanswered: None });
+    }
+
+    /// A read of `key` begins: the first one since the last answer starts the silence clock.
+    fn read_started(&self, key: &str) {
+        if let Some(Health::Answering { unanswered }) = self.health_map().get_mut(key) {
+            unanswered.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A cached snapshot served a prober: the broker answered recently enough.
+    fn settle_probe(&self, key: &str) {
+        let mut health = self.health_map();
+        if let Some(state @ Health::Probing(_)) = health.get_mut(key) {
+            *state = Health::Answering { unanswered: None };
+        }
     }
 
     /// A call to `endpoint` failed with `error`; a failure to reach it is remembered for
@@ -267,7 +292,7 @@ impl<B: PooledBroker> BrokerPool<B> {
             BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => {
                 Health::Down(Instant::now(), remembered(error))
             }
-            _ => Health::Answering,
+            _ => Health::Answering { unanswered: None },
         };
         self.health_map().insert(endpoint.pool_key(), health);
     }
@@ -290,24 +315,36 @@ impl<B: PooledBroker> BrokerPool<B> {
         vhost: &str,
         not_before: Option<Instant>,
     ) -> Result<Arc<LiveVhost>, BrokerError> {
+        let key = endpoint.pool_key();
         let slot = self.slot(endpoint, vhost).await;
         let mut cached = slot.lock().await;
         if let Some((taken, live)) = cached.as_ref()
             && taken.elapsed() < SNAPSHOT_MAX_AGE
             && not_before.is_none_or(|t| *taken > t)
         {
+            self.settle_probe(&key);
             return Ok(live.clone());
         }
         // Another caller may have found the broker down while this one waited for the slot.
-        if let Some(Health::Down(at, error)) = self.health_map().get(&endpoint.pool_key())
+        if let Some(Health::Down(at, error)) = self.health_map().get(&key)
             && at.elapsed() < DOWN_MEMORY
         {
             return Err(remembered(error));
         }
+        self.read_started(&key);
         let taken = Instant::now();
-        let live = Arc::new(broker.snapshot(vhost).await?);
-        *cached = Some((taken, live.clone()));
-        Ok(live)
+        match broker.snapshot(vhost).await {
+            Ok(live) => {
+                self.answered(endpoint);
+                let live = Arc::new(live);
+                *cached = Some((taken, live.clone()));
+                Ok(live)
+            }
+            Err(error) => {
+                self.failed(endpoint, &error);
+                Err(error)
+            }
+        }
     }
 
     async fn slot(&self, endpoint: &BrokerEndpoint, vhost: &str) -> Arc<Mutex<Snapshot>> {
@@ -410,6 +447,28 @@ mod tests {
             at_once.elapsed() < PROBE_PATIENCE / 2,
             "an overdue probe is not waited for"
         );
+        pool.answered(&endpoint());
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_goes_silent_while_in_use_turns_newcomers_away_until_it_answers() {
+        let pool = memory_pool();
+        let key = endpoint().pool_key();
+        pool.answered(&endpoint());
+        pool.read_started(&key);
+        assert!(
+            matches!(pool.gate(&endpoint()).await, Gate::Open),
+            "a read in progress is normal"
+        );
+        // The read has been out for the silence limit without an answer.
+        pool.health_map().insert(
+            key.clone(),
+            Health::Answering {
+                unanswered: Instant::now().checked_sub(SILENCE_LIMIT),
+            },
+        );
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
         pool.answered(&endpoint());
         assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
     }

@@ -34,7 +34,7 @@ pub use brokers::{
     PooledBroker, SNAPSHOT_MAX_AGE,
 };
 pub use metrics::Metrics;
-pub use reconcile::{FINALIZER, reconcile};
+pub use reconcile::{BUSY_RETRY, FINALIZER, reconcile};
 
 use crate::api::reason::one_line;
 use crate::api::validate::InvalidSpec;

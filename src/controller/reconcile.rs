@@ -24,8 +24,9 @@ use crate::plan::{self, DesiredState};
 /// Finalizer that keeps a pipeline until its broker objects are dealt with.
 pub const FINALIZER: &str = "msgpipe.io/cleanup";
 
-/// A pipeline whose broker is being probed by another reconcile is looked at again after this.
-const BUSY_RETRY: Duration = Duration::from_secs(2);
+/// A pipeline whose broker is being probed by another reconcile (or has gone silent) is
+/// looked at again after this, with nothing written.
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
 
 /// Entry point of the controller for one object. Runs in a span carrying the pipeline's
 /// key, so every log line below (broker calls included) says which pipeline it is about.
@@ -322,8 +323,8 @@ async fn converge_broker<B: PooledBroker>(
     }
 }
 
-/// The pipeline's broker client and a snapshot of its vhost; tells the pool whether the
-/// broker answered.
+/// The pipeline's broker client and a snapshot of its vhost (the pool learns from it whether
+/// the broker answers).
 async fn open_vhost<B: PooledBroker>(
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
@@ -339,9 +340,9 @@ async fn open_vhost<B: PooledBroker>(
         Ok((broker, live))
     }
     .await;
-    match &opened {
-        Ok(_) => ctx.brokers.answered(endpoint),
-        Err(error) => ctx.brokers.failed(endpoint, error),
+    // The pool reports its own reads; a client that could not even be made is reported here.
+    if let Err(error) = &opened {
+        ctx.brokers.failed(endpoint, error);
     }
     opened.map_err(|error| Failed {
         error,
