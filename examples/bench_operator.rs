@@ -29,7 +29,7 @@ use kube::runtime::watcher;
 use msgpipe::api::MessagePipeline;
 use msgpipe::api::load::parse_pipelines;
 use msgpipe::broker::{BrokerApi, BrokerEndpoint, RabbitBroker};
-use msgpipe::controller::{Context, Metrics, OperatorConfig, reconcile};
+use msgpipe::controller::{BUSY_RETRY, Context, Metrics, OperatorConfig, reconcile};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -164,10 +164,14 @@ async fn main() -> anyhow::Result<()> {
                 .collect()
                 .await;
             let failed = results.iter().filter(|r| r.is_err()).count();
-            // Policies written, declares held back until the burst is over.
+            // Policies written, declares held back until the burst is over; or nothing done
+            // while another reconcile probed the broker.
             let waiting = results
                 .iter()
-                .filter(|r| matches!(r, Ok(a) if *a == Action::requeue(ctx.config.policy_quiet)))
+                .filter(|r| {
+                    matches!(r, Ok(a) if *a == Action::requeue(ctx.config.policy_quiet)
+                        || *a == Action::requeue(BUSY_RETRY))
+                })
                 .count();
             (started.elapsed(), failed, waiting)
         }

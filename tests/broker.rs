@@ -669,7 +669,7 @@ async fn a_user_without_the_policymaker_tag_is_refused_naming_the_tag() {
             matches!(&error, BrokerError::MissingUserTag { tag, .. } if *tag == missing),
             "{tags:?}: {error:?}"
         );
-        assert_eq!(error.condition_reason(), "BrokerAccessRefused");
+        assert_eq!(error.condition_reason().as_str(), "BrokerAccessRefused");
         assert!(error.to_string().contains(missing), "{error}");
         assert!(!error.to_string().contains("pw-for-tags"), "{error}");
         broker.close().await;

@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod load;
+pub mod reason;
 mod spec;
 mod status;
 pub mod validate;
@@ -10,8 +11,9 @@ pub mod validate;
 use kube::CustomResourceExt;
 
 pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
+pub use reason::Reason;
 pub use spec::*;
-pub use status::{MessagePipelineStatus, RetryQueueStatus, condition, reason};
+pub use status::{MessagePipelineStatus, RetryQueueStatus, condition};
 
 /// The CustomResourceDefinition as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {

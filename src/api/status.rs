@@ -14,20 +14,6 @@ pub mod condition {
     pub const ALERTS_READY: &str = "AlertsReady";
 }
 
-/// Condition reasons, stable for users who match on them.
-pub mod reason {
-    pub const CONVERGED: &str = "Converged";
-    /// Policies written; queues wait while other pipelines of the vhost write theirs.
-    pub const WAITING_FOR_POLICIES: &str = "WaitingForPolicies";
-    pub const INVALID_SPEC: &str = "InvalidSpec";
-    pub const IMMUTABLE_FIELD_CHANGED: &str = "ImmutableFieldChanged";
-    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
-    pub const BROKER_AUTH_FAILED: &str = "BrokerAuthenticationFailed";
-    pub const SECRET_MISSING: &str = "SecretMissing";
-    pub const PROMETHEUS_RULE_CRD_MISSING: &str = "PrometheusRuleCRDMissing";
-    pub const ALERTS_DISABLED: &str = "AlertsDisabled";
-}
-
 /// Observed state of a MessagePipeline.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

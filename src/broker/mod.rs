@@ -5,15 +5,19 @@
 pub mod diff;
 mod endpoint;
 pub mod live;
+mod memory;
 mod rabbit;
 mod reconcile;
 pub mod session;
 
 use std::future::Future;
 
+use crate::api::Reason;
+
 pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::{BINDING_MARKER, LiveVhost};
+pub use memory::MemoryBroker;
 pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
 pub use reconcile::{
     BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
@@ -74,17 +78,19 @@ pub enum BrokerError {
 
 impl BrokerError {
     /// The `BrokerReady=False` reason for this error.
-    pub fn condition_reason(&self) -> &'static str {
+    pub fn condition_reason(&self) -> Reason {
         match self {
-            BrokerError::InvalidUri { .. } => "InvalidBrokerSecret",
-            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => "BrokerUnreachable",
-            BrokerError::AuthenticationFailed { .. } => "BrokerAuthenticationFailed",
-            BrokerError::VhostNotFound { .. } => "VhostNotFound",
-            BrokerError::AccessRefused { .. } | BrokerError::MissingUserTag { .. } => {
-                "BrokerAccessRefused"
+            BrokerError::InvalidUri { .. } => Reason::InvalidBrokerSecret,
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => {
+                Reason::BrokerUnreachable
             }
-            BrokerError::ManagementUnavailable { .. } => "ManagementAPIUnavailable",
-            BrokerError::Rejected { .. } => "BrokerRejected",
+            BrokerError::AuthenticationFailed { .. } => Reason::BrokerAuthenticationFailed,
+            BrokerError::VhostNotFound { .. } => Reason::VhostNotFound,
+            BrokerError::AccessRefused { .. } | BrokerError::MissingUserTag { .. } => {
+                Reason::BrokerAccessRefused
+            }
+            BrokerError::ManagementUnavailable { .. } => Reason::ManagementAPIUnavailable,
+            BrokerError::Rejected { .. } => Reason::BrokerRejected,
         }
     }
 }

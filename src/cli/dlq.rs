@@ -767,7 +767,9 @@ async fn with_timeout<T>(
             "cannot {operation}: no answer from the Kubernetes API within {}s",
             timeout.as_secs()
         ),
-        Ok(result) => result.map_err(|e| anyhow::anyhow!("cannot {operation}: {e}")),
+        Ok(result) => {
+            result.map_err(|e| anyhow::anyhow!("cannot {operation}: {}", crate::k8s::plain(&e)))
+        }
     }
 }
 

@@ -5,12 +5,15 @@
 //! pipelines policies-first.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
-use crate::broker::{BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, RabbitBroker};
+use crate::broker::{
+    BrokerApi, BrokerEndpoint, BrokerError, LiveVhost, MemoryBroker, RabbitBroker,
+};
 
 /// How long a snapshot may be reused. The management API's own counts lag ~5 s, so a
 /// snapshot this young is as fresh as a new one.
@@ -24,6 +27,16 @@ pub const POLICY_QUIET: Duration = Duration::from_secs(2);
 /// A pipeline holds its declares back for at most this many quiet periods, however long
 /// the burst lasts (60 s by default).
 const MAX_WAIT_QUIETS: u32 = 30;
+/// A broker that could not be reached is reported down, without a new connect, for this long.
+pub const DOWN_MEMORY: Duration = Duration::from_secs(15);
+/// How long a reconcile waits for another one's first call to a broker before it leaves
+/// (a broker that answers at all answers a snapshot well within this).
+pub const PROBE_PATIENCE: Duration = Duration::from_millis(300);
+const PROBE_POLL: Duration = Duration::from_millis(20);
+/// A broker known to answer, whose oldest outstanding read has gone unanswered this long,
+/// takes no more reconciles until it answers or fails: a broker that dies while in use holds
+/// the workers that reached it in this window, not every worker for a whole timeout.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(2);
 
 type Snapshot = Option<(Instant, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
@@ -86,36 +99,98 @@ impl PolicyBurst {
     }
 }
 
-struct PooledBroker {
-    broker: Arc<RabbitBroker>,
+/// A broker client the pool can hold: RabbitMQ in the operator, [`MemoryBroker`] in tests.
+pub trait PooledBroker: BrokerApi + 'static {
+    /// Closes its connections (idle eviction, shutdown).
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+impl PooledBroker for RabbitBroker {
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        RabbitBroker::close(self)
+    }
+}
+
+impl PooledBroker for MemoryBroker {
+    async fn close(&self) {}
+}
+
+/// Makes the client of an endpoint (no IO: clients connect on first use).
+pub type Connector<B> =
+    Box<dyn Fn(&BrokerEndpoint, Duration) -> Result<Arc<B>, BrokerError> + Send + Sync>;
+
+struct Pooled<B> {
+    broker: Arc<B>,
     last_used: Instant,
 }
 
-/// The operator's brokers and their cached vhost snapshots.
-pub struct BrokerPool {
-    timeout: Duration,
-    policy_quiet: Duration,
-    brokers: Mutex<HashMap<String, PooledBroker>>,
-    snapshots: Mutex<SnapshotSlots>,
-    bursts: std::sync::Mutex<HashMap<(String, String), PolicyBurst>>,
+/// What the pool knows about whether an endpoint answers.
+#[derive(Debug)]
+enum Health {
+    /// Its last read got an answer; `unanswered` is when the oldest read begun since then
+    /// started, if one is still out.
+    Answering { unanswered: Option<Instant> },
+    /// One reconcile is making the first call after a failure (or ever); since when.
+    Probing(Instant),
+    /// It did not answer at this time; pipelines are told so without a new connect.
+    Down(Instant, BrokerError),
 }
 
-impl BrokerPool {
+/// Whether a reconcile may call a broker now.
+#[derive(Debug)]
+pub enum Gate {
+    /// Go on (and report the outcome with [`BrokerPool::answered`] / [`BrokerPool::failed`]).
+    Open,
+    /// The endpoint failed recently: this is its error, as reported then.
+    Down(BrokerError),
+    /// Another reconcile's first call to the endpoint has not come back yet: look again
+    /// later, without holding a worker while it times out.
+    Busy,
+}
+
+/// The operator's brokers, their cached vhost snapshots and what is known of their health.
+pub struct BrokerPool<B: PooledBroker = RabbitBroker> {
+    timeout: Duration,
+    policy_quiet: Duration,
+    connect: Connector<B>,
+    brokers: Mutex<HashMap<String, Pooled<B>>>,
+    snapshots: Mutex<SnapshotSlots>,
+    bursts: std::sync::Mutex<HashMap<(String, String), PolicyBurst>>,
+    health: std::sync::Mutex<HashMap<String, Health>>,
+}
+
+impl BrokerPool<RabbitBroker> {
     pub fn new(timeout: Duration, policy_quiet: Duration) -> Self {
+        Self::with_connector(
+            timeout,
+            policy_quiet,
+            Box::new(|endpoint, timeout| {
+                RabbitBroker::new(endpoint.clone(), timeout).map(Arc::new)
+            }),
+        )
+    }
+}
+
+impl<B: PooledBroker> BrokerPool<B> {
+    /// A pool whose clients `connect` makes.
+    pub fn with_connector(
+        timeout: Duration,
+        policy_quiet: Duration,
+        connect: Connector<B>,
+    ) -> Self {
         Self {
             timeout,
             policy_quiet,
+            connect,
             brokers: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             bursts: std::sync::Mutex::new(HashMap::new()),
+            health: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
     /// The client for `endpoint`, made on first use.
-    pub async fn broker(
-        &self,
-        endpoint: &BrokerEndpoint,
-    ) -> Result<Arc<RabbitBroker>, BrokerError> {
+    pub async fn broker(&self, endpoint: &BrokerEndpoint) -> Result<Arc<B>, BrokerError> {
         let key = endpoint.pool_key();
         let now = Instant::now();
         let mut brokers = self.brokers.lock().await;
@@ -133,15 +208,100 @@ impl BrokerPool {
             pooled.last_used = now;
             return Ok(pooled.broker.clone());
         }
-        let broker = Arc::new(RabbitBroker::new(endpoint.clone(), self.timeout)?);
+        let broker = (self.connect)(endpoint, self.timeout)?;
         brokers.insert(
             key,
-            PooledBroker {
+            Pooled {
                 broker: broker.clone(),
                 last_used: now,
             },
         );
         Ok(broker)
+    }
+
+    /// Whether a reconcile may call `endpoint` now. An endpoint that failed within
+    /// [`DOWN_MEMORY`] is reported down at once; while one reconcile makes the first call
+    /// after a failure (or ever), the others wait for its answer until that call is
+    /// [`PROBE_PATIENCE`] old and are then told to come back, so a broker that times out
+    /// holds one worker for the timeout, not all of them. A broker that answered before but
+    /// has left a read unanswered for [`SILENCE_LIMIT`] turns newcomers away the same way.
+    pub async fn gate(&self, endpoint: &BrokerEndpoint) -> Gate {
+        let key = endpoint.pool_key();
+        loop {
+            match self.look(&key) {
+                Some(gate) => return gate,
+                None => tokio::time::sleep(PROBE_POLL).await,
+            }
+        }
+    }
+
+    /// One look at `key`'s health: a verdict, or None to wait and look again.
+    fn look(&self, key: &str) -> Option<Gate> {
+        let mut health = self.health_map();
+        let now = Instant::now();
+        match health.get(key) {
+            // A broker that went silent: nobody else joins the reads waiting for it.
+            Some(Health::Answering {
+                unanswered: Some(since),
+            }) if now.duration_since(*since) >= SILENCE_LIMIT => Some(Gate::Busy),
+            Some(Health::Answering { .. }) => Some(Gate::Open),
+            Some(Health::Down(at, error)) if now.duration_since(*at) < DOWN_MEMORY => {
+                Some(Gate::Down(remembered(error)))
+            }
+            // A prober that never reported (cancelled) stops counting after a full call.
+            Some(Health::Probing(since)) if now.duration_since(*since) < 2 * self.timeout => {
+                // Patience counts from the probe's start: once it is overdue, nobody waits.
+                if now.duration_since(*since) < PROBE_PATIENCE {
+                    None
+                } else {
+                    Some(Gate::Busy)
+                }
+            }
+            _ => {
+                health.insert(key.to_string(), Health::Probing(now));
+                Some(Gate::Open)
+            }
+        }
+    }
+
+    /// `endpoint` answered a call.
+    pub fn answered(&self, endpoint: &BrokerEndpoint) {
+        self.health_map()
+            .insert(endpoint.pool_key(), Health::Answering { unanswered: None });
+    }
+
+    /// A read of `key` begins: the first one since the last answer starts the silence clock.
+    fn read_started(&self, key: &str) {
+        if let Some(Health::Answering { unanswered }) = self.health_map().get_mut(key) {
+            unanswered.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A cached snapshot served a prober: the broker answered recently enough.
+    fn settle_probe(&self, key: &str) {
+        let mut health = self.health_map();
+        if let Some(state @ Health::Probing(_)) = health.get_mut(key) {
+            *state = Health::Answering { unanswered: None };
+        }
+    }
+
+    /// A call to `endpoint` failed with `error`; a failure to reach it is remembered for
+    /// [`DOWN_MEMORY`], any other error means it answered.
+    pub fn failed(&self, endpoint: &BrokerEndpoint, error: &BrokerError) {
+        let health = match error {
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. } => {
+                Health::Down(Instant::now(), remembered(error))
+            }
+            _ => Health::Answering { unanswered: None },
+        };
+        self.health_map().insert(endpoint.pool_key(), health);
+    }
+
+    fn health_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Health>> {
+        // Never held across an await; a poisoned lock only means another reconcile panicked.
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old and taken after `not_before`
@@ -150,26 +310,45 @@ impl BrokerPool {
     /// caller's objects.
     pub async fn snapshot(
         &self,
-        broker: &RabbitBroker,
+        endpoint: &BrokerEndpoint,
+        broker: &B,
         vhost: &str,
         not_before: Option<Instant>,
     ) -> Result<Arc<LiveVhost>, BrokerError> {
-        let slot = self.slot(broker, vhost).await;
+        let key = endpoint.pool_key();
+        let slot = self.slot(endpoint, vhost).await;
         let mut cached = slot.lock().await;
         if let Some((taken, live)) = cached.as_ref()
             && taken.elapsed() < SNAPSHOT_MAX_AGE
             && not_before.is_none_or(|t| *taken > t)
         {
+            self.settle_probe(&key);
             return Ok(live.clone());
         }
+        // Another caller may have found the broker down while this one waited for the slot.
+        if let Some(Health::Down(at, error)) = self.health_map().get(&key)
+            && at.elapsed() < DOWN_MEMORY
+        {
+            return Err(remembered(error));
+        }
+        self.read_started(&key);
         let taken = Instant::now();
-        let live = Arc::new(broker.snapshot(vhost).await?);
-        *cached = Some((taken, live.clone()));
-        Ok(live)
+        match broker.snapshot(vhost).await {
+            Ok(live) => {
+                self.answered(endpoint);
+                let live = Arc::new(live);
+                *cached = Some((taken, live.clone()));
+                Ok(live)
+            }
+            Err(error) => {
+                self.failed(endpoint, &error);
+                Err(error)
+            }
+        }
     }
 
-    async fn slot(&self, broker: &RabbitBroker, vhost: &str) -> Arc<Mutex<Snapshot>> {
-        let key = (broker.endpoint().pool_key(), vhost.to_string());
+    async fn slot(&self, endpoint: &BrokerEndpoint, vhost: &str) -> Arc<Mutex<Snapshot>> {
+        let key = (endpoint.pool_key(), vhost.to_string());
         self.snapshots.lock().await.entry(key).or_default().clone()
     }
 
@@ -177,12 +356,12 @@ impl BrokerPool {
     /// may go on to declare its queues now (see [`PolicyBurst`]).
     pub fn may_declare(
         &self,
-        broker: &RabbitBroker,
+        endpoint: &BrokerEndpoint,
         vhost: &str,
         pipeline: &str,
         wrote: bool,
     ) -> bool {
-        let key = (broker.endpoint().pool_key(), vhost.to_string());
+        let key = (endpoint.pool_key(), vhost.to_string());
         let now = Instant::now();
         // Never held across an await; a poisoned lock only means another reconcile panicked.
         let mut bursts = self
@@ -200,17 +379,123 @@ impl BrokerPool {
 
     /// Closes every broker connection (shutdown).
     pub async fn close(&self) {
-        let brokers: Vec<PooledBroker> =
-            self.brokers.lock().await.drain().map(|(_, b)| b).collect();
+        let brokers: Vec<Pooled<B>> = self.brokers.lock().await.drain().map(|(_, b)| b).collect();
         for pooled in brokers {
             pooled.broker.close().await;
         }
     }
 }
 
+/// A copy of a failure to reach a broker, to tell the next pipelines (same words, so their
+/// status does not change with every retry).
+fn remembered(error: &BrokerError) -> BrokerError {
+    match error {
+        BrokerError::Timeout {
+            endpoint,
+            operation,
+            seconds,
+        } => BrokerError::Timeout {
+            endpoint: endpoint.clone(),
+            operation: operation.clone(),
+            seconds: *seconds,
+        },
+        BrokerError::Unreachable { endpoint, reason } => BrokerError::Unreachable {
+            endpoint: endpoint.clone(),
+            reason: reason.clone(),
+        },
+        other => BrokerError::Unreachable {
+            endpoint: String::new(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memory_pool() -> BrokerPool<MemoryBroker> {
+        let broker = Arc::new(MemoryBroker::new("memory://a"));
+        BrokerPool::with_connector(
+            Duration::from_secs(5),
+            POLICY_QUIET,
+            Box::new(move |_, _| Ok(broker.clone())),
+        )
+    }
+
+    fn endpoint() -> BrokerEndpoint {
+        BrokerEndpoint::new("amqp://app:pw@rabbit.invalid:5672/", None, None).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn one_reconcile_probes_a_new_broker_and_the_others_leave_once_it_is_overdue() {
+        let pool = memory_pool();
+        assert!(
+            matches!(pool.gate(&endpoint()).await, Gate::Open),
+            "the prober"
+        );
+        let waited = Instant::now();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
+        let waited = waited.elapsed();
+        assert!(
+            waited >= PROBE_PATIENCE - PROBE_POLL && waited < PROBE_PATIENCE * 3,
+            "waited {waited:?}"
+        );
+        let at_once = Instant::now();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
+        assert!(
+            at_once.elapsed() < PROBE_PATIENCE / 2,
+            "an overdue probe is not waited for"
+        );
+        pool.answered(&endpoint());
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_goes_silent_while_in_use_turns_newcomers_away_until_it_answers() {
+        let pool = memory_pool();
+        let key = endpoint().pool_key();
+        pool.answered(&endpoint());
+        pool.read_started(&key);
+        assert!(
+            matches!(pool.gate(&endpoint()).await, Gate::Open),
+            "a read in progress is normal"
+        );
+        // The read has been out for the silence limit without an answer.
+        pool.health_map().insert(
+            key.clone(),
+            Health::Answering {
+                unanswered: Instant::now().checked_sub(SILENCE_LIMIT),
+            },
+        );
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Busy));
+        pool.answered(&endpoint());
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_broker_is_reported_down_with_its_own_words_without_a_new_call() {
+        let pool = memory_pool();
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+        let error = BrokerError::Unreachable {
+            endpoint: endpoint().to_string(),
+            reason: "connection refused".into(),
+        };
+        pool.failed(&endpoint(), &error);
+        for _ in 0..3 {
+            match pool.gate(&endpoint()).await {
+                Gate::Down(remembered) => assert_eq!(remembered.to_string(), error.to_string()),
+                other => panic!("expected Down, got {other:?}"),
+            }
+        }
+        // A broker that answered, even with a refusal, is not down.
+        let refused = BrokerError::AuthenticationFailed {
+            endpoint: endpoint().to_string(),
+            user: "app".into(),
+        };
+        pool.failed(&endpoint(), &refused);
+        assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
+    }
 
     #[test]
     fn a_lone_pipeline_declares_at_once() {

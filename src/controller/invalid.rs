@@ -26,15 +26,14 @@ use super::Context;
 use super::reconcile::FINALIZER;
 use super::status::{Observation, next_status};
 use crate::api::load::{API_VERSION, KIND, decode_stored};
+use crate::api::reason::one_line;
 use crate::api::validate::FieldError;
 use crate::api::{
     AlertsSpec, BrokerSpec, ClientFlags, DeadLetterSpec, DeletionPolicy, MessagePipeline,
-    MessagePipelineSpec, MessagePipelineStatus, QueueSpec, RetrySpec, SecretRef, reason,
+    MessagePipelineSpec, MessagePipelineStatus, QueueSpec, Reason, RetrySpec, SecretRef,
 };
 use crate::k8s::{FIELD_MANAGER, KubeError};
 
-/// Longest status message or event note written for an undecodable object, in bytes.
-const MESSAGE_MAX_BYTES: usize = 1024;
 /// How long a failed report waits before it is tried again.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 
@@ -195,7 +194,7 @@ async fn report(ctx: &Context, resource: &ApiResource, key: &Key) -> Result<(), 
         "write the status of MessagePipeline {key}"
     )))?;
     ctx.metrics.kube_write("status", "applied");
-    publish(ctx, resource, &object, reason::INVALID_SPEC, &message).await;
+    publish(ctx, resource, &object, Reason::InvalidSpec, &message).await;
     Ok(())
 }
 
@@ -215,7 +214,7 @@ async fn release(
     let note = one_line(&format!(
         "the spec cannot be read ({message}), so msgpipe cannot tell which broker objects are its own; nothing deleted on the broker, finalizer released"
     ));
-    publish(ctx, resource, object, "CleanupSkipped", &note).await;
+    publish(ctx, resource, object, Reason::CleanupSkipped, &note).await;
     // The same guarded removal kube-runtime's finalizer helper sends.
     let path = format!("/metadata/finalizers/{index}");
     let operations = json!([
@@ -241,12 +240,12 @@ async fn publish(
     ctx: &Context,
     resource: &ApiResource,
     object: &DynamicObject,
-    reason: &str,
+    reason: Reason,
     note: &str,
 ) {
     let event = Event {
         type_: EventType::Warning,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         note: Some(note.to_string()),
         action: "Reconcile".into(),
         secondary: None,
@@ -260,23 +259,10 @@ async fn publish(
     }
 }
 
-/// `text` on one line, at most [`MESSAGE_MAX_BYTES`] bytes, cut at a character boundary.
-fn one_line(text: &str) -> String {
-    let mut line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if line.len() > MESSAGE_MAX_BYTES {
-        let mut end = MESSAGE_MAX_BYTES - '…'.len_utf8();
-        while !line.is_char_boundary(end) {
-            end -= 1;
-        }
-        line.truncate(end);
-        line.push('…');
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::reason::MAX_MESSAGE_BYTES;
 
     fn object(spec: serde_json::Value) -> DynamicObject {
         serde_json::from_value(json!({
@@ -320,7 +306,7 @@ mod tests {
     fn messages_are_one_line_and_at_most_a_kibibyte() {
         let long = format!("spec.x:\n{}", "é".repeat(2000));
         let line = one_line(&long);
-        assert!(line.len() <= MESSAGE_MAX_BYTES);
+        assert!(line.len() <= MAX_MESSAGE_BYTES);
         assert!(!line.contains('\n'));
         assert!(line.starts_with("spec.x: é"));
     }

@@ -29,29 +29,81 @@ use kube::api::{ApiResource, DynamicObject};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
-pub use brokers::{BrokerPool, POLICY_QUIET, PolicyBurst, SNAPSHOT_MAX_AGE};
+pub use brokers::{
+    BrokerPool, Connector, DOWN_MEMORY, Gate, POLICY_QUIET, PROBE_PATIENCE, PolicyBurst,
+    PooledBroker, SNAPSHOT_MAX_AGE,
+};
 pub use metrics::Metrics;
-pub use reconcile::{FINALIZER, reconcile};
+pub use reconcile::{BUSY_RETRY, FINALIZER, reconcile};
 
-use crate::api::MessagePipeline;
+use crate::api::reason::one_line;
+use crate::api::validate::InvalidSpec;
+use crate::api::{MessagePipeline, Reason};
+use crate::broker::{BrokerError, RabbitBroker};
 use crate::plan::MANAGED_BY_LABEL;
 
 /// Why a reconcile did not finish; the controller retries with capped backoff.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("invalid spec: {0}")]
-    InvalidSpec(String),
-    #[error("{0}")]
-    Broker(String),
+    InvalidSpec(#[source] InvalidSpec),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
     #[error(transparent)]
     Kube(#[from] crate::k8s::KubeError),
-    #[error("{0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// kube's finalizer helper; shown without its "failed to apply object:" wrapper.
+    #[error("{}", finalizer_message(.0))]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// The reconcile's own error, if the finalizer helper only wraps it.
+    fn inner(&self) -> &Error {
+        match self {
+            Error::Finalizer(e) => match e.as_ref() {
+                finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+                    inner.inner()
+                }
+                _ => self,
+            },
+            other => other,
+        }
+    }
+}
+
+fn finalizer_message(error: &finalizer::Error<Error>) -> String {
+    match error {
+        finalizer::Error::ApplyFailed(inner) | finalizer::Error::CleanupFailed(inner) => {
+            inner.to_string()
+        }
+        finalizer::Error::AddFinalizer(e) => {
+            format!("cannot add the finalizer: {}", crate::k8s::plain(e))
+        }
+        finalizer::Error::RemoveFinalizer(e) => {
+            format!("cannot remove the finalizer: {}", crate::k8s::plain(e))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// What a person reads about `error` on a condition or an event: its reason and one line
+/// of at most 1 KiB (see [`one_line`]), never a `Debug` dump or a credential.
+pub fn describe(error: &Error) -> (Reason, String) {
+    use crate::k8s::KubeError;
+    let reason = match error.inner() {
+        Error::InvalidSpec(_) => Reason::InvalidSpec,
+        Error::Broker(e) => e.condition_reason(),
+        Error::Kube(KubeError::SecretMissing { .. }) => Reason::SecretMissing,
+        Error::Kube(KubeError::SecretInvalid { .. }) => Reason::InvalidBrokerSecret,
+        Error::Kube(KubeError::Api { .. }) | Error::Finalizer(_) => Reason::KubernetesAPIFailed,
+    };
+    (reason, one_line(&error.to_string()))
 }
 
 /// Operator settings (flags and environment).
@@ -88,13 +140,13 @@ impl Default for OperatorConfig {
     }
 }
 
-/// What every reconcile shares.
-pub struct Context {
+/// What every reconcile shares; `B` is the broker client (RabbitMQ, or in-memory in tests).
+pub struct Context<B: PooledBroker = RabbitBroker> {
     pub client: Client,
     /// Shared recorder: repeats of one failure become one Event with a growing series count.
     pub recorder: Recorder,
     reporter: Reporter,
-    pub brokers: BrokerPool,
+    pub brokers: BrokerPool<B>,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
     failures: Mutex<HashMap<String, u32>>,
@@ -102,8 +154,21 @@ pub struct Context {
     last_writes: Mutex<HashMap<String, std::time::Instant>>,
 }
 
-impl Context {
+impl Context<RabbitBroker> {
     pub fn new(client: Client, metrics: Arc<Metrics>, config: OperatorConfig) -> Self {
+        let brokers = BrokerPool::new(config.broker_timeout, config.policy_quiet);
+        Context::with_brokers(client, metrics, config, brokers)
+    }
+}
+
+impl<B: PooledBroker> Context<B> {
+    /// A context over `brokers` (e.g. a pool of [`crate::broker::MemoryBroker`]s).
+    pub fn with_brokers(
+        client: Client,
+        metrics: Arc<Metrics>,
+        config: OperatorConfig,
+        brokers: BrokerPool<B>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "msgpipe".into(),
             instance: Some(config.identity.clone()),
@@ -111,7 +176,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
-            brokers: BrokerPool::new(config.broker_timeout, config.policy_quiet),
+            brokers,
             client,
             metrics,
             config,
@@ -126,28 +191,23 @@ impl Context {
         &self,
         pipeline: &MessagePipeline,
         kind: EventType,
-        reason: &str,
+        reason: Reason,
         note: &str,
     ) {
         publish(&self.recorder, pipeline, kind, reason, note).await;
     }
 
-    /// Publishes a broker failure as a Warning (reason: its condition reason); returns the
-    /// message, which never holds a credential.
+    /// Publishes a failure as a Warning (reason and message from [`describe`]); returns
+    /// them, for the status.
     pub async fn failure_event(
         &self,
         pipeline: &MessagePipeline,
-        error: &crate::broker::BrokerError,
-    ) -> String {
-        let message = error.to_string();
-        self.event(
-            pipeline,
-            EventType::Warning,
-            error.condition_reason(),
-            &message,
-        )
-        .await;
-        message
+        error: &Error,
+    ) -> (Reason, String) {
+        let (reason, message) = describe(error);
+        self.event(pipeline, EventType::Warning, reason, &message)
+            .await;
+        (reason, message)
     }
 
     /// Publishes one Event per broker change. A fresh recorder, because folding would keep
@@ -156,7 +216,7 @@ impl Context {
         &self,
         pipeline: &MessagePipeline,
         kind: EventType,
-        reason: &str,
+        reason: Reason,
         note: &str,
     ) {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
@@ -197,14 +257,14 @@ async fn publish(
     recorder: &Recorder,
     pipeline: &MessagePipeline,
     kind: EventType,
-    reason: &str,
+    reason: Reason,
     note: &str,
 ) {
     let event = Event {
         type_: kind,
         reason: reason.into(),
-        // The events API limits notes to 1 kB.
-        note: Some(note.chars().take(1000).collect()),
+        // The events API limits notes to 1 KiB.
+        note: Some(one_line(note)),
         action: "Reconcile".into(),
         secondary: None,
     };
@@ -220,16 +280,12 @@ pub fn backoff_delay(attempts: u32) -> Duration {
 }
 
 /// Retry policy: an invalid spec waits for a change; anything else backs off per object.
-pub fn error_policy(pipeline: Arc<MessagePipeline>, error: &Error, ctx: Arc<Context>) -> Action {
-    let invalid = match error {
-        Error::InvalidSpec(_) => true,
-        Error::Finalizer(e) => matches!(
-            **e,
-            kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_))
-        ),
-        _ => false,
-    };
-    if invalid {
+pub fn error_policy<B: PooledBroker>(
+    pipeline: Arc<MessagePipeline>,
+    error: &Error,
+    ctx: Arc<Context<B>>,
+) -> Action {
+    if matches!(error.inner(), Error::InvalidSpec(_)) {
         return Action::await_change();
     }
     let key = format!(
@@ -402,6 +458,57 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn forbidden() -> kube::Error {
+        let status: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden",
+            "message": "prometheusrules.monitoring.coreos.com \"notes-alerts\" is forbidden: User \"system:serviceaccount:msgpipe-system:msgpipe\" cannot delete resource \"prometheusrules\" in API group \"monitoring.coreos.com\" in the namespace \"notes-app\"",
+            "details": {"name": "notes-alerts", "group": "monitoring.coreos.com", "kind": "prometheusrules"}
+        }))
+        .expect("status");
+        kube::Error::Api(Box::new(status))
+    }
+
+    #[test]
+    fn a_forbidden_call_reads_as_the_servers_words_and_the_finalizer_wrapper_is_dropped() {
+        let kube_error = crate::k8s::KubeError::Api {
+            operation: "delete PrometheusRule notes-app/notes-alerts".into(),
+            source: forbidden(),
+        };
+        let error = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(Error::Kube(
+            kube_error,
+        ))));
+        let (reason, message) = describe(&error);
+        assert_eq!(reason, Reason::KubernetesAPIFailed);
+        assert!(
+            message.starts_with("cannot delete PrometheusRule notes-app/notes-alerts: forbidden: "),
+            "{message}"
+        );
+        assert!(
+            message.contains("cannot delete resource \"prometheusrules\""),
+            "{message}"
+        );
+        assert!(message.contains("RBAC"), "{message}");
+        for shown in [message.clone(), error.to_string()] {
+            assert!(!shown.contains("Status {"), "{shown}");
+            assert!(!shown.contains("failed to apply object"), "{shown}");
+            assert!(shown.len() <= 1024 && !shown.contains('\n'), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_broker_error_keeps_its_reason_through_the_finalizer() {
+        let error = Error::Finalizer(Box::new(finalizer::Error::ApplyFailed(Error::Broker(
+            BrokerError::AccessRefused {
+                endpoint: "amqp://app@h:5672".into(),
+                user: "app".into(),
+                operation: "write policy p".into(),
+            },
+        ))));
+        assert_eq!(describe(&error).0, Reason::BrokerAccessRefused);
+        assert!(matches!(error.inner(), Error::Broker(_)));
+    }
 
     #[test]
     fn backoff_doubles_from_five_seconds_and_caps_at_five_minutes() {

@@ -3,31 +3,56 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::brokers::{Gate, PooledBroker};
 use super::status::{Observation, Verdict, next_status};
-use super::{Context, Error};
-use crate::api::reason;
-use crate::api::{DeletionPolicy, MessagePipeline};
-use crate::broker::{self, BrokerReport, Change, Failed, RabbitBroker};
-use crate::k8s::{self, AlertsOutcome, KubeError};
+use super::{Context, Error, describe};
+use crate::api::validate::InvalidSpec;
+use crate::api::{DeletionPolicy, MessagePipeline, Reason};
+use crate::broker::{self, BrokerReport, Change, Failed};
+use crate::k8s::{self, AlertsOutcome};
 use crate::plan::{self, DesiredState};
 
 /// Finalizer that keeps a pipeline until its broker objects are dealt with.
 pub const FINALIZER: &str = "msgpipe.io/cleanup";
 
-/// Entry point of the controller for one object.
-pub async fn reconcile(pipeline: Arc<MessagePipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// A pipeline whose broker is being probed by another reconcile (or has gone silent) is
+/// looked at again after this, with nothing written.
+pub const BUSY_RETRY: Duration = Duration::from_secs(2);
+
+/// Entry point of the controller for one object. Runs in a span carrying the pipeline's
+/// key, so every log line below (broker calls included) says which pipeline it is about.
+pub async fn reconcile<B: PooledBroker>(
+    pipeline: Arc<MessagePipeline>,
+    ctx: Arc<Context<B>>,
+) -> Result<Action, Error> {
+    let key = format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    let span = info_span!("reconcile", pipeline = %key);
+    reconcile_pipeline(pipeline, ctx, key)
+        .instrument(span)
+        .await
+}
+
+async fn reconcile_pipeline<B: PooledBroker>(
+    pipeline: Arc<MessagePipeline>,
+    ctx: Arc<Context<B>>,
+    key: String,
+) -> Result<Action, Error> {
     let started = Instant::now();
     let namespace = pipeline.namespace().unwrap_or_default();
     let api: Api<MessagePipeline> = Api::namespaced(ctx.client.clone(), &namespace);
-    let key = format!("{namespace}/{}", pipeline.name_any());
     let result = finalizer(&api, FINALIZER, pipeline, |event| async {
         match event {
             Finalizer::Apply(p) => converge(&p, &api, &ctx).await,
@@ -38,29 +63,27 @@ pub async fn reconcile(pipeline: Arc<MessagePipeline>, ctx: Arc<Context>) -> Res
     .map_err(|e| Error::Finalizer(Box::new(e)));
     let label = match &result {
         Ok(_) => "success",
-        Err(Error::Finalizer(e))
-            if matches!(
-                **e,
-                kube::runtime::finalizer::Error::ApplyFailed(Error::InvalidSpec(_))
-            ) =>
-        {
-            "invalid_spec"
-        }
+        Err(error) if matches!(error.inner(), Error::InvalidSpec(_)) => "invalid_spec",
         Err(_) => "error",
     };
     ctx.metrics.reconciled(label, started.elapsed());
     match &result {
         Ok(_) => ctx.forget_failures(&key),
-        Err(error) => warn!(pipeline = %key, error = %error, "reconcile failed"),
+        Err(error) => warn!(error = %error, "reconcile failed"),
     }
     result
 }
 
 /// Makes the broker, the ConfigMap, the PrometheusRule and the status match the spec.
-async fn converge(
+///
+/// Order: clients never learn of a retry tier before it exists. A ConfigMap that announces
+/// new tiers is written after the broker pass declared them; one that announces no new tier
+/// (tiers removed, or other changes) is written first, and the broker retires removed tiers
+/// afterwards, each only once it is empty.
+async fn converge<B: PooledBroker>(
     pipeline: &MessagePipeline,
     api: &Api<MessagePipeline>,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) -> Result<Action, Error> {
     let key = format!(
         "{}/{}",
@@ -70,14 +93,7 @@ async fn converge(
     let generation = pipeline.metadata.generation;
     // Validation first: an invalid spec never reaches the broker or the Secret.
     if let Err(invalid) = plan::plan(pipeline, None) {
-        let message = invalid.to_string();
-        let observation = Observation::invalid_spec(generation, &message);
-        if write_status(api, pipeline, &observation, None, ctx).await? {
-            ctx.event(pipeline, EventType::Warning, reason::INVALID_SPEC, &message)
-                .await;
-        }
-        ctx.metrics.set_ready(&key, Some(false));
-        return Err(Error::InvalidSpec(message));
+        return report_invalid_spec(pipeline, api, invalid, ctx).await;
     }
     let secret = &pipeline.spec.broker.secret_ref.name;
     let endpoint = k8s::broker_endpoint(
@@ -87,27 +103,32 @@ async fn converge(
     )
     .await;
     let uri_vhost = endpoint.as_ref().ok().map(|e| e.uri_vhost());
-    let desired = plan::plan(pipeline, uri_vhost.as_deref())
-        .map_err(|e| Error::InvalidSpec(e.to_string()))?;
-
-    if k8s::apply_client_config(&ctx.client, pipeline, &desired).await? {
-        ctx.metrics.kube_write("configmap", "applied");
+    let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
+    let config_map = k8s::read_client_config(&ctx.client, &desired).await?;
+    let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
+    if !new_tiers {
+        write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
     }
     let alerts = converge_alerts(pipeline, &desired, ctx).await;
-    let outcome = match endpoint {
-        Ok(endpoint) => converge_broker(pipeline, &desired, &endpoint, ctx).await,
-        Err(error) => {
-            let reason = match &error {
-                KubeError::SecretMissing { .. } => reason::SECRET_MISSING,
-                _ => "InvalidBrokerSecret",
-            };
-            let message = error.to_string();
-            ctx.event(pipeline, EventType::Warning, reason, &message)
-                .await;
-            BrokerOutcome::failed(reason, message)
-        }
+    // Right before the broker pass, so a reconcile that is let through as the probe always
+    // reports what the broker did.
+    let gate = match &endpoint {
+        Ok(endpoint) => ctx.brokers.gate(endpoint).await,
+        Err(_) => Gate::Open,
     };
-    let crd_missing = alerts.reason == reason::PROMETHEUS_RULE_CRD_MISSING;
+    if matches!(gate, Gate::Busy) {
+        debug!("another reconcile is probing this broker; looking again shortly");
+        return Ok(Action::requeue(BUSY_RETRY));
+    }
+    let outcome = match (endpoint, gate) {
+        (Ok(_), Gate::Down(error)) => broker_failed(pipeline, Error::Broker(error), ctx).await,
+        (Ok(endpoint), _) => converge_broker(pipeline, &desired, &endpoint, ctx).await,
+        (Err(error), _) => broker_failed(pipeline, Error::Kube(error), ctx).await,
+    };
+    if new_tiers && outcome.tiers_in_place {
+        write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
+    }
+    let crd_missing = alerts.reason == Reason::PrometheusRuleCRDMissing;
     let observation = Observation {
         generation,
         broker: outcome.verdict,
@@ -117,8 +138,8 @@ async fn converge(
     let ready = observation.broker.ok && observation.alerts.ok;
     write_status(api, pipeline, &observation, Some(&desired), ctx).await?;
     ctx.metrics.set_ready(&key, Some(ready));
-    if let Some(message) = outcome.error {
-        return Err(Error::Broker(message));
+    if let Some(error) = outcome.error {
+        return Err(error);
     }
     let next = if outcome.waiting {
         ctx.config.policy_quiet
@@ -131,14 +152,61 @@ async fn converge(
     Ok(Action::requeue(next))
 }
 
-async fn converge_alerts(
+/// Not ready for every condition, one Warning when that is news; the error waits for a
+/// spec change.
+async fn report_invalid_spec<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    api: &Api<MessagePipeline>,
+    invalid: InvalidSpec,
+    ctx: &Context<B>,
+) -> Result<Action, Error> {
+    let error = Error::InvalidSpec(invalid);
+    let (reason, message) = describe(&error);
+    let observation = Observation::invalid_spec(pipeline.metadata.generation, &message);
+    if write_status(api, pipeline, &observation, None, ctx).await? {
+        ctx.event(pipeline, EventType::Warning, reason, &message)
+            .await;
+    }
+    let key = format!(
+        "{}/{}",
+        pipeline.namespace().unwrap_or_default(),
+        pipeline.name_any()
+    );
+    ctx.metrics.set_ready(&key, Some(false));
+    Err(error)
+}
+
+/// Whether the planned `pipeline.json` names a retry queue the current one does not.
+fn announces_new_tiers(desired: &DesiredState, current: Option<&ConfigMap>) -> bool {
+    let announced = k8s::announced_retry_queues(current);
+    desired
+        .client_config
+        .retry
+        .tiers
+        .iter()
+        .any(|tier| !announced.contains(&tier.queue))
+}
+
+async fn write_client_config<B: PooledBroker>(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
-    ctx: &Context,
+    current: Option<&ConfigMap>,
+    ctx: &Context<B>,
+) -> Result<(), Error> {
+    if k8s::apply_client_config(&ctx.client, pipeline, desired, current).await? {
+        ctx.metrics.kube_write("configmap", "applied");
+    }
+    Ok(())
+}
+
+async fn converge_alerts<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    ctx: &Context<B>,
 ) -> Verdict {
     let rule_api = match k8s::prometheus_rule_api(&ctx.client).await {
         Ok(api) => api,
-        Err(error) => return Verdict::failed("AlertsApplyFailed", error.to_string()),
+        Err(error) => return Verdict::failed(Reason::AlertsApplyFailed, error.to_string()),
     };
     match k8s::apply_prometheus_rule(&ctx.client, rule_api.as_ref(), pipeline, desired).await {
         Ok(AlertsOutcome::Applied { wrote }) => {
@@ -146,7 +214,7 @@ async fn converge_alerts(
                 ctx.metrics.kube_write("prometheusrule", "applied");
             }
             Verdict::ok(
-                reason::CONVERGED,
+                Reason::Converged,
                 format!(
                     "PrometheusRule {}-alerts is up to date",
                     desired.pipeline.name
@@ -158,15 +226,18 @@ async fn converge_alerts(
                 ctx.metrics.kube_write("prometheusrule", "deleted");
             }
             Verdict::ok(
-                reason::ALERTS_DISABLED,
+                Reason::AlertsDisabled,
                 "spec.alerts.enabled is false: no PrometheusRule",
             )
         }
         Ok(AlertsOutcome::CrdMissing) => Verdict::failed(
-            reason::PROMETHEUS_RULE_CRD_MISSING,
+            Reason::PrometheusRuleCRDMissing,
             "the PrometheusRule CRD (monitoring.coreos.com/v1) is not installed; install prometheus-operator or set spec.alerts.enabled: false",
         ),
-        Err(error) => Verdict::failed("AlertsApplyFailed", error.to_string()),
+        Err(error) => {
+            warn!(error = %error, "alerts not applied");
+            Verdict::failed(Reason::AlertsApplyFailed, error.to_string())
+        }
     }
 }
 
@@ -176,54 +247,53 @@ struct BrokerOutcome {
     verdict: Verdict,
     counts: Option<broker::LiveCounts>,
     /// The failure, for the error policy's backoff.
-    error: Option<String>,
+    error: Option<Error>,
     /// Policies written, declares held back (see [`crate::controller::PolicyBurst`]).
     waiting: bool,
+    /// Every planned retry queue exists: the ConfigMap may announce them.
+    tiers_in_place: bool,
 }
 
-impl BrokerOutcome {
-    fn failed(reason: &str, message: String) -> Self {
-        Self {
-            verdict: Verdict::failed(reason, message.clone()),
-            counts: None,
-            error: Some(message),
-            waiting: false,
-        }
+/// Reports a failure that kept the broker pass from running (or stopped it).
+async fn broker_failed<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    error: Error,
+    ctx: &Context<B>,
+) -> BrokerOutcome {
+    let (reason, message) = ctx.failure_event(pipeline, &error).await;
+    BrokerOutcome {
+        verdict: Verdict::failed(reason, message),
+        counts: None,
+        error: Some(error),
+        waiting: false,
+        tiers_in_place: false,
     }
 }
 
 /// Runs the broker reconciler, policies first: while other pipelines of the vhost are
 /// writing policies, this one's declares wait for a later pass.
-async fn converge_broker(
+async fn converge_broker<B: PooledBroker>(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) -> BrokerOutcome {
     let vhost = &desired.topology.vhost;
+    let key = desired.pipeline.to_string();
     let result = async {
-        let broker = ctx.brokers.broker(endpoint).await.map_err(|error| Failed {
-            error,
-            applied: vec![],
-        })?;
-        let key = desired.pipeline.to_string();
-        let live = ctx
-            .brokers
-            .snapshot(&broker, vhost, ctx.last_write(&key))
-            .await
-            .map_err(|error| Failed {
-                error,
-                applied: vec![],
-            })?;
+        let (broker, live) = open_vhost(desired, endpoint, ctx).await?;
         let broker = broker.as_ref();
         let result = broker::reconcile_policies_first(broker, desired, &live, |policies| {
             ctx.brokers
-                .may_declare(broker, vhost, &key, !policies.is_empty())
+                .may_declare(endpoint, vhost, &key, !policies.is_empty())
         })
         .await;
         let wrote = match &result {
             Ok(report) => report.wrote(),
-            Err(failed) => !failed.applied.is_empty(),
+            Err(failed) => {
+                ctx.brokers.failed(endpoint, &failed.error);
+                !failed.applied.is_empty()
+            }
         };
         if wrote {
             ctx.wrote_now(&key);
@@ -236,24 +306,56 @@ async fn converge_broker(
         Ok(report) => {
             record_changes(pipeline, &report.changes, drift, ctx).await;
             for warning in &report.warnings {
-                ctx.event(pipeline, EventType::Warning, "PolicyOverridden", warning)
-                    .await;
+                ctx.event(
+                    pipeline,
+                    EventType::Warning,
+                    Reason::PolicyOverridden,
+                    warning,
+                )
+                .await;
             }
             broker_verdict(pipeline, &report, ctx).await
         }
         Err(Failed { error, applied }) => {
             record_changes(pipeline, &applied, drift, ctx).await;
-            let message = ctx.failure_event(pipeline, &error).await;
-            BrokerOutcome::failed(error.condition_reason(), message)
+            broker_failed(pipeline, Error::Broker(error), ctx).await
         }
     }
 }
 
-async fn broker_verdict(
+/// The pipeline's broker client and a snapshot of its vhost (the pool learns from it whether
+/// the broker answers).
+async fn open_vhost<B: PooledBroker>(
+    desired: &DesiredState,
+    endpoint: &broker::BrokerEndpoint,
+    ctx: &Context<B>,
+) -> Result<(Arc<B>, Arc<broker::LiveVhost>), Failed> {
+    let opened = async {
+        let broker = ctx.brokers.broker(endpoint).await?;
+        let not_before = ctx.last_write(&desired.pipeline.to_string());
+        let live = ctx
+            .brokers
+            .snapshot(endpoint, &broker, &desired.topology.vhost, not_before)
+            .await?;
+        Ok((broker, live))
+    }
+    .await;
+    // The pool reports its own reads; a client that could not even be made is reported here.
+    if let Err(error) = &opened {
+        ctx.brokers.failed(endpoint, error);
+    }
+    opened.map_err(|error| Failed {
+        error,
+        applied: vec![],
+    })
+}
+
+async fn broker_verdict<B: PooledBroker>(
     pipeline: &MessagePipeline,
     report: &BrokerReport,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) -> BrokerOutcome {
+    let tiers_in_place = report.deferred == 0;
     if !report.conflicts.is_empty() {
         let message = report
             .conflicts
@@ -264,15 +366,16 @@ async fn broker_verdict(
         ctx.event(
             pipeline,
             EventType::Warning,
-            reason::IMMUTABLE_FIELD_CHANGED,
+            Reason::ImmutableFieldChanged,
             &message,
         )
         .await;
         return BrokerOutcome {
-            verdict: Verdict::failed(reason::IMMUTABLE_FIELD_CHANGED, message),
+            verdict: Verdict::failed(Reason::ImmutableFieldChanged, message),
             counts: Some(report.counts.clone()),
             error: None,
             waiting: report.deferred > 0,
+            tiers_in_place,
         };
     }
     if report.deferred > 0 {
@@ -281,10 +384,11 @@ async fn broker_verdict(
             report.deferred
         );
         return BrokerOutcome {
-            verdict: Verdict::failed(reason::WAITING_FOR_POLICIES, message),
+            verdict: Verdict::failed(Reason::WaitingForPolicies, message),
             counts: Some(report.counts.clone()),
             error: None,
             waiting: true,
+            tiers_in_place,
         };
     }
     // Counts come from the snapshot taken before this reconcile's writes: a queue it
@@ -295,12 +399,13 @@ async fn broker_verdict(
     counts.dead_letter_messages.get_or_insert(0);
     BrokerOutcome {
         verdict: Verdict::ok(
-            reason::CONVERGED,
+            Reason::Converged,
             "exchanges, queues, bindings and policies match the spec",
         ),
         counts: Some(counts),
         error: None,
         waiting: false,
+        tiers_in_place,
     }
 }
 
@@ -315,50 +420,44 @@ fn is_converged(pipeline: &MessagePipeline) -> bool {
     })
 }
 
-async fn record_changes(
+async fn record_changes<B: PooledBroker>(
     pipeline: &MessagePipeline,
     changes: &[Change],
     drift: bool,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) {
     let mut writes = 0;
     for change in changes {
-        let (kind, reason) = match change.verb {
-            "kept" => (EventType::Warning, "Kept".to_string()),
-            verb => {
-                writes += 1;
-                ctx.metrics.broker_write(change.kind, verb);
-                (EventType::Normal, capitalize(verb))
-            }
+        let kind = if change.verb == "kept" {
+            EventType::Warning
+        } else {
+            writes += 1;
+            ctx.metrics.broker_write(change.kind, change.verb);
+            EventType::Normal
+        };
+        let Some(reason) = Reason::of_change(change.verb) else {
+            continue;
         };
         let note = if drift && change.verb != "kept" {
             format!("{change} (drift repaired)")
         } else {
             change.to_string()
         };
-        info!(pipeline = %pipeline.name_any(), change = %note, "broker changed");
-        ctx.change_event(pipeline, kind, &reason, &note).await;
+        info!(change = %note, "broker changed");
+        ctx.change_event(pipeline, kind, reason, &note).await;
     }
     if drift && writes > 0 {
         ctx.metrics.drift_repaired(writes);
     }
 }
 
-fn capitalize(verb: &str) -> String {
-    let mut chars = verb.chars();
-    chars
-        .next()
-        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
-        .unwrap_or_default()
-}
-
 /// Writes the status if it changed; returns whether it wrote.
-async fn write_status(
+async fn write_status<B: PooledBroker>(
     api: &Api<MessagePipeline>,
     pipeline: &MessagePipeline,
     observation: &Observation,
     desired: Option<&DesiredState>,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) -> Result<bool, Error> {
     let now = Time(Timestamp::now());
     let Some(status) = next_status(pipeline.status.as_ref(), observation, desired, &now) else {
@@ -371,7 +470,10 @@ async fn write_status(
 
 /// Deletion: `Retain` leaves the broker alone; `Delete` removes what is empty. A pipeline
 /// whose Secret or broker is gone for good is released anyway, saying what was left.
-async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Error> {
+async fn cleanup<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    ctx: &Context<B>,
+) -> Result<Action, Error> {
     let key = format!(
         "{}/{}",
         pipeline.namespace().unwrap_or_default(),
@@ -382,7 +484,7 @@ async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Er
         ctx.event(
             pipeline,
             EventType::Normal,
-            "Retained",
+            Reason::Retained,
             "deletionPolicy is Retain: broker objects left in place",
         )
         .await;
@@ -395,7 +497,7 @@ async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Er
         Err(error) => {
             let left = planned_objects(pipeline, None);
             let note = format!("{error}; released without touching the broker; left on it: {left}");
-            ctx.event(pipeline, EventType::Warning, "CleanupSkipped", &note)
+            ctx.event(pipeline, EventType::Warning, Reason::CleanupSkipped, &note)
                 .await;
             return Ok(Action::await_change());
         }
@@ -406,12 +508,20 @@ async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Er
             let note = format!(
                 "the spec is invalid ({invalid}), so msgpipe cannot tell which broker objects are its own; nothing deleted"
             );
-            ctx.event(pipeline, EventType::Warning, "CleanupSkipped", &note)
+            ctx.event(pipeline, EventType::Warning, Reason::CleanupSkipped, &note)
                 .await;
             return Ok(Action::await_change());
         }
     };
-    match teardown(&desired, &endpoint, ctx).await {
+    let result = match ctx.brokers.gate(&endpoint).await {
+        Gate::Busy => return Ok(Action::requeue(BUSY_RETRY)),
+        Gate::Down(error) => Err(Failed {
+            error,
+            applied: vec![],
+        }),
+        Gate::Open => teardown(&desired, &endpoint, ctx).await,
+    };
+    match result {
         Ok(report) => {
             record_changes(pipeline, &report.changes, false, ctx).await;
             Ok(Action::await_change())
@@ -424,33 +534,32 @@ async fn cleanup(pipeline: &MessagePipeline, ctx: &Context) -> Result<Action, Er
                     ctx.config.cleanup_timeout.as_secs(),
                     planned_objects(pipeline, Some(&endpoint.uri_vhost()))
                 );
-                ctx.event(pipeline, EventType::Warning, "CleanupAbandoned", &note)
-                    .await;
+                ctx.event(
+                    pipeline,
+                    EventType::Warning,
+                    Reason::CleanupAbandoned,
+                    &note,
+                )
+                .await;
                 return Ok(Action::await_change());
             }
-            Err(Error::Broker(ctx.failure_event(pipeline, &error).await))
+            let error = Error::Broker(error);
+            ctx.failure_event(pipeline, &error).await;
+            Err(error)
         }
     }
 }
 
-async fn teardown(
+async fn teardown<B: PooledBroker>(
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
-    ctx: &Context,
+    ctx: &Context<B>,
 ) -> Result<BrokerReport, Failed> {
-    let fail = |error| Failed {
-        error,
-        applied: vec![],
-    };
-    let broker: Arc<RabbitBroker> = ctx.brokers.broker(endpoint).await.map_err(fail)?;
-    let vhost = &desired.topology.vhost;
-    let not_before = ctx.last_write(&desired.pipeline.to_string());
-    let live = ctx
-        .brokers
-        .snapshot(&broker, vhost, not_before)
-        .await
-        .map_err(fail)?;
+    let (broker, live) = open_vhost(desired, endpoint, ctx).await?;
     let result = broker::teardown(broker.as_ref(), desired, &live).await;
+    if let Err(failed) = &result {
+        ctx.brokers.failed(endpoint, &failed.error);
+    }
     ctx.wrote_now(&desired.pipeline.to_string());
     result
 }

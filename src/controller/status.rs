@@ -3,8 +3,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{MessagePipelineStatus, RetryQueueStatus};
-use crate::api::{condition, reason};
+use crate::api::reason::one_line;
+use crate::api::{MessagePipelineStatus, Reason, RetryQueueStatus, condition};
 use crate::broker::LiveCounts;
 use crate::plan::DesiredState;
 
@@ -12,24 +12,25 @@ use crate::plan::DesiredState;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
     pub ok: bool,
-    pub reason: String,
+    pub reason: Reason,
+    /// One line of at most 1 KiB.
     pub message: String,
 }
 
 impl Verdict {
-    pub fn ok(reason: &str, message: impl Into<String>) -> Self {
+    pub fn ok(reason: Reason, message: impl AsRef<str>) -> Self {
         Self {
             ok: true,
-            reason: reason.into(),
-            message: message.into(),
+            reason,
+            message: one_line(message.as_ref()),
         }
     }
 
-    pub fn failed(reason: &str, message: impl Into<String>) -> Self {
+    pub fn failed(reason: Reason, message: impl AsRef<str>) -> Self {
         Self {
             ok: false,
-            reason: reason.into(),
-            message: message.into(),
+            reason,
+            message: one_line(message.as_ref()),
         }
     }
 }
@@ -50,8 +51,8 @@ impl Observation {
         let not_touched = format!("not reconciled: {message}");
         Self {
             generation,
-            broker: Verdict::failed(reason::INVALID_SPEC, not_touched.clone()),
-            alerts: Verdict::failed(reason::INVALID_SPEC, not_touched),
+            broker: Verdict::failed(Reason::InvalidSpec, &not_touched),
+            alerts: Verdict::failed(Reason::InvalidSpec, not_touched),
             counts: None,
         }
     }
@@ -59,11 +60,11 @@ impl Observation {
     fn ready(&self) -> Verdict {
         match (self.broker.ok, self.alerts.ok) {
             (true, true) => Verdict::ok(
-                reason::CONVERGED,
+                Reason::Converged,
                 "broker objects, alerts and client config match the spec",
             ),
-            (false, _) => Verdict::failed(&self.broker.reason, self.broker.message.clone()),
-            (true, false) => Verdict::failed(&self.alerts.reason, self.alerts.message.clone()),
+            (false, _) => Verdict::failed(self.broker.reason, &self.broker.message),
+            (true, false) => Verdict::failed(self.alerts.reason, &self.alerts.message),
         }
     }
 }
@@ -153,7 +154,7 @@ fn build_condition(
     Condition {
         type_: kind.into(),
         status: status.into(),
-        reason: verdict.reason.clone(),
+        reason: verdict.reason.into(),
         message: verdict.message.clone(),
         observed_generation: generation,
         last_transition_time,
@@ -185,8 +186,8 @@ mod tests {
     fn converged(counts: LiveCounts) -> Observation {
         Observation {
             generation: Some(3),
-            broker: Verdict::ok(reason::CONVERGED, "ok"),
-            alerts: Verdict::ok(reason::CONVERGED, "ok"),
+            broker: Verdict::ok(Reason::Converged, "ok"),
+            alerts: Verdict::ok(Reason::Converged, "ok"),
             counts: Some(counts),
         }
     }
@@ -267,7 +268,7 @@ mod tests {
             next_status(None, &converged(counts(2)), Some(&desired), &at(0)).expect("first");
         let broken = Observation {
             broker: Verdict::failed(
-                reason::BROKER_UNREACHABLE,
+                Reason::BrokerUnreachable,
                 "broker amqp://u@h:5672 is unreachable",
             ),
             counts: None,
@@ -282,7 +283,7 @@ mod tests {
                 .clone()
         };
         assert_eq!(by_type("Ready").status, "False");
-        assert_eq!(by_type("Ready").reason, reason::BROKER_UNREACHABLE);
+        assert_eq!(by_type("Ready").reason, Reason::BrokerUnreachable);
         assert_eq!(by_type("Ready").last_transition_time, at(60));
         assert_eq!(by_type("BrokerReady").last_transition_time, at(60));
         assert_eq!(by_type("AlertsReady").last_transition_time, at(0));
@@ -306,7 +307,7 @@ mod tests {
             status
                 .conditions
                 .iter()
-                .all(|c| c.status == "False" && c.reason == reason::INVALID_SPEC)
+                .all(|c| c.status == "False" && c.reason == Reason::InvalidSpec)
         );
         assert!(
             status.conditions[0]

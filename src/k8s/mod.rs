@@ -8,7 +8,10 @@ mod owned;
 pub mod rbac;
 mod secret;
 
-pub use owned::{AlertsOutcome, apply_client_config, apply_prometheus_rule, prometheus_rule_api};
+pub use owned::{
+    AlertsOutcome, announced_retry_queues, apply_client_config, apply_prometheus_rule,
+    prometheus_rule_api, read_client_config,
+};
 pub use secret::{broker_endpoint, secret_text};
 
 use kube::api::{Patch, PatchParams};
@@ -31,7 +34,7 @@ pub enum KubeError {
         name: String,
         reason: String,
     },
-    #[error("cannot {operation}: {source}")]
+    #[error("cannot {operation}: {}", plain(source))]
     Api {
         operation: String,
         #[source]
@@ -43,6 +46,32 @@ impl KubeError {
     pub(crate) fn api(operation: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
         let operation = operation.into();
         move |source| KubeError::Api { operation, source }
+    }
+}
+
+/// A Kubernetes client error in words: the API server's own message, reason and code, never
+/// the `Debug` dump kube's `Display` of an API error includes.
+pub fn plain(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if status.code == 403 => format!(
+            "forbidden: {} (the operator's ServiceAccount lacks this permission; grant it in the chart's RBAC)",
+            or_reason(&status.message, "no message")
+        ),
+        kube::Error::Api(status) => format!(
+            "{} ({}, HTTP {})",
+            or_reason(&status.message, "no message"),
+            or_reason(&status.reason, "no reason"),
+            status.code
+        ),
+        other => other.to_string(),
+    }
+}
+
+fn or_reason<'a>(text: &'a str, fallback: &'a str) -> &'a str {
+    if text.trim().is_empty() {
+        fallback
+    } else {
+        text
     }
 }
 

@@ -2,12 +2,13 @@
 //! Each is read first and written (server-side apply, owner reference to the pipeline) only
 //! when it differs, so a converged pipeline costs reads and no writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
+use msgpipe_client::config::{CONFIG_FILE_NAME, PipelineConfig};
 use serde_json::Value;
 
 use super::{FIELD_MANAGER, KubeError};
@@ -62,22 +63,43 @@ fn is_current(
         && owner.is_none_or(|o| existing_owners.iter().any(|e| e.uid == o.uid))
 }
 
-/// Makes ConfigMap `<name>-client` hold the planned `pipeline.json`; returns whether it wrote.
+/// ConfigMap `<name>-client` as it is now, if it exists.
+pub async fn read_client_config(
+    client: &Client,
+    desired: &DesiredState,
+) -> Result<Option<ConfigMap>, KubeError> {
+    let namespace = &desired.pipeline.namespace;
+    let name = desired.config_map.name_any();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    api.get_opt(&name)
+        .await
+        .map_err(KubeError::api(format!("read ConfigMap {namespace}/{name}")))
+}
+
+/// The retry queues a client ConfigMap announces (none when it is absent or unreadable:
+/// clients of such a ConfigMap know of no tier).
+pub fn announced_retry_queues(config_map: Option<&ConfigMap>) -> BTreeSet<String> {
+    config_map
+        .and_then(|c| c.data.as_ref())
+        .and_then(|data| data.get(CONFIG_FILE_NAME))
+        .and_then(|json| serde_json::from_str::<PipelineConfig>(json).ok())
+        .map(|config| config.retry.tiers.into_iter().map(|t| t.queue).collect())
+        .unwrap_or_default()
+}
+
+/// Makes ConfigMap `<name>-client` (now `existing`, from [`read_client_config`]) hold the
+/// planned `pipeline.json`; returns whether it wrote.
 pub async fn apply_client_config(
     client: &Client,
     pipeline: &MessagePipeline,
     desired: &DesiredState,
+    existing: Option<&ConfigMap>,
 ) -> Result<bool, KubeError> {
     let mut config_map = desired.config_map.clone();
     let namespace = desired.pipeline.namespace.clone();
     let name = config_map.name_any();
     let owner = owner_reference(pipeline);
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let existing = api
-        .get_opt(&name)
-        .await
-        .map_err(KubeError::api(format!("read ConfigMap {namespace}/{name}")))?;
-    if let Some(existing) = &existing
+    if let Some(existing) = existing
         && existing.data == config_map.data
         && is_current(
             existing.labels(),
@@ -88,6 +110,7 @@ pub async fn apply_client_config(
     {
         return Ok(false);
     }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     config_map.metadata.owner_references = owner.map(|o| vec![o]);
     api.patch(
         &name,

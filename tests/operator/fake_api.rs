@@ -1,6 +1,12 @@
 //! The Kubernetes API as the operator's reconcile sees it, mocked the way kube-rs documents
 //! (`tower_test::mock`): every request is recorded and checked, and answered from a small
 //! in-memory object map. An unexpected request fails the test.
+//!
+//! It answers as a real API server does where the operator can tell: server-side apply
+//! merges the applied configuration into the stored object (fields of other managers stay,
+//! fields this manager stopped applying go) and answers with the stored object, never an
+//! echo of the request; the server sets uid, resourceVersion and creationTimestamp; a call
+//! the test forbids gets the 403 `Status` a real server sends for an RBAC denial.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +44,13 @@ pub struct State {
     pub calls: Vec<Call>,
     /// Whether monitoring.coreos.com/v1 is served (the PrometheusRule CRD is installed).
     pub prometheus_rule_crd: bool,
+    /// The last configuration each field manager applied, by (path, manager).
+    applied: BTreeMap<(String, String), Value>,
+    /// (method, path) pairs RBAC denies.
+    forbidden: Vec<(Method, String)>,
+    /// Shared with other fakes (a broker) to see the order of writes across systems.
+    journal: Option<Arc<Mutex<Vec<String>>>>,
+    resource_version: u64,
 }
 
 #[derive(Clone, Default)]
@@ -67,6 +80,16 @@ impl FakeApi {
 
     pub fn set_crd(&self, installed: bool) {
         self.lock().prometheus_rule_crd = installed;
+    }
+
+    /// From now on `method path` is denied as RBAC would deny it (403 Forbidden).
+    pub fn forbid(&self, method: Method, path: &str) {
+        self.lock().forbidden.push((method, path.to_string()));
+    }
+
+    /// Appends `METHOD path` of every write (not events) to `journal`.
+    pub fn journal_to(&self, journal: Arc<Mutex<Vec<String>>>) {
+        self.lock().journal = Some(journal);
     }
 
     /// Calls since the last `take_calls`.
@@ -99,13 +122,85 @@ impl FakeApi {
             body: body.clone(),
         };
         let mut state = self.lock();
+        let manager = field_manager(&call.query);
         state.calls.push(call);
-        let (status, reply) = route(&mut state, &method, &path, body);
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&reply).expect("reply")))
-            .expect("response")
+        if let Some(denied) = forbidden(&state, &method, &path) {
+            return respond(StatusCode::FORBIDDEN, &denied);
+        }
+        if method != Method::GET
+            && !path.contains("/events")
+            && let Some(journal) = &state.journal
+        {
+            journal
+                .lock()
+                .expect("journal")
+                .push(format!("kube: {method} {path}"));
+        }
+        let (status, reply) = route(&mut state, &method, &path, body, &manager);
+        drop(state);
+        respond(status, &reply)
     }
+}
+
+fn respond(status: StatusCode, reply: &Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .body(Body::from(serde_json::to_vec(reply).expect("reply")))
+        .expect("response")
+}
+
+fn field_manager(query: &str) -> String {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("fieldManager="))
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// The Status a real API server sends when RBAC denies a call, e.g.
+/// `prometheusrules.monitoring.coreos.com "notes-alerts" is forbidden: User ... cannot delete
+/// resource "prometheusrules" in API group "monitoring.coreos.com" in the namespace "x"`.
+fn forbidden(state: &State, method: &Method, path: &str) -> Option<Value> {
+    let denied = state
+        .forbidden
+        .iter()
+        .any(|(m, p)| m == method && p == path);
+    if !denied {
+        return None;
+    }
+    // /api/v1/namespaces/NS/RESOURCE/NAME or /apis/GROUP/VERSION/namespaces/NS/RESOURCE/NAME
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let group = if parts[0] == "apis" { parts[1] } else { "" };
+    let at = parts.iter().position(|p| *p == "namespaces");
+    let namespace = at.map(|i| parts[i + 1]).unwrap_or_default();
+    let resource = at
+        .and_then(|i| parts.get(i + 2))
+        .copied()
+        .unwrap_or_default();
+    let name = at
+        .and_then(|i| parts.get(i + 3))
+        .copied()
+        .unwrap_or_default();
+    let verb = match *method {
+        Method::GET => "get",
+        Method::DELETE => "delete",
+        Method::POST => "create",
+        _ => "patch",
+    };
+    let qualified = if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    };
+    Some(json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!(
+            "{qualified} \"{name}\" is forbidden: User \"system:serviceaccount:msgpipe-system:msgpipe\" cannot {verb} resource \"{resource}\" in API group \"{group}\" in the namespace \"{namespace}\""
+        ),
+        "reason": "Forbidden",
+        "details": {"name": name, "group": group, "kind": resource},
+        "code": 403
+    }))
 }
 
 fn not_found(path: &str) -> (StatusCode, Value) {
@@ -116,7 +211,13 @@ fn not_found(path: &str) -> (StatusCode, Value) {
     )
 }
 
-fn route(state: &mut State, method: &Method, path: &str, body: Value) -> (StatusCode, Value) {
+fn route(
+    state: &mut State,
+    method: &Method,
+    path: &str,
+    body: Value,
+    manager: &str,
+) -> (StatusCode, Value) {
     if path.ends_with("/events") && method == Method::POST {
         return (StatusCode::CREATED, body);
     }
@@ -141,10 +242,17 @@ fn route(state: &mut State, method: &Method, path: &str, body: Value) -> (Status
     }
     if let Some(object_path) = path.strip_suffix("/status") {
         assert_eq!(method, Method::PATCH, "status is only ever patched");
-        let Some(object) = state.objects.get_mut(object_path) else {
+        if !state.objects.contains_key(object_path) {
             return not_found(path);
-        };
-        object["status"] = body["status"].clone();
+        }
+        // The status subresource applies only .status.
+        let applied = json!({"status": body["status"].clone()});
+        let key = (path.to_string(), manager.to_string());
+        let previous = state.applied.insert(key, applied.clone());
+        let version = state.next_version();
+        let object = state.objects.get_mut(object_path).expect("checked above");
+        server_side_apply(object, &applied, previous.as_ref());
+        object["metadata"]["resourceVersion"] = json!(version);
         return (StatusCode::OK, object.clone());
     }
     match *method {
@@ -164,11 +272,74 @@ fn route(state: &mut State, method: &Method, path: &str, body: Value) -> (Status
             (StatusCode::OK, object.clone())
         }
         Method::PATCH => {
-            // Server-side apply: the fake stores what was applied.
-            state.objects.insert(path.to_string(), body.clone());
-            (StatusCode::OK, body)
+            let key = (path.to_string(), manager.to_string());
+            let previous = state.applied.insert(key, body.clone());
+            let version = state.next_version();
+            let object = state.objects.entry(path.to_string()).or_insert_with(|| {
+                json!({"metadata": {
+                    "uid": format!("00000000-0000-4000-8000-{version:012}"),
+                    "creationTimestamp": "2026-12-01T00:00:00Z",
+                }})
+            });
+            server_side_apply(object, &body, previous.as_ref());
+            object["metadata"]["resourceVersion"] = json!(version);
+            (StatusCode::OK, object.clone())
         }
         _ => panic!("unexpected request {method} {path}"),
+    }
+}
+
+impl State {
+    fn next_version(&mut self) -> String {
+        self.resource_version += 1;
+        self.resource_version.to_string()
+    }
+}
+
+/// Server-side apply of one manager's configuration: fields it applied before and no
+/// longer applies are removed, then the applied fields are merged in (maps field by field,
+/// lists and values replaced); fields nobody in this apply owns stay as they are.
+fn server_side_apply(object: &mut Value, applied: &Value, previous: Option<&Value>) {
+    if let Some(previous) = previous {
+        remove_dropped(object, previous, applied);
+    }
+    merge(object, applied);
+}
+
+fn remove_dropped(object: &mut Value, previous: &Value, applied: &Value) {
+    let (Some(object), Some(previous)) = (object.as_object_mut(), previous.as_object()) else {
+        return;
+    };
+    for (field, before) in previous {
+        match applied.get(field) {
+            None => {
+                object.remove(field);
+            }
+            Some(now) if before.is_object() && now.is_object() => {
+                if let Some(child) = object.get_mut(field) {
+                    remove_dropped(child, before, now);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+fn merge(object: &mut Value, applied: &Value) {
+    match (object.as_object_mut(), applied.as_object()) {
+        (Some(object), Some(applied)) => {
+            for (field, value) in applied {
+                match object.get_mut(field) {
+                    Some(existing) if existing.is_object() && value.is_object() => {
+                        merge(existing, value)
+                    }
+                    _ => {
+                        object.insert(field.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        _ => *object = applied.clone(),
     }
 }
 

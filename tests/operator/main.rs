@@ -2,8 +2,10 @@
 //! real RabbitMQ: first reconcile, quiet second reconcile, invalid spec, missing CRD,
 //! missing Secret, deletion with Retain and with Delete.
 
+mod dead_broker;
 mod fake_api;
 mod isolation;
+mod offline;
 #[path = "../support/mod.rs"]
 mod support;
 
@@ -187,10 +189,11 @@ async fn first_reconcile_writes_exactly_the_expected_objects_and_the_second_writ
         [
             format!("GET {SECRET}"),
             format!("GET {CONFIG_MAP}"),
-            format!("PATCH {CONFIG_MAP}"),
             format!("GET {DISCOVERY}"),
             format!("GET {RULE}"),
             format!("PATCH {RULE}"),
+            // After the broker pass: clients learn of the retry tiers once they exist.
+            format!("PATCH {CONFIG_MAP}"),
             format!("PATCH {PIPELINE}/status"),
         ]
     );
