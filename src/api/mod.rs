@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod load;
+pub mod notify;
 mod spec;
 mod status;
 pub mod validate;

@@ -7,7 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{OutputFormat, print_documents, read_pipelines};
-use crate::plan::{self, DesiredState, RetryTier, topology};
+use crate::plan::{self, DesiredState, RetryTier, notify, topology};
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
@@ -21,6 +21,15 @@ pub struct RenderArgs {
     /// broker Secret's uri).
     #[arg(long, default_value = plan::DEFAULT_VHOST)]
     pub vhost: String,
+    /// Print only the plain alertmanager.yml fragment of the pipelines' spec.alerts.notify
+    /// (for an Alertmanager without the prometheus-operator): append its `routes` to your
+    /// `route.routes` and its `receivers` to your `receivers`.
+    #[arg(long)]
+    pub alertmanager_fragment: bool,
+    /// With --alertmanager-fragment: directory holding the Secrets as files,
+    /// `<dir>/<Secret name>/<key>` (how an Alertmanager mounts its `spec.secrets`).
+    #[arg(long, value_name = "DIR", default_value = notify::DEFAULT_SECRETS_DIR, requires = "alertmanager_fragment")]
+    pub secrets_dir: String,
 }
 
 /// The broker side of a rendered pipeline, as one document.
@@ -34,12 +43,13 @@ struct BrokerTopologyDocument<'a> {
     retry_tiers: &'a [RetryTier],
 }
 
-/// One rendered document: broker topology, PrometheusRule or ConfigMap.
+/// One rendered document: broker topology, PrometheusRule, AlertmanagerConfig or ConfigMap.
 #[derive(Serialize)]
 #[serde(untagged)]
 enum Document<'a> {
     Broker(BrokerTopologyDocument<'a>),
     Rule(&'a plan::PrometheusRule),
+    Notify(&'a plan::AlertmanagerConfig),
     ConfigMap(&'a k8s_openapi::api::core::v1::ConfigMap),
 }
 
@@ -51,6 +61,18 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<()> {
             plan::plan(&sourced.pipeline, Some(&args.vhost)).with_context(|| sourced.source.clone())
         })
         .collect::<anyhow::Result<Vec<DesiredState>>>()?;
+    if args.alertmanager_fragment {
+        let configs: Vec<&plan::AlertmanagerConfig> = states
+            .iter()
+            .filter_map(|s| s.alertmanager_config.as_ref())
+            .collect();
+        anyhow::ensure!(
+            !configs.is_empty(),
+            "no pipeline in the input has spec.alerts.notify: there is no fragment to print"
+        );
+        let fragment = notify::alertmanager_fragment(&configs, &args.secrets_dir);
+        return print_documents(&[fragment], args.output);
+    }
     let mut docs = Vec::new();
     for state in &states {
         docs.extend(documents(state));
@@ -66,6 +88,7 @@ fn documents(state: &DesiredState) -> Vec<Document<'_>> {
         retry_tiers: &state.retry_tiers,
     })];
     docs.extend(state.prometheus_rule.as_ref().map(Document::Rule));
+    docs.extend(state.alertmanager_config.as_ref().map(Document::Notify));
     docs.push(Document::ConfigMap(&state.config_map));
     docs
 }
