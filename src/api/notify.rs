@@ -562,10 +562,8 @@ mod tests {
 
     #[test]
     fn unknown_alert_names_are_refused_when_reading() {
-        let yaml = format!(
-            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{name: billing}}\nspec:\n  broker: {{secretRef: {{name: r}}}}\n  alerts:\n    notify:\n      - {{name: x, alerts: [DlqDepth], email: {{to: [a@example.com]}}}}\n"
-        );
-        let error = parse_pipelines(&yaml)
+        let yaml = "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {name: billing}\nspec:\n  broker: {secretRef: {name: r}}\n  alerts:\n    notify:\n      - {name: x, alerts: [DlqDepth], email: {to: [a@example.com]}}\n";
+        let error = parse_pipelines(yaml)
             .expect_err("unknown alert")
             .to_string();
         assert!(error.contains("spec.alerts.notify[0].alerts"), "{error}");
