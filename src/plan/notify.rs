@@ -236,9 +236,12 @@ pub fn alertmanager_config(
                 group_wait: None,
                 group_interval: None,
                 repeat_interval: None,
-                // The prometheus-operator adds namespace="<namespace>" (OnNamespace strategy);
-                // this keeps other pipelines of the namespace out.
-                matchers: vec![Matcher::equal("msgpipe_pipeline", &pipeline.name)],
+                // The prometheus-operator adds namespace="<namespace>" itself with its default
+                // OnNamespace strategy; stating it keeps the route scoped under strategy None.
+                matchers: vec![
+                    Matcher::equal("namespace", &pipeline.namespace),
+                    Matcher::equal("msgpipe_pipeline", &pipeline.name),
+                ],
                 continue_: true,
                 routes,
             },
@@ -421,9 +424,10 @@ pub fn alertmanager_fragment(
             config.metadata.name.as_deref().unwrap_or_default()
         );
         let mut route = am_route(&config.spec.route, &prefix);
-        route
-            .matchers
-            .insert(0, matcher_text(&Matcher::equal("namespace", &namespace)));
+        let scope = matcher_text(&Matcher::equal("namespace", &namespace));
+        if !route.matchers.contains(&scope) {
+            route.matchers.insert(0, scope);
+        }
         route.continue_ = true;
         fragment.routes.push(route);
         let files = SecretFiles { dir: secrets_dir };

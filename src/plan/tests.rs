@@ -415,7 +415,12 @@ fn alertmanager_config_routes_each_receiver_and_names_secrets_only() {
     assert_eq!(config.metadata.namespace.as_deref(), Some("billing"));
     let route = &config.spec.route;
     assert_eq!(route.receiver, notify::UNROUTED_RECEIVER);
-    assert_eq!(route.matchers[0].name, "msgpipe_pipeline");
+    let scope: Vec<_> = route
+        .matchers
+        .iter()
+        .map(|m| format!("{}{}{}", m.name, m.match_type, m.value))
+        .collect();
+    assert_eq!(scope, ["namespace=billing", "msgpipe_pipeline=billing"]);
     let children: Vec<_> = route
         .routes
         .iter()
