@@ -80,6 +80,12 @@ spec:
     assert_eq!(alert["labels"]["severity"], "critical");
     assert_eq!(alert["labels"]["team"], "notes");
     assert_eq!(alert["labels"]["msgpipe_pipeline"], "notes");
+    assert_eq!(alert["labels"]["namespace"], "notes-app");
+    assert_eq!(alert["annotations"]["value"], "8");
+    assert_eq!(
+        alert["annotations"]["dlq_replay"],
+        "msgpipe dlq replay -n notes-app --name notes --all"
+    );
     assert_eq!(
         alert["annotations"]["summary"],
         "Dead-letter queue notes_queue_dlq holds 8 messages"

@@ -553,3 +553,111 @@ fn dlq_alert_reaches_slack_email_and_pagerduty_through_alertmanager_and_resolves
             .contains("RESOLVED: Dead-letter queue notes_queue_dlq holds")
     );
 }
+
+/// `msgpipe render --alertmanager-fragment` on the billing example: what `amtool` accepts and
+/// routes as the example's comments say (PagerDuty for DLQ depth, Slack for growth and retry
+/// storms, email for everything; nothing for another pipeline or namespace).
+#[test]
+fn rendered_fragment_of_the_example_passes_amtool_and_routes_as_declared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    write_secret(
+        &secrets,
+        "billing-alerting",
+        "pagerduty-routing-key",
+        ROUTING_KEY,
+    );
+    write_secret(
+        &secrets,
+        "billing-alerting",
+        "slack-webhook-url",
+        "https://hooks.example/x",
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+        .args([
+            "render",
+            "-f",
+            "examples/billing-notify.yaml",
+            "--alertmanager-fragment",
+        ])
+        .args([
+            "--secrets-dir",
+            secrets.to_str().expect("utf-8"),
+            "-o",
+            "json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("msgpipe runs");
+    assert!(output.status.success(), "{}", support::output_text(&output));
+    let fragment: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let fragment = &fragment[0];
+    let mut receivers = vec![json!({"name": "nobody"})];
+    receivers.extend(fragment["receivers"].as_array().expect("receivers").clone());
+    let config = json!({
+        // team-email has no smtp block: the global settings apply.
+        "global": {"smtp_smarthost": "smtp.example.com:587", "smtp_from": "am@example.com"},
+        "route": {"receiver": "nobody", "routes": fragment["routes"]},
+        "receivers": receivers,
+    });
+    std::fs::write(dir.path().join("am.yml"), config.to_string()).expect("write");
+    let amtool = |args: &[&str]| {
+        let output = Command::new("amtool")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("amtool runs");
+        assert!(output.status.success(), "{}", support::output_text(&output));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    };
+    amtool(&["check-config", "am.yml"]);
+    let route = |labels: &[&str]| {
+        let mut args = vec!["config", "routes", "test", "--config.file=am.yml"];
+        args.extend(labels);
+        amtool(&args)
+    };
+    let own = ["namespace=billing", "msgpipe_pipeline=billing"];
+    let with = |more: &[&'static str]| [own.as_slice(), more].concat();
+    assert_eq!(
+        route(&with(&[
+            "alertname=MsgpipeDeadLetterQueueDepth",
+            "severity=critical"
+        ])),
+        "billing/billing-notify/oncall,billing/billing-notify/team-email"
+    );
+    assert_eq!(
+        route(&with(&[
+            "alertname=MsgpipeDeadLetterQueueGrowing",
+            "severity=warning"
+        ])),
+        "billing/billing-notify/team-slack,billing/billing-notify/team-email"
+    );
+    assert_eq!(
+        route(&with(&["alertname=MsgpipeRetryStorm", "severity=warning"])),
+        "billing/billing-notify/team-slack,billing/billing-notify/team-email"
+    );
+    assert_eq!(
+        route(&with(&[
+            "alertname=MsgpipeMetricsMissing",
+            "severity=warning"
+        ])),
+        "billing/billing-notify/team-email"
+    );
+    // Same pipeline name in another namespace, another pipeline: nobody of billing's.
+    assert_eq!(
+        route(&[
+            "namespace=other",
+            "msgpipe_pipeline=billing",
+            "alertname=MsgpipeDeadLetterQueueDepth"
+        ]),
+        "nobody"
+    );
+    assert_eq!(
+        route(&[
+            "namespace=billing",
+            "msgpipe_pipeline=audit",
+            "alertname=MsgpipeDeadLetterQueueDepth"
+        ]),
+        "nobody"
+    );
+}
