@@ -365,12 +365,12 @@ fn validate_receiver(findings: &mut Findings, path: &str, receiver: &NotifyRecei
             &format!("{path}.slack.webhookUrl"),
             &slack.webhook_url,
         );
-        if slack
-            .channel
-            .as_deref()
-            .is_some_and(|c| c.trim().is_empty())
-        {
-            findings.fail(format!("{path}.slack.channel"), "must not be empty");
+        if let Some(channel) = &slack.channel {
+            let at = format!("{path}.slack.channel");
+            if channel.trim().is_empty() {
+                findings.fail(&at, "must not be empty");
+            }
+            no_template(findings, &at, channel);
         }
     }
     if let Some(pagerduty) = &receiver.pagerduty {
@@ -385,10 +385,11 @@ fn validate_receiver(findings: &mut Findings, path: &str, receiver: &NotifyRecei
                 findings.fail(format!("{at}.severity.{label}"), SEVERITY_RULE);
             }
         }
-        if let Some(url) = &pagerduty.url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            findings.fail(format!("{at}.url"), "must be an http:// or https:// URL");
+        if let Some(url) = &pagerduty.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                findings.fail(format!("{at}.url"), "must be an http:// or https:// URL");
+            }
+            no_template(findings, &format!("{at}.url"), url);
         }
     }
     if let Some(email) = &receiver.email {
@@ -401,6 +402,7 @@ fn validate_email(findings: &mut Findings, path: &str, email: &EmailReceiver) {
         findings.fail(format!("{path}.to"), "needs at least one address");
     }
     for (i, address) in email.to.iter().enumerate() {
+        no_template(findings, &format!("{path}.to[{i}]"), address);
         if !is_address(address) {
             findings.fail(
                 format!("{path}.to[{i}]"),
@@ -418,6 +420,7 @@ fn validate_email(findings: &mut Findings, path: &str, email: &EmailReceiver) {
             format!("{:?} must be host:port", smtp.smarthost),
         );
     }
+    no_template(findings, &format!("{path}.smtp.from"), &smtp.from);
     if !is_address(&smtp.from) {
         findings.fail(
             format!("{path}.smtp.from"),
@@ -453,6 +456,17 @@ fn secret_key_ref(findings: &mut Findings, path: &str, reference: &SecretKeyRef)
                 "{:?} is not a valid Secret key (letters, digits, '-', '_', '.')",
                 reference.key
             ),
+        );
+    }
+}
+
+/// Alertmanager expands these fields as Go templates; a stray `{{` would break the whole
+/// configuration it loads (every team's), so they are refused here.
+fn no_template(findings: &mut Findings, path: &str, value: &str) {
+    if value.contains("{{") || value.contains("}}") {
+        findings.fail(
+            path,
+            "must not contain {{ or }} (Alertmanager reads it as a template)",
         );
     }
 }
@@ -567,6 +581,12 @@ mod tests {
             .expect_err("unknown alert")
             .to_string();
         assert!(error.contains("spec.alerts.notify[0].alerts"), "{error}");
+    }
+
+    #[test]
+    fn template_braces_in_templated_fields_are_refused() {
+        let yaml = "    notify:\n      - name: chat\n        slack: {webhookUrl: {name: s, key: url}, channel: '#a{{ .X }}'}\n";
+        assert_eq!(error_paths(yaml), ["spec.alerts.notify[0].slack.channel"]);
     }
 
     #[test]

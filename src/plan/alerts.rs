@@ -409,6 +409,6 @@ pub fn promql_escape(value: &str) -> String {
 }
 
 /// Keeps user text from being read as a Go template by Prometheus.
-fn template_safe(text: &str) -> String {
+pub(crate) fn template_safe(text: &str) -> String {
     text.replace("{{", "{ {").replace("}}", "} }")
 }

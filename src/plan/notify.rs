@@ -189,7 +189,11 @@ pub struct EmailConfig {
     pub auth_username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_password: Option<SecretKeySelector>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "requireTLS",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub require_tls: Option<bool>,
     pub send_resolved: bool,
     pub headers: Vec<KeyValue>,
@@ -320,7 +324,8 @@ fn pagerduty(
         details,
         pager_duty_link_configs: runbook_url
             .map(|url| PagerDutyLink {
-                href: url.into(),
+                // Alertmanager expands `href` as a template, like the annotation.
+                href: super::alerts::template_safe(url),
                 alt: "runbook".into(),
             })
             .into_iter()

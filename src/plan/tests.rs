@@ -518,3 +518,29 @@ fn fragment_is_what_the_prometheus_operator_would_generate_with_secret_files() {
         "/run/secrets/billing-alerting/slack-webhook-url"
     );
 }
+
+#[test]
+fn email_smtp_settings_use_the_alertmanager_config_field_names() {
+    let mut p = billing();
+    let email = p.spec.alerts.notify[2].email.as_mut().expect("email");
+    email.smtp = Some(crate::api::notify::SmtpSettings {
+        smarthost: "smtp.example.com:587".into(),
+        from: "am@example.com".into(),
+        username: Some("am".into()),
+        password: Some(crate::api::notify::SecretKeyRef {
+            name: "smtp".into(),
+            key: "password".into(),
+        }),
+        require_tls: false,
+    });
+    let config = plan(&p, None).expect("plans").alertmanager_config;
+    let json = serde_json::to_value(config.expect("notify")).expect("json");
+    let email = &json["spec"]["receivers"][3]["emailConfigs"][0];
+    assert_eq!(email["requireTLS"], false);
+    assert_eq!(email["authUsername"], "am");
+    assert_eq!(
+        email["authPassword"],
+        serde_json::json!({"name": "smtp", "key": "password"})
+    );
+    assert_eq!(email["smarthost"], "smtp.example.com:587");
+}
