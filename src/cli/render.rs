@@ -62,15 +62,11 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<DesiredState>>>()?;
     if args.alertmanager_fragment {
-        let configs: Vec<&plan::AlertmanagerConfig> = states
-            .iter()
-            .filter_map(|s| s.alertmanager_config.as_ref())
-            .collect();
+        let fragment = alertmanager_fragment(&states, &args.secrets_dir);
         anyhow::ensure!(
-            !configs.is_empty(),
+            !fragment.routes.is_empty(),
             "no pipeline in the input has spec.alerts.notify: there is no fragment to print"
         );
-        let fragment = notify::alertmanager_fragment(&configs, &args.secrets_dir);
         return print_documents(&[fragment], args.output);
     }
     let mut docs = Vec::new();
@@ -91,4 +87,58 @@ fn documents(state: &DesiredState) -> Vec<Document<'_>> {
     docs.extend(state.alertmanager_config.as_ref().map(Document::Notify));
     docs.push(Document::ConfigMap(&state.config_map));
     docs
+}
+
+/// The plain alertmanager.yml routes and receivers of the pipelines that have
+/// `spec.alerts.notify` (empty lists when none has).
+pub fn alertmanager_fragment(
+    states: &[DesiredState],
+    secrets_dir: &str,
+) -> notify::AlertmanagerFragment {
+    let configs: Vec<&plan::AlertmanagerConfig> = states
+        .iter()
+        .filter_map(|s| s.alertmanager_config.as_ref())
+        .collect();
+    notify::alertmanager_fragment(&configs, secrets_dir)
+}
+
+/// Writes [`alertmanager_fragment`] as YAML to `path`: what `msgpipe apply` can leave for an
+/// Alertmanager without the prometheus-operator.
+// Not yet called: `msgpipe apply --alertmanager-fragment FILE` (src/cli/apply.rs) is wired
+// after the merge; until then only the test below runs it.
+#[allow(dead_code)]
+pub fn write_alertmanager_fragment(
+    path: &std::path::Path,
+    states: &[DesiredState],
+    secrets_dir: &str,
+) -> anyhow::Result<()> {
+    let yaml = serde_saphyr::to_string(&alertmanager_fragment(states, secrets_dir))
+        .context("cannot encode the alertmanager.yml fragment")?;
+    std::fs::write(path, yaml).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_fragment_reads_back_with_the_pipelines_routes() {
+        let pipeline =
+            crate::api::load::parse_pipelines(include_str!("../../examples/billing-notify.yaml"))
+                .expect("example parses")
+                .remove(0);
+        let state = plan::plan(&pipeline, None).expect("plans");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("msgpipe-routes.yml");
+        write_alertmanager_fragment(&path, &[state], "/etc/alertmanager/secrets").expect("written");
+        let text = std::fs::read_to_string(&path).expect("readable");
+        let fragment: notify::AlertmanagerFragment =
+            serde_saphyr::from_str(&text).expect("YAML fragment");
+        assert_eq!(
+            fragment.routes[0].receiver,
+            "billing/billing-notify/msgpipe-unrouted"
+        );
+        assert_eq!(fragment.receivers.len(), 4);
+        assert!(text.contains("/etc/alertmanager/secrets/billing-alerting/slack-webhook-url"));
+    }
 }
