@@ -84,6 +84,26 @@ impl LivePrometheus {
         prometheus
     }
 
+    /// The values of an instant query (empty when it selects nothing or fails).
+    pub fn query(&self, promql: &str) -> Vec<f64> {
+        let url = format!(
+            "{}/api/v1/query?query={}",
+            self.url,
+            crate::support::encode(promql)
+        );
+        let (_, body) = http("GET", &url, None, false);
+        let parsed: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        parsed["data"]["result"]
+            .as_array()
+            .map(|results| {
+                results
+                    .iter()
+                    .filter_map(|r| r["value"][1].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// State ("pending"/"firing") of `alert` for `queue`, if Prometheus has it.
     pub fn alert_state(&self, alert: &str, queue: &str) -> Option<(String, Value)> {
         let (_, body) = http("GET", &format!("{}/api/v1/alerts", self.url), None, false);
