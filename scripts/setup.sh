@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs the system packages msgpipe's tests and `make run` need, when missing:
-# RabbitMQ (a broker for integration tests) and Prometheus (promtool, and a live server
-# for the alert tests). Debian packages only; everything else comes from crates.io.
+# RabbitMQ (a broker for integration tests), Prometheus (promtool, and a live server
+# for the alert tests) and Alertmanager (the notification test). Debian packages only;
+# everything else comes from crates.io.
 set -euo pipefail
 
 missing=()
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# A real Alertmanager (and amtool) for the live notification test, tests/notify_live.rs.
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)

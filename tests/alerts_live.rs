@@ -1,163 +1,16 @@
 //! The generated DLQ alert on a real RabbitMQ scraped by a real Prometheus: it fires
 //! when rejected messages fill the DLQ and resolves when the DLQ is purged.
 
+#[path = "support/prometheus.rs"]
+mod prometheus;
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use msgpipe::plan::DesiredState;
 use msgpipe::plan::alerts::alert_name;
-use serde_json::{Value, json};
-use support::{PROMETHEUS_PLUGIN_ADDR, TestVhost, http, mgmt, plan_yaml, rule_file};
-
-const PROMETHEUS: &str = "/usr/bin/prometheus";
-
-/// A Prometheus server scraping the test broker every second, with the pipeline's rules.
-struct LivePrometheus {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl LivePrometheus {
-    fn start(rules: Value, metrics_path: &str, params: Value) -> Self {
-        assert!(
-            PathBuf::from(PROMETHEUS).exists(),
-            "prometheus not found: run `make setup`"
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("rules.yaml"), rules.to_string()).expect("rules");
-        let config = json!({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": ["rules.yaml"],
-            "scrape_configs": [{
-                "job_name": "rabbitmq",
-                "metrics_path": metrics_path,
-                "params": params,
-                "static_configs": [{"targets": [PROMETHEUS_PLUGIN_ADDR]}],
-            }],
-        });
-        std::fs::write(dir.path().join("prometheus.yml"), config.to_string()).expect("config");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(PROMETHEUS)
-            .current_dir(dir.path())
-            .args([
-                "--config.file=prometheus.yml",
-                "--storage.tsdb.path=data",
-                &format!("--web.listen-address=127.0.0.1:{port}"),
-                "--log.level=warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts");
-        let prometheus = Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        wait_for("Prometheus ready", Duration::from_secs(30), || {
-            http("GET", &format!("{}/-/ready", prometheus.url), None, false).0 == 200
-        });
-        prometheus
-    }
-
-    /// State ("pending"/"firing") of `alert` for `queue`, if Prometheus has it.
-    fn alert_state(&self, alert: &str, queue: &str) -> Option<(String, Value)> {
-        let (_, body) = http("GET", &format!("{}/api/v1/alerts", self.url), None, false);
-        let parsed: Value = serde_json::from_str(&body).ok()?;
-        parsed["data"]["alerts"].as_array()?.iter().find_map(|a| {
-            (a["labels"]["alertname"] == alert && a["labels"]["queue"] == queue).then(|| {
-                (
-                    a["state"].as_str().unwrap_or_default().to_string(),
-                    a.clone(),
-                )
-            })
-        })
-    }
-}
-
-impl Drop for LivePrometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-/// Test fixture: declares the planned work queue, DLX and DLQ with their policies over the
-/// management API (the broker reconciler is not used, so this test depends on alerts only).
-fn declare_dead_letter_path(vhost: &TestVhost, state: &DesiredState) {
-    let topo = &state.topology;
-    for exchange in &topo.exchanges {
-        mgmt(
-            "PUT",
-            &vhost.path("exchanges", &exchange.name),
-            Some(json!({"type": exchange.kind.as_str(), "durable": true})),
-        );
-    }
-    for queue in &topo.queues {
-        let args = json!({"x-queue-type": queue.queue_type.as_str()});
-        mgmt(
-            "PUT",
-            &vhost.path("queues", &queue.name),
-            Some(json!({"durable": true, "arguments": args})),
-        );
-    }
-    for binding in &topo.bindings {
-        let path = format!(
-            "/bindings/{}/e/{}/q/{}",
-            support::encode(&vhost.name),
-            support::encode(&binding.source),
-            support::encode(&binding.destination)
-        );
-        mgmt(
-            "POST",
-            &path,
-            Some(json!({"routing_key": binding.routing_key})),
-        );
-    }
-    for policy in &topo.policies {
-        let mut definition = serde_json::to_value(&policy.definition).expect("definition");
-        // RabbitMQ 3.x has no -1 ("unlimited") delivery limit; absent means unlimited there.
-        if definition["delivery-limit"].as_i64().is_some_and(|l| l < 0) {
-            definition
-                .as_object_mut()
-                .map(|d| d.remove("delivery-limit"));
-        }
-        mgmt(
-            "PUT",
-            &vhost.path("policies", &policy.name),
-            Some(
-                json!({"pattern": policy.pattern, "apply-to": policy.apply_to, "priority": policy.priority, "definition": definition}),
-            ),
-        );
-    }
-}
-
-fn queue_messages(vhost: &TestVhost, queue: &str) -> u64 {
-    let body = mgmt("GET", &vhost.path("queues", queue), None);
-    serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|q| q["messages"].as_u64())
-        .unwrap_or(0)
-}
+use prometheus::{LivePrometheus, declare_dead_letter_path, queue_messages, wait_for};
+use serde_json::json;
+use support::{TestVhost, mgmt, plan_yaml, rule_file};
 
 fn dlq_alert_fires_and_resolves(flavour: &str) {
     let vhost = TestVhost::new(&format!("alerts-live-{}", flavour.to_lowercase()));
@@ -227,6 +80,12 @@ spec:
     assert_eq!(alert["labels"]["severity"], "critical");
     assert_eq!(alert["labels"]["team"], "notes");
     assert_eq!(alert["labels"]["msgpipe_pipeline"], "notes");
+    assert_eq!(alert["labels"]["namespace"], "notes-app");
+    assert_eq!(alert["annotations"]["value"], "8");
+    assert_eq!(
+        alert["annotations"]["dlq_replay"],
+        "msgpipe dlq replay -n notes-app --name notes --all"
+    );
     assert_eq!(
         alert["annotations"]["summary"],
         "Dead-letter queue notes_queue_dlq holds 8 messages"
@@ -256,4 +115,122 @@ fn per_object_dlq_alert_fires_on_live_prometheus_and_resolves_after_purge() {
 #[test]
 fn detailed_dlq_alert_fires_on_live_prometheus_and_resolves_after_purge() {
     dlq_alert_fires_and_resolves("detailed");
+}
+
+/// A pipeline on its own vhost, provisioned by the reconciler, with the retry-storm alert.
+fn storm_pipeline(vhost: &TestVhost, name: &str) -> msgpipe::plan::DesiredState {
+    plan_yaml(&format!(
+        r#"
+apiVersion: msgpipe.io/v1alpha1
+kind: MessagePipeline
+metadata: {{ name: {name}, namespace: notes-app }}
+spec:
+  broker: {{ secretRef: {{ name: rabbitmq }}, vhost: "{vhost}" }}
+  queue: {{ name: {name}_queue, exchange: {name}, routingKey: {name} }}
+  retry: {{ maxAttempts: 3, backoff: {{ initialDelay: 200ms, multiplier: 1, maxDelay: 200ms }} }}
+  alerts:
+    dlqDepth: {{ threshold: 1000000 }}
+    retryStorm: {{ percent: 25, for: 2s }}
+"#,
+        vhost = vhost.name
+    ))
+}
+
+/// Runs the msgpipe consumer on `state`'s work queue; `fails(message)` decides which
+/// deliveries fail (retryable), while a publisher adds a message every 20 ms.
+fn run_traffic(
+    runtime: &tokio::runtime::Runtime,
+    state: &msgpipe::plan::DesiredState,
+    fails: fn(&msgpipe_client::Message) -> bool,
+) -> msgpipe_client::ShutdownHandle {
+    use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig};
+    let vhost = state.topology.vhost.clone();
+    runtime.block_on(support::client_provision(state, 5673));
+    let consumer = Consumer::new(
+        ConsumerOptions::new(support::amqp_uri(&vhost)),
+        LiveConfig::fixed(state.client_config.clone()),
+    )
+    .expect("consumer");
+    let stop = consumer.shutdown_handle();
+    runtime.spawn(consumer.run(move |message| async move {
+        if fails(&message) {
+            Err(HandlerError::retryable("downstream unavailable"))
+        } else {
+            Ok(())
+        }
+    }));
+    let (exchange, key) = (
+        state.names.work_exchange.clone(),
+        state.names.routing_key.clone(),
+    );
+    runtime.spawn(async move {
+        let (_connection, channel) = support::amqp_channel(&vhost).await;
+        for i in 0u32.. {
+            support::publish(&channel, &exchange, &key, i.to_string().as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    stop
+}
+
+#[test]
+fn retry_storm_fires_on_live_counters_when_most_deliveries_fail_and_not_for_a_few_failures() {
+    let (storm_vhost, calm_vhost) = (
+        TestVhost::new("alerts-live-storm"),
+        TestVhost::new("alerts-live-calm"),
+    );
+    // Declared after the vhosts, so dropped (its tasks cancelled) before they are deleted.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let storm = storm_pipeline(&storm_vhost, "storm");
+    let calm = storm_pipeline(&calm_vhost, "calm");
+    let rules = [&storm, &calm].map(|s| s.prometheus_rule.as_ref().expect("alerts"));
+    let prometheus = LivePrometheus::start(rule_file(&rules), "/metrics/per-object", json!({}));
+    // storm: every delivery fails (2 retries per 3 deliveries, 67 %); calm: one message in
+    // ten fails once (about 9 %).
+    let stop_storm = run_traffic(&runtime, &storm, |_| true);
+    let stop_calm = run_traffic(&runtime, &calm, |m| {
+        m.attempt() == 1 && m.body().last().is_some_and(|digit| *digit == b'0')
+    });
+
+    wait_for("retry storm firing", Duration::from_secs(90), || {
+        prometheus
+            .alert_state(alert_name::RETRY_STORM, "storm_queue")
+            .is_some_and(|(s, _)| s == "firing")
+    });
+    let (_, alert) = prometheus
+        .alert_state(alert_name::RETRY_STORM, "storm_queue")
+        .expect("alert");
+    assert_eq!(alert["labels"]["vhost"], storm_vhost.name.as_str());
+    assert_eq!(alert["labels"]["msgpipe_pipeline"], "storm");
+    let share: f64 = alert["value"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!((0.5..=0.8).contains(&share), "storm share {share}");
+
+    // The calm pipeline has traffic and retries too, below the share: measured, and silent.
+    let calm_rule = &rules[1].spec.groups[0].rules;
+    let expr = &calm_rule
+        .iter()
+        .find(|r| r.alert == alert_name::RETRY_STORM)
+        .expect("rule")
+        .expr;
+    let (ratio, _) = expr.rsplit_once(" > ").expect("comparison");
+    let calm_share = prometheus.query(ratio);
+    assert_eq!(calm_share.len(), 1, "{ratio}: {calm_share:?}");
+    assert!(
+        calm_share[0] > 0.0 && calm_share[0] < 0.25,
+        "calm share {calm_share:?}"
+    );
+    assert_eq!(
+        prometheus.alert_state(alert_name::RETRY_STORM, "calm_queue"),
+        None
+    );
+    eprintln!(
+        "retry-tier publishes per work-queue delivery: storm {share:.3}, calm {:.3}",
+        calm_share[0]
+    );
+    stop_storm.shutdown();
+    stop_calm.shutdown();
+    runtime.shutdown_timeout(Duration::from_secs(5));
 }

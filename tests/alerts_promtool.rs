@@ -89,7 +89,8 @@ spec:
     runbookUrl: "https://wiki.example/{{{{x}}}}",
     dlqDepth: {{ threshold: {threshold}, for: 90s }},
     dlqGrowth: {{ for: 10m }}, backlog: {{ threshold: {threshold} }},
-    noConsumer: {{ for: 1h30m }}, metricsMissing: {{ for: 1d }} }}
+    noConsumer: {{ for: 1h30m }}, metricsMissing: {{ for: 1d }},
+    retryStorm: {{ percent: 40 }} }}
 "#)
     }
 }
@@ -106,7 +107,7 @@ proptest! {
         let states: Vec<DesiredState> = manifests.iter().map(|m| plan_yaml(m)).collect();
         let rules: Vec<&PrometheusRule> = states.iter().filter_map(|s| s.prometheus_rule.as_ref()).collect();
         let output = check_rules(&rules);
-        prop_assert!(output.contains(&format!("SUCCESS: {} rules found", rules.len() * 5)), "{}", output);
+        prop_assert!(output.contains(&format!("SUCCESS: {} rules found", rules.len() * 6)), "{}", output);
     }
 }
 
@@ -128,6 +129,7 @@ spec:
     backlog: { threshold: 1000, for: 10m, severity: warning }
     noConsumer: { for: 5m, severity: warning }
     metricsMissing: { for: 10m, severity: warning }
+    retryStorm: { percent: 25, for: 10m, severity: warning }
 "#;
 
 fn rule<'a>(state: &'a DesiredState, alert: &str) -> &'a AlertingRule {
@@ -371,4 +373,123 @@ fn metrics_missing_alert_fires_when_the_dlq_series_is_absent_and_not_when_presen
             (45, alert_name::METRICS_MISSING, vec![]),
         ],
     );
+}
+
+fn counter(metric: &str, labels: &str) -> String {
+    format!("{metric}{{{labels}}}")
+}
+
+const RETRY_PUBLISHED: &str = "rabbitmq_queue_exchange_messages_published_total";
+const DELIVERED: &str = "rabbitmq_queue_messages_delivered_ack_total";
+
+#[test]
+fn retry_storm_fires_above_the_share_and_resolves_when_retries_stop() {
+    let state = plan_yaml(ALL_ALERTS);
+    let tier = |n: u32| {
+        format!(
+            r#"vhost="/",exchange="notes_queue.retry",queue="notes_queue.retry.{n}",rabbitmq_cluster="prod""#
+        )
+    };
+    let input = [
+        // 10 deliveries/s from the work queue; 3/s + 2/s into the two retry tiers (50 %) for
+        // 30 minutes, then no more retries.
+        (
+            counter(
+                DELIVERED,
+                r#"vhost="/",queue="notes_queue",rabbitmq_cluster="prod""#,
+            ),
+            "0+600x60",
+        ),
+        (counter(RETRY_PUBLISHED, &tier(1)), "0+180x30 5400x30"),
+        (counter(RETRY_PUBLISHED, &tier(2)), "0+120x30 3600x30"),
+    ];
+    let rule = rule(&state, alert_name::RETRY_STORM);
+    let mut fired = expected_alert(rule, &[("vhost", "/"), ("rabbitmq_cluster", "prod")], "");
+    for (key, value) in fired["exp_annotations"].as_object_mut().expect("map") {
+        if key == "value" || key == "summary" {
+            *value = Value::from(
+                value
+                    .as_str()
+                    .expect("text")
+                    .replace("{{ $value | humanizePercentage }}", "50%"),
+            );
+        }
+    }
+    assert_eq!(fired["exp_labels"]["queue"], "notes_queue");
+    assert_promtool_cases(
+        &state,
+        &input,
+        &[
+            (8, alert_name::RETRY_STORM, vec![]), // above the share, but not yet for 10m
+            (20, alert_name::RETRY_STORM, vec![fired]),
+            (45, alert_name::RETRY_STORM, vec![]), // no retries for 15m: resolved
+        ],
+    );
+}
+
+#[test]
+fn retry_storm_stays_silent_below_the_share_and_ignores_other_pipelines() {
+    let state = plan_yaml(ALL_ALERTS);
+    let input = [
+        // 10 deliveries/s, 1/s retried (10 %, below 25 %).
+        (
+            counter(
+                DELIVERED,
+                r#"vhost="/",queue="notes_queue",rabbitmq_cluster="prod""#,
+            ),
+            "0+600x40",
+        ),
+        (
+            counter(
+                RETRY_PUBLISHED,
+                r#"vhost="/",exchange="notes_queue.retry",queue="notes_queue.retry.1",rabbitmq_cluster="prod""#,
+            ),
+            "0+60x40",
+        ),
+        // Storms elsewhere: another pipeline's retry exchange, another vhost, another cluster.
+        (
+            counter(
+                RETRY_PUBLISHED,
+                r#"vhost="/",exchange="orders.retry",queue="orders.retry.1",rabbitmq_cluster="prod""#,
+            ),
+            "0+6000x40",
+        ),
+        (
+            counter(
+                RETRY_PUBLISHED,
+                r#"vhost="other",exchange="notes_queue.retry",queue="notes_queue.retry.1",rabbitmq_cluster="prod""#,
+            ),
+            "0+6000x40",
+        ),
+        (
+            counter(
+                RETRY_PUBLISHED,
+                r#"vhost="/",exchange="notes_queue.retry",queue="notes_queue.retry.1",rabbitmq_cluster="staging""#,
+            ),
+            "0+6000x40",
+        ),
+    ];
+    assert_promtool_cases(
+        &state,
+        &input,
+        &[
+            (20, alert_name::RETRY_STORM, vec![]),
+            (40, alert_name::RETRY_STORM, vec![]),
+        ],
+    );
+}
+
+#[test]
+fn alerts_carry_the_pipeline_namespace_over_the_series_namespace() {
+    let state = plan_yaml(ALL_ALERTS);
+    // The scrape labels the series with the RabbitMQ pod's namespace; the alert must carry the
+    // pipeline's, which the AlertmanagerConfig's OnNamespace matcher selects.
+    let input = [(
+        r#"rabbitmq_queue_messages{vhost="/",queue="notes_queue_dlq",rabbitmq_cluster="prod",namespace="rabbitmq-system"}"#.to_string(),
+        "150x20",
+    )];
+    let rule = rule(&state, alert_name::DLQ_DEPTH);
+    let fired = expected_alert(rule, &DLQ_LABELS, "150");
+    assert_eq!(fired["exp_labels"]["namespace"], "notes-app");
+    assert_promtool_cases(&state, &input, &[(10, alert_name::DLQ_DEPTH, vec![fired])]);
 }

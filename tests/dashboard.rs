@@ -46,6 +46,7 @@ spec:
     backlog: { threshold: 10000, for: 10m, severity: warning }
     noConsumer: { for: 5m, severity: warning }
     metricsMissing: { for: 10m, severity: warning }
+    retryStorm: { percent: 25, for: 10m, severity: warning }
 "#;
 
 /// A second pipeline, elsewhere, that only watches for missing metrics.
@@ -551,8 +552,17 @@ fn firing_alert_panels_show_the_planners_alerts_when_they_fire_in_promtool() {
         notes.prometheus_rule.as_ref().expect("notes alerts"),
         audit.prometheus_rule.as_ref().expect("audit alerts"),
     ];
-    // notes: a backlog nobody consumes, a DLQ that keeps growing; audit: its DLQ never scraped.
+    // notes: a backlog nobody consumes, a DLQ that keeps growing, half of the deliveries
+    // retried; audit: its DLQ never scraped.
     let series = [
+        (
+            r#"rabbitmq_queue_messages_delivered_ack_total{vhost="/",queue="notes_queue",instance="rabbit-0"}"#,
+            "0+600x40",
+        ),
+        (
+            r#"rabbitmq_queue_exchange_messages_published_total{vhost="/",exchange="notes_queue.retry",queue="notes_queue.retry.1",instance="rabbit-0"}"#,
+            "0+300x40",
+        ),
         (
             r#"rabbitmq_queue_messages{vhost="/",queue="notes_queue",instance="rabbit-0"}"#,
             "20000x40",

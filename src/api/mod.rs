@@ -3,6 +3,7 @@
 
 pub mod duration;
 pub mod load;
+pub mod notify;
 pub mod reason;
 mod spec;
 mod status;

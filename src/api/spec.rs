@@ -376,6 +376,14 @@ pub struct AlertsSpec {
     /// Extra label matchers added to every expression (e.g. rabbitmq_cluster: prod).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
+    /// Work-queue deliveries keep failing into the retry tiers. Enabled when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_storm: Option<super::notify::RetryStormAlert>,
+    /// Who is told when these alerts fire: Slack, PagerDuty or email receivers, written as a
+    /// prometheus-operator AlertmanagerConfig `<name>-notify`. Secrets are referenced, never copied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub notify: Vec<super::notify::NotifyReceiver>,
 }
 
 impl Default for AlertsSpec {
@@ -392,6 +400,8 @@ impl Default for AlertsSpec {
             runbook_url: None,
             metrics: MetricsFlavor::default(),
             selector: BTreeMap::new(),
+            retry_storm: None,
+            notify: Vec::new(),
         }
     }
 }

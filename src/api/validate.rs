@@ -139,6 +139,7 @@ pub fn validate(pipeline: &MessagePipeline) -> Result<(), InvalidSpec> {
     validate_retry(&mut findings, &spec.retry);
     validate_dead_letter(&mut findings, &spec.dead_letter);
     validate_alerts(&mut findings, &spec.alerts);
+    super::notify::validate(&mut findings, spec);
     if !(1..=RETRY_INTERVAL_MAX_SECONDS).contains(&spec.client_flags.retry_interval_seconds) {
         findings.fail(
             "spec.clientFlags.retryIntervalSeconds",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::names::PipelineNames;
 use super::{PipelineRef, managed_labels};
+use crate::api::notify::RetryStormAlert;
 use crate::api::{AlertsSpec, Duration, MetricsFlavor};
 
 /// Alert names, stable: users route and silence on them.
@@ -16,12 +17,18 @@ pub mod alert_name {
     pub const BACKLOG: &str = "MsgpipeQueueBacklog";
     pub const NO_CONSUMER: &str = "MsgpipeQueueNoConsumer";
     pub const METRICS_MISSING: &str = "MsgpipeMetricsMissing";
+    pub const RETRY_STORM: &str = "MsgpipeRetryStorm";
 }
 
 pub const PROMETHEUS_RULE_API_VERSION: &str = "monitoring.coreos.com/v1";
 pub const PROMETHEUS_RULE_KIND: &str = "PrometheusRule";
 /// Window over which "still growing" is judged.
 const GROWTH_WINDOW: &str = "5m";
+/// Window over which retry-tier and delivery rates are compared.
+const STORM_WINDOW: &str = "5m";
+/// The alert's value as Prometheus renders it into annotations.
+const VALUE: &str = "{{ $value }}";
+const PERCENT_VALUE: &str = "{{ $value | humanizePercentage }}";
 
 /// A prometheus-operator PrometheusRule (monitoring.coreos.com/v1), the fields msgpipe writes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,6 +65,10 @@ pub struct AlertingRule {
 struct Metrics {
     messages: &'static str,
     consumers: &'static str,
+    /// Counter of messages routed into a queue, labels vhost, exchange, queue (RabbitMQ 4.x).
+    queue_published: &'static str,
+    /// Counter of messages delivered from a queue to consumers that ack manually.
+    delivered: &'static str,
 }
 
 impl Metrics {
@@ -66,10 +77,14 @@ impl Metrics {
             MetricsFlavor::PerObject => Metrics {
                 messages: "rabbitmq_queue_messages",
                 consumers: "rabbitmq_queue_consumers",
+                queue_published: "rabbitmq_queue_exchange_messages_published_total",
+                delivered: "rabbitmq_queue_messages_delivered_ack_total",
             },
             MetricsFlavor::Detailed => Metrics {
                 messages: "rabbitmq_detailed_queue_messages",
                 consumers: "rabbitmq_detailed_queue_consumers",
+                queue_published: "rabbitmq_detailed_queue_exchange_messages_published_total",
+                delivered: "rabbitmq_detailed_queue_messages_delivered_ack_total",
             },
         }
     }
@@ -81,6 +96,7 @@ pub fn prometheus_rule(
     alerts: &AlertsSpec,
     vhost: &str,
     names: &PipelineNames,
+    has_retry_tiers: bool,
 ) -> Option<PrometheusRule> {
     if !alerts.enabled {
         return None;
@@ -104,6 +120,7 @@ pub fn prometheus_rule(
                     alerts,
                     vhost,
                     names,
+                    has_retry_tiers,
                 }
                 .rules(),
             }],
@@ -116,6 +133,16 @@ struct AlertBuilder<'a> {
     alerts: &'a AlertsSpec,
     vhost: &'a str,
     names: &'a PipelineNames,
+    has_retry_tiers: bool,
+}
+
+/// What one alert says and which queue it is about.
+struct AlertText {
+    queue: String,
+    /// Go template of the current value, e.g. `{{ $value }}`.
+    value: &'static str,
+    summary: String,
+    description: String,
 }
 
 impl AlertBuilder<'_> {
@@ -127,6 +154,7 @@ impl AlertBuilder<'_> {
             template_safe(&self.names.dead_letter_queue),
             template_safe(&self.names.queue),
         );
+        let list = self.dlq_list_command();
         let mut rules = Vec::new();
 
         let depth = &self.alerts.dlq_depth;
@@ -135,11 +163,18 @@ impl AlertBuilder<'_> {
             format!("{}{dlq} > {}", metrics.messages, depth.threshold),
             depth.for_,
             &depth.severity,
-            format!("Dead-letter queue {dlq_name} holds {{{{ $value }}}} messages"),
-            format!(
-                "The dead-letter queue {dlq_name} of MessagePipeline {} has held more than {} messages for {}: messages are failing every retry. Inspect them with `msgpipe dlq list`.",
-                self.pipeline, depth.threshold, depth.for_
-            ),
+            AlertText {
+                queue: dlq_name.clone(),
+                value: VALUE,
+                summary: format!("Dead-letter queue {dlq_name} holds {VALUE} messages"),
+                description: format!(
+                    "The dead-letter queue {dlq_name} of MessagePipeline {} has held more than {} messages for {}: messages are failing every retry. See why with `{list}`; once the cause is fixed, replay them with `{}`.",
+                    self.pipeline,
+                    depth.threshold,
+                    depth.for_,
+                    self.dlq_replay_command()
+                ),
+            },
         ));
         if let Some(growth) = &self.alerts.dlq_growth {
             rules.push(self.rule(
@@ -147,11 +182,15 @@ impl AlertBuilder<'_> {
                 format!("delta({}{dlq}[{GROWTH_WINDOW}]) > 0", metrics.messages),
                 growth.for_,
                 &growth.severity,
-                format!("Dead-letter queue {dlq_name} is still growing"),
-                format!(
-                    "New dead letters keep arriving in {dlq_name} (MessagePipeline {}): it grew by {{{{ $value }}}} in the last {GROWTH_WINDOW}, in every window for {}.",
-                    self.pipeline, growth.for_
-                ),
+                AlertText {
+                    queue: dlq_name.clone(),
+                    value: VALUE,
+                    summary: format!("Dead-letter queue {dlq_name} is still growing"),
+                    description: format!(
+                        "New dead letters keep arriving in {dlq_name} (MessagePipeline {}): it grew by {VALUE} in the last {GROWTH_WINDOW}, in every window for {}. See the newest failures with `{list}`.",
+                        self.pipeline, growth.for_
+                    ),
+                },
             ));
         }
         if let Some(backlog) = &self.alerts.backlog {
@@ -160,11 +199,15 @@ impl AlertBuilder<'_> {
                 format!("{}{work} > {}", metrics.messages, backlog.threshold),
                 backlog.for_,
                 &backlog.severity,
-                format!("Queue {work_name} has a backlog of {{{{ $value }}}} messages"),
-                format!(
-                    "The work queue {work_name} of MessagePipeline {} has held more than {} messages for {}: consumers are not keeping up.",
-                    self.pipeline, backlog.threshold, backlog.for_
-                ),
+                AlertText {
+                    queue: work_name.clone(),
+                    value: VALUE,
+                    summary: format!("Queue {work_name} has a backlog of {VALUE} messages"),
+                    description: format!(
+                        "The work queue {work_name} of MessagePipeline {} has held more than {} messages for {}: consumers are not keeping up.",
+                        self.pipeline, backlog.threshold, backlog.for_
+                    ),
+                },
             ));
         }
         if let Some(no_consumer) = &self.alerts.no_consumer {
@@ -178,11 +221,15 @@ impl AlertBuilder<'_> {
                 ),
                 no_consumer.for_,
                 &no_consumer.severity,
-                format!("Queue {work_name} has messages but no consumer"),
-                format!(
-                    "The work queue {work_name} of MessagePipeline {} has had messages and no consumer for {}: nothing is processing them.",
-                    self.pipeline, no_consumer.for_
-                ),
+                AlertText {
+                    queue: work_name.clone(),
+                    value: VALUE,
+                    summary: format!("Queue {work_name} has messages but no consumer"),
+                    description: format!(
+                        "The work queue {work_name} of MessagePipeline {} has had messages and no consumer for {}: nothing is processing them.",
+                        self.pipeline, no_consumer.for_
+                    ),
+                },
             ));
         }
         if let Some(missing) = &self.alerts.metrics_missing {
@@ -191,14 +238,63 @@ impl AlertBuilder<'_> {
                 format!("absent({}{dlq})", metrics.messages),
                 missing.for_,
                 &missing.severity,
-                format!("No metrics for dead-letter queue {dlq_name}"),
-                format!(
-                    "Prometheus has no {} series for {dlq_name} (MessagePipeline {}) for {}: scraping of RabbitMQ is broken or per-object metrics are off, so every other alert of this pipeline is blind.",
-                    metrics.messages, self.pipeline, missing.for_
-                ),
+                AlertText {
+                    queue: dlq_name.clone(),
+                    value: VALUE,
+                    summary: format!("No metrics for dead-letter queue {dlq_name}"),
+                    description: format!(
+                        "Prometheus has no {} series for {dlq_name} (MessagePipeline {}) for {}: scraping of RabbitMQ is broken or per-object metrics are off, so every other alert of this pipeline is blind.",
+                        metrics.messages, self.pipeline, missing.for_
+                    ),
+                },
             ));
         }
+        if let Some(storm) = &self.alerts.retry_storm
+            && self.has_retry_tiers
+        {
+            rules.push(self.retry_storm_rule(storm, &metrics));
+        }
         rules
+    }
+
+    /// Retry-tier publishes per work-queue delivery: both are per-queue counters of
+    /// rabbitmq_prometheus, summed over nodes (each node reports the channels it hosts).
+    fn retry_storm_rule(&self, storm: &RetryStormAlert, metrics: &Metrics) -> AlertingRule {
+        let work_name = template_safe(&self.names.queue);
+        let by = self.match_labels_without_queue();
+        let retried = format!(
+            "sum by ({by}) (rate({}{}[{STORM_WINDOW}]))",
+            metrics.queue_published,
+            self.exchange_selector(&self.names.retry_exchange)
+        );
+        let delivered = format!(
+            "sum by ({by}) (rate({}{}[{STORM_WINDOW}]))",
+            metrics.delivered,
+            self.selector(&self.names.queue)
+        );
+        let mut rule = self.rule(
+            alert_name::RETRY_STORM,
+            format!(
+                "({retried} / {delivered}) > {}",
+                f64::from(storm.percent) / 100.0
+            ),
+            storm.for_,
+            &storm.severity,
+            AlertText {
+                queue: work_name.clone(),
+                value: PERCENT_VALUE,
+                summary: format!(
+                    "{PERCENT_VALUE} of deliveries from {work_name} fail into the retry tiers"
+                ),
+                description: format!(
+                    "For {} more than {}% of the messages delivered from the work queue {work_name} of MessagePipeline {} were sent back to its retry tiers (over {STORM_WINDOW}): consumers are failing, and messages will reach the dead-letter queue once their attempts run out. Check the consumer's errors and recent deploys.",
+                    storm.for_, storm.percent, self.pipeline
+                ),
+            },
+        );
+        // The ratio keeps only `by` labels; name the queue like the other alerts do.
+        rule.labels.insert("queue".into(), self.names.queue.clone());
+        rule
     }
 
     fn rule(
@@ -207,16 +303,21 @@ impl AlertBuilder<'_> {
         expr: String,
         for_: Duration,
         severity: &str,
-        summary: String,
-        description: String,
+        text: AlertText,
     ) -> AlertingRule {
         let mut labels = self.alerts.labels.clone();
         labels.insert("severity".into(), severity.into());
+        labels.insert("namespace".into(), self.pipeline.namespace.clone());
         labels.insert("msgpipe_namespace".into(), self.pipeline.namespace.clone());
         labels.insert("msgpipe_pipeline".into(), self.pipeline.name.clone());
         let mut annotations = BTreeMap::from([
-            ("summary".to_string(), summary),
-            ("description".to_string(), description),
+            ("summary".to_string(), text.summary),
+            ("description".to_string(), text.description),
+            ("pipeline".to_string(), self.pipeline.to_string()),
+            ("queue".to_string(), text.queue),
+            ("value".to_string(), text.value.to_string()),
+            ("dlq_list".to_string(), self.dlq_list_command()),
+            ("dlq_replay".to_string(), self.dlq_replay_command()),
         ]);
         if let Some(url) = &self.alerts.runbook_url {
             annotations.insert("runbook_url".into(), template_safe(url));
@@ -228,6 +329,22 @@ impl AlertBuilder<'_> {
             labels,
             annotations,
         }
+    }
+
+    /// The command that lists this pipeline's dead letters (namespace and name are DNS
+    /// names, so they need no shell quoting).
+    fn dlq_list_command(&self) -> String {
+        format!(
+            "msgpipe dlq list -n {} --name {}",
+            self.pipeline.namespace, self.pipeline.name
+        )
+    }
+
+    fn dlq_replay_command(&self) -> String {
+        format!(
+            "msgpipe dlq replay -n {} --name {} --all",
+            self.pipeline.namespace, self.pipeline.name
+        )
     }
 
     /// `{vhost="/",queue="q",<selector>}` with values escaped for PromQL.
@@ -243,6 +360,28 @@ impl AlertBuilder<'_> {
                 .map(|(k, v)| format!("{k}=\"{}\"", promql_escape(v))),
         );
         format!("{{{}}}", matchers.join(","))
+    }
+
+    /// `{vhost="/",exchange="e",<selector>}` with values escaped for PromQL.
+    fn exchange_selector(&self, exchange: &str) -> String {
+        let mut matchers = vec![
+            format!("vhost=\"{}\"", promql_escape(self.vhost)),
+            format!("exchange=\"{}\"", promql_escape(exchange)),
+        ];
+        matchers.extend(
+            self.alerts
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", promql_escape(v))),
+        );
+        format!("{{{}}}", matchers.join(","))
+    }
+
+    /// The vhost and selector labels: what a per-pipeline sum keeps.
+    fn match_labels_without_queue(&self) -> String {
+        let mut labels = vec!["vhost"];
+        labels.extend(self.alerts.selector.keys().map(String::as_str));
+        labels.join(",")
     }
 
     /// Labels that identify one queue's series, for vector matching.
@@ -270,6 +409,6 @@ pub fn promql_escape(value: &str) -> String {
 }
 
 /// Keeps user text from being read as a Go template by Prometheus.
-fn template_safe(text: &str) -> String {
+pub(crate) fn template_safe(text: &str) -> String {
     text.replace("{{", "{ {").replace("}}", "} }")
 }

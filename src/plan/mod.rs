@@ -1,10 +1,11 @@
 //! The planner: a pure function from a MessagePipeline to everything that should exist for
-//! it — broker topology, PrometheusRule, client ConfigMap. No IO, no clients; the broker and
-//! kube edges compare this with what is live and act on the difference.
+//! it — broker topology, PrometheusRule, AlertmanagerConfig, client ConfigMap. No IO, no
+//! clients; the broker and kube edges compare this with what is live and act on the difference.
 
 pub mod alerts;
 pub mod client_config;
 pub mod names;
+pub mod notify;
 pub mod tiers;
 pub mod topology;
 
@@ -19,6 +20,7 @@ use crate::api::MessagePipeline;
 use crate::api::validate::{FieldError, InvalidSpec, validate};
 pub use alerts::PrometheusRule;
 pub use names::PipelineNames;
+pub use notify::AlertmanagerConfig;
 pub use tiers::RetryTier;
 pub use topology::DesiredTopology;
 
@@ -54,6 +56,8 @@ pub struct DesiredState {
     pub topology: DesiredTopology,
     /// None when `spec.alerts.enabled` is false.
     pub prometheus_rule: Option<PrometheusRule>,
+    /// None when `spec.alerts.notify` is empty (or alerts are disabled).
+    pub alertmanager_config: Option<AlertmanagerConfig>,
     pub client_config: PipelineConfig,
     pub config_map: ConfigMap,
 }
@@ -84,7 +88,14 @@ pub fn plan(
     let tier_count = u32::try_from(retry_tiers.len()).unwrap_or(u32::MAX);
     let names = PipelineNames::resolve(pipeline, tier_count)?;
     let topology = topology::desired_topology(spec, vhost, &names, &retry_tiers);
-    let prometheus_rule = alerts::prometheus_rule(&pipeline_ref, &spec.alerts, vhost, &names);
+    let prometheus_rule = alerts::prometheus_rule(
+        &pipeline_ref,
+        &spec.alerts,
+        vhost,
+        &names,
+        !retry_tiers.is_empty(),
+    );
+    let alertmanager_config = notify::alertmanager_config(&pipeline_ref, &spec.alerts);
     let client_config =
         client_config::pipeline_config(&pipeline_ref, spec, vhost, &names, &retry_tiers);
     let config_map = client_config::client_config_map(&pipeline_ref, &client_config)
@@ -95,6 +106,7 @@ pub fn plan(
         retry_tiers,
         topology,
         prometheus_rule,
+        alertmanager_config,
         client_config,
         config_map,
     })

@@ -339,3 +339,208 @@ mod no_panic {
         }
     }
 }
+
+fn billing() -> MessagePipeline {
+    parse_pipelines(include_str!("../../examples/billing-notify.yaml"))
+        .expect("example parses")
+        .remove(0)
+}
+
+#[test]
+fn no_alertmanager_config_without_notify_or_with_alerts_disabled() {
+    assert_eq!(
+        plan(&notes(), None).expect("plans").alertmanager_config,
+        None
+    );
+    let mut p = billing();
+    p.spec.alerts.notify.clear();
+    assert_eq!(plan(&p, None).expect("plans").alertmanager_config, None);
+}
+
+#[test]
+fn every_alert_carries_the_namespace_label_and_says_what_to_run() {
+    let state = plan(&billing(), None).expect("plans");
+    let rules = &state.prometheus_rule.expect("alerts").spec.groups[0].rules;
+    let names: Vec<_> = rules.iter().map(|r| r.alert.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "MsgpipeDeadLetterQueueDepth",
+            "MsgpipeDeadLetterQueueGrowing",
+            "MsgpipeMetricsMissing",
+            "MsgpipeRetryStorm"
+        ]
+    );
+    for rule in rules {
+        assert_eq!(rule.labels["namespace"], "billing", "{}", rule.alert);
+        assert_eq!(rule.labels["msgpipe_namespace"], "billing");
+        assert_eq!(rule.annotations["pipeline"], "billing/billing");
+        assert_eq!(
+            rule.annotations["dlq_list"],
+            "msgpipe dlq list -n billing --name billing"
+        );
+        assert_eq!(
+            rule.annotations["dlq_replay"],
+            "msgpipe dlq replay -n billing --name billing --all"
+        );
+        assert!(rule.annotations["value"].contains("$value"));
+        assert!(!rule.annotations["queue"].is_empty());
+    }
+    // Every name a receiver can select is a name the PrometheusRule uses.
+    let selectable: Vec<_> = notify::alert_names().collect();
+    assert!(names.iter().all(|n| selectable.contains(n)));
+}
+
+#[test]
+fn retry_storm_compares_retry_tier_publishes_with_work_queue_deliveries() {
+    let state = plan(&billing(), None).expect("plans");
+    let rule = state.prometheus_rule.expect("alerts").spec.groups[0]
+        .rules
+        .iter()
+        .find(|r| r.alert == alerts::alert_name::RETRY_STORM)
+        .cloned()
+        .expect("retry storm");
+    assert_eq!(
+        rule.expr,
+        r#"(sum by (vhost) (rate(rabbitmq_queue_exchange_messages_published_total{vhost="/",exchange="billing.invoices.retry"}[5m])) / sum by (vhost) (rate(rabbitmq_queue_messages_delivered_ack_total{vhost="/",queue="billing.invoices"}[5m]))) > 0.25"#
+    );
+    assert_eq!(rule.labels["queue"], "billing.invoices");
+}
+
+#[test]
+fn alertmanager_config_routes_each_receiver_and_names_secrets_only() {
+    let state = plan(&billing(), None).expect("plans");
+    let config = state.alertmanager_config.expect("notify set");
+    assert_eq!(config.metadata.name.as_deref(), Some("billing-notify"));
+    assert_eq!(config.metadata.namespace.as_deref(), Some("billing"));
+    let route = &config.spec.route;
+    assert_eq!(route.receiver, notify::UNROUTED_RECEIVER);
+    let scope: Vec<_> = route
+        .matchers
+        .iter()
+        .map(|m| format!("{}{}{}", m.name, m.match_type, m.value))
+        .collect();
+    assert_eq!(scope, ["namespace=billing", "msgpipe_pipeline=billing"]);
+    let children: Vec<_> = route
+        .routes
+        .iter()
+        .map(|r| {
+            let matchers: Vec<_> = r
+                .matchers
+                .iter()
+                .map(|m| format!("{}{}{}", m.name, m.match_type, m.value))
+                .collect();
+            (r.receiver.as_str(), matchers, r.continue_)
+        })
+        .collect();
+    assert_eq!(
+        children,
+        [
+            (
+                "oncall",
+                vec!["alertname=MsgpipeDeadLetterQueueDepth".to_string()],
+                true
+            ),
+            (
+                "team-slack",
+                vec!["alertname=~MsgpipeDeadLetterQueueGrowing|MsgpipeRetryStorm".to_string()],
+                true
+            ),
+            ("team-email", vec![], true),
+        ]
+    );
+    assert_eq!(route.routes[0].repeat_interval.as_deref(), Some("1h"));
+    let receivers = &config.spec.receivers;
+    let pagerduty = &receivers[1].pagerduty_configs[0];
+    assert_eq!(
+        (
+            pagerduty.routing_key.name.as_str(),
+            pagerduty.routing_key.key.as_str()
+        ),
+        ("billing-alerting", "pagerduty-routing-key")
+    );
+    let slack = &receivers[2].slack_configs[0];
+    assert_eq!(slack.api_url.key, "slack-webhook-url");
+    assert!(slack.text.contains("{{ .Annotations.dlq_replay }}"));
+    let email = &receivers[3].email_configs[0];
+    assert_eq!(email.to, "billing-team@example.com");
+    assert_eq!(email.smarthost, None, "global SMTP settings apply");
+    // Serialized, the object has the prometheus-operator's field names.
+    let json = serde_json::to_value(&config).expect("json");
+    assert_eq!(
+        json["spec"]["receivers"][2]["slackConfigs"][0]["apiURL"]["name"],
+        "billing-alerting"
+    );
+}
+
+#[test]
+fn pagerduty_severity_follows_the_mapping_then_the_label_name() {
+    let mapping = [(
+        "page".to_string(),
+        crate::api::notify::PagerDutySeverity::Critical,
+    )]
+    .into_iter()
+    .collect();
+    let template = notify::pagerduty_severity_template(&mapping);
+    assert!(template.contains(r#"eq .CommonLabels.severity "page" }}critical"#));
+    assert!(template.contains(r#"eq .CommonLabels.severity "warning" }}warning"#));
+    assert!(template.ends_with("{{ else }}error{{ end }}"));
+}
+
+#[test]
+fn fragment_is_what_the_prometheus_operator_would_generate_with_secret_files() {
+    let state = plan(&billing(), None).expect("plans");
+    let config = state.alertmanager_config.expect("notify set");
+    let fragment = notify::alertmanager_fragment(&[&config], "/run/secrets/");
+    let route = &fragment.routes[0];
+    assert_eq!(
+        route.matchers,
+        [r#"namespace="billing""#, r#"msgpipe_pipeline="billing""#]
+    );
+    assert!(route.continue_);
+    assert_eq!(route.routes[0].receiver, "billing/billing-notify/oncall");
+    let names: Vec<_> = fragment.receivers.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "billing/billing-notify/msgpipe-unrouted",
+            "billing/billing-notify/oncall",
+            "billing/billing-notify/team-slack",
+            "billing/billing-notify/team-email"
+        ]
+    );
+    assert_eq!(
+        fragment.receivers[1].pagerduty_configs[0]["routing_key_file"],
+        "/run/secrets/billing-alerting/pagerduty-routing-key"
+    );
+    assert_eq!(
+        fragment.receivers[2].slack_configs[0]["api_url_file"],
+        "/run/secrets/billing-alerting/slack-webhook-url"
+    );
+}
+
+#[test]
+fn email_smtp_settings_use_the_alertmanager_config_field_names() {
+    let mut p = billing();
+    let email = p.spec.alerts.notify[2].email.as_mut().expect("email");
+    email.smtp = Some(crate::api::notify::SmtpSettings {
+        smarthost: "smtp.example.com:587".into(),
+        from: "am@example.com".into(),
+        username: Some("am".into()),
+        password: Some(crate::api::notify::SecretKeyRef {
+            name: "smtp".into(),
+            key: "password".into(),
+        }),
+        require_tls: false,
+    });
+    let config = plan(&p, None).expect("plans").alertmanager_config;
+    let json = serde_json::to_value(config.expect("notify")).expect("json");
+    let email = &json["spec"]["receivers"][3]["emailConfigs"][0];
+    assert_eq!(email["requireTLS"], false);
+    assert_eq!(email["authUsername"], "am");
+    assert_eq!(
+        email["authPassword"],
+        serde_json::json!({"name": "smtp", "key": "password"})
+    );
+    assert_eq!(email["smarthost"], "smtp.example.com:587");
+}
