@@ -749,7 +749,11 @@ mod admission_tests {
         let errors = kube_cel::Validator::new()
             .validate(&unguarded, &json!({"d": "1x"}), None)
             .expect_err("an unguarded duration() fails on 1x");
-        assert_eq!(errors[0].kind, kube_cel::ErrorKind::EvaluationError, "{errors:?}");
+        assert_eq!(
+            errors[0].kind,
+            kube_cel::ErrorKind::EvaluationError,
+            "{errors:?}"
+        );
     }
 
     #[test]
