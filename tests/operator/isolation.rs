@@ -98,6 +98,8 @@ struct Cluster {
     /// List requests per collection path.
     lists: Arc<Mutex<BTreeMap<String, usize>>>,
     changes: Arc<Mutex<Changes>>,
+    /// Wakes the request loop after a user's edit, to answer the watches.
+    edited: Arc<tokio::sync::Notify>,
 }
 
 /// Every change made through the API since the cluster started, for watches.
@@ -131,7 +133,16 @@ impl Cluster {
         let task = tokio::spawn(async move {
             // Watches wait here until something they cover changes.
             let mut watches: Vec<Watch> = Vec::new();
-            while let Some((request, send)) = handle.next_request().await {
+            loop {
+                let next = tokio::select! {
+                    next = handle.next_request() => next,
+                    // A user's edit (see `edit`): only the watches have something to do.
+                    () = cluster.edited.notified() => {
+                        cluster.flush(&mut watches);
+                        continue;
+                    }
+                };
+                let Some((request, send)) = next else { break };
                 let method = request.method().clone();
                 let path = request.uri().path().to_string();
                 let query = request.uri().query().unwrap_or_default().to_string();
@@ -180,6 +191,15 @@ impl Cluster {
             }
         });
         (Client::new(service, "default"), task)
+    }
+
+    /// A user's `kubectl apply` of `object` (with its new generation): stored, and reported to
+    /// the open watches.
+    fn edit(&self, path: &str, object: Value) {
+        let before = self.api.get(path);
+        self.api.put(path, object);
+        self.record(&Method::PUT, path, before);
+        self.edited.notify_one();
     }
 
     /// A change to the object at `path`: a new resourceVersion and a watch event.
@@ -574,6 +594,28 @@ async fn an_undecodable_pipeline_among_fifty_gets_invalid_spec_and_the_fifty_con
         !live.queues.keys().any(|q| q.starts_with("alpha.bad")),
         "nothing of the bad pipeline reaches the broker"
     );
+
+    // A converged pipeline edited into an undecodable spec (a watch event, not a relist):
+    // reported, and no longer reconciled from its old spec; fixed, it converges again.
+    let edited = &good[0];
+    let mut object = api.get(edited).expect("p00");
+    object["spec"]["deadLetter"] = json!({"retention": "forever"});
+    object["metadata"]["generation"] = json!(2);
+    cluster.edit(edited, object.clone());
+    wait_until(&api, "the edited pipeline reported", || {
+        condition(&api, edited, "Ready").is_some_and(|(_, reason, _)| reason == "InvalidSpec")
+    })
+    .await;
+    assert_invalid_spec(&api, edited, "spec.deadLetter.retention", 2);
+    object = api.get(edited).expect("p00");
+    object["spec"]["deadLetter"] = json!({"retention": "14d"});
+    object["metadata"]["generation"] = json!(3);
+    cluster.edit(edited, object);
+    wait_until(&api, "the fixed pipeline Ready again", || {
+        ready(&api, edited) && api.get(edited).expect("p00")["status"]["observedGeneration"] == 3
+    })
+    .await;
+    api.take_calls();
     stop.send(()).expect("controller running");
     tokio::time::timeout(Duration::from_secs(30), task)
         .await
