@@ -253,7 +253,10 @@ mod tests {
             "99999999ms99999999ms99999999ms9s",
             "9999999999d",
         ] {
-            assert!(pattern.is_match(text) && text.len() <= DURATION_MAX_LEN, "{text}");
+            assert!(
+                pattern.is_match(text) && text.len() <= DURATION_MAX_LEN,
+                "{text}"
+            );
             let millis = text.parse::<Duration>().expect(text).as_millis();
             assert!(i64::try_from(millis).is_ok(), "{text} fits CEL's int64");
         }

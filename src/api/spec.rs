@@ -49,14 +49,24 @@ macro_rules! millis {
 macro_rules! ttl_rule {
     ($field:literal) => {
         concat!(
-            "!has(self.", $field, ") || !self.", $field, ".matches('", duration_pattern!(), "') || (",
-            millis!("self.", $field), " >= 1 && ", millis!("self.", $field), " <= 4294967295)"
+            "!has(self.",
+            $field,
+            ") || !self.",
+            $field,
+            ".matches('",
+            duration_pattern!(),
+            "') || (",
+            millis!("self.", $field),
+            " >= 1 && ",
+            millis!("self.", $field),
+            " <= 4294967295)"
         )
     };
 }
 
 /// Message of the TTL rules.
-const TTL_MESSAGE: &str = "must be between 1ms and 4294967295ms (about 49.7 days): RabbitMQ's longest message TTL";
+const TTL_MESSAGE: &str =
+    "must be between 1ms and 4294967295ms (about 49.7 days): RabbitMQ's longest message TTL";
 
 /// A MessagePipeline declares one work queue on RabbitMQ and everything that keeps its
 /// messages from being lost: retry queues with exponential backoff, a dead-letter exchange
@@ -588,15 +598,52 @@ mod admission_tests {
             .is_some_and(|p| crate::plan::plan(&p, None).is_ok())
     }
 
+    /// Every schema node with its JSON path, depth first.
+    fn nodes<'a>(
+        node: &'a kube_cel::CompiledSchema,
+        path: String,
+        out: &mut Vec<(String, &'a kube_cel::CompiledSchema)>,
+    ) {
+        out.push((path.clone(), node));
+        for (name, child) in &node.properties {
+            nodes(child, format!("{path}.{name}"), out);
+        }
+        if let Some(items) = &node.items {
+            nodes(items, format!("{path}[]"), out);
+        }
+        if let Some(values) = &node.additional_properties {
+            nodes(values, format!("{path}.*"), out);
+        }
+    }
+
+    /// Every rule of the CRD compiles, and none is estimated over the API server's cost
+    /// budget (every string a rule reads has a maxLength).
     #[test]
-    fn every_rule_compiles() {
+    fn every_rule_compiles_within_the_cost_budget() {
         let compiled = kube_cel::compile_schema(&schema());
-        let errors: Vec<String> = compiled
-            .compilation_errors()
-            .iter()
-            .map(|e| format!("{e:?}"))
-            .collect();
-        assert!(errors.is_empty(), "{errors:#?}");
+        let mut all = Vec::new();
+        nodes(&compiled, String::new(), &mut all);
+        let mut rules = 0;
+        for (path, node) in all {
+            let errors: Vec<String> = node
+                .compilation_errors()
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect();
+            assert!(errors.is_empty(), "{path}: {errors:#?}");
+            for result in node.validations.iter().flatten() {
+                rules += 1;
+                let warnings = kube_cel::estimate_rule_cost(&result.rule.rule, node);
+                assert!(
+                    warnings
+                        .iter()
+                        .all(|w| w.kind != kube_cel::WarningKind::CostExceeded),
+                    "{path}: {warnings:?}"
+                );
+            }
+        }
+        // amq. and control characters on 4 names, 249 bytes, type, 3 backoff, 1 retention, 4 spec.
+        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4);
         assert!(cel(&object(json!({})), None).is_empty());
     }
 
@@ -616,22 +663,38 @@ mod admission_tests {
         for (retention, admitted) in cases {
             let pipeline = object(json!({"deadLetter": {"retention": retention}}));
             let errors = cel(&pipeline, None);
-            assert_eq!(errors.is_empty(), admitted, "retention {retention}: {errors:?}");
-            assert_eq!(operator_accepts(&pipeline), admitted, "retention {retention}");
+            assert_eq!(
+                errors.is_empty(),
+                admitted,
+                "retention {retention}: {errors:?}"
+            );
+            assert_eq!(
+                operator_accepts(&pipeline),
+                admitted,
+                "retention {retention}"
+            );
             if !admitted {
                 assert!(
-                    errors[0].starts_with("ValidationFailure spec.deadLetter.retention: must be between 1ms"),
+                    errors[0].starts_with(
+                        "ValidationFailure spec.deadLetter.retention: must be between 1ms"
+                    ),
                     "{errors:?}"
                 );
             }
-            let pipeline = object(json!({"retry": {"backoff": {"initialDelay": retention, "maxDelay": "50d"}}}));
+            let pipeline = object(
+                json!({"retry": {"backoff": {"initialDelay": retention, "maxDelay": "50d"}}}),
+            );
             let errors = cel(&pipeline, None);
             assert!(
-                errors.iter().any(|e| e.contains("spec.retry.backoff.maxDelay: must be between")),
+                errors
+                    .iter()
+                    .any(|e| e.contains("spec.retry.backoff.maxDelay: must be between")),
                 "maxDelay 50d: {errors:?}"
             );
             assert_eq!(
-                errors.iter().any(|e| e.contains("spec.retry.backoff.initialDelay")),
+                errors
+                    .iter()
+                    .any(|e| e.contains("spec.retry.backoff.initialDelay")),
                 !admitted,
                 "initialDelay {retention}: {errors:?}"
             );
@@ -647,16 +710,17 @@ mod admission_tests {
             ("1s", "1s", true),
             ("90s", "1m30s", true),
         ] {
-            let pipeline = object(
-                json!({"retry": {"backoff": {"initialDelay": initial, "maxDelay": max}}}),
-            );
+            let pipeline =
+                object(json!({"retry": {"backoff": {"initialDelay": initial, "maxDelay": max}}}));
             let errors = cel(&pipeline, None);
             assert_eq!(errors.is_empty(), admitted, "{initial}..{max}: {errors:?}");
             assert_eq!(operator_accepts(&pipeline), admitted, "{initial}..{max}");
             if !admitted {
                 assert_eq!(
                     errors,
-                    ["ValidationFailure spec.retry.backoff.maxDelay: maxDelay must be >= initialDelay"]
+                    [
+                        "ValidationFailure spec.retry.backoff.maxDelay: maxDelay must be >= initialDelay"
+                    ]
                 );
             }
         }
@@ -668,7 +732,15 @@ mod admission_tests {
     #[test]
     fn durations_the_pattern_refuses_raise_no_cel_error() {
         let pattern = regex::Regex::new(DURATION_PATTERN).expect("pattern");
-        for bad in ["99999999999999999999d", "1x", "1.5s", "-1s", "abc", "12345678901ms", "5"] {
+        for bad in [
+            "99999999999999999999d",
+            "1x",
+            "1.5s",
+            "-1s",
+            "abc",
+            "12345678901ms",
+            "5",
+        ] {
             assert!(!pattern.is_match(bad), "{bad}");
             assert!(bad.parse::<crate::api::Duration>().is_err(), "{bad}");
             for spec in [
@@ -681,6 +753,17 @@ mod admission_tests {
                 assert!(errors.is_empty(), "{spec}: {errors:?}");
             }
         }
+        // The check above could fail: an unguarded rule does error on such a value.
+        let unguarded = json!({"type": "object", "properties": {"d": {"type": "string"}},
+            "x-kubernetes-validations": [{"rule": "duration(self.d) > duration('0s')"}]});
+        let errors = kube_cel::Validator::new()
+            .validate(&unguarded, &json!({"d": "1x"}), None)
+            .expect_err("an unguarded duration() fails on 1x");
+        assert_eq!(
+            errors[0].kind,
+            kube_cel::ErrorKind::EvaluationError,
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -700,7 +783,10 @@ mod admission_tests {
         assert!(cel(&classic, Some(&classic)).is_empty(), "unchanged");
         assert!(cel(&classic, None).is_empty(), "any type on create");
         let renamed = object(json!({"queue": {"type": "quorum", "name": "other"}}));
-        assert!(cel(&renamed, Some(&quorum)).is_empty(), "other fields may change");
+        assert!(
+            cel(&renamed, Some(&quorum)).is_empty(),
+            "other fields may change"
+        );
     }
 
     #[test]
@@ -717,8 +803,14 @@ mod admission_tests {
             let pipeline = object(spec.clone());
             let errors = cel(&pipeline, None);
             assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
-            assert!(errors[0].starts_with("ValidationFailure spec."), "{errors:?}");
-            assert!(!operator_accepts(&pipeline), "the operator refuses {spec} too");
+            assert!(
+                errors[0].starts_with("ValidationFailure spec."),
+                "{errors:?}"
+            );
+            assert!(
+                !operator_accepts(&pipeline),
+                "the operator refuses {spec} too"
+            );
         }
         for spec in [
             json!({"queue": {"name": "q", "exchange": "q.dlx"}, "deadLetter": {"exchange": "d"}}),
@@ -733,7 +825,8 @@ mod admission_tests {
 
     #[test]
     fn queue_names_are_counted_in_bytes_and_leave_room_for_the_retry_exchange() {
-        let at = |name: String| object(json!({"queue": {"name": name}, "retry": {"maxAttempts": 1}}));
+        let at =
+            |name: String| object(json!({"queue": {"name": name}, "retry": {"maxAttempts": 1}}));
         let longest = at("q".repeat(QUEUE_NAME_MAX_BYTES));
         assert!(cel(&longest, None).is_empty());
         assert!(operator_accepts(&longest));
@@ -741,7 +834,9 @@ mod admission_tests {
             let pipeline = at(too_long);
             let errors = cel(&pipeline, None);
             assert!(
-                errors.iter().any(|e| e.contains("spec.queue.name: must be at most 249 bytes")),
+                errors
+                    .iter()
+                    .any(|e| e.contains("spec.queue.name: must be at most 249 bytes")),
                 "{errors:?}"
             );
             assert!(!operator_accepts(&pipeline));
@@ -758,7 +853,9 @@ mod admission_tests {
             let pipeline = object(spec.clone());
             let errors = cel(&pipeline, None);
             assert!(
-                errors.iter().any(|e| e.contains("must not contain control characters")),
+                errors
+                    .iter()
+                    .any(|e| e.contains("must not contain control characters")),
                 "{spec}: {errors:?}"
             );
             assert!(!operator_accepts(&pipeline), "{spec}");
@@ -779,7 +876,12 @@ mod admission_tests {
             let text = std::fs::read_to_string(&path).expect("read");
             for pipeline in crate::api::load::parse_pipelines(&text).expect("parses") {
                 let value = serde_json::to_value(&pipeline).expect("json");
-                assert_eq!(cel(&value, None), Vec::<String>::new(), "{}", path.display());
+                assert_eq!(
+                    cel(&value, None),
+                    Vec::<String>::new(),
+                    "{}",
+                    path.display()
+                );
                 seen += 1;
             }
         }

@@ -338,19 +338,18 @@ pub async fn run_controller(
     let (bad_tx, bad_rx) = tokio::sync::mpsc::unbounded_channel();
     let retry = bad_tx.downgrade();
     let report_invalid = invalid::run(ctx.clone(), resource, bad_rx, retry);
-    let typed = watcher(pipelines, watcher::Config::default().any_semantic()).filter_map(
-        move |event| {
+    let typed =
+        watcher(pipelines, watcher::Config::default().any_semantic()).filter_map(move |event| {
             futures_util::future::ready(match event {
                 Ok(event) => invalid::split(event, &bad_tx).map(Ok),
                 Err(error) => Some(Err(error)),
             })
-        },
-    );
+        });
     let (reader, writer) = reflector::store();
     let trigger = reflector(writer, typed)
-    .default_backoff()
-    .touched_objects()
-    .predicate_filter(pipeline_trigger, Default::default());
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(pipeline_trigger, Default::default());
     let store = reader.clone();
     // Secrets: metadata only (never their data in memory); a change re-reconciles the
     // pipelines that name the Secret.

@@ -95,9 +95,7 @@ pub fn allows(calls: &[ApiCall], group: &str, resource: &str, verb: &str) -> boo
 
 /// The RBAC table of docs/operator.md.
 pub fn markdown_table() -> String {
-    let mut table = String::from(
-        "| API group | resource | verbs | why |\n|---|---|---|---|\n",
-    );
+    let mut table = String::from("| API group | resource | verbs | why |\n|---|---|---|---|\n");
     for (scope, calls) in [("", PIPELINE_CALLS), (" (release namespace)", LEASE_CALLS)] {
         for call in calls {
             let group = if call.group.is_empty() {

@@ -61,7 +61,9 @@ fn attributes(method: &Method, path: &str, query: &str, exists: bool) -> Option<
         Some(sub) => format!("{resource}/{sub}"),
         None => resource.to_string(),
     };
-    let watch = query.split('&').any(|p| p == "watch=true" || p == "watch=1");
+    let watch = query
+        .split('&')
+        .any(|p| p == "watch=true" || p == "watch=1");
     let verbs: Vec<&str> = match (method.as_str(), name) {
         ("GET", Some(_)) => vec!["get"],
         ("GET", None) if watch => vec!["watch"],
@@ -96,6 +98,8 @@ struct Cluster {
     /// List requests per collection path.
     lists: Arc<Mutex<BTreeMap<String, usize>>>,
     changes: Arc<Mutex<Changes>>,
+    /// Wakes the request loop after a user's edit, to answer the watches.
+    edited: Arc<tokio::sync::Notify>,
 }
 
 /// Every change made through the API since the cluster started, for watches.
@@ -129,7 +133,16 @@ impl Cluster {
         let task = tokio::spawn(async move {
             // Watches wait here until something they cover changes.
             let mut watches: Vec<Watch> = Vec::new();
-            while let Some((request, send)) = handle.next_request().await {
+            loop {
+                let next = tokio::select! {
+                    next = handle.next_request() => next,
+                    // A user's edit (see `edit`): only the watches have something to do.
+                    () = cluster.edited.notified() => {
+                        cluster.flush(&mut watches);
+                        continue;
+                    }
+                };
+                let Some((request, send)) = next else { break };
                 let method = request.method().clone();
                 let path = request.uri().path().to_string();
                 let query = request.uri().query().unwrap_or_default().to_string();
@@ -147,7 +160,11 @@ impl Cluster {
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
                 let is_collection_get = method == Method::GET && is_collection(&path);
-                if is_collection_get && query.split('&').any(|p| p == "watch=true" || p == "watch=1") {
+                if is_collection_get
+                    && query
+                        .split('&')
+                        .any(|p| p == "watch=true" || p == "watch=1")
+                {
                     let since = query
                         .split('&')
                         .find_map(|p| p.strip_prefix("resourceVersion="))
@@ -176,6 +193,15 @@ impl Cluster {
         (Client::new(service, "default"), task)
     }
 
+    /// A user's `kubectl apply` of `object` (with its new generation): stored, and reported to
+    /// the open watches.
+    fn edit(&self, path: &str, object: Value) {
+        let before = self.api.get(path);
+        self.api.put(path, object);
+        self.record(&Method::PUT, path, before);
+        self.edited.notify_one();
+    }
+
     /// A change to the object at `path`: a new resourceVersion and a watch event.
     fn record(&self, method: &Method, path: &str, before: Option<Value>) {
         let mut changes = self.changes.lock().expect("changes");
@@ -185,7 +211,11 @@ impl Cluster {
         let (kind, object) = match state.objects.get_mut(path) {
             Some(object) if *method != Method::DELETE => {
                 object["metadata"]["resourceVersion"] = json!(version.to_string());
-                let kind = if before.is_some() { "MODIFIED" } else { "ADDED" };
+                let kind = if before.is_some() {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
                 (kind, object.clone())
             }
             _ => match before {
@@ -257,7 +287,14 @@ impl Cluster {
             .verbs
             .iter()
             .copied()
-            .filter(|verb| !allows(PIPELINE_CALLS, &attributes.group, &attributes.resource, verb))
+            .filter(|verb| {
+                !allows(
+                    PIPELINE_CALLS,
+                    &attributes.group,
+                    &attributes.resource,
+                    verb,
+                )
+            })
             .collect();
         let verb = refused.first()?;
         let line = format!("{verb} {}/{}", attributes.group, attributes.resource);
@@ -485,7 +522,10 @@ fn assert_invalid_spec(api: &FakeApi, path: &str, field: &str, generation: i64) 
     let (status, reason, message) = condition(api, path, "Ready").expect("a Ready condition");
     assert_eq!((status.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     assert!(message.contains(field), "{message}");
-    assert!(!message.contains('\n') && message.len() <= 1024, "{message}");
+    assert!(
+        !message.contains('\n') && message.len() <= 1024,
+        "{message}"
+    );
     assert!(!message.contains("Status {"), "{message}");
     let object = api.get(path).expect("bad pipeline");
     assert_eq!(object["status"]["observedGeneration"], generation);
@@ -554,6 +594,28 @@ async fn an_undecodable_pipeline_among_fifty_gets_invalid_spec_and_the_fifty_con
         !live.queues.keys().any(|q| q.starts_with("alpha.bad")),
         "nothing of the bad pipeline reaches the broker"
     );
+
+    // A converged pipeline edited into an undecodable spec (a watch event, not a relist):
+    // reported, and no longer reconciled from its old spec; fixed, it converges again.
+    let edited = &good[0];
+    let mut object = api.get(edited).expect("p00");
+    object["spec"]["deadLetter"] = json!({"retention": "forever"});
+    object["metadata"]["generation"] = json!(2);
+    cluster.edit(edited, object.clone());
+    wait_until(&api, "the edited pipeline reported", || {
+        condition(&api, edited, "Ready").is_some_and(|(_, reason, _)| reason == "InvalidSpec")
+    })
+    .await;
+    assert_invalid_spec(&api, edited, "spec.deadLetter.retention", 2);
+    object = api.get(edited).expect("p00");
+    object["spec"]["deadLetter"] = json!({"retention": "14d"});
+    object["metadata"]["generation"] = json!(3);
+    cluster.edit(edited, object);
+    wait_until(&api, "the fixed pipeline Ready again", || {
+        ready(&api, edited) && api.get(edited).expect("p00")["status"]["observedGeneration"] == 3
+    })
+    .await;
+    api.take_calls();
     stop.send(()).expect("controller running");
     tokio::time::timeout(Duration::from_secs(30), task)
         .await
@@ -575,20 +637,25 @@ async fn an_undecodable_pipeline_among_fifty_gets_invalid_spec_and_the_fifty_con
     api.put(&late, pipeline("beta", "late", &vhost.name, json!({})));
 
     let (stop, task) = start_controller(&cluster);
-    let took = wait_until(&api, "the new pipeline Ready and the edited bad one reported", || {
-        ready(&api, &late)
-            && condition(&api, &bad, "Ready").is_some_and(|(_, _, m)| m.contains("maxAttempts"))
-    })
+    let took = wait_until(
+        &api,
+        "the new pipeline Ready and the edited bad one reported",
+        || {
+            ready(&api, &late)
+                && condition(&api, &bad, "Ready").is_some_and(|(_, _, m)| m.contains("maxAttempts"))
+        },
+    )
     .await;
     println!("after the restart: the new pipeline Ready in {took:?}");
     assert_invalid_spec(&api, &bad, "spec.retry.maxAttempts", 2);
-    assert!(
-        good.iter().all(|p| ready(&api, p)),
-        "the 50 stay Ready"
-    );
+    assert!(good.iter().all(|p| ready(&api, p)), "the 50 stay Ready");
     assert_eq!(warnings_about(&api, "bad", "InvalidSpec").len(), 1);
     assert_eq!(cluster.list_calls(&all_pipelines), 2, "one list per start");
-    assert_eq!(cluster.denied(), Vec::<String>::new(), "every call within RBAC");
+    assert_eq!(
+        cluster.denied(),
+        Vec::<String>::new(),
+        "every call within RBAC"
+    );
     stop.send(()).expect("controller running");
     tokio::time::timeout(Duration::from_secs(30), task)
         .await
@@ -640,7 +707,12 @@ async fn disabling_alerts_deletes_the_prometheus_rule_under_the_operators_rbac()
     let path = pipeline_path("alpha", "notes");
     api.put(
         &path,
-        pipeline("alpha", "notes", &vhost.name, json!({"alerts": {"enabled": false}})),
+        pipeline(
+            "alpha",
+            "notes",
+            &vhost.name,
+            json!({"alerts": {"enabled": false}}),
+        ),
     );
     // The rule an earlier generation (alerts on) left behind.
     let rule = "/apis/monitoring.coreos.com/v1/namespaces/alpha/prometheusrules/notes-alerts";
@@ -667,15 +739,26 @@ async fn disabling_alerts_deletes_the_prometheus_rule_under_the_operators_rbac()
             .await
             .map_err(|e| e.to_string())
     };
-    assert_eq!(reconcile_once().await, Ok(Action::await_change()), "finalizer");
+    assert_eq!(
+        reconcile_once().await,
+        Ok(Action::await_change()),
+        "finalizer"
+    );
     assert!(reconcile_once().await.is_ok());
     assert!(api.get(rule).is_none(), "the PrometheusRule is deleted");
     let (status, reason, _) = condition(&api, &path, "AlertsReady").expect("AlertsReady");
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "AlertsDisabled"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "AlertsDisabled")
+    );
     assert!(
         api.take_calls()
             .iter()
             .any(|c| c.method == Method::DELETE && c.path == rule)
     );
-    assert_eq!(cluster.denied(), Vec::<String>::new(), "DELETE is within RBAC");
+    assert_eq!(
+        cluster.denied(),
+        Vec::<String>::new(),
+        "DELETE is within RBAC"
+    );
 }
