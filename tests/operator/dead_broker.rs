@@ -192,8 +192,10 @@ async fn live_pipelines_converge_as_fast_beside_twenty_on_a_dead_broker() {
     );
     // Without the broker gate the dead pipelines time out one after another behind the
     // snapshot lock before any live one gets a worker: measured 42.8 s vs 0.73 s alone.
+    // The margin absorbs a loaded shared machine (2 cores, several test binaries at once);
+    // the gate's own cost is the 300 ms probe patience.
     assert!(
-        ratio < 1.6 || best_mixed < best_alone + Duration::from_millis(600),
+        ratio < 2.0 || best_mixed < best_alone + Duration::from_secs(1),
         "live pipelines held up by the dead broker: {best_mixed:?} vs {best_alone:?} alone"
     );
 }
