@@ -35,6 +35,9 @@ pub enum Reason {
     KubernetesAPIFailed,
     /// monitoring.coreos.com/v1 PrometheusRule is not served by this cluster.
     PrometheusRuleCRDMissing,
+    /// `spec.alerts.notify` is set but monitoring.coreos.com/v1alpha1 AlertmanagerConfig is
+    /// not served by this cluster.
+    AlertmanagerConfigCRDMissing,
     /// `spec.alerts.enabled: false`: no PrometheusRule, by request.
     AlertsDisabled,
     /// The PrometheusRule could not be read, written or deleted.
@@ -64,7 +67,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 27] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
@@ -79,6 +82,7 @@ impl Reason {
         Reason::WaitingForPolicies,
         Reason::KubernetesAPIFailed,
         Reason::PrometheusRuleCRDMissing,
+        Reason::AlertmanagerConfigCRDMissing,
         Reason::AlertsDisabled,
         Reason::AlertsApplyFailed,
         Reason::Created,
@@ -110,6 +114,7 @@ impl Reason {
             Reason::WaitingForPolicies => "WaitingForPolicies",
             Reason::KubernetesAPIFailed => "KubernetesAPIFailed",
             Reason::PrometheusRuleCRDMissing => "PrometheusRuleCRDMissing",
+            Reason::AlertmanagerConfigCRDMissing => "AlertmanagerConfigCRDMissing",
             Reason::AlertsDisabled => "AlertsDisabled",
             Reason::AlertsApplyFailed => "AlertsApplyFailed",
             Reason::Created => "Created",

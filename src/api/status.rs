@@ -40,6 +40,10 @@ pub struct MessagePipelineStatus {
     /// Messages waiting in each retry queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_queues: Vec<RetryQueueStatus>,
+    /// The AlertmanagerConfig msgpipe keeps for `spec.alerts.notify` (`<name>-notify`), so
+    /// that it is removed when `notify` goes away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alertmanager_config: Option<String>,
     /// When the broker was last read and reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,

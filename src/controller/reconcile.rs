@@ -109,7 +109,7 @@ async fn converge<B: PooledBroker>(
     if !new_tiers {
         write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
     }
-    let alerts = converge_alerts(pipeline, &desired, ctx).await;
+    let (alerts, alertmanager_config) = converge_alerts(pipeline, &desired, ctx).await;
     // Right before the broker pass, so a reconcile that is let through as the probe always
     // reports what the broker did.
     let gate = match &endpoint {
@@ -128,12 +128,16 @@ async fn converge<B: PooledBroker>(
     if new_tiers && outcome.tiers_in_place {
         write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
     }
-    let crd_missing = alerts.reason == Reason::PrometheusRuleCRDMissing;
+    let crd_missing = matches!(
+        alerts.reason,
+        Reason::PrometheusRuleCRDMissing | Reason::AlertmanagerConfigCRDMissing
+    );
     let observation = Observation {
         generation,
         broker: outcome.verdict,
         alerts,
         counts: outcome.counts,
+        alertmanager_config,
     };
     let ready = observation.broker.ok && observation.alerts.ok;
     write_status(api, pipeline, &observation, Some(&desired), ctx).await?;
@@ -199,7 +203,22 @@ async fn write_client_config<B: PooledBroker>(
     Ok(())
 }
 
+/// AlertsReady: the PrometheusRule, then the AlertmanagerConfig of `spec.alerts.notify`;
+/// also the name of the AlertmanagerConfig msgpipe now keeps.
 async fn converge_alerts<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    ctx: &Context<B>,
+) -> (Verdict, Option<String>) {
+    let rules = converge_rule(pipeline, desired, ctx).await;
+    let (notify, kept) = converge_notify(pipeline, desired, ctx).await;
+    match notify {
+        Some(notify) if rules.ok => (notify, kept),
+        _ => (rules, kept),
+    }
+}
+
+async fn converge_rule<B: PooledBroker>(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
     ctx: &Context<B>,
@@ -237,6 +256,65 @@ async fn converge_alerts<B: PooledBroker>(
         Err(error) => {
             warn!(error = %error, "alerts not applied");
             Verdict::failed(Reason::AlertsApplyFailed, error.to_string())
+        }
+    }
+}
+
+/// The AlertmanagerConfig `<name>-notify`: written while `spec.alerts.notify` is set, deleted
+/// once it is not. A pipeline that never had one costs no call (the status remembers it).
+/// Returns the verdict when there was something to do, and the name kept afterwards.
+async fn converge_notify<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    ctx: &Context<B>,
+) -> (Option<Verdict>, Option<String>) {
+    let kept_before = pipeline
+        .status
+        .as_ref()
+        .and_then(|s| s.alertmanager_config.clone());
+    let Some(name) = desired
+        .alertmanager_config
+        .as_ref()
+        .and_then(|c| c.metadata.name.clone())
+        .or(kept_before.clone())
+    else {
+        return (None, None);
+    };
+    let api = match k8s::alertmanager_config_api(&ctx.client).await {
+        Ok(api) => api,
+        Err(error) => {
+            let verdict = Verdict::failed(Reason::AlertsApplyFailed, error.to_string());
+            return (Some(verdict), kept_before);
+        }
+    };
+    match k8s::apply_alertmanager_config(&ctx.client, api.as_ref(), pipeline, desired).await {
+        Ok(AlertsOutcome::Applied { wrote }) => {
+            if wrote {
+                ctx.metrics.kube_write("alertmanagerconfig", "applied");
+            }
+            let message = format!(
+                "PrometheusRule {}-alerts and AlertmanagerConfig {name} are up to date",
+                desired.pipeline.name
+            );
+            (Some(Verdict::ok(Reason::Converged, message)), Some(name))
+        }
+        Ok(AlertsOutcome::Disabled { deleted }) => {
+            if deleted {
+                ctx.metrics.kube_write("alertmanagerconfig", "deleted");
+            }
+            (None, None)
+        }
+        Ok(AlertsOutcome::CrdMissing) => {
+            let verdict = Verdict::failed(
+                Reason::AlertmanagerConfigCRDMissing,
+                "spec.alerts.notify is set but the AlertmanagerConfig CRD (monitoring.coreos.com/v1alpha1) is not installed; install prometheus-operator's CRDs, or route the alerts in Alertmanager yourself (msgpipe render --alertmanager-fragment)",
+            );
+            (Some(verdict), None)
+        }
+        Err(error) => {
+            warn!(error = %error, "notification config not applied");
+            let verdict = Verdict::failed(Reason::AlertsApplyFailed, error.to_string());
+            (Some(verdict), kept_before)
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct Observation {
     pub alerts: Verdict,
     /// Live counts, when the broker could be read.
     pub counts: Option<LiveCounts>,
+    /// The AlertmanagerConfig msgpipe now keeps (None: none, or not looked at).
+    pub alertmanager_config: Option<String>,
 }
 
 impl Observation {
@@ -54,6 +56,7 @@ impl Observation {
             broker: Verdict::failed(Reason::InvalidSpec, &not_touched),
             alerts: Verdict::failed(Reason::InvalidSpec, not_touched),
             counts: None,
+            alertmanager_config: None,
         }
     }
 
@@ -99,6 +102,12 @@ pub fn next_status(
         observed_generation: observation.generation,
         conditions,
         last_sync_time: stored.and_then(|s| s.last_sync_time.clone()),
+        // An invalid spec touches nothing: what msgpipe kept stays on record.
+        alertmanager_config: if observation.alerts.reason == Reason::InvalidSpec {
+            stored.and_then(|s| s.alertmanager_config.clone())
+        } else {
+            observation.alertmanager_config.clone()
+        },
         ..MessagePipelineStatus::default()
     };
     match (&observation.counts, desired) {
@@ -189,6 +198,7 @@ mod tests {
             broker: Verdict::ok(Reason::Converged, "ok"),
             alerts: Verdict::ok(Reason::Converged, "ok"),
             counts: Some(counts),
+            alertmanager_config: None,
         }
     }
 

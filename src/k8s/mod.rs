@@ -9,8 +9,8 @@ pub mod rbac;
 mod secret;
 
 pub use owned::{
-    AlertsOutcome, announced_retry_queues, apply_client_config, apply_prometheus_rule,
-    prometheus_rule_api, read_client_config,
+    AlertsOutcome, alertmanager_config_api, announced_retry_queues, apply_alertmanager_config,
+    apply_client_config, apply_prometheus_rule, prometheus_rule_api, read_client_config,
 };
 pub use secret::{broker_endpoint, secret_text};
 

@@ -1,4 +1,5 @@
-//! The objects a pipeline owns: ConfigMap `<name>-client` and PrometheusRule `<name>-alerts`.
+//! The objects a pipeline owns: ConfigMap `<name>-client`, PrometheusRule `<name>-alerts` and
+//! AlertmanagerConfig `<name>-notify`.
 //! Each is read first and written (server-side apply, owner reference to the pipeline) only
 //! when it differs, so a converged pipeline costs reads and no writes.
 
@@ -29,18 +30,37 @@ pub enum AlertsOutcome {
 /// The PrometheusRule API, or None when its CRD is not installed (API discovery, which
 /// every authenticated client may read).
 pub async fn prometheus_rule_api(client: &Client) -> Result<Option<ApiResource>, KubeError> {
-    let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule");
-    match client
-        .list_api_group_resources("monitoring.coreos.com/v1")
-        .await
-    {
-        Ok(list) if list.resources.iter().any(|r| r.name == "prometheusrules") => Ok(Some(
-            ApiResource::from_gvk_with_plural(&gvk, "prometheusrules"),
-        )),
+    discover(client, "v1", "PrometheusRule", "prometheusrules").await
+}
+
+/// The AlertmanagerConfig API (monitoring.coreos.com/v1alpha1), or None when its CRD is not
+/// installed.
+pub async fn alertmanager_config_api(client: &Client) -> Result<Option<ApiResource>, KubeError> {
+    discover(
+        client,
+        "v1alpha1",
+        "AlertmanagerConfig",
+        "alertmanagerconfigs",
+    )
+    .await
+}
+
+async fn discover(
+    client: &Client,
+    version: &str,
+    kind: &str,
+    plural: &str,
+) -> Result<Option<ApiResource>, KubeError> {
+    let gvk = GroupVersionKind::gvk("monitoring.coreos.com", version, kind);
+    let group_version = format!("monitoring.coreos.com/{version}");
+    match client.list_api_group_resources(&group_version).await {
+        Ok(list) if list.resources.iter().any(|r| r.name == plural) => {
+            Ok(Some(ApiResource::from_gvk_with_plural(&gvk, plural)))
+        }
         Ok(_) => Ok(None),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
         Err(source) => Err(KubeError::Api {
-            operation: "discover the monitoring.coreos.com/v1 API".into(),
+            operation: format!("discover the {group_version} API"),
             source,
         }),
     }
@@ -131,57 +151,132 @@ pub async fn apply_prometheus_rule(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
 ) -> Result<AlertsOutcome, KubeError> {
-    let Some(resource) = rule_api else {
-        return Ok(match desired.prometheus_rule {
+    let wanted = match &desired.prometheus_rule {
+        Some(rule) => Some(Wanted::of(&rule.spec, &rule.metadata, rule)?),
+        None => None,
+    };
+    let name = format!("{}-alerts", desired.pipeline.name);
+    apply_owned(
+        client,
+        rule_api,
+        pipeline,
+        desired,
+        "PrometheusRule",
+        &name,
+        wanted,
+    )
+    .await
+}
+
+/// Makes AlertmanagerConfig `<name>-notify` match `spec.alerts.notify` (or removes ours when
+/// `notify` is gone).
+pub async fn apply_alertmanager_config(
+    client: &Client,
+    config_api: Option<&ApiResource>,
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+) -> Result<AlertsOutcome, KubeError> {
+    let wanted = match &desired.alertmanager_config {
+        Some(config) => Some(Wanted::of(&config.spec, &config.metadata, config)?),
+        None => None,
+    };
+    let name = format!("{}-notify", desired.pipeline.name);
+    apply_owned(
+        client,
+        config_api,
+        pipeline,
+        desired,
+        "AlertmanagerConfig",
+        &name,
+        wanted,
+    )
+    .await
+}
+
+/// What msgpipe writes for one owned object: its spec and labels (compared with the live
+/// object) and the whole object (applied).
+struct Wanted {
+    spec: Value,
+    labels: BTreeMap<String, String>,
+    object: Value,
+}
+
+impl Wanted {
+    fn of(
+        spec: &impl serde::Serialize,
+        metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        object: &impl serde::Serialize,
+    ) -> Result<Self, KubeError> {
+        let encode = |e: serde_json::Error| KubeError::Api {
+            operation: "encode an owned object".into(),
+            source: kube::Error::SerdeError(e),
+        };
+        Ok(Self {
+            spec: serde_json::to_value(spec).map_err(encode)?,
+            labels: metadata.labels.clone().unwrap_or_default(),
+            object: serde_json::to_value(object).map_err(encode)?,
+        })
+    }
+}
+
+/// Reads the owned object `name` and server-side applies it when it differs from `wanted`,
+/// or deletes it (only when it is ours) when nothing is wanted.
+async fn apply_owned(
+    client: &Client,
+    resource: Option<&ApiResource>,
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    kind: &str,
+    name: &str,
+    wanted: Option<Wanted>,
+) -> Result<AlertsOutcome, KubeError> {
+    let Some(resource) = resource else {
+        return Ok(match wanted {
             Some(_) => AlertsOutcome::CrdMissing,
             None => AlertsOutcome::Disabled { deleted: false },
         });
     };
     let namespace = desired.pipeline.namespace.clone();
-    let name = format!("{}-alerts", desired.pipeline.name);
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, resource);
-    let existing = api.get_opt(&name).await.map_err(KubeError::api(format!(
-        "read PrometheusRule {namespace}/{name}"
-    )))?;
+    let existing = api
+        .get_opt(name)
+        .await
+        .map_err(KubeError::api(format!("read {kind} {namespace}/{name}")))?;
     let owner = owner_reference(pipeline);
-    let Some(rule) = &desired.prometheus_rule else {
+    let Some(wanted) = wanted else {
         let ours = existing.as_ref().is_some_and(|e| {
             owner
                 .as_ref()
                 .is_some_and(|o| e.owner_references().iter().any(|r| r.uid == o.uid))
         });
         if ours {
-            api.delete(&name, &DeleteParams::default())
+            api.delete(name, &DeleteParams::default())
                 .await
-                .map_err(KubeError::api(format!(
-                    "delete PrometheusRule {namespace}/{name}"
-                )))?;
+                .map_err(KubeError::api(format!("delete {kind} {namespace}/{name}")))?;
         }
         return Ok(AlertsOutcome::Disabled { deleted: ours });
     };
-    let desired_spec = serde_json::to_value(&rule.spec).unwrap_or(Value::Null);
-    let desired_labels = rule.metadata.labels.clone().unwrap_or_default();
     if let Some(existing) = &existing
-        && existing.data.get("spec") == Some(&desired_spec)
+        && existing.data.get("spec") == Some(&wanted.spec)
         && is_current(
             existing.labels(),
             existing.owner_references(),
-            &desired_labels,
+            &wanted.labels,
             owner.as_ref(),
         )
     {
         return Ok(AlertsOutcome::Applied { wrote: false });
     }
-    let mut object = rule.clone();
-    object.metadata.owner_references = owner.map(|o| vec![o]);
+    let mut object = wanted.object;
+    if let Some(owner) = owner {
+        object["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+    }
     api.patch(
-        &name,
+        name,
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&object),
     )
     .await
-    .map_err(KubeError::api(format!(
-        "apply PrometheusRule {namespace}/{name}"
-    )))?;
+    .map_err(KubeError::api(format!("apply {kind} {namespace}/{name}")))?;
     Ok(AlertsOutcome::Applied { wrote: true })
 }

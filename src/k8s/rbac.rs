@@ -62,6 +62,12 @@ pub const PIPELINE_CALLS: &[ApiCall] = &[
         why: "the `<name>-alerts` PrometheusRule: read, server-side apply, delete when alerts are disabled",
     },
     ApiCall {
+        group: "monitoring.coreos.com",
+        resource: "alertmanagerconfigs",
+        verbs: &["get", "create", "patch", "delete"],
+        why: "the `<name>-notify` AlertmanagerConfig of `spec.alerts.notify`: read, server-side apply, delete when `notify` is removed",
+    },
+    ApiCall {
         group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],

@@ -44,6 +44,8 @@ pub struct State {
     pub calls: Vec<Call>,
     /// Whether monitoring.coreos.com/v1 is served (the PrometheusRule CRD is installed).
     pub prometheus_rule_crd: bool,
+    /// Whether monitoring.coreos.com/v1alpha1 is served (the AlertmanagerConfig CRD).
+    pub alertmanager_config_crd: bool,
     /// The last configuration each field manager applied, by (path, manager).
     applied: BTreeMap<(String, String), Value>,
     /// (method, path) pairs RBAC denies.
@@ -235,6 +237,18 @@ fn route(
                 json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "monitoring.coreos.com/v1",
                        "resources": [{"name": "prometheusrules", "singularName": "prometheusrule", "namespaced": true,
                                       "kind": "PrometheusRule", "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]}),
+            )
+        } else {
+            not_found(path)
+        };
+    }
+    if path == "/apis/monitoring.coreos.com/v1alpha1" {
+        return if state.alertmanager_config_crd {
+            (
+                StatusCode::OK,
+                json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "monitoring.coreos.com/v1alpha1",
+                       "resources": [{"name": "alertmanagerconfigs", "singularName": "alertmanagerconfig", "namespaced": true,
+                                      "kind": "AlertmanagerConfig", "verbs": ["get", "list", "watch", "create", "patch", "delete"]}]}),
             )
         } else {
             not_found(path)

@@ -478,3 +478,96 @@ async fn deleting_on_an_unreachable_broker_retries_then_releases_after_the_clean
     );
     assert_eq!(h.retry_queues_on_broker().len(), 4, "nothing deleted");
 }
+
+/// `spec.alerts.notify` with one Slack receiver whose webhook URL stays in a Secret.
+fn notify_slack(spec: &mut Value) {
+    spec["alerts"]["notify"] = json!([{
+        "name": "team-slack",
+        "slack": {"webhookUrl": {"name": "alerting", "key": "slack-url"}, "channel": "#notes"}
+    }]);
+}
+
+const NOTIFY: &str =
+    "/apis/monitoring.coreos.com/v1alpha1/namespaces/notes-app/alertmanagerconfigs/notes-notify";
+
+#[tokio::test]
+async fn notify_writes_an_alertmanager_config_and_removing_it_deletes_the_config() {
+    let h = Offline::new();
+    h.api.0.lock().expect("state").alertmanager_config_crd = true;
+    let (result, calls) = h.first_sync().await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.contains("alertmanagerconfigs") || c.path.ends_with("/v1alpha1")),
+        "a pipeline without notify never asks for AlertmanagerConfigs: {calls:?}"
+    );
+
+    h.change_spec(notify_slack);
+    let (result, _) = h.reconcile().await;
+    assert!(result.is_ok(), "{result:?}");
+    let config = h.api.get(NOTIFY).expect("AlertmanagerConfig written");
+    let text = config.to_string();
+    assert!(
+        text.contains("slack-url") && text.contains("#notes"),
+        "{text}"
+    );
+    assert_eq!(
+        config["metadata"]["ownerReferences"][0]["kind"], "MessagePipeline",
+        "owned by the pipeline"
+    );
+    let pipeline = h.api.get(PIPELINE).expect("pipeline");
+    assert_eq!(pipeline["status"]["alertmanagerConfig"], "notes-notify");
+    let (status, reason, message) = h.condition("AlertsReady");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Converged"));
+    assert!(message.contains("notes-notify"), "{message}");
+
+    // Converged: read, nothing written.
+    let (_, calls) = h.reconcile().await;
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.contains("alertmanagerconfigs") && c.method != Method::GET),
+        "{calls:?}"
+    );
+
+    h.change_spec(|spec| {
+        spec["alerts"]
+            .as_object_mut()
+            .expect("alerts")
+            .remove("notify");
+    });
+    let (result, calls) = h.reconcile().await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == Method::DELETE && c.path == NOTIFY),
+        "notify removed: the AlertmanagerConfig is deleted: {calls:?}"
+    );
+    assert!(h.api.get(NOTIFY).is_none());
+    let pipeline = h.api.get(PIPELINE).expect("pipeline");
+    assert!(
+        pipeline["status"].get("alertmanagerConfig").is_none(),
+        "{pipeline}"
+    );
+}
+
+#[tokio::test]
+async fn notify_without_the_alertmanager_config_crd_says_so_and_the_broker_still_converges() {
+    let h = Offline::new();
+    h.change_spec(notify_slack);
+    let (result, _) = h.first_sync().await;
+    assert!(result.is_ok(), "{result:?}");
+    let (status, reason, message) = h.condition("AlertsReady");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "AlertmanagerConfigCRDMissing")
+    );
+    assert!(
+        message.contains("monitoring.coreos.com/v1alpha1"),
+        "{message}"
+    );
+    let (broker, _, _) = h.condition("BrokerReady");
+    assert_eq!(broker, "True");
+}

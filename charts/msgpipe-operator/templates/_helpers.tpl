@@ -82,7 +82,7 @@ Leases are not here: they live in their own Role in the release namespace.
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["monitoring.coreos.com"]
-  resources: ["prometheusrules"]
+  resources: ["prometheusrules", "alertmanagerconfigs"]
   verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
