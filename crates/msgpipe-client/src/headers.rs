@@ -5,7 +5,7 @@
 //!
 //! Value types on the wire: counts are signed 64-bit integers (AMQP `l`, as RabbitMQ writes
 //! `x-death` counts), times and texts are long strings (`S`). Readers accept any integer type,
-//! and digits in a string, for the counts ([`crate::retry::retry_count`]).
+//! and digits in a string, for the counts; times parse with [`parse_time`].
 
 /// Retries already done for this message (0 on the first delivery). Attempt = this + 1.
 /// RabbitMQ 4 ignores an `x-death` header a client sets, so the count travels in our own header.
