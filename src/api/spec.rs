@@ -642,8 +642,9 @@ mod admission_tests {
                 );
             }
         }
-        // amq. and control characters on 4 names, 249 bytes, type, 3 backoff, 1 retention, 4 spec.
-        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4);
+        // amq. and control characters on 4 names, 249 bytes, type, 3 backoff, 1 retention, 4 spec,
+        // one channel per notify receiver.
+        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4 + 1);
         assert!(cel(&object(json!({})), None).is_empty());
     }
 

@@ -302,12 +302,19 @@ async fn drift_on_the_broker_is_repaired_and_counted() {
     let (result, _) = h.first_sync().await;
     assert!(result.is_ok(), "{result:?}");
     // Someone deletes the DLX binding: dead letters would be dropped silently.
+    let bindings = format!(
+        "/bindings/{}/e/notes_dlq_exchange/q/notes_queue_dlq",
+        support::encode(&h.vhost.name)
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&support::mgmt("GET", &bindings, None)).expect("bindings json");
+    let key = listed[0]["properties_key"]
+        .as_str()
+        .expect("the DLX binding")
+        .to_string();
     support::mgmt(
         "DELETE",
-        &format!(
-            "/bindings/{}/e/notes_dlq_exchange/q/notes_queue_dlq/~",
-            support::encode(&h.vhost.name)
-        ),
+        &format!("{bindings}/{}", support::encode(&key)),
         None,
     );
     let (result, calls) = h.reconcile().await;

@@ -243,7 +243,10 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
         config_map < first_retirement,
         "clients must stop using a tier before it goes: {journal:#?}"
     );
-    assert!(journal.contains(&"broker: delete queue notes_queue.retry.3 if empty".to_string()));
+    assert!(
+        journal
+            .contains(&"broker: delete queue notes_queue.retry.3 if empty and unused".to_string())
+    );
     assert_eq!(
         h.retry_queues_on_broker(),
         [
