@@ -719,6 +719,56 @@ async fn delete_policy_removes_empty_objects_and_keeps_a_dlq_holding_messages() 
 }
 
 #[tokio::test]
+async fn delete_dry_run_prints_the_teardown_plan_and_changes_nothing() {
+    let vhost = TestVhost::new("broker-delete-dry");
+    let broker = support::test_broker(&vhost.name);
+    let state = notes(
+        &vhost.name,
+        "  deletionPolicy: Delete\n  retry: { maxAttempts: 2, backoff: { initialDelay: 1s, multiplier: 2, maxDelay: 1m } }",
+    );
+    converge(&broker, &state).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = dir.path().join("notes.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: notes, namespace: notes-app }}\nspec:\n  broker: {{ secretRef: {{ name: rabbitmq }}, vhost: \"{}\" }}\n  queue: {{ name: notes_queue, exchange: notes, routingKey: notes }}\n  deadLetter: {{ exchange: notes_dlq_exchange, queue: notes_queue_dlq }}\n  deletionPolicy: Delete\n  retry: {{ maxAttempts: 2, backoff: {{ initialDelay: 1s, multiplier: 2, maxDelay: 1m }} }}\n",
+            vhost.name
+        ),
+    )
+    .expect("write");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+        .args(["delete", "--dry-run", "-f"])
+        .arg(&manifest)
+        .env("MSGPIPE_BROKER_URI", support::amqp_uri(&vhost.name))
+        .env("MSGPIPE_MANAGEMENT_URI", "http://127.0.0.1:15673")
+        .output()
+        .expect("msgpipe runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "notes-app/notes: would unbind notes_queue.retry -> notes_queue.retry.1 (key \"1\")",
+            "notes-app/notes: would delete queue notes_queue.retry.1 if empty and unused",
+            "notes-app/notes: would delete exchange notes_queue.retry",
+            "notes-app/notes: would unbind notes -> notes_queue (key \"notes\")",
+            "notes-app/notes: would delete queue notes_queue if empty and unused",
+            "notes-app/notes: would delete exchange notes",
+            "notes-app/notes: would delete queue notes_queue_dlq if empty and unused",
+            "notes-app/notes: would delete exchange notes_dlq_exchange",
+        ]
+    );
+    // Nothing changed: the next converge has nothing to do.
+    assert!(converge(&broker, &state).await.changes.is_empty());
+}
+
+#[tokio::test]
 async fn a_retried_message_returns_after_its_tier_delay_and_only_to_its_own_queue() {
     let vhost = TestVhost::new("broker-flow-retry");
     let broker = support::test_broker(&vhost.name);
