@@ -113,7 +113,9 @@ pub enum ActionOutcome {
 pub trait BrokerApi: Send + Sync {
     /// Every exchange, queue (with counts), queue binding and policy of a vhost, in one pass.
     fn snapshot(&self, vhost: &str) -> impl Future<Output = Result<LiveVhost, BrokerError>> + Send;
-    /// Carries out one action.
+    /// Carries out one action. The reconcile executor never passes `Keep` (nothing to do)
+    /// or `DeleteExchange` (it calls [`BrokerApi::delete_exchange`]); an implementation may
+    /// treat them the same way.
     fn execute(
         &self,
         vhost: &str,
