@@ -919,6 +919,16 @@ async fn errors_are_one_line_and_never_show_the_password() {
             "{error}"
         );
     }
+    // A two-character password is hidden too (where it stands alone).
+    for uri in [
+        "amqp://guest:Q7@127.0.0.1:5673/",
+        "amqp://guest:Q7@127.0.0.1:1/",
+    ] {
+        let output = msgpipe(uri, &["dlq", "list", "-f", file, "--timeout", "5"]);
+        let printed = format!("{}{}", text(&output.stdout), text(&output.stderr));
+        assert!(!output.status.success());
+        assert!(!printed.contains("Q7"), "password leaked: {printed}");
+    }
     // Not applied yet: the DLQ does not exist.
     let error = one_line_error(&msgpipe(
         &amqp_uri(&vhost.name),
