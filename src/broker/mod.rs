@@ -14,7 +14,10 @@ use std::future::Future;
 pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::{BINDING_MARKER, LiveVhost};
-pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
+pub use rabbit::{
+    DEFAULT_CALL_TIMEOUT, DEFAULT_DELETE_SETTLE, RabbitBroker, connect_amqp,
+    install_crypto_provider,
+};
 pub use reconcile::{
     BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
     snapshot_vhosts, teardown,
