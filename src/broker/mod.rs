@@ -18,7 +18,10 @@ pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::{BINDING_MARKER, LiveVhost};
 pub use memory::MemoryBroker;
-pub use rabbit::{DEFAULT_CALL_TIMEOUT, RabbitBroker, connect_amqp, install_crypto_provider};
+pub use rabbit::{
+    DEFAULT_CALL_TIMEOUT, DEFAULT_DELETE_SETTLE, RabbitBroker, connect_amqp,
+    install_crypto_provider,
+};
 pub use reconcile::{
     BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
     snapshot_vhosts, teardown,
@@ -119,7 +122,9 @@ pub enum ActionOutcome {
 pub trait BrokerApi: Send + Sync {
     /// Every exchange, queue (with counts), queue binding and policy of a vhost, in one pass.
     fn snapshot(&self, vhost: &str) -> impl Future<Output = Result<LiveVhost, BrokerError>> + Send;
-    /// Carries out one action.
+    /// Carries out one action. The reconcile executor never passes `Keep` (nothing to do)
+    /// or `DeleteExchange` (it calls [`BrokerApi::delete_exchange`]); an implementation may
+    /// treat them the same way.
     fn execute(
         &self,
         vhost: &str,

@@ -35,6 +35,10 @@ const MAX_IDLE_CHANNELS: usize = 32;
 /// Round trips of an AMQP connection handshake (start, tune, open; TLS adds its own).
 const CONNECT_ROUND_TRIPS: u64 = 3;
 
+/// How long a classic queue that looks empty is watched before it is deleted: longer than
+/// RabbitMQ's default statistics interval (5 s), so a `basic.get` holder shows.
+pub const DEFAULT_DELETE_SETTLE: Duration = Duration::from_secs(6);
+
 /// How long deleting a queue waits for the management API to report figures for it (a
 /// queue a few seconds old has none yet; see [`RabbitBroker::queue_stats`]).
 const STATS_WAIT: Duration = Duration::from_secs(20);
@@ -51,6 +55,9 @@ pub struct RabbitBroker {
     amqp: Mutex<HashMap<String, Arc<VhostConnection>>>,
     server_major: OnceCell<u32>,
     timeout: Duration,
+    /// How long a queue delete waits, after the figures first show the queue empty, before
+    /// reading them again (see [`RabbitBroker::with_delete_settle`]).
+    delete_settle: Duration,
     round_trips: AtomicU64,
 }
 
@@ -114,8 +121,20 @@ impl RabbitBroker {
             amqp: Mutex::new(HashMap::new()),
             server_major: OnceCell::new(),
             timeout,
+            delete_settle: DEFAULT_DELETE_SETTLE,
             round_trips: AtomicU64::new(0),
         })
+    }
+
+    /// Before deleting a classic queue whose figures show it empty, wait `settle` (default
+    /// [`DEFAULT_DELETE_SETTLE`]) and read them again. A classic queue's passive declare does
+    /// not count messages a client holds unacknowledged after `basic.get`, and the figures
+    /// that do lag by the statistics interval (`collect_statistics_interval`, 5 s by
+    /// default): a settle longer than that interval closes the window. Quorum queues need
+    /// none: their passive declare counts each such holder as a consumer, exactly.
+    pub fn with_delete_settle(mut self, settle: Duration) -> Self {
+        self.delete_settle = settle;
+        self
     }
 
     pub fn endpoint(&self) -> &BrokerEndpoint {
@@ -451,13 +470,14 @@ impl RabbitBroker {
     /// consumer; then its policy.
     ///
     /// No RabbitMQ version (3.10, 4.0, 4.3 measured) refuses to delete a queue whose
-    /// messages a client holds unacknowledged after `basic.get`: a passive declare and
-    /// `if-empty` count ready messages only, `if-unused` counts consumers only, and quorum
-    /// queues refuse both flags (over AMQP by closing the connection). So: the exact ready
-    /// and consumer counts (passive declare), then the management figures, which do count
-    /// unacknowledged messages (they lag by the stats interval), then the exact counts
-    /// again, then the delete, with `if-empty` and `if-unused` for a classic queue so the
-    /// broker itself refuses one that got a message or a consumer in between.
+    /// messages a client holds unacknowledged after `basic.get`: `if-empty` counts ready
+    /// messages only, `if-unused` consumers only, and quorum queues refuse both flags (over
+    /// AMQP by closing the connection). A quorum queue's passive declare does count each
+    /// such client as a consumer; a classic queue's does not, and only the management
+    /// figures (which lag by the stats interval) show them. So: the exact counts (passive
+    /// declare), the figures, for a classic queue the figures again after the settle, the
+    /// exact counts again, then the delete, with `if-empty` and `if-unused` for a classic
+    /// queue so the broker itself refuses one that got a message or a consumer in between.
     async fn delete_queue_if_empty(
         &self,
         vhost: &str,
@@ -475,6 +495,14 @@ impl RabbitBroker {
         };
         if stats.held() {
             return Ok(ActionOutcome::Kept(stats.depth()));
+        }
+        if stats.classic && !self.delete_settle.is_zero() {
+            tokio::time::sleep(self.delete_settle).await;
+            match self.queue_stats(vhost, queue).await? {
+                None => return Ok(ActionOutcome::Gone),
+                Some(later) if later.held() => return Ok(ActionOutcome::Kept(later.depth())),
+                Some(_) => {}
+            }
         }
         let Some(depth) = BrokerApi::queue_depth(self, vhost, queue).await? else {
             return Ok(ActionOutcome::Gone);

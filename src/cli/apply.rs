@@ -66,6 +66,12 @@ pub struct DeleteArgs {
     /// runs only once the queues before it are gone.
     #[arg(long)]
     pub dry_run: bool,
+    /// Before deleting a classic queue that looks empty, wait this long and look again
+    /// (default 6s): the broker's figures of unacknowledged messages lag by its statistics
+    /// interval, so a client that took the last messages just before would go unseen.
+    /// Raise it if the broker's collect_statistics_interval is longer than 5s.
+    #[arg(long, value_name = "DURATION")]
+    pub settle: Option<String>,
 }
 
 impl BrokerArgs {
@@ -191,7 +197,13 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
 }
 
 pub async fn delete(args: &DeleteArgs) -> anyhow::Result<()> {
-    let broker = args.broker.connect()?;
+    let mut broker = args.broker.connect()?;
+    if let Some(text) = &args.settle {
+        let settle = text
+            .parse::<crate::api::duration::Duration>()
+            .map_err(|e| anyhow::anyhow!("--settle {text:?}: {e}"))?;
+        broker = broker.with_delete_settle(settle.as_std());
+    }
     let result = delete_with(&broker, args).await;
     broker.close().await;
     result
