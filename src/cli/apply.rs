@@ -52,6 +52,14 @@ pub struct ApplyArgs {
     /// Pipelines reconciled at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// Also write the plain alertmanager.yml routes and receivers of the pipelines'
+    /// spec.alerts.notify to FILE (for an Alertmanager without the prometheus-operator).
+    #[arg(long, value_name = "FILE")]
+    pub alertmanager_fragment: Option<PathBuf>,
+    /// With --alertmanager-fragment: directory where that Alertmanager finds the Secrets as
+    /// files (<dir>/<secret>/<key>).
+    #[arg(long, value_name = "DIR", default_value = crate::plan::notify::DEFAULT_SECRETS_DIR, requires = "alertmanager_fragment")]
+    pub secrets_dir: String,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +185,10 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         .into_iter()
         .map(|(_, s)| s)
         .collect();
+    if let Some(path) = &args.alertmanager_fragment {
+        super::render::write_alertmanager_fragment(path, &states, &args.secrets_dir)?;
+        println!("wrote the alertmanager.yml fragment to {}", path.display());
+    }
     let live = broker::snapshot_vhosts(broker, &states).await?;
     if args.dry_run {
         for state in &states {

@@ -104,9 +104,6 @@ pub fn alertmanager_fragment(
 
 /// Writes [`alertmanager_fragment`] as YAML to `path`: what `msgpipe apply` can leave for an
 /// Alertmanager without the prometheus-operator.
-// Not yet called: `msgpipe apply --alertmanager-fragment FILE` (src/cli/apply.rs) is wired
-// after the merge; until then only the test below runs it.
-#[allow(dead_code)]
 pub fn write_alertmanager_fragment(
     path: &std::path::Path,
     states: &[DesiredState],
