@@ -524,7 +524,12 @@ async fn replay_reaches_the_work_queue_and_nothing_else() {
     channel
         .queue_declare(
             "bystander".into(),
-            lapin::options::QueueDeclareOptions::default(),
+            // Durable: RabbitMQ 4.x deprecates transient non-exclusive queues (the suite's
+            // nodes refuse them).
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
