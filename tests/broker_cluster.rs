@@ -465,13 +465,18 @@ async fn leader_node_killed_under_load_loses_nothing_and_keeps_retry_delays() {
     let across: Vec<f64> = gaps.iter().filter(|g| overlaps(g)).map(error).collect();
     let max_across = across.iter().copied().fold(0.0, f64::max);
     println!(
-        "{MESSAGES} messages: {} handled ok ({} distinct, {} duplicates), {} dead-lettered, {} missing; \
+        "{MESSAGES} messages: {} handled ok ({} distinct, {} duplicates), {} dead-lettered ({} of them \
+         also handled: at-least-once copies), {} missing; \
          failover {outage:?}; {} retries outside it: delay error min {:+.1}%, p50 {:+.1}%, p99 {:+.1}%, \
          max {:+.1}%; {} retries overlapping it: up to {:+.1}%; {:?}",
         processed_ids.len(),
         processed_set.len(),
         processed_ids.len() - processed_set.len(),
         dead_ids.len(),
+        dead_ids
+            .iter()
+            .filter(|id| processed_set.contains(id))
+            .count(),
         missing.len(),
         steady.len(),
         min_error * 100.0,
