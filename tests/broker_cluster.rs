@@ -259,21 +259,6 @@ fn queue_total(node: usize, queue: &str) -> Option<u64> {
     (status == 200).then(|| info["messages"].as_u64())?
 }
 
-async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
-    channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("queue exists")
-        .message_count()
-}
-
 /// Observed retry delays as (tier delay, observed gap, gap began at) per retried attempt.
 fn retry_gaps(calls: &Calls, tiers_ms: &[u64]) -> Vec<(u64, Duration, Instant)> {
     let calls = calls.lock().expect("calls");
@@ -406,7 +391,7 @@ async fn leader_node_killed_under_load_loses_nothing_and_keeps_retry_delays() {
     let finish_by = Instant::now() + Duration::from_secs(180);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let dead = depth(&channel, "notes_queue_dlq").await as usize;
+        let dead = support::depth(&channel, "notes_queue_dlq").await as usize;
         let mut in_transit = 0;
         for queue in &queues {
             in_transit += queue_total(survivor, queue).unwrap_or(1);
