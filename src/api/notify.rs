@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::duration::Duration;
 use super::spec::{AlertsSpec, MessagePipelineSpec};
-use super::validate::Findings;
+use super::validate::{Findings, is_dns_label, is_severity};
 
 /// Most receivers one pipeline may declare.
 pub const MAX_RECEIVERS: usize = 16;
@@ -111,7 +111,7 @@ impl AlertKind {
     ];
 
     /// The alert's `alertname` label.
-    pub fn alert_name(self) -> &'static str {
+    pub const fn alert_name(self) -> &'static str {
         match self {
             AlertKind::MsgpipeDeadLetterQueueDepth => "MsgpipeDeadLetterQueueDepth",
             AlertKind::MsgpipeDeadLetterQueueGrowing => "MsgpipeDeadLetterQueueGrowing",
@@ -475,22 +475,6 @@ fn duration_at_least_1s(findings: &mut Findings, path: &str, value: Duration) {
     if value.as_millis() < 1000 {
         findings.fail(path, format!("{value} is shorter than 1s"));
     }
-}
-
-fn is_dns_label(value: &str) -> bool {
-    (1..=63).contains(&value.len())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && !value.starts_with('-')
-        && !value.ends_with('-')
-}
-
-fn is_severity(value: &str) -> bool {
-    (1..=63).contains(&value.len())
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A plausible address: one '@' with text on both sides, no spaces, commas or angle brackets

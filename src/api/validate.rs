@@ -330,21 +330,26 @@ fn reserved_keys(
     }
 }
 
-fn is_severity(value: &str) -> bool {
+pub(super) fn is_severity(value: &str) -> bool {
     (1..=63).contains(&value.len())
         && value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// RFC 1123 label: what namespace names must be.
-fn dns_label_problem(value: &str) -> Option<String> {
-    let valid = (1..=63).contains(&value.len())
+/// RFC 1123 label: lowercase letters, digits and '-', 1 to 63 of them, no '-' at either end.
+pub(super) fn is_dns_label(value: &str) -> bool {
+    (1..=63).contains(&value.len())
         && value
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !value.starts_with('-')
-        && !value.ends_with('-');
+        && !value.ends_with('-')
+}
+
+/// RFC 1123 label: what namespace names must be.
+fn dns_label_problem(value: &str) -> Option<String> {
+    let valid = is_dns_label(value);
     (!valid).then(|| format!("{value:?} is not a valid namespace name (lowercase RFC 1123 label)"))
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ErrorKind};
 
@@ -158,29 +158,6 @@ impl AmqpSession {
                 consumers: u64::from(declared.consumer_count()),
             })),
             Err(e) if reply_code(&e) == Some(reply::NOT_FOUND) => Ok(None),
-            Err(e) => Err(self.classify(&operation, &e)),
-        }
-    }
-
-    /// Whether an exchange exists (passive declare on a channel of its own).
-    pub async fn exchange_exists(&self, exchange: &str) -> Result<bool, BrokerError> {
-        let channel = self.channel().await?;
-        let options = ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let operation = format!("look for exchange {exchange}");
-        let declare = channel.exchange_declare(
-            exchange.into(),
-            lapin::ExchangeKind::Direct,
-            options,
-            FieldTable::default(),
-        );
-        let answer = bounded(&self.endpoint, self.timeout, &operation, declare).await?;
-        close_channel(&channel).await;
-        match answer {
-            Ok(()) => Ok(true),
-            Err(e) if reply_code(&e) == Some(reply::NOT_FOUND) => Ok(false),
             Err(e) => Err(self.classify(&operation, &e)),
         }
     }

@@ -309,7 +309,8 @@ async fn converge_notify<B: PooledBroker>(
                 Reason::AlertmanagerConfigCRDMissing,
                 "spec.alerts.notify is set but the AlertmanagerConfig CRD (monitoring.coreos.com/v1alpha1) is not installed; install prometheus-operator's CRDs, or route the alerts in Alertmanager yourself (msgpipe render --alertmanager-fragment)",
             );
-            (Some(verdict), None)
+            // Whatever was kept before stays on record, so it is still removed later.
+            (Some(verdict), kept_before)
         }
         Err(error) => {
             warn!(error = %error, "notification config not applied");

@@ -7,8 +7,9 @@
 //!   to any request these do not allow, so a new call that is not listed here fails a test;
 //! - `docs/operator.md`'s RBAC table is [`markdown_table`]'s output.
 //!
-//! API discovery (`/apis/monitoring.coreos.com/v1`, to see whether the PrometheusRule CRD
-//! is installed) is a non-resource URL every authenticated client may read: not listed.
+//! API discovery (`/apis/monitoring.coreos.com/v1` and `/v1alpha1`, to see whether the
+//! PrometheusRule and AlertmanagerConfig CRDs are installed) is a non-resource URL every
+//! authenticated client may read: not listed.
 
 /// One (group, resource) and the verbs the operator uses on it, with the call sites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

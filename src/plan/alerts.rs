@@ -10,14 +10,17 @@ use super::{PipelineRef, managed_labels};
 use crate::api::notify::RetryStormAlert;
 use crate::api::{AlertsSpec, Duration, MetricsFlavor};
 
-/// Alert names, stable: users route and silence on them.
+/// Alert names, stable: users route and silence on them. The names are the API's
+/// [`AlertKind`](crate::api::notify::AlertKind)s, which `alerts.notify` routes on.
 pub mod alert_name {
-    pub const DLQ_DEPTH: &str = "MsgpipeDeadLetterQueueDepth";
-    pub const DLQ_GROWING: &str = "MsgpipeDeadLetterQueueGrowing";
-    pub const BACKLOG: &str = "MsgpipeQueueBacklog";
-    pub const NO_CONSUMER: &str = "MsgpipeQueueNoConsumer";
-    pub const METRICS_MISSING: &str = "MsgpipeMetricsMissing";
-    pub const RETRY_STORM: &str = "MsgpipeRetryStorm";
+    use crate::api::notify::AlertKind;
+
+    pub const DLQ_DEPTH: &str = AlertKind::MsgpipeDeadLetterQueueDepth.alert_name();
+    pub const DLQ_GROWING: &str = AlertKind::MsgpipeDeadLetterQueueGrowing.alert_name();
+    pub const BACKLOG: &str = AlertKind::MsgpipeQueueBacklog.alert_name();
+    pub const NO_CONSUMER: &str = AlertKind::MsgpipeQueueNoConsumer.alert_name();
+    pub const METRICS_MISSING: &str = AlertKind::MsgpipeMetricsMissing.alert_name();
+    pub const RETRY_STORM: &str = AlertKind::MsgpipeRetryStorm.alert_name();
 }
 
 pub const PROMETHEUS_RULE_API_VERSION: &str = "monitoring.coreos.com/v1";
@@ -349,24 +352,19 @@ impl AlertBuilder<'_> {
 
     /// `{vhost="/",queue="q",<selector>}` with values escaped for PromQL.
     fn selector(&self, queue: &str) -> String {
-        let mut matchers = vec![
-            format!("vhost=\"{}\"", promql_escape(self.vhost)),
-            format!("queue=\"{}\"", promql_escape(queue)),
-        ];
-        matchers.extend(
-            self.alerts
-                .selector
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", promql_escape(v))),
-        );
-        format!("{{{}}}", matchers.join(","))
+        self.series("queue", queue)
     }
 
     /// `{vhost="/",exchange="e",<selector>}` with values escaped for PromQL.
     fn exchange_selector(&self, exchange: &str) -> String {
+        self.series("exchange", exchange)
+    }
+
+    /// `{vhost="/",<label>="<value>",<selector>}` with values escaped for PromQL.
+    fn series(&self, label: &str, value: &str) -> String {
         let mut matchers = vec![
             format!("vhost=\"{}\"", promql_escape(self.vhost)),
-            format!("exchange=\"{}\"", promql_escape(exchange)),
+            format!("{label}=\"{}\"", promql_escape(value)),
         ];
         matchers.extend(
             self.alerts
@@ -379,14 +377,17 @@ impl AlertBuilder<'_> {
 
     /// The vhost and selector labels: what a per-pipeline sum keeps.
     fn match_labels_without_queue(&self) -> String {
-        let mut labels = vec!["vhost"];
-        labels.extend(self.alerts.selector.keys().map(String::as_str));
-        labels.join(",")
+        self.labels_with(&["vhost"])
     }
 
     /// Labels that identify one queue's series, for vector matching.
     fn match_labels(&self) -> String {
-        let mut labels = vec!["vhost", "queue"];
+        self.labels_with(&["vhost", "queue"])
+    }
+
+    /// `first` and the selector's labels, comma-separated.
+    fn labels_with(&self, first: &[&str]) -> String {
+        let mut labels = first.to_vec();
         labels.extend(self.alerts.selector.keys().map(String::as_str));
         labels.join(",")
     }
