@@ -643,12 +643,15 @@ async fn resend_round(shared: &Shared) -> Result<Round, String> {
         let previous = removing.take();
         let ((confirmed, broken), removed) = tokio::join!(
             resend_batch(shared, &channel, &batch),
-            finish_removal(shared, previous, &mut round),
+            finish_removal(previous, &mut round),
         );
         if let Err(error) = removed {
             break Err(error);
         }
         let count = confirmed.len() as u64;
+        // Counted when confirmed, before the outbox forgets them: whoever sees the outbox
+        // shrink also sees them counted.
+        bump(&shared.counters.resent, count);
         round.refused += batch.len() as u64 - count;
         removing = Some(Removal {
             count,
@@ -659,7 +662,7 @@ async fn resend_round(shared: &Shared) -> Result<Round, String> {
             break Err(failure.to_string());
         }
     };
-    finish_removal(shared, removing, &mut round).await?;
+    finish_removal(removing, &mut round).await?;
     result.map(|()| round)
 }
 
@@ -669,17 +672,12 @@ struct Removal<'a> {
     done: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), OutboxError>> + Send + 'a>>,
 }
 
-/// Waits for a removal and counts its messages as resent.
-async fn finish_removal(
-    shared: &Shared,
-    removal: Option<Removal<'_>>,
-    round: &mut Round,
-) -> Result<(), String> {
+/// Waits for a removal (its messages were counted as resent when confirmed).
+async fn finish_removal(removal: Option<Removal<'_>>, round: &mut Round) -> Result<(), String> {
     let Some(removal) = removal else {
         return Ok(());
     };
     removal.done.await.map_err(|e| e.to_string())?;
-    bump(&shared.counters.resent, removal.count);
     round.sent += removal.count;
     Ok(())
 }
