@@ -64,12 +64,17 @@ fn render_prints_the_seed_topology_rule_and_config_map() {
         [
             "notes_queue",
             "notes_queue_dlq",
-            "notes_queue.retry.1",
-            "notes_queue.retry.2",
-            "notes_queue.retry.3",
-            "notes_queue.retry.4"
+            "notes_queue.retry.1.1s",
+            "notes_queue.retry.2.2s",
+            "notes_queue.retry.3.4s",
+            "notes_queue.retry.4.8s"
         ]
     );
+    // A tier's settings are its declare arguments, shown with the queue.
+    let tier = &topology["queues"][2];
+    assert_eq!(tier["arguments"]["message-ttl"], 1000);
+    assert_eq!(tier["arguments"]["dead-letter-routing-key"], "notes_queue");
+    assert_eq!(names("policies"), ["msgpipe.notes_queue", "msgpipe.notes_queue_dlq"]);
     assert_eq!(
         names("exchanges"),
         ["notes", "notes_dlq_exchange", "notes_queue.retry"]

@@ -440,6 +440,10 @@ fn retry_tier_queries_select_exactly_the_retry_queues_of_the_work_queue() {
         ("/", "notes_queue.retry.1"),
         ("/", "notes_queue.retry.2"),
         ("/", "notes_queue.retry.12"),
+        // Tiers named with their delay (this version), beside the plain ones (earlier ones).
+        ("/", "notes_queue.retry.3.4s"),
+        ("/", "notes_queue.retry.4.1m30s"),
+        ("/", "notes_queue.retry.5.1500ms"),
         // Not retry tiers of notes_queue in vhost "/": must not be selected.
         ("/", "notes_queue"),
         ("/", "notes_queue_dlq"),
@@ -461,6 +465,9 @@ fn retry_tier_queries_select_exactly_the_retry_queues_of_the_work_queue() {
         (r#"{vhost="/",queue="notes_queue.retry.1"}"#, 3.0),
         (r#"{vhost="/",queue="notes_queue.retry.2"}"#, 3.0),
         (r#"{vhost="/",queue="notes_queue.retry.12"}"#, 3.0),
+        (r#"{vhost="/",queue="notes_queue.retry.3.4s"}"#, 3.0),
+        (r#"{vhost="/",queue="notes_queue.retry.4.1m30s"}"#, 3.0),
+        (r#"{vhost="/",queue="notes_queue.retry.5.1500ms"}"#, 3.0),
     ]);
     let cases: Vec<(u32, String, Value)> = retry_queries
         .into_iter()

@@ -124,20 +124,7 @@ pub struct BrokerPlan {
 
 /// The policy definition as sent to a server of major version `server_major`.
 pub fn policy_definition(definition: &PolicyDefinition, server_major: u32) -> Map<String, Value> {
-    let mut map = match serde_json::to_value(definition) {
-        Ok(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
-    // RabbitMQ 3.x refuses a negative delivery limit; there, no limit is the default.
-    if server_major < 4
-        && map
-            .get("delivery-limit")
-            .and_then(Value::as_i64)
-            .is_some_and(|l| l < 0)
-    {
-        map.remove("delivery-limit");
-    }
-    map
+    definition.for_server(server_major).to_map()
 }
 
 /// Actions that make `live` match `desired`, plus what cannot be matched.
@@ -186,11 +173,25 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
             Some(_) => {}
         }
     }
+    // Tiers of an earlier schedule (or an earlier delay) are unbound before the new tiers
+    // are bound, so a routing key never reaches two tiers at once (one retry, one copy); a
+    // retry published in between is returned to the consumer (`mandatory`), which gives it
+    // back. They are deleted once empty, at the end.
+    let mut retired = BrokerPlan::default();
+    retire_removed_tiers(desired, live, &mut retired);
+    let (retired_unbinds, retired_deletes): (Vec<_>, Vec<_>) = retired
+        .actions
+        .into_iter()
+        .partition(|a| matches!(a, BrokerAction::Unbind(_)));
     for queue in &topology.queues {
         if !live.queues.contains_key(&queue.name) {
-            plan.actions.push(BrokerAction::DeclareQueue(queue.clone()));
+            plan.actions.push(BrokerAction::DeclareQueue(Queue {
+                arguments: queue.arguments.for_server(live.server_major),
+                ..queue.clone()
+            }));
         }
     }
+    plan.actions.extend(retired_unbinds);
     for binding in &topology.bindings {
         if !untouchable(&binding.destination)
             && !live.has_binding(&binding.source, &binding.destination, &binding.routing_key)
@@ -199,7 +200,7 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
         }
     }
     remove_stale_bindings(desired, live, &refused, &mut plan);
-    retire_removed_tiers(desired, live, &mut plan);
+    plan.actions.extend(retired_deletes);
     plan.warnings = overriding_policies(desired, live);
     plan
 }
@@ -339,8 +340,14 @@ fn remove_queue(live: &LiveVhost, queue: &str, unbind: bool, actions: &mut Vec<B
     }
     actions.push(BrokerAction::DeleteQueueIfEmpty {
         queue: queue.to_string(),
-        policy: Some(format!("{POLICY_PREFIX}{queue}")),
+        policy: our_policy(live, queue),
     });
+}
+
+/// The name of msgpipe's policy for `queue`, when there is one on the broker.
+fn our_policy(live: &LiveVhost, queue: &str) -> Option<String> {
+    let policy = format!("{POLICY_PREFIX}{queue}");
+    live.policies.contains_key(&policy).then_some(policy)
 }
 
 /// Deletes an exchange unless something outside the pipeline is bound to it.
@@ -370,27 +377,36 @@ fn remove_exchange(
     });
 }
 
-/// Retry tiers that exist but are no longer desired: unbind, then delete once empty. Their
-/// policy stays until the queue is gone, so waiting messages still return to the work queue.
+/// Retry tiers that exist but are no longer desired (a shorter schedule, a changed delay):
+/// unbind, then delete once empty. They keep their settings until they are gone, so waiting
+/// messages still return to the work queue after their delay.
+///
+/// Only tiers msgpipe made are retired: `<queue>.retry.<index>.<delay>` declared to return
+/// its messages to the work queue, or `<queue>.retry.<index>` with msgpipe's policy (how
+/// tiers were made before their settings became declare arguments; the policy then stays
+/// until the queue is gone).
 fn retire_removed_tiers(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPlan) {
-    let prefix = format!("{}.retry.", desired.names.queue);
+    let work_queue = desired.names.queue.as_str();
+    let prefix = format!("{work_queue}.retry.");
     let desired_queues: Vec<&str> = desired
         .topology
         .queues
         .iter()
         .map(|q| q.name.as_str())
         .collect();
-    for name in live.queues.keys() {
-        let Some(index) = name.strip_prefix(&prefix) else {
+    for (name, queue) in &live.queues {
+        let Some(tier) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let is_tier = !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit());
-        let policy = format!("{POLICY_PREFIX}{name}");
-        // Only queues msgpipe made: its policy is on them.
-        if !is_tier
-            || desired_queues.contains(&name.as_str())
-            || !live.policies.contains_key(&policy)
-        {
+        let (index, delay) = tier.split_once('.').unwrap_or((tier, ""));
+        let is_index = !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit());
+        let policy = our_policy(live, name);
+        let ours = if delay.is_empty() {
+            policy.is_some()
+        } else {
+            queue.returns_to(work_queue)
+        };
+        if !is_index || !ours || desired_queues.contains(&name.as_str()) {
             continue;
         }
         for binding in live.bindings.iter().filter(|b| &b.destination == name) {
@@ -402,13 +418,16 @@ fn retire_removed_tiers(desired: &DesiredState, live: &LiveVhost, plan: &mut Bro
         }
         plan.actions.push(BrokerAction::DeleteQueueIfEmpty {
             queue: name.clone(),
-            policy: Some(policy),
+            policy,
         });
     }
 }
 
-/// RabbitMQ applies one policy per queue: a foreign policy of higher priority that matches
-/// one of our queues silently replaces our dead-letter settings.
+/// Foreign policies that change one of our queues. RabbitMQ applies one policy per queue: one
+/// of higher priority than msgpipe's silently replaces the work queue's or the DLQ's
+/// settings. A retry tier has no msgpipe policy (its settings are declare arguments, which
+/// win), so any foreign policy matching it applies the keys its arguments do not set, such as
+/// `expires`, which would delete the tier with the messages waiting in it.
 fn overriding_policies(desired: &DesiredState, live: &LiveVhost) -> Vec<String> {
     let mut warnings = Vec::new();
     for (name, policy) in &live.policies {
@@ -418,7 +437,7 @@ fn overriding_policies(desired: &DesiredState, live: &LiveVhost) -> Vec<String> 
             policy.apply_to.as_str(),
             "queues" | "all" | "quorum_queues" | "classic_queues"
         );
-        if ours || !outranks || !targets_queues {
+        if ours || !targets_queues {
             continue;
         }
         let Ok(pattern) = Regex::new(&policy.pattern) else {
@@ -430,10 +449,27 @@ fn overriding_policies(desired: &DesiredState, live: &LiveVhost) -> Vec<String> 
             .iter()
             .filter(|q| pattern.is_match(&q.name))
         {
-            warnings.push(format!(
-                "policy {name} (priority {}) matches queue {} and outranks msgpipe's policy, so the queue's dead-letter and TTL settings do not apply",
-                policy.priority, queue.name
-            ));
+            if queue.arguments.is_empty() && outranks {
+                warnings.push(format!(
+                    "policy {name} (priority {}) matches queue {} and outranks msgpipe's policy, so the queue's dead-letter and TTL settings do not apply",
+                    policy.priority, queue.name
+                ));
+                continue;
+            }
+            let declared = queue.arguments.to_map();
+            let applied: Vec<&str> = policy
+                .definition
+                .keys()
+                .map(String::as_str)
+                .filter(|key| !declared.contains_key(*key))
+                .collect();
+            if !queue.arguments.is_empty() && !applied.is_empty() {
+                warnings.push(format!(
+                    "policy {name} matches retry queue {} and sets {} on it (msgpipe's settings there are declare arguments and win, but not these keys)",
+                    queue.name,
+                    applied.join(", ")
+                ));
+            }
         }
     }
     warnings
@@ -483,11 +519,14 @@ mod tests {
                 .queues
                 .iter()
                 .map(|q| {
+                    let mut arguments = q.arguments.for_server(server_major).declare_arguments();
+                    arguments.insert("x-queue-type".into(), q.queue_type.as_str().into());
                     let live = LiveQueue {
                         queue_type: q.queue_type.as_str().into(),
                         durable: true,
                         messages: 0,
                         consumers: 0,
+                        arguments,
                     };
                     (q.name.clone(), live)
                 })
@@ -562,49 +601,187 @@ mod tests {
         let mut live = converged(&desired, 3);
         live.bindings.retain(|b| b.source != "notes_dlq_exchange");
         live.policies
-            .get_mut("msgpipe.notes_queue.retry.2")
+            .get_mut("msgpipe.notes_queue_dlq")
             .expect("policy")
             .definition
             .insert("message-ttl".into(), 5.into());
         assert_eq!(
             described(&converge(&desired, &live)),
             [
-                "update policy msgpipe.notes_queue.retry.2",
+                "update policy msgpipe.notes_queue_dlq",
                 "bind notes_dlq_exchange -> notes_queue_dlq (key \"\")"
             ]
         );
     }
 
     #[test]
-    fn removed_tiers_are_unbound_then_deleted_if_empty_keeping_their_policy_until_then() {
-        let live = converged(&notes(5), 3);
+    fn removed_tiers_are_unbound_first_and_deleted_if_empty_at_the_end() {
+        let live = converged(&notes(5), 4);
         let plan = converge(&notes(3), &live);
         // Fewer attempts also lowers the quorum work queue's delivery-limit.
         assert_eq!(
             described(&plan),
             [
                 "update policy msgpipe.notes_queue",
-                "unbind notes_queue.retry -> notes_queue.retry.3 (key \"3\")",
-                "delete queue notes_queue.retry.3 if empty and unused",
-                "unbind notes_queue.retry -> notes_queue.retry.4 (key \"4\")",
-                "delete queue notes_queue.retry.4 if empty and unused"
+                "unbind notes_queue.retry -> notes_queue.retry.3.4s (key \"3\")",
+                "unbind notes_queue.retry -> notes_queue.retry.4.8s (key \"4\")",
+                "delete queue notes_queue.retry.3.4s if empty and unused",
+                "delete queue notes_queue.retry.4.8s if empty and unused"
             ]
         );
-        assert!(
-            matches!(&plan.actions[2], BrokerAction::DeleteQueueIfEmpty { policy: Some(p), .. } if p == "msgpipe.notes_queue.retry.3")
-        );
+        // A tier has no policy: its settings go with the queue.
+        assert!(matches!(
+            &plan.actions[3],
+            BrokerAction::DeleteQueueIfEmpty { policy: None, .. }
+        ));
+    }
+
+    fn with_initial_delay(mut desired_ms: u64) -> DesiredState {
+        let mut p = parse_pipelines(include_str!("../../examples/notes-pipeline.yaml"))
+            .expect("parses")
+            .remove(0);
+        desired_ms = desired_ms.max(1);
+        p.spec.retry.backoff.initial_delay = crate::api::Duration::from_millis(desired_ms);
+        plan(&p, None).expect("plans")
     }
 
     #[test]
-    fn queues_without_our_policy_are_never_retired() {
+    fn a_changed_delay_is_a_new_tier_declared_with_its_settings_and_bound_after_the_old_is_unbound()
+    {
+        let live = converged(&with_initial_delay(1_000), 4);
+        let plan = converge(&with_initial_delay(2_000), &live);
+        let described = described(&plan);
+        // 1s 2s 4s 8s becomes 2s 4s 8s 16s: tiers 1..4 all change delay, so all are new.
+        let first_bind = described
+            .iter()
+            .position(|a| a.starts_with("bind notes_queue.retry -> notes_queue.retry.1.2s"))
+            .expect("new tier 1 bound");
+        let old_unbind = described
+            .iter()
+            .position(|a| a.starts_with("unbind notes_queue.retry -> notes_queue.retry.1.1s"))
+            .expect("old tier 1 unbound");
+        assert!(old_unbind < first_bind, "{described:#?}");
+        assert!(
+            described
+                .last()
+                .is_some_and(|a| a.starts_with("delete queue notes_queue.retry."))
+        );
+        assert!(
+            !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, BrokerAction::PutPolicy { .. })),
+            "{described:#?}"
+        );
+        let declared = plan
+            .actions
+            .iter()
+            .find_map(|a| match a {
+                BrokerAction::DeclareQueue(q) if q.name == "notes_queue.retry.1.2s" => Some(q),
+                _ => None,
+            })
+            .expect("declared");
+        let arguments = declared.arguments.declare_arguments();
+        assert_eq!(arguments.get("x-message-ttl"), Some(&Value::from(2_000)));
+        assert_eq!(
+            arguments.get("x-dead-letter-exchange"),
+            Some(&Value::from(""))
+        );
+        assert_eq!(
+            arguments.get("x-dead-letter-routing-key"),
+            Some(&Value::from("notes_queue"))
+        );
+        assert_eq!(arguments.get("x-delivery-limit"), Some(&Value::from(-1)));
+    }
+
+    #[test]
+    fn tiers_made_with_policies_are_drained_and_removed_with_their_policy() {
+        let desired = notes(5);
+        let mut live = converged(&desired, 4);
+        // A vhost made by a version whose tiers were `<queue>.retry.<n>` with a policy each.
+        for tier in &desired.retry_tiers {
+            let new = desired.names.retry_queue(tier);
+            let queue = live.queues.remove(&new).expect("tier");
+            let old = format!("notes_queue.retry.{}", tier.index);
+            live.queues.insert(
+                old.clone(),
+                LiveQueue {
+                    arguments: Map::from_iter([("x-queue-type".into(), "quorum".into())]),
+                    ..queue
+                },
+            );
+            live.bindings.retain(|b| b.destination != new);
+            live.bindings.insert(LiveBinding {
+                source: "notes_queue.retry".into(),
+                destination: old.clone(),
+                routing_key: tier.routing_key(),
+            });
+            live.policies.insert(
+                format!("{POLICY_PREFIX}{old}"),
+                LivePolicy {
+                    pattern: format!("^{}$", crate::plan::topology::regex_escape(&old)),
+                    apply_to: "queues".into(),
+                    priority: 10,
+                    definition: Map::new(),
+                },
+            );
+        }
+        let plan = converge(&desired, &live);
+        let described = described(&plan);
+        assert_eq!(
+            described
+                .iter()
+                .filter(|a| a.starts_with("create queue notes_queue.retry."))
+                .count(),
+            4
+        );
+        let last_unbind = described
+            .iter()
+            .rposition(|a| a.starts_with("unbind"))
+            .expect("unbinds");
+        let first_bind = described
+            .iter()
+            .position(|a| a.starts_with("bind"))
+            .expect("binds");
+        assert!(last_unbind < first_bind, "{described:#?}");
+        let deleted: Vec<(&String, &Option<String>)> = plan
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                BrokerAction::DeleteQueueIfEmpty { queue, policy } => Some((queue, policy)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted.len(), 4, "{described:#?}");
+        for (queue, policy) in deleted {
+            assert_eq!(policy.as_deref(), Some(format!("msgpipe.{queue}").as_str()));
+        }
+    }
+
+    #[test]
+    fn queues_msgpipe_did_not_make_are_never_retired() {
         let mut live = converged(&notes(3), 3);
         let stranger = LiveQueue {
             queue_type: "quorum".into(),
             durable: true,
             messages: 0,
             consumers: 0,
+            arguments: Map::new(),
         };
-        live.queues.insert("notes_queue.retry.9".into(), stranger);
+        // No policy of ours, and no arguments returning messages to the work queue.
+        live.queues
+            .insert("notes_queue.retry.9".into(), stranger.clone());
+        live.queues
+            .insert("notes_queue.retry.9.1s".into(), stranger.clone());
+        let elsewhere = LiveQueue {
+            arguments: Map::from_iter([
+                ("x-dead-letter-exchange".into(), "".into()),
+                ("x-dead-letter-routing-key".into(), "another_queue".into()),
+            ]),
+            ..stranger
+        };
+        live.queues
+            .insert("notes_queue.retry.8.1s".into(), elsewhere);
         assert!(converge(&notes(3), &live).actions.is_empty());
     }
 
@@ -692,12 +869,12 @@ mod tests {
             stages,
             [
                 vec![
-                    "unbind notes_queue.retry -> notes_queue.retry.1 (key \"1\")",
-                    "delete queue notes_queue.retry.1 if empty and unused",
-                    "unbind notes_queue.retry -> notes_queue.retry.2 (key \"2\")",
-                    "delete queue notes_queue.retry.2 if empty and unused",
-                    "unbind notes_queue.retry -> notes_queue.retry.3 (key \"3\")",
-                    "delete queue notes_queue.retry.3 if empty and unused",
+                    "unbind notes_queue.retry -> notes_queue.retry.1.1s (key \"1\")",
+                    "delete queue notes_queue.retry.1.1s if empty and unused",
+                    "unbind notes_queue.retry -> notes_queue.retry.2.2s (key \"2\")",
+                    "delete queue notes_queue.retry.2.2s if empty and unused",
+                    "unbind notes_queue.retry -> notes_queue.retry.3.4s (key \"3\")",
+                    "delete queue notes_queue.retry.3.4s if empty and unused",
                 ],
                 vec![
                     "delete exchange notes_queue.retry",
@@ -752,21 +929,69 @@ mod tests {
         );
     }
 
+    fn foreign_policy(priority: i64) -> LivePolicy {
+        let definition =
+            serde_json::json!({"expires": 60_000, "dead-letter-exchange": "elsewhere"});
+        LivePolicy {
+            pattern: ".*".into(),
+            apply_to: "all".into(),
+            priority,
+            definition: definition.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
     #[test]
     fn a_higher_priority_foreign_policy_is_reported() {
         let desired = notes(5);
         let mut live = converged(&desired, 3);
-        live.policies.insert(
-            "ha-all".into(),
-            LivePolicy {
-                pattern: ".*".into(),
-                apply_to: "all".into(),
-                priority: 50,
-                definition: Map::new(),
-            },
-        );
+        live.policies.insert("ha-all".into(), foreign_policy(50));
         let plan = converge(&desired, &live);
-        assert_eq!(plan.warnings.len(), desired.topology.queues.len());
         assert!(plan.actions.is_empty());
+        let outranked: Vec<&String> = plan
+            .warnings
+            .iter()
+            .filter(|w| w.contains("outranks msgpipe's policy"))
+            .collect();
+        assert_eq!(
+            outranked.len(),
+            2,
+            "work queue and DLQ: {:?}",
+            plan.warnings
+        );
+        let tiers: Vec<&String> = plan
+            .warnings
+            .iter()
+            .filter(|w| w.contains("matches retry queue"))
+            .collect();
+        assert_eq!(
+            tiers.len(),
+            desired.retry_tiers.len(),
+            "{:?}",
+            plan.warnings
+        );
+        // The tier's own arguments win for the dead-letter exchange; `expires` applies.
+        assert!(
+            tiers.iter().all(|w| w.contains("sets expires on it")),
+            "{tiers:?}"
+        );
+    }
+
+    #[test]
+    fn a_lower_priority_foreign_policy_is_reported_on_retry_tiers_only() {
+        let desired = notes(5);
+        let mut live = converged(&desired, 4);
+        live.policies.insert("catch-all".into(), foreign_policy(0));
+        let plan = converge(&desired, &live);
+        assert_eq!(
+            plan.warnings.len(),
+            desired.retry_tiers.len(),
+            "{:?}",
+            plan.warnings
+        );
+        assert!(
+            plan.warnings
+                .iter()
+                .all(|w| w.contains("matches retry queue notes_queue.retry."))
+        );
     }
 }

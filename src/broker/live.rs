@@ -39,6 +39,17 @@ pub struct LiveQueue {
     /// Ready + unacknowledged, from management stats (they lag by the stats interval).
     pub messages: u64,
     pub consumers: u64,
+    /// Its declare arguments (`x-queue-type`, and a retry tier's settings).
+    pub arguments: Map<String, Value>,
+}
+
+impl LiveQueue {
+    /// Whether the queue's own arguments dead-letter every message to `queue` through the
+    /// default exchange: what a msgpipe retry tier of that work queue is declared with.
+    pub fn returns_to(&self, queue: &str) -> bool {
+        self.arguments.get("x-dead-letter-exchange") == Some(&Value::from(""))
+            && self.arguments.get("x-dead-letter-routing-key") == Some(&Value::from(queue))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

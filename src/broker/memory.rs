@@ -156,26 +156,36 @@ impl MemoryBroker {
                     }
                 }
             }
-            BrokerAction::DeclareQueue(queue) => match live.queues.get(&queue.name) {
-                Some(found) if found.queue_type != queue.queue_type.as_str() => {
-                    return Err(self.rejected(
-                        format!("declare queue {}", queue.name),
-                        "PRECONDITION_FAILED - inequivalent arg 'x-queue-type'",
-                    ));
+            BrokerAction::DeclareQueue(queue) => {
+                let mut arguments = queue.arguments.declare_arguments();
+                arguments.insert("x-queue-type".into(), queue.queue_type.as_str().into());
+                match live.queues.get(&queue.name) {
+                    // RabbitMQ refuses a redeclare whose type, durability or arguments differ.
+                    Some(found)
+                        if found.queue_type != queue.queue_type.as_str()
+                            || found.durable != queue.durable
+                            || found.arguments != arguments =>
+                    {
+                        return Err(self.rejected(
+                            format!("declare queue {}", queue.name),
+                            "PRECONDITION_FAILED - inequivalent arg",
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        live.queues.insert(
+                            queue.name.clone(),
+                            LiveQueue {
+                                queue_type: queue.queue_type.as_str().into(),
+                                durable: queue.durable,
+                                messages: 0,
+                                consumers: 0,
+                                arguments,
+                            },
+                        );
+                    }
                 }
-                Some(_) => {}
-                None => {
-                    live.queues.insert(
-                        queue.name.clone(),
-                        LiveQueue {
-                            queue_type: queue.queue_type.as_str().into(),
-                            durable: queue.durable,
-                            messages: 0,
-                            consumers: 0,
-                        },
-                    );
-                }
-            },
+            }
             BrokerAction::Bind(binding) => {
                 if !live.exchanges.contains_key(&binding.source)
                     || !live.queues.contains_key(&binding.destination)

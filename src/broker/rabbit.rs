@@ -735,6 +735,7 @@ impl BrokerApi for RabbitBroker {
                 durable: q.durable,
                 messages: q.message_count,
                 consumers: u64::from(q.consumer_count),
+                arguments: q.arguments.0,
             };
             live.queues.insert(q.name, live_queue);
         }
@@ -805,6 +806,9 @@ impl BrokerApi for RabbitBroker {
                     "x-queue-type".into(),
                     AMQPValue::LongString(queue.queue_type.as_str().into()),
                 );
+                for (key, value) in queue.arguments.declare_arguments() {
+                    arguments.insert(key.into(), amqp_value(&value));
+                }
                 let options = QueueDeclareOptions {
                     durable: queue.durable,
                     ..Default::default()
@@ -890,6 +894,19 @@ impl BrokerApi for RabbitBroker {
             self.http.delete_exchange(vhost, exchange, true),
         )
         .await
+    }
+}
+
+/// A declare argument's value on the wire (msgpipe's settings are strings and integers).
+fn amqp_value(value: &serde_json::Value) -> AMQPValue {
+    match value {
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => AMQPValue::LongLongInt(i),
+            None => AMQPValue::Double(n.as_f64().unwrap_or_default()),
+        },
+        serde_json::Value::Bool(b) => AMQPValue::Boolean(*b),
+        serde_json::Value::String(text) => AMQPValue::LongString(text.as_str().into()),
+        other => AMQPValue::LongString(other.to_string().into()),
     }
 }
 

@@ -379,7 +379,7 @@ pub fn counts(desired: &DesiredState, live: &LiveVhost) -> LiveCounts {
             .retry_tiers
             .iter()
             .map(|tier| {
-                let name = names.retry_queue(tier.index);
+                let name = names.retry_queue(tier);
                 let messages = live.queues.get(&name).map_or(0, |q| q.messages);
                 (name, messages)
             })

@@ -37,7 +37,7 @@ pub fn pipeline_config(
                 .map(|tier| RetryTierConfig {
                     index: tier.index,
                     routing_key: tier.routing_key(),
-                    queue: names.retry_queue(tier.index),
+                    queue: names.retry_queue(tier),
                     delay_ms: tier.delay.as_millis(),
                     first_attempt: tier.first_attempt,
                     last_attempt: tier.last_attempt,

@@ -85,8 +85,7 @@ pub fn plan(
         .or(uri_vhost)
         .unwrap_or(DEFAULT_VHOST);
     let retry_tiers = tiers::retry_tiers(&spec.retry);
-    let tier_count = u32::try_from(retry_tiers.len()).unwrap_or(u32::MAX);
-    let names = PipelineNames::resolve(pipeline, tier_count)?;
+    let names = PipelineNames::resolve(pipeline, &retry_tiers)?;
     let topology = topology::desired_topology(spec, vhost, &names, &retry_tiers);
     let prometheus_rule = alerts::prometheus_rule(
         &pipeline_ref,

@@ -2,6 +2,7 @@
 
 use serde::Serialize;
 
+use super::tiers::RetryTier;
 use crate::api::validate::{FieldError, InvalidSpec, rabbit_name_problem};
 use crate::api::{MessagePipeline, RABBIT_NAME_MAX_BYTES};
 
@@ -19,8 +20,8 @@ pub struct PipelineNames {
 
 impl PipelineNames {
     /// Applies the defaults of SPEC §1 and refuses names that are too long, reserved or shared
-    /// by two objects of the same kind. `tier_count` is the number of retry queues.
-    pub fn resolve(pipeline: &MessagePipeline, tier_count: u32) -> Result<Self, InvalidSpec> {
+    /// by two objects of the same kind. `tiers` are the pipeline's retry tiers.
+    pub fn resolve(pipeline: &MessagePipeline, tiers: &[RetryTier]) -> Result<Self, InvalidSpec> {
         let spec = &pipeline.spec;
         let (queue, queue_path) = match &spec.queue.name {
             Some(name) => (name.clone(), "spec.queue.name"),
@@ -53,20 +54,22 @@ impl PipelineNames {
                 .unwrap_or_else(|| format!("{queue}.dlq")),
             queue,
         };
-        names.check(pipeline, queue_path, tier_count)?;
+        names.check(pipeline, queue_path, tiers)?;
         Ok(names)
     }
 
-    /// Name of retry tier `index` (1-based).
-    pub fn retry_queue(&self, index: u32) -> String {
-        format!("{}.retry.{index}", self.queue)
+    /// `<queue>.retry.<index>.<delay>`, e.g. `notes_queue.retry.1.1s`: the delay is part of
+    /// the name because a tier's settings are fixed when it is declared (see
+    /// [`crate::plan::topology::Queue`]).
+    pub fn retry_queue(&self, tier: &RetryTier) -> String {
+        format!("{}.retry.{}.{}", self.queue, tier.index, tier.delay)
     }
 
     fn check(
         &self,
         pipeline: &MessagePipeline,
         queue_path: &str,
-        tier_count: u32,
+        tiers: &[RetryTier],
     ) -> Result<(), InvalidSpec> {
         let spec = &pipeline.spec;
         // Where each name came from: the user's field if set, else the field it derives from.
@@ -92,7 +95,7 @@ impl PipelineNames {
                 origin(spec.dead_letter.queue.is_some(), "spec.deadLetter.queue"),
             ),
         ];
-        let retry_queues: Vec<String> = (1..=tier_count).map(|i| self.retry_queue(i)).collect();
+        let retry_queues: Vec<String> = tiers.iter().map(|t| self.retry_queue(t)).collect();
         queues.extend(retry_queues.iter().map(|name| (name, queue_path)));
 
         let mut errors = Vec::new();

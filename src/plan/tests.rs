@@ -6,7 +6,7 @@ use std::path::Path;
 use proptest::prelude::*;
 use regex::Regex;
 
-use super::topology::{ExchangeKind, QueueRole};
+use super::topology::{ExchangeKind, PolicyDefinition, QueueRole};
 use super::*;
 use crate::api::load::parse_pipelines;
 use crate::api::{Duration, MessagePipelineSpec, QueueType};
@@ -69,6 +69,16 @@ fn assert_distinct<'a>(
     Ok(())
 }
 
+/// Every queue's settings: the policies' definitions and the retry tiers' declare arguments.
+fn settings(state: &DesiredState) -> impl Iterator<Item = &PolicyDefinition> {
+    let topology = &state.topology;
+    topology
+        .policies
+        .iter()
+        .map(|p| &p.definition)
+        .chain(topology.queues.iter().map(|q| &q.arguments).filter(|a| !a.is_empty()))
+}
+
 proptest! {
     #[test]
     fn names_never_collide_and_fit_rabbitmq(p in any_pipeline()) {
@@ -82,10 +92,17 @@ proptest! {
     fn each_policy_matches_exactly_its_own_queue(p in any_pipeline()) {
         if let Ok(state) = plan(&p, None) {
             let queues = &state.topology.queues;
-            prop_assert_eq!(state.topology.policies.len(), queues.len());
+            // The work queue and the DLQ have a policy; a retry tier has its settings as
+            // declare arguments and no policy.
+            for queue in queues {
+                let tier = matches!(queue.role, QueueRole::Retry(_));
+                prop_assert_eq!(queue.arguments.is_empty(), !tier, "{}", queue.name);
+            }
+            prop_assert_eq!(state.topology.policies.len(), 2);
             for policy in &state.topology.policies {
                 let re = Regex::new(&policy.pattern).expect("pattern compiles");
                 let matched: Vec<_> = queues.iter().filter(|q| re.is_match(&q.name)).collect();
+                // Never a retry tier, whose own arguments must be all its settings.
                 prop_assert_eq!(matched.len(), 1, "{} matches {:?}", policy.pattern, matched);
                 prop_assert_eq!(format!("{}{}", topology::POLICY_PREFIX, matched[0].name), policy.name.clone());
             }
@@ -96,11 +113,11 @@ proptest! {
     fn every_dead_letter_target_is_bound_to_a_queue(p in any_pipeline()) {
         if let Ok(state) = plan(&p, None) {
             let topo = &state.topology;
-            for policy in &topo.policies {
-                let Some(dlx) = &policy.definition.dead_letter_exchange else { continue };
+            for definition in settings(&state) {
+                let Some(dlx) = &definition.dead_letter_exchange else { continue };
                 if dlx.is_empty() {
                     // Default exchange: the routing key must name the work queue.
-                    let key = policy.definition.dead_letter_routing_key.as_ref().expect("routing key");
+                    let key = definition.dead_letter_routing_key.as_ref().expect("routing key");
                     prop_assert_eq!(key, &state.names.queue);
                 } else {
                     let exchange = topo.exchanges.iter().find(|e| &e.name == dlx).expect("DLX declared");
@@ -124,9 +141,9 @@ proptest! {
                         .expect("retry queue bound");
                     prop_assert_eq!(&binding.source, &state.names.retry_exchange);
                     prop_assert_eq!(binding.routing_key.clone(), k.to_string());
-                    let policy = topo.policies.iter().find(|p| p.name.ends_with(&queue.name)).expect("policy");
                     let tier = &state.retry_tiers[(k - 1) as usize];
-                    prop_assert_eq!(policy.definition.message_ttl, Some(tier.delay.as_millis()));
+                    prop_assert_eq!(queue.arguments.message_ttl, Some(tier.delay.as_millis()));
+                    prop_assert_eq!(&queue.name, &state.names.retry_queue(tier));
                 }
             }
             let retry_exchange_declared = topo.exchanges.iter().any(|e| e.name == state.names.retry_exchange);
@@ -153,8 +170,7 @@ proptest! {
     fn quorum_queues_dead_letter_at_least_once(p in any_pipeline()) {
         if let Ok(state) = plan(&p, None) {
             let quorum = p.spec.queue.queue_type == QueueType::Quorum;
-            for policy in &state.topology.policies {
-                let def = &policy.definition;
+            for def in settings(&state) {
                 if def.dead_letter_exchange.is_some() {
                     prop_assert_eq!(def.dead_letter_strategy.is_some(), quorum);
                 }
@@ -179,10 +195,10 @@ fn notes_example_plans_the_seed_topology() {
         [
             "notes_queue",
             "notes_queue_dlq",
-            "notes_queue.retry.1",
-            "notes_queue.retry.2",
-            "notes_queue.retry.3",
-            "notes_queue.retry.4"
+            "notes_queue.retry.1.1s",
+            "notes_queue.retry.2.2s",
+            "notes_queue.retry.3.4s",
+            "notes_queue.retry.4.8s"
         ]
     );
     let delays: Vec<_> = state

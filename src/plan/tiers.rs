@@ -8,7 +8,8 @@ use crate::api::{BackoffSpec, Duration, RetrySpec};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryTier {
-    /// 1-based index; the queue is `<queue>.retry.<index>`, bound with routing key `<index>`.
+    /// 1-based index; the queue is `<queue>.retry.<index>.<delay>`, bound with routing key
+    /// `<index>`.
     pub index: u32,
     pub delay: Duration,
     pub first_attempt: u32,

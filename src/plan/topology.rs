@@ -1,6 +1,7 @@
 //! The broker objects one pipeline needs (SPEC §2), as plain data.
 
 use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::names::PipelineNames;
 use super::tiers::RetryTier;
@@ -47,8 +48,12 @@ impl ExchangeKind {
     }
 }
 
-/// A queue. Only its type is a declare argument; every other setting is in its [`Policy`],
-/// so changing the spec never requires re-declaring (and so deleting) a queue.
+/// A queue. The work queue and the DLQ are declared with their type only and take every
+/// other setting from their [`Policy`], so changing the spec never requires re-declaring
+/// (and so deleting) them. A retry tier carries all of its settings as declare arguments
+/// instead, and no policy: every one of them is fixed by its name (which holds its delay),
+/// so a changed delay is a new tier queue, and the vhost's policy count does not grow with
+/// the tiers (RabbitMQ re-matches every queue against every policy on each policy write).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Queue {
     pub name: String,
@@ -56,6 +61,9 @@ pub struct Queue {
     #[serde(rename = "type")]
     pub queue_type: QueueType,
     pub durable: bool,
+    /// Settings given as `x-` declare arguments (empty: the type only).
+    #[serde(skip_serializing_if = "PolicyDefinition::is_empty")]
+    pub arguments: PolicyDefinition,
 }
 
 /// What a queue is for in the pipeline.
@@ -114,6 +122,38 @@ pub struct PolicyDefinition {
     pub delivery_limit: Option<i64>,
 }
 
+impl PolicyDefinition {
+    pub fn is_empty(&self) -> bool {
+        *self == PolicyDefinition::default()
+    }
+
+    /// The settings a server of major version `server_major` accepts: RabbitMQ 3.x refuses
+    /// a negative delivery limit, and there no limit is the default.
+    pub fn for_server(&self, server_major: u32) -> PolicyDefinition {
+        let mut adapted = self.clone();
+        if server_major < 4 && adapted.delivery_limit.is_some_and(|l| l < 0) {
+            adapted.delivery_limit = None;
+        }
+        adapted
+    }
+
+    /// The settings as RabbitMQ spells them (policy keys), absent ones left out.
+    pub fn to_map(&self) -> Map<String, Value> {
+        match serde_json::to_value(self) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        }
+    }
+
+    /// The settings as queue declare arguments: `x-` + the policy key.
+    pub fn declare_arguments(&self) -> Map<String, Value> {
+        self.to_map()
+            .into_iter()
+            .map(|(key, value)| (format!("x-{key}"), value))
+            .collect()
+    }
+}
+
 /// Unlimited deliveries, for queues whose messages must never be dropped by a delivery count.
 pub const UNLIMITED_DELIVERIES: i64 = -1;
 
@@ -135,6 +175,7 @@ pub fn desired_topology(
         role,
         queue_type,
         durable: true,
+        arguments: PolicyDefinition::default(),
     };
 
     let mut exchanges = vec![
@@ -158,7 +199,7 @@ pub fn desired_topology(
             routing_key: String::new(),
         },
     ];
-    let mut policies = vec![
+    let policies = vec![
         policy(&names.queue, work_queue_policy(spec, names)),
         policy(&names.dead_letter_queue, dead_letter_queue_policy(spec)),
     ];
@@ -170,14 +211,16 @@ pub fn desired_topology(
         ));
     }
     for tier in tiers {
-        let name = names.retry_queue(tier.index);
-        queues.push(queue(&name, QueueRole::Retry(tier.index)));
+        let name = names.retry_queue(tier);
         bindings.push(Binding {
             source: names.retry_exchange.clone(),
             destination: name.clone(),
             routing_key: tier.routing_key(),
         });
-        policies.push(policy(&name, retry_queue_policy(queue_type, names, tier)));
+        queues.push(Queue {
+            arguments: retry_queue_settings(queue_type, names, tier),
+            ..queue(&name, QueueRole::Retry(tier.index))
+        });
     }
 
     DesiredTopology {
@@ -223,7 +266,9 @@ fn work_queue_policy(spec: &MessagePipelineSpec, names: &PipelineNames) -> Polic
     }
 }
 
-fn retry_queue_policy(
+/// A tier's settings (its declare arguments): hold each message for the tier's delay, then
+/// dead-letter it back to the work queue.
+fn retry_queue_settings(
     queue_type: QueueType,
     names: &PipelineNames,
     tier: &RetryTier,
