@@ -239,9 +239,9 @@ async fn main() -> anyhow::Result<()> {
     let broker = RabbitBroker::new(endpoint, Duration::from_secs(30))?;
     let live = broker.snapshot(&vhost).await?;
     let ttl = live
-        .policies
-        .get(&format!("msgpipe.{name}.retry.1"))
-        .and_then(|p| p.definition.get("message-ttl").cloned());
+        .queues
+        .get(&format!("{name}.retry.1.3s"))
+        .and_then(|q| q.arguments.get("x-message-ttl").cloned());
     ensure!(
         ttl == Some(json!(3000)),
         "tier 1 of {name} did not converge: {ttl:?}"

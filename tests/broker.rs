@@ -87,7 +87,16 @@ async fn apply_creates_every_object_with_its_arguments_and_effective_policy() {
             queue.name
         );
         assert_eq!(live["durable"], true);
+        // A tier's settings are its own arguments (RabbitMQ's spelling, `x-` + policy key).
+        let major = broker.server_major().await.expect("server version");
+        for (key, value) in queue.arguments.for_server(major).declare_arguments() {
+            assert_eq!(live["arguments"][&key], value, "{} {key}", queue.name);
+        }
     }
+    let tier = get_json(&vhost.path("queues", "notes_queue.retry.1.1s"));
+    assert_eq!(tier["arguments"]["x-message-ttl"], 1000);
+    assert_eq!(tier["arguments"]["x-dead-letter-routing-key"], "notes_queue");
+    assert!(tier["policy"].is_null(), "no policy on a tier: {tier}");
     let bindings = get_json(&format!("/bindings/{}", support::encode(&vhost.name)));
     for binding in &t.bindings {
         let found = bindings.as_array().expect("list").iter().any(|b| {
@@ -214,7 +223,8 @@ async fn applying_many_pipelines_puts_every_policy_before_any_exchange_or_queue(
         last_policy < first_other,
         "every pipeline's policies come first: {log:#?}"
     );
-    assert_eq!(log.iter().filter(|e| is_policy(e)).count(), 18, "{log:#?}");
+    // Two per pipeline (work queue and DLQ): tiers have none.
+    assert_eq!(log.iter().filter(|e| is_policy(e)).count(), 6, "{log:#?}");
     assert_eq!(
         log.iter().filter(|e| *e == "snapshot").count(),
         1,
@@ -268,12 +278,12 @@ async fn drift_behind_the_operators_back_is_repaired() {
         ),
         None,
     );
-    mgmt("DELETE", &vhost.path("queues", "notes_queue.retry.2"), None);
-    let mut edited = get_json(&vhost.path("policies", "msgpipe.notes_queue.retry.3"));
-    edited["definition"]["message-ttl"] = Value::from(1);
+    mgmt("DELETE", &vhost.path("queues", "notes_queue.retry.2.2s"), None);
+    let mut edited = get_json(&vhost.path("policies", "msgpipe.notes_queue_dlq"));
+    edited["definition"]["max-length"] = Value::from(1);
     mgmt(
         "PUT",
-        &vhost.path("policies", "msgpipe.notes_queue.retry.3"),
+        &vhost.path("policies", "msgpipe.notes_queue_dlq"),
         Some(edited),
     );
 
@@ -281,10 +291,10 @@ async fn drift_behind_the_operators_back_is_repaired() {
     assert_eq!(
         repaired,
         [
-            "updated policy msgpipe.notes_queue.retry.3",
-            "created queue notes_queue.retry.2",
+            "updated policy msgpipe.notes_queue_dlq",
+            "created queue notes_queue.retry.2.2s",
             "bound notes_dlq_exchange -> notes_queue_dlq (key \"\")",
-            "bound notes_queue.retry -> notes_queue.retry.2 (key \"2\")",
+            "bound notes_queue.retry -> notes_queue.retry.2.2s (key \"2\")",
         ]
     );
     assert!(!converge(&broker, &state).await.wrote());
@@ -296,37 +306,47 @@ async fn spec_changes_converge_on_the_live_queues() {
     let broker = support::test_broker(&vhost.name);
     converge(&broker, &notes(&vhost.name, "")).await;
 
-    // New delays and a DLQ retention: policies only, no queue is touched.
+    // New delays and a DLQ retention: one policy write (the DLQ's); every tier's delay
+    // changed, so four new tiers, the old ones unbound and (empty) deleted.
     let slower = notes(
         &vhost.name,
         "  retry: { backoff: { initialDelay: 2s, multiplier: 3, maxDelay: 1m } }\n  deadLetter: { exchange: notes_dlq_exchange, queue: notes_queue_dlq, retention: 7d, maxLength: 500 }",
     );
     let updated = changes(&converge(&broker, &slower).await);
-    assert_eq!(updated.len(), 5, "{updated:?}");
-    assert!(
-        updated.iter().all(|c| c.starts_with("updated policy")),
+    let count = |prefix: &str| updated.iter().filter(|c| c.starts_with(prefix)).count();
+    assert_eq!(
+        updated.iter().filter(|c| c.contains("policy")).collect::<Vec<_>>(),
+        ["updated policy msgpipe.notes_queue_dlq"],
         "{updated:?}"
     );
+    for new in ["notes_queue.retry.1.2s", "notes_queue.retry.2.6s", "notes_queue.retry.3.18s", "notes_queue.retry.4.54s"] {
+        assert!(updated.contains(&format!("created queue {new}")), "{new}: {updated:?}");
+    }
+    assert_eq!(count("deleted queue notes_queue.retry."), 4, "{updated:?}");
+    assert_eq!(count("unbound notes_queue.retry -> "), 4, "{updated:?}");
+    assert!(!converge(&broker, &slower).await.wrote());
     let dlq_policy = get_json(&vhost.path("policies", "msgpipe.notes_queue_dlq"));
     assert_eq!(dlq_policy["definition"]["message-ttl"], 604_800_000u64);
     assert_eq!(dlq_policy["definition"]["max-length"], 500);
 
-    // Fewer attempts: tiers 3 and 4 are unbound and, being empty, deleted with their policies.
+    // Fewer attempts: tiers 3 and 4 are unbound and, being empty, deleted.
     let fewer = notes(&vhost.name, "  retry: { maxAttempts: 3 }");
+    converge(&broker, &notes(&vhost.name, "")).await;
     let shrunk = changes(&converge(&broker, &fewer).await);
     assert!(
-        shrunk.contains(&"deleted queue notes_queue.retry.4".to_string()),
+        shrunk.contains(&"deleted queue notes_queue.retry.4.8s".to_string()),
         "{shrunk:?}"
     );
     assert!(
-        shrunk
-            .contains(&"unbound notes_queue.retry -> notes_queue.retry.3 (key \"3\")".to_string()),
+        shrunk.contains(
+            &"unbound notes_queue.retry -> notes_queue.retry.3.4s (key \"3\")".to_string()
+        ),
         "{shrunk:?}"
     );
     let (_conn, channel) = amqp_channel(&vhost.name).await;
     let gone = channel
         .queue_declare(
-            "notes_queue.retry.3".into(),
+            "notes_queue.retry.3.4s".into(),
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -335,23 +355,12 @@ async fn spec_changes_converge_on_the_live_queues() {
         )
         .await;
     assert!(gone.is_err(), "retry.3 should be deleted");
-    let (status, _) = support::http(
-        "GET",
-        &format!(
-            "{}{}",
-            support::MGMT_URL,
-            vhost.path("policies", "msgpipe.notes_queue.retry.3")
-        ),
-        None,
-        true,
-    );
-    assert_eq!(status, 404, "the removed tier's policy goes with it");
 
     // More attempts: new tiers are declared and bound.
     let more = notes(&vhost.name, "  retry: { maxAttempts: 6 }");
     let grown = changes(&converge(&broker, &more).await);
     assert!(
-        grown.contains(&"created queue notes_queue.retry.5".to_string()),
+        grown.contains(&"created queue notes_queue.retry.5.16s".to_string()),
         "{grown:?}"
     );
     assert!(!converge(&broker, &more).await.wrote());
@@ -373,30 +382,29 @@ async fn a_removed_tier_holding_messages_is_kept_until_it_drains() {
     let report = changes(&converge(&broker, &notes(&vhost.name, shorter)).await);
     assert!(
         report.contains(
-            &"kept queue notes_queue.retry.3: holds 1 messages (ready or unacknowledged)"
+            &"kept queue notes_queue.retry.3.40m: holds 1 messages (ready or unacknowledged)"
                 .to_string()
         ),
         "{report:?}"
     );
     assert!(
-        report.contains(&"deleted queue notes_queue.retry.2".to_string()),
+        report.contains(&"deleted queue notes_queue.retry.2.20m".to_string()),
         "{report:?}"
     );
     assert_eq!(
-        depth(&channel, "notes_queue.retry.3").await,
+        depth(&channel, "notes_queue.retry.3.40m").await,
         1,
         "the waiting message is untouched"
     );
-    // Its policy stays, so the message still returns to the work queue when it expires.
-    mgmt(
-        "GET",
-        &vhost.path("policies", "msgpipe.notes_queue.retry.3"),
-        None,
-    );
+    // Its settings stay with it, so the message still returns to the work queue when it
+    // expires.
+    let kept = get_json(&vhost.path("queues", "notes_queue.retry.3.40m"));
+    assert_eq!(kept["arguments"]["x-message-ttl"], 2_400_000);
+    assert_eq!(kept["arguments"]["x-dead-letter-routing-key"], "notes_queue");
 
     mgmt(
         "DELETE",
-        &format!("{}/contents", vhost.path("queues", "notes_queue.retry.3")),
+        &format!("{}/contents", vhost.path("queues", "notes_queue.retry.3.40m")),
         None,
     );
     // The management figures (which count unacknowledged messages) lag the purge by up to
@@ -404,12 +412,12 @@ async fn a_removed_tier_holding_messages_is_kept_until_it_drains() {
     let start = Instant::now();
     loop {
         let drained = changes(&converge(&broker, &notes(&vhost.name, shorter)).await);
-        if drained == ["deleted queue notes_queue.retry.3"] {
+        if drained == ["deleted queue notes_queue.retry.3.40m"] {
             break;
         }
         assert_eq!(
             drained,
-            ["kept queue notes_queue.retry.3: holds 1 messages (ready or unacknowledged)"],
+            ["kept queue notes_queue.retry.3.40m: holds 1 messages (ready or unacknowledged)"],
             "only kept until the figures catch up"
         );
         assert!(
@@ -759,7 +767,7 @@ async fn delete_policy_removes_empty_objects_and_keeps_a_dlq_holding_messages() 
     );
     for deleted in [
         "deleted queue notes_queue",
-        "deleted queue notes_queue.retry.1",
+        "deleted queue notes_queue.retry.1.1s",
         "deleted exchange notes",
         "deleted exchange notes_queue.retry",
     ] {
@@ -814,8 +822,8 @@ async fn delete_dry_run_prints_the_teardown_plan_and_changes_nothing() {
     assert_eq!(
         lines,
         [
-            "notes-app/notes: would unbind notes_queue.retry -> notes_queue.retry.1 (key \"1\")",
-            "notes-app/notes: would delete queue notes_queue.retry.1 if empty and unused",
+            "notes-app/notes: would unbind notes_queue.retry -> notes_queue.retry.1.1s (key \"1\")",
+            "notes-app/notes: would delete queue notes_queue.retry.1.1s if empty and unused",
             "notes-app/notes: would delete exchange notes_queue.retry",
             "notes-app/notes: would unbind notes -> notes_queue (key \"notes\")",
             "notes-app/notes: would delete queue notes_queue if empty and unused",
@@ -1013,4 +1021,225 @@ async fn broker_errors_are_typed_and_never_show_the_password() {
         matches!(error, BrokerError::VhostNotFound { .. }),
         "{error:?}"
     );
+}
+
+/// Rebuilds `state`'s retry tiers the way msgpipe made them before a tier's settings became
+/// its declare arguments: `<queue>.retry.<n>`, declared with its type only, and a policy
+/// each. Returns the old tiers' names.
+fn tiers_made_with_policies(vhost: &TestVhost, state: &DesiredState, major: u32) -> Vec<String> {
+    let names = &state.names;
+    let mut old_tiers = Vec::new();
+    for (tier, queue) in state.retry_tiers.iter().zip(
+        state
+            .topology
+            .queues
+            .iter()
+            .filter(|q| !q.arguments.is_empty()),
+    ) {
+        mgmt("DELETE", &vhost.path("queues", &queue.name), None);
+        let old = format!("{}.retry.{}", names.queue, tier.index);
+        mgmt(
+            "PUT",
+            &vhost.path("policies", &format!("msgpipe.{old}")),
+            Some(serde_json::json!({
+                "pattern": format!("^{}$", msgpipe::plan::topology::regex_escape(&old)),
+                "apply-to": "queues",
+                "priority": 10,
+                "definition": queue.arguments.for_server(major).to_map(),
+            })),
+        );
+        mgmt(
+            "PUT",
+            &vhost.path("queues", &old),
+            Some(serde_json::json!({"durable": true, "arguments": {"x-queue-type": "quorum"}})),
+        );
+        mgmt(
+            "POST",
+            &format!(
+                "/bindings/{}/e/{}/q/{}",
+                support::encode(&vhost.name),
+                support::encode(&names.retry_exchange),
+                support::encode(&old)
+            ),
+            Some(serde_json::json!({"routing_key": tier.routing_key()})),
+        );
+        old_tiers.push(old);
+    }
+    old_tiers
+}
+
+/// Upgrading a vhost whose tiers were made with policies, under load: a consumer keeps
+/// failing every message twice (so each passes through tiers 1 and 2) while msgpipe swaps
+/// the tiers. Messages already waiting in an old tier come back after their delay (its
+/// policy stays until it is empty), new retries go to the new tiers, every message is
+/// handled exactly once at its third attempt, none is dead-lettered, and the old tiers and
+/// their policies go once empty.
+#[tokio::test]
+async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain() {
+    use msgpipe_client::{Consumer, ConsumerOptions, HandlerError, LiveConfig};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    let vhost = TestVhost::new("broker-migrate");
+    let broker = support::test_broker(&vhost.name);
+    let state = notes(
+        &vhost.name,
+        "  retry: { maxAttempts: 4, backoff: { initialDelay: 1s, multiplier: 2, maxDelay: 1m } }",
+    );
+    converge(&broker, &state).await;
+    let major = broker.server_major().await.expect("server version");
+    let old_tiers = tiers_made_with_policies(&vhost, &state, major);
+    assert_eq!(old_tiers.len(), 3);
+
+    let mut options = ConsumerOptions::new(support::amqp_uri(&vhost.name));
+    options.prefetch = 50;
+    options.concurrency = 16;
+    let consumer = Consumer::new(options, LiveConfig::fixed(state.client_config.clone()))
+        .expect("consumer");
+    let stop = consumer.shutdown_handle();
+    // (message id, attempt) of every successful handling; every tier a message came back from.
+    let handled: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let tiers_left: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen, waited_in) = (handled.clone(), tiers_left.clone());
+    let running = tokio::spawn(consumer.run(move |message| {
+        let (seen, waits) = (seen.clone(), waited_in.clone());
+        async move {
+            let waited = expired_from(message.properties());
+            let id = message.message_id().unwrap_or_default().to_string();
+            waits.lock().expect("waits").extend(waited);
+            if message.attempt() < 3 {
+                return Err(HandlerError::retryable("not yet"));
+            }
+            seen.lock()
+                .expect("handled")
+                .push((id, message.attempt()));
+            Ok(())
+        }
+    }));
+
+    let (_conn, channel) = amqp_channel(&vhost.name).await;
+    let send = async |ids: std::ops::Range<u32>| {
+        for i in ids {
+            let properties = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(format!("m-{i:03}").into());
+            support::publish_with(&channel, "notes", "notes", b"note", properties).await;
+        }
+    };
+    send(0..60).await;
+    // Some messages wait in the old tiers when the tiers are swapped (exact depths: the
+    // management figures lag behind a 1 s tier).
+    let start = Instant::now();
+    loop {
+        let mut waiting = 0;
+        for queue in &old_tiers {
+            waiting += depth(&channel, queue).await;
+        }
+        if waiting > 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no message reached an old tier");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let swapped = changes(&converge(&broker, &state).await);
+    for tier in &state.retry_tiers {
+        let new = state.names.retry_queue(tier);
+        assert!(
+            swapped.contains(&format!("created queue {new}")),
+            "{new}: {swapped:?}"
+        );
+    }
+    assert!(
+        !swapped.iter().any(|c| c.contains("policy")),
+        "no policy is written: {swapped:?}"
+    );
+    send(60..90).await;
+
+    let start = Instant::now();
+    while handled.lock().expect("handled").len() < 90 {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "only {} of 90 handled",
+            handled.lock().expect("handled").len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Duplicates would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(30), running).await;
+
+    let handled = handled.lock().expect("handled").clone();
+    let mut per_id: HashMap<&str, usize> = HashMap::new();
+    for (id, attempt) in &handled {
+        *per_id.entry(id.as_str()).or_default() += 1;
+        assert_eq!(*attempt, 3, "{id} handled at attempt {attempt}");
+    }
+    assert_eq!(per_id.len(), 90, "every message handled");
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "a message handled twice: {per_id:?}"
+    );
+    assert_eq!(depth(&channel, "notes_queue_dlq").await, 0, "nothing dead-lettered");
+    let tiers_left = tiers_left.lock().expect("waits").clone();
+    let via_old = tiers_left.iter().filter(|q| old_tiers.contains(q)).count();
+    let via_new = tiers_left.len() - via_old;
+    println!("{via_old} returns from an old tier, {via_new} from a new one");
+    assert!(via_old > 0, "some waited in an old tier: {tiers_left:?}");
+    assert!(via_new > 0, "some waited in a new tier: {tiers_left:?}");
+
+    // The old tiers and their policies go once the figures show them empty.
+    let start = Instant::now();
+    loop {
+        converge(&broker, &state).await;
+        let left: Vec<&String> = old_tiers
+            .iter()
+            .filter(|q| {
+                let url = format!("{}{}", support::MGMT_URL, vhost.path("queues", q));
+                support::http("GET", &url, None, true).0 != 404
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "old tiers never deleted: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for old in &old_tiers {
+        let url = format!(
+            "{}{}",
+            support::MGMT_URL,
+            vhost.path("policies", &format!("msgpipe.{old}"))
+        );
+        assert_eq!(support::http("GET", &url, None, true).0, 404, "{old}'s policy");
+    }
+    assert!(!converge(&broker, &state).await.wrote());
+}
+
+/// The queues a message expired from (its `x-death` entries with reason `expired`).
+fn expired_from(properties: &lapin::BasicProperties) -> Vec<String> {
+    use lapin::types::AMQPValue;
+    let Some(headers) = properties.headers() else {
+        return Vec::new();
+    };
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        return Vec::new();
+    };
+    deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            AMQPValue::FieldTable(table) => {
+                let text = |key: &str| match table.inner().get(key) {
+                    Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                    _ => None,
+                };
+                (text("reason").as_deref() == Some("expired")).then(|| text("queue"))?
+            }
+            _ => None,
+        })
+        .collect()
 }

@@ -333,6 +333,13 @@ async fn leader_node_killed_under_load_loses_nothing_and_keeps_retry_delays() {
         .iter()
         .map(|t| t.delay_ms)
         .collect();
+    let tier_queues: Vec<String> = config
+        .current()
+        .retry
+        .tiers
+        .iter()
+        .map(|t| t.queue.clone())
+        .collect();
     let mut options = ConsumerOptions::new(amqp_uri(survivor));
     options.prefetch = 100;
     options.concurrency = 32;
@@ -371,7 +378,7 @@ async fn leader_node_killed_under_load_loses_nothing_and_keeps_retry_delays() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut queues = vec!["notes_queue".to_string()];
-    queues.extend((1..=tiers_ms.len()).map(|k| format!("notes_queue.retry.{k}")));
+    queues.extend(tier_queues);
     let killed_at = Instant::now();
     let output = script("kill", leader, &[]);
     assert!(output.status.success(), "kill -9 the leader's node");

@@ -222,8 +222,8 @@ fn assert_notes_created(vhost: &str, output: &Output) {
         [
             "notes_queue",
             "notes_queue.dlq",
-            "notes_queue.retry.1",
-            "notes_queue.retry.2"
+            "notes_queue.retry.1.1s",
+            "notes_queue.retry.2.2s"
         ]
     );
     assert_no_password(output);

@@ -245,8 +245,8 @@ async fn first_reconcile_writes_exactly_the_expected_objects_and_the_second_writ
     for queue in [
         "notes_queue",
         "notes_queue_dlq",
-        "notes_queue.retry.1",
-        "notes_queue.retry.4",
+        "notes_queue.retry.1.1s",
+        "notes_queue.retry.4.8s",
     ] {
         assert!(
             queues.contains(&queue.to_string()),
@@ -485,7 +485,7 @@ async fn deleting_with_delete_removes_empty_objects_and_keeps_a_dlq_holding_mess
     assert!(
         notes
             .iter()
-            .any(|(r, n)| r == "Deleted" && n.contains("notes_queue.retry.1")),
+            .any(|(r, n)| r == "Deleted" && n.contains("notes_queue.retry.1.1s")),
         "{notes:?}"
     );
 }
@@ -589,7 +589,7 @@ async fn a_pipeline_created_during_a_burst_puts_its_policies_and_declares_once_t
         "policies are not written twice: {noted:?}"
     );
     let queues = h.queues().await;
-    for queue in ["notes_queue", "notes_queue_dlq", "notes_queue.retry.4"] {
+    for queue in ["notes_queue", "notes_queue_dlq", "notes_queue.retry.4.8s"] {
         assert!(
             queues.contains(&queue.to_string()),
             "{queue} missing from {queues:?}"

@@ -223,7 +223,7 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
     assert!(h.first_sync().await.0.is_ok());
     assert_eq!(h.announced().len(), 4);
     // Tier 4 still holds a message waiting out its delay.
-    assert!(h.broker.set_messages(VHOST, "notes_queue.retry.4", 1));
+    assert!(h.broker.set_messages(VHOST, "notes_queue.retry.4.8s", 1));
     h.take_journal();
 
     h.change_spec(set_max_attempts(3));
@@ -232,7 +232,7 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
     let journal = h.take_journal();
     assert_eq!(
         h.announced(),
-        ["notes_queue.retry.1", "notes_queue.retry.2"]
+        ["notes_queue.retry.1.1s", "notes_queue.retry.2.2s"]
     );
     let config_map = position(&journal, &format!("kube: PATCH {CONFIG_MAP}"));
     let first_retirement = journal
@@ -245,24 +245,24 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
     );
     assert!(
         journal
-            .contains(&"broker: delete queue notes_queue.retry.3 if empty and unused".to_string())
+            .contains(&"broker: delete queue notes_queue.retry.3.4s if empty and unused".to_string())
     );
     assert_eq!(
         h.retry_queues_on_broker(),
         [
-            "notes_queue.retry.1",
-            "notes_queue.retry.2",
-            "notes_queue.retry.4"
+            "notes_queue.retry.1.1s",
+            "notes_queue.retry.2.2s",
+            "notes_queue.retry.4.8s"
         ],
         "the tier holding a message stays until it is empty"
     );
 
     // Once its message has gone back to the work queue, the next pass removes it.
-    assert!(h.broker.set_messages(VHOST, "notes_queue.retry.4", 0));
+    assert!(h.broker.set_messages(VHOST, "notes_queue.retry.4.8s", 0));
     assert!(h.reconcile().await.0.is_ok());
     assert_eq!(
         h.retry_queues_on_broker(),
-        ["notes_queue.retry.1", "notes_queue.retry.2"]
+        ["notes_queue.retry.1.1s", "notes_queue.retry.2.2s"]
     );
 }
 
