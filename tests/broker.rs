@@ -95,7 +95,10 @@ async fn apply_creates_every_object_with_its_arguments_and_effective_policy() {
     }
     let tier = get_json(&vhost.path("queues", "notes_queue.retry.1.1s"));
     assert_eq!(tier["arguments"]["x-message-ttl"], 1000);
-    assert_eq!(tier["arguments"]["x-dead-letter-routing-key"], "notes_queue");
+    assert_eq!(
+        tier["arguments"]["x-dead-letter-routing-key"],
+        "notes_queue"
+    );
     assert!(tier["policy"].is_null(), "no policy on a tier: {tier}");
     let bindings = get_json(&format!("/bindings/{}", support::encode(&vhost.name)));
     for binding in &t.bindings {
@@ -278,7 +281,11 @@ async fn drift_behind_the_operators_back_is_repaired() {
         ),
         None,
     );
-    mgmt("DELETE", &vhost.path("queues", "notes_queue.retry.2.2s"), None);
+    mgmt(
+        "DELETE",
+        &vhost.path("queues", "notes_queue.retry.2.2s"),
+        None,
+    );
     let mut edited = get_json(&vhost.path("policies", "msgpipe.notes_queue_dlq"));
     edited["definition"]["max-length"] = Value::from(1);
     mgmt(
@@ -315,12 +322,23 @@ async fn spec_changes_converge_on_the_live_queues() {
     let updated = changes(&converge(&broker, &slower).await);
     let count = |prefix: &str| updated.iter().filter(|c| c.starts_with(prefix)).count();
     assert_eq!(
-        updated.iter().filter(|c| c.contains("policy")).collect::<Vec<_>>(),
+        updated
+            .iter()
+            .filter(|c| c.contains("policy"))
+            .collect::<Vec<_>>(),
         ["updated policy msgpipe.notes_queue_dlq"],
         "{updated:?}"
     );
-    for new in ["notes_queue.retry.1.2s", "notes_queue.retry.2.6s", "notes_queue.retry.3.18s", "notes_queue.retry.4.54s"] {
-        assert!(updated.contains(&format!("created queue {new}")), "{new}: {updated:?}");
+    for new in [
+        "notes_queue.retry.1.2s",
+        "notes_queue.retry.2.6s",
+        "notes_queue.retry.3.18s",
+        "notes_queue.retry.4.54s",
+    ] {
+        assert!(
+            updated.contains(&format!("created queue {new}")),
+            "{new}: {updated:?}"
+        );
     }
     assert_eq!(count("deleted queue notes_queue.retry."), 4, "{updated:?}");
     assert_eq!(count("unbound notes_queue.retry -> "), 4, "{updated:?}");
@@ -400,11 +418,17 @@ async fn a_removed_tier_holding_messages_is_kept_until_it_drains() {
     // expires.
     let kept = get_json(&vhost.path("queues", "notes_queue.retry.3.40m"));
     assert_eq!(kept["arguments"]["x-message-ttl"], 2_400_000);
-    assert_eq!(kept["arguments"]["x-dead-letter-routing-key"], "notes_queue");
+    assert_eq!(
+        kept["arguments"]["x-dead-letter-routing-key"],
+        "notes_queue"
+    );
 
     mgmt(
         "DELETE",
-        &format!("{}/contents", vhost.path("queues", "notes_queue.retry.3.40m")),
+        &format!(
+            "{}/contents",
+            vhost.path("queues", "notes_queue.retry.3.40m")
+        ),
         None,
     );
     // The management figures (which count unacknowledged messages) lag the purge by up to
@@ -1094,8 +1118,8 @@ async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain()
     let mut options = ConsumerOptions::new(support::amqp_uri(&vhost.name));
     options.prefetch = 50;
     options.concurrency = 16;
-    let consumer = Consumer::new(options, LiveConfig::fixed(state.client_config.clone()))
-        .expect("consumer");
+    let consumer =
+        Consumer::new(options, LiveConfig::fixed(state.client_config.clone())).expect("consumer");
     let stop = consumer.shutdown_handle();
     // (message id, attempt) of every successful handling; every tier a message came back from.
     let handled: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
@@ -1110,9 +1134,7 @@ async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain()
             if message.attempt() < 3 {
                 return Err(HandlerError::retryable("not yet"));
             }
-            seen.lock()
-                .expect("handled")
-                .push((id, message.attempt()));
+            seen.lock().expect("handled").push((id, message.attempt()));
             Ok(())
         }
     }));
@@ -1138,7 +1160,10 @@ async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain()
         if waiting > 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "no message reached an old tier");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no message reached an old tier"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let swapped = changes(&converge(&broker, &state).await);
@@ -1180,7 +1205,11 @@ async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain()
         per_id.values().all(|n| *n == 1),
         "a message handled twice: {per_id:?}"
     );
-    assert_eq!(depth(&channel, "notes_queue_dlq").await, 0, "nothing dead-lettered");
+    assert_eq!(
+        depth(&channel, "notes_queue_dlq").await,
+        0,
+        "nothing dead-lettered"
+    );
     let tiers_left = tiers_left.lock().expect("waits").clone();
     let via_old = tiers_left.iter().filter(|q| old_tiers.contains(q)).count();
     let via_new = tiers_left.len() - via_old;
@@ -1214,7 +1243,11 @@ async fn a_running_consumer_loses_nothing_while_tiers_made_with_policies_drain()
             support::MGMT_URL,
             vhost.path("policies", &format!("msgpipe.{old}"))
         );
-        assert_eq!(support::http("GET", &url, None, true).0, 404, "{old}'s policy");
+        assert_eq!(
+            support::http("GET", &url, None, true).0,
+            404,
+            "{old}'s policy"
+        );
     }
     assert!(!converge(&broker, &state).await.wrote());
 }

@@ -137,10 +137,10 @@ fn broker_killed_mid_apply_then_restarted_converges_every_pipeline_once() {
         "not converged:\n{out}"
     );
 
-    // Exactly the planned objects: 6 queues, 6 policies, 3 exchanges, 6 bindings per pipeline.
+    // Exactly the planned objects: 6 queues, 2 policies (tiers have none), 3 exchanges, 6 bindings per pipeline.
     let ours = |v: &Value| v["name"].as_str().is_some_and(|n| n.starts_with('p'));
     assert_eq!(list("queues").len(), PIPELINES * 6);
-    assert_eq!(list("policies").len(), PIPELINES * 6);
+    assert_eq!(list("policies").len(), PIPELINES * 2);
     assert_eq!(
         list("exchanges").iter().filter(|e| ours(e)).count(),
         PIPELINES * 3

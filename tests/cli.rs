@@ -74,7 +74,10 @@ fn render_prints_the_seed_topology_rule_and_config_map() {
     let tier = &topology["queues"][2];
     assert_eq!(tier["arguments"]["message-ttl"], 1000);
     assert_eq!(tier["arguments"]["dead-letter-routing-key"], "notes_queue");
-    assert_eq!(names("policies"), ["msgpipe.notes_queue", "msgpipe.notes_queue_dlq"]);
+    assert_eq!(
+        names("policies"),
+        ["msgpipe.notes_queue", "msgpipe.notes_queue_dlq"]
+    );
     assert_eq!(
         names("exchanges"),
         ["notes", "notes_dlq_exchange", "notes_queue.retry"]

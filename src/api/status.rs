@@ -53,7 +53,7 @@ pub struct MessagePipelineStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryQueueStatus {
-    /// Queue name (`<queue>.retry.<k>`).
+    /// Queue name (`<queue>.retry.<k>.<delay>`).
     pub name: String,
     /// Delay of this tier.
     pub delay: String,

@@ -72,11 +72,13 @@ fn assert_distinct<'a>(
 /// Every queue's settings: the policies' definitions and the retry tiers' declare arguments.
 fn settings(state: &DesiredState) -> impl Iterator<Item = &PolicyDefinition> {
     let topology = &state.topology;
-    topology
-        .policies
-        .iter()
-        .map(|p| &p.definition)
-        .chain(topology.queues.iter().map(|q| &q.arguments).filter(|a| !a.is_empty()))
+    topology.policies.iter().map(|p| &p.definition).chain(
+        topology
+            .queues
+            .iter()
+            .map(|q| &q.arguments)
+            .filter(|a| !a.is_empty()),
+    )
 }
 
 proptest! {

@@ -244,8 +244,9 @@ async fn removed_tiers_leave_the_config_map_first_and_the_broker_only_once_empty
         "clients must stop using a tier before it goes: {journal:#?}"
     );
     assert!(
-        journal
-            .contains(&"broker: delete queue notes_queue.retry.3.4s if empty and unused".to_string())
+        journal.contains(
+            &"broker: delete queue notes_queue.retry.3.4s if empty and unused".to_string()
+        )
     );
     assert_eq!(
         h.retry_queues_on_broker(),
