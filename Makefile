@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit brokers cluster compat lint fmt crds render clean bench-provision bench-client bench-operator bench
+.PHONY: all setup build run test unit brokers cluster compat lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench
 N ?= 200
 # RabbitMQ of the main pass: 4.3 (newest, default), 4.0 or 3.10 (scripts/test-broker.sh).
 RABBITMQ ?= 4.3
@@ -59,7 +59,7 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-bench: bench-provision bench-client bench-operator ## every benchmark (release builds)
+bench: bench-provision bench-client bench-operator bench-scale ## every benchmark (release builds)
 
 bench-provision: setup ## msgpipe apply vs raw AMQP+HTTP vs per-object HTTP, N pipelines
 	$(CARGO) run --release --example bench_provision -- --pipelines $(N)
@@ -69,8 +69,11 @@ bench-client: setup ## consumer/publisher vs raw lapin; outbox (broker down) vs 
 	mkdir -p target/bench-client
 	BENCH_DIR=$(CURDIR)/target/bench-client $(CARGO) run --release -p msgpipe-client --example bench_client
 
-bench-operator: setup ## operator RSS, first sync, writes per resync (mocked Kubernetes API)
+bench-operator: setup ## operator RSS, a burst of new pipelines vs msgpipe apply, writes per resync, spec change (mocked Kubernetes API)
 	$(CARGO) run --release --example bench_operator -- --pipelines $(or $(PIPELINES),1000)
+
+bench-scale: setup ## first sync, resync and spec-change latency at 200/500/1,000 pipelines in one vhost vs raw writes
+	$(CARGO) run --release --example bench_scale -- --pipelines $(or $(SIZES),200,500,1000)
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crd > crds/messagepipelines.msgpipe.io.yaml

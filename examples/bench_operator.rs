@@ -130,31 +130,29 @@ async fn main() -> anyhow::Result<()> {
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "rabbitmq-admin", "namespace": "bench"},
                "stringData": {"uri": format!("amqp://guest:guest@127.0.0.1:{}/{vhost}", args.port), "managementUri": mgmt}}),
     );
-    let objects: Vec<Value> = (0..args.pipelines)
-        .map(|i| pipeline(&template, i, &vhost, &args.queue_type))
-        .collect();
-    let json_bytes: usize = objects.iter().map(|o| o.to_string().len()).sum();
-    let typed: Vec<MessagePipeline> = objects
-        .iter()
-        .map(|o| serde_json::from_value(o.clone()))
-        .collect::<Result<_, _>>()?;
-    for (i, object) in objects.into_iter().enumerate() {
-        api.put(&path(i), object);
-    }
+    // The controller's cache first, alone, so its RSS is the operator's own; then the fake
+    // API server's copies (which a real operator does not hold).
     let mut writer: Writer<MessagePipeline> = Writer::default();
     let store = writer.as_reader();
     writer.apply_watcher_event(&watcher::Event::Init);
-    for p in typed {
-        writer.apply_watcher_event(&watcher::Event::InitApply(p));
+    let mut json_bytes = 0;
+    for i in 0..args.pipelines {
+        let object = pipeline(&template, i, &vhost, &args.queue_type);
+        json_bytes += object.to_string().len();
+        let typed: MessagePipeline = serde_json::from_value(object)?;
+        writer.apply_watcher_event(&watcher::Event::InitApply(typed));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
+    let cached = rss_kib();
+    for i in 0..args.pipelines {
+        api.put(&path(i), pipeline(&template, i, &vhost, &args.queue_type));
+    }
     let (client, _server) = api.client();
     let ctx = Arc::new(Context::new(
         client,
         Arc::new(Metrics::default()),
         OperatorConfig::default(),
     ));
-    let cached = rss_kib();
 
     let synced = args.synced.unwrap_or(args.pipelines).min(args.pipelines);
     // Reconciles every pipeline of the first `synced` that is not Ready yet, as the
@@ -271,8 +269,8 @@ async fn main() -> anyhow::Result<()> {
 
     // Spec changes of one pipeline among the fleet.
     let broker = RabbitBroker::new(endpoint(&args, &mgmt, &vhost)?, Duration::from_secs(30))?;
-    let mut change = async |i: usize,
-                            edit: &dyn Fn(&mut MessagePipeline)|
+    let change = async |i: usize,
+                        edit: &dyn Fn(&mut MessagePipeline)|
            -> anyhow::Result<(Duration, String)> {
         let mut changed: MessagePipeline =
             serde_json::from_value(api.get(&path(i)).context("stored")?)?;
