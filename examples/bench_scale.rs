@@ -118,11 +118,20 @@ impl Admin {
         Ok(())
     }
 
+    /// Deletes the vhost and waits until it is gone: deleting thousands of quorum queues
+    /// outlasts the management API's request timeout, which closes the connection while the
+    /// node goes on deleting.
     async fn delete_vhost(&self, name: &str) {
         let path = format!("/vhosts/{}", Self::encode(name));
-        if let Err(e) = self.call(reqwest::Method::DELETE, &path, None).await {
-            eprintln!("could not delete vhost {name}: {e:#}");
+        let _ = self.call(reqwest::Method::DELETE, &path, None).await;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.call(reqwest::Method::GET, &path, None).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
+        eprintln!("vhost {name} still exists after {CALL_TIMEOUT:?}; delete it by hand");
     }
 }
 
