@@ -74,7 +74,8 @@ bench-operator: setup ## operator RSS, first sync, writes per resync (mocked Kub
 
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crd > crds/messagepipelines.msgpipe.io.yaml
-	cp crds/messagepipelines.msgpipe.io.yaml charts/msgpipe-operator/crds/
+	$(CARGO) run --quiet -- crd --kind deadletterreplay > crds/deadletterreplays.msgpipe.io.yaml
+	cp crds/messagepipelines.msgpipe.io.yaml crds/deadletterreplays.msgpipe.io.yaml charts/msgpipe-operator/crds/
 
 clean:
 	$(CARGO) clean

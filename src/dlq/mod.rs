@@ -50,6 +50,7 @@ pub mod detail;
 pub mod letter;
 mod queue;
 pub mod replay;
+pub mod stop;
 pub mod summary;
 pub mod value;
 
@@ -57,8 +58,9 @@ use crate::broker::BrokerError;
 
 pub use detail::DeadLetterDetail;
 pub use letter::{DeadLetter, RawDeadLetter, ReasonSource};
-pub use queue::{Browse, DeadLetterQueue, ReplayOutcome, ReplayRun};
+pub use queue::{Browse, DeadLetterQueue, Flow, ReplayControl, ReplayOutcome, ReplayRun};
 pub use replay::{REPLAY_ID, ReplaySelection, ReplayTarget, Skipped};
+pub use stop::{FailureWatch, KillSwitch, StopWhen, Trip};
 pub use summary::{FailureGroup, GroupBy};
 
 /// Why a DLQ command failed. Never carries the broker password.

@@ -45,6 +45,49 @@ pub struct ReplayOutcome {
     pub skipped: usize,
     /// Messages ready in the DLQ once the replay ended.
     pub remaining: u64,
+    /// The [`ReplayControl`] halted the run before every selected dead letter was replayed
+    /// (kill switch, suspend); the rest are still in the DLQ.
+    pub halted: bool,
+}
+
+/// Whether a replay goes on with the next copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop before the next copy; the dead letter in hand goes back to the DLQ unchanged.
+    Halt,
+}
+
+/// What a caller decides and sees while a replay runs: asked before each copy (a kill
+/// switch, a suspend), told after each one. The copy/ack protocol stays in
+/// [`DeadLetterQueue::replay_with`].
+pub trait ReplayControl {
+    /// Before the next copy of a selected dead letter; `progress` is the run so far.
+    fn before_copy(
+        &mut self,
+        dlq: &DeadLetterQueue,
+        progress: &ReplayOutcome,
+    ) -> impl Future<Output = Flow> + Send;
+    /// After a dead letter was replayed (its copy confirmed and the dead letter acked), or
+    /// in a dry run, would be.
+    fn replayed(&mut self, letter: &DeadLetter, to: &ReplayTarget);
+}
+
+/// A control that only watches: every copy goes ahead.
+struct Observe<F>(F);
+
+impl<F: FnMut(&DeadLetter, &ReplayTarget) + Send> ReplayControl for Observe<F> {
+    fn before_copy(
+        &mut self,
+        _: &DeadLetterQueue,
+        _: &ReplayOutcome,
+    ) -> impl Future<Output = Flow> + Send {
+        std::future::ready(Flow::Continue)
+    }
+
+    fn replayed(&mut self, letter: &DeadLetter, to: &ReplayTarget) {
+        (self.0)(letter, to);
+    }
 }
 
 /// How a replay runs: what it takes, how fast, and under which id.
@@ -134,7 +177,18 @@ impl DeadLetterQueue {
         &self,
         run: &ReplayRun,
         names: &PipelineNames,
-        mut on_replayed: impl FnMut(&DeadLetter, &ReplayTarget),
+        on_replayed: impl FnMut(&DeadLetter, &ReplayTarget) + Send,
+    ) -> Result<ReplayOutcome, DlqError> {
+        self.replay_with(run, names, &mut Observe(on_replayed))
+            .await
+    }
+
+    /// [`Self::replay`], asking `control` before each copy whether to go on.
+    pub async fn replay_with(
+        &self,
+        run: &ReplayRun,
+        names: &PipelineNames,
+        control: &mut impl ReplayControl,
     ) -> Result<ReplayOutcome, DlqError> {
         let depth = self.depth().await?;
         if self.session.queue_depth(&names.queue).await?.is_none() {
@@ -157,6 +211,7 @@ impl DeadLetterQueue {
             replayed: 0,
             skipped: 0,
             remaining: depth,
+            halted: false,
         };
         let mut found_ids: Vec<String> = Vec::new();
         let started = Instant::now();
@@ -186,6 +241,11 @@ impl DeadLetterQueue {
                 }
                 let to = replay_target(&letter, names);
                 if !run.dry_run {
+                    // Held unacknowledged; back in the DLQ when the channel closes.
+                    if control.before_copy(self, &outcome).await == Flow::Halt {
+                        outcome.halted = true;
+                        break;
+                    }
                     pace(run.rate, started, outcome.replayed).await;
                     let copy = Copy {
                         raw: &raw,
@@ -204,7 +264,7 @@ impl DeadLetterQueue {
                     }
                 }
                 outcome.replayed += 1;
-                on_replayed(&letter, &to);
+                control.replayed(&letter, &to);
             }
             Ok(())
         }
@@ -216,7 +276,7 @@ impl DeadLetterQueue {
         let missing = run
             .selection
             .missing_ids(found_ids.iter().map(String::as_str));
-        if !missing.is_empty() {
+        if !missing.is_empty() && !outcome.halted {
             return Err(DlqError::IdsNotFound {
                 queue: self.queue.clone(),
                 replayed: outcome.replayed,
@@ -303,6 +363,29 @@ impl DeadLetterQueue {
                 reason: "the channel is not in confirm mode".into(),
             })),
         }
+    }
+
+    /// Dead letters ready in the DLQ that carry `replay_id` (copies of that replay that failed
+    /// again). Reads every ready message without taking it (as [`Self::browse`] does), so it
+    /// costs one `basic.get` per message; dead letters a running replay holds are not seen.
+    pub async fn count_replay_copies(&self, replay_id: &str) -> Result<u64, DlqError> {
+        let depth = self.depth().await?;
+        let channel = self.session.channel().await?;
+        let result = async {
+            let mut count = 0;
+            for index in 1..=usize::try_from(depth).unwrap_or(usize::MAX) {
+                let Some((letter, _)) = self.get(&channel, index).await? else {
+                    break;
+                };
+                if letter.replay_id().is_some_and(|id| id == replay_id) {
+                    count += 1;
+                }
+            }
+            Ok::<u64, DlqError>(count)
+        }
+        .await;
+        close_channel(&channel).await;
+        result
     }
 
     /// Deletes every message in the DLQ; returns how many there were.
