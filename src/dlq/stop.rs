@@ -292,7 +292,11 @@ mod tests {
             switch.replayed(start);
         }
         switch.observe_back(10, start);
-        assert_eq!(switch.tripped(start), None, "10 of 100 is not more than 10%");
+        assert_eq!(
+            switch.tripped(start),
+            None,
+            "10 of 100 is not more than 10%"
+        );
         switch.observe_back(11, start);
         assert!(switch.tripped(start).is_some(), "11 of 100 is");
         // Two minutes later, with a 1-minute window, fresh copies that all succeed.
@@ -301,7 +305,11 @@ mod tests {
             switch.replayed(later);
         }
         switch.observe_back(11, later);
-        assert_eq!(switch.tripped(later), None, "the old failures left the window");
+        assert_eq!(
+            switch.tripped(later),
+            None,
+            "the old failures left the window"
+        );
     }
 
     #[test]
