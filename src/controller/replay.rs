@@ -68,7 +68,7 @@ impl Default for ReplaySettings {
 /// What every replay run shares.
 pub struct ReplayContext {
     pub client: Client,
-    pub recorder: Recorder,
+    reporter: Reporter,
     pub metrics: Arc<Metrics>,
     pub settings: ReplaySettings,
     /// Runs in progress in this process, by uid.
@@ -87,7 +87,7 @@ impl ReplayContext {
             instance: Some(identity.to_string()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            reporter,
             client,
             metrics,
             settings,
@@ -103,7 +103,10 @@ impl ReplayContext {
             action: "Replay".into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &replay.object_ref(&())).await {
+        // A recorder per event: folding would turn "started" after "suspended" into a patch
+        // of an older series, and the two notes differ.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        if let Err(error) = recorder.publish(&event, &replay.object_ref(&())).await {
             warn!(replay = %replay.name_any(), %error, "cannot publish event");
         }
     }
@@ -563,13 +566,20 @@ impl ReplayControl for RunnerControl<'_, '_> {
         if !self.watch.due(Instant::now()) {
             return Flow::Continue;
         }
+        self.watch.start_interval(Instant::now());
         self.run.status.replayed = self.before + progress.replayed as u64;
         let selected = self.run.status.selected.unwrap_or_default();
         self.run.status.remaining = Some(selected.saturating_sub(self.run.status.replayed));
         if !self.still_wanted().await {
             return Flow::Halt;
         }
-        match self.watch.check(dlq).await {
+        // Counting reads the whole DLQ: only when a kill switch needs it (the final status
+        // counts once more either way).
+        let check = match self.watch.switch {
+            Some(_) => self.watch.check(dlq).await,
+            None => Ok(None),
+        };
+        match check {
             Ok(trip) => {
                 let back = self.watch.back;
                 record_back(&mut *self.run, &mut *self.watch, back);

@@ -19,6 +19,9 @@ use crate::broker::session::close_channel;
 use crate::broker::{AmqpSession, BrokerEndpoint, BrokerError};
 use crate::plan::PipelineNames;
 
+/// Longest wait for the messages a closed channel held to be back in the DLQ.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// One DLQ on one broker vhost, over a connection of its own.
 pub struct DeadLetterQueue {
     session: AmqpSession,
@@ -164,7 +167,9 @@ impl DeadLetterQueue {
         }
         .await;
         close_channel(&channel).await;
-        result.map(|()| Browse { depth, letters })
+        result?;
+        self.settled(depth).await?;
+        Ok(Browse { depth, letters })
     }
 
     /// Replays the selected dead letters to the pipeline's work queue, one at a time:
@@ -272,7 +277,9 @@ impl DeadLetterQueue {
         close_channel(&target).await;
         close_channel(&source).await;
         result?;
-        outcome.remaining = self.depth().await.unwrap_or(outcome.remaining);
+        let acked = if run.dry_run { 0 } else { outcome.replayed };
+        let left = depth.saturating_sub(acked as u64);
+        outcome.remaining = self.settled(left).await.unwrap_or(outcome.remaining);
         let missing = run
             .selection
             .missing_ids(found_ids.iter().map(String::as_str));
@@ -385,7 +392,24 @@ impl DeadLetterQueue {
         }
         .await;
         close_channel(&channel).await;
-        result
+        let count = result?;
+        self.settled(depth).await?;
+        Ok(count)
+    }
+
+    /// Waits until the DLQ holds at least `expected` ready messages again, at most
+    /// [`SETTLE_PATIENCE`]; returns the depth. The broker puts back the messages a closed
+    /// channel held asynchronously (a quorum queue through its log), so without this the next
+    /// read right after a browse can find the queue short, or empty.
+    async fn settled(&self, expected: u64) -> Result<u64, DlqError> {
+        let deadline = Instant::now() + SETTLE_PATIENCE.min(self.session.timeout());
+        loop {
+            let depth = self.depth().await?;
+            if depth >= expected || Instant::now() >= deadline {
+                return Ok(depth);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Deletes every message in the DLQ; returns how many there were.

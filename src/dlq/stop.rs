@@ -173,7 +173,7 @@ fn recent(buckets: &mut VecDeque<(Instant, u64)>, now: Instant, window: Duration
     buckets.iter().map(|(_, count)| count).sum()
 }
 
-/// The kill switch with its DLQ read: at most one read per `interval`.
+/// The kill switch with its DLQ read, meant to run once per `interval` ([`Self::due`]).
 #[derive(Debug)]
 pub struct FailureWatch {
     pub switch: Option<KillSwitch>,
@@ -201,6 +201,11 @@ impl FailureWatch {
             .is_none_or(|at| now.saturating_duration_since(at) >= self.interval)
     }
 
+    /// Starts the next interval without reading the DLQ.
+    pub fn start_interval(&mut self, now: Instant) {
+        self.last_read = Some(now);
+    }
+
     /// A copy was made.
     pub fn replayed(&mut self, at: Instant) {
         if let Some(switch) = &mut self.switch {
@@ -208,14 +213,10 @@ impl FailureWatch {
         }
     }
 
-    /// Reads the DLQ (when due) and decides.
+    /// Reads the DLQ and decides (callers ask [`Self::due`] first).
     pub async fn check(&mut self, dlq: &DeadLetterQueue) -> Result<Option<Trip>, DlqError> {
         let now = Instant::now();
-        if !self.due(now) {
-            return Ok(None);
-        }
         self.back = dlq.count_replay_copies(&self.replay_id).await?;
-        self.last_read = Some(now);
         Ok(self.switch.as_mut().and_then(|switch| {
             switch.observe_back(self.back, now);
             switch.tripped(now)
