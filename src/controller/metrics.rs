@@ -34,9 +34,11 @@ pub struct ReadyLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplayLabels {
-    pub namespace: String,
+    /// The DeadLetterReplay's namespace (not `namespace`: Prometheus' scrape puts the
+    /// operator pod's own namespace there).
+    pub msgpipe_namespace: String,
     /// The DeadLetterReplay's name.
-    pub replay: String,
+    pub msgpipe_replay: String,
     /// replayed (a copy confirmed in the work queue, its dead letter removed), failed_again
     /// (a copy seen back in the DLQ).
     pub outcome: String,
@@ -153,8 +155,8 @@ impl Metrics {
     pub fn replay_messages(&self, namespace: &str, replay: &str, outcome: &str, count: u64) {
         self.replay_messages
             .get_or_create(&ReplayLabels {
-                namespace: namespace.into(),
-                replay: replay.into(),
+                msgpipe_namespace: namespace.into(),
+                msgpipe_replay: replay.into(),
                 outcome: outcome.into(),
             })
             .inc_by(count);
@@ -217,7 +219,7 @@ mod tests {
         metrics.replay_messages("notes-app", "after-incident", "replayed", 2);
         let text = metrics.encode();
         assert!(
-            text.contains(r#"msgpipe_replay_messages_total{namespace="notes-app",replay="after-incident",outcome="replayed"} 42"#),
+            text.contains(r#"msgpipe_replay_messages_total{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="replayed"} 42"#),
             "{text}"
         );
         assert!(

@@ -350,7 +350,7 @@ async fn replay_of_1000_at_200_per_second_takes_5_seconds_and_status_matches_the
     let metrics = world.metrics.encode();
     assert!(
         metrics.contains(
-            r#"msgpipe_replay_messages_total{namespace="notes-app",replay="after-incident",outcome="replayed"} 1000"#
+            r#"msgpipe_replay_messages_total{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="replayed"} 1000"#
         ),
         "{metrics}"
     );
