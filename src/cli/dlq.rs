@@ -770,7 +770,7 @@ async fn replay_with(
     }
     if let (Some(trip), Some(rule)) = (progress.trip, stop) {
         bail!(
-            "{pipeline}: replay {} stopped by --stop-when {rule}: {trip}; {} replayed, {} left in {} (resume with --resume {})",
+            "{pipeline}: replay {} stopped by --stop-when {rule}: {trip}; {} replayed, {} dead letters now in {} (resume with --resume {})",
             run.replay_id,
             outcome.replayed,
             outcome.remaining,

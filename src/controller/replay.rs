@@ -448,27 +448,8 @@ async fn replay_passes(
         if run.phase().next(event) == ReplayPhase::Running {
             continue;
         }
-        return finish(
-            run,
-            dlq,
-            &left_selection(&selection, limit, run.status.replayed),
-            names,
-            &mut watch,
-            event,
-            note,
-        )
-        .await;
+        return finish(run, dlq, names, &mut watch, event, note).await;
     }
-}
-
-fn left_selection(
-    selection: &ReplaySelection,
-    limit: Option<u64>,
-    replayed: u64,
-) -> ReplaySelection {
-    let mut left = selection.clone();
-    left.limit = remaining_limit(limit, replayed);
-    left
 }
 
 /// What `spec.selection.limit` still allows after `replayed` copies.
@@ -476,33 +457,30 @@ fn remaining_limit(limit: Option<u64>, replayed: u64) -> Option<usize> {
     limit.map(|l| usize::try_from(l.saturating_sub(replayed)).unwrap_or(usize::MAX))
 }
 
-/// Final counts from the broker, then the phase change.
+/// Final counts, then the phase change. `remaining` is what the selection took minus what
+/// was replayed (none once Completed); re-reading the DLQ right after a pass could miss the
+/// dead letters the broker is still putting back.
 async fn finish(
     run: &mut Run<'_>,
     dlq: &DeadLetterQueue,
-    left: &ReplaySelection,
     names: &PipelineNames,
     watch: &mut FailureWatch,
     event: ReplayEvent,
     note: String,
 ) -> Result<ReplayPhase, ReplayError> {
     let uid = run.uid.clone();
-    let remaining = if left.limit == Some(0) {
-        0
-    } else {
-        pending(dlq, left, names, &uid).await?
+    let selected = run.status.selected.unwrap_or_default();
+    let remaining = match run.phase().next(event) {
+        ReplayPhase::Completed => 0,
+        _ => selected.saturating_sub(run.status.replayed),
     };
     run.status.remaining = Some(remaining);
     let back = dlq.count_replay_copies(&uid).await?;
     record_back(run, watch, back);
     let note = if note.is_empty() {
         format!(
-            "replayed {} of {} selected dead letters to queue {}; {} failed again, {remaining} left in {}",
-            run.status.replayed,
-            run.status.selected.unwrap_or_default(),
-            names.queue,
-            run.status.failed_again,
-            names.dead_letter_queue
+            "replayed {} of {selected} selected dead letters to queue {}; {} failed again",
+            run.status.replayed, names.queue, run.status.failed_again,
         )
     } else {
         format!(

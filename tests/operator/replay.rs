@@ -13,10 +13,13 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use msgpipe::api::load::parse_pipelines;
 use msgpipe::api::{DeadLetterReplay, ReplayPhase};
 use msgpipe::controller::Metrics;
-use msgpipe::controller::replay::{ReplayContext, ReplaySettings, run_replay};
+use msgpipe::controller::replay::{
+    ReplayContext, ReplaySettings, run_replay, run_replay_controller,
+};
 use serde_json::{Value, json};
 
 use crate::fake_api::FakeApi;
+use crate::isolation::Cluster;
 use crate::support;
 
 const NODE: &str = "msgpipe-replay16";
@@ -561,4 +564,155 @@ async fn suspend_stops_the_copies_and_resume_completes() {
             "ReplayCompleted"
         ]
     );
+}
+
+/// Closes every connection of the test's vhost, as the exit of the operator's process would.
+fn close_connections(world: &World, why: &str) {
+    assert!(
+        support::broker_node(
+            "ctl",
+            NODE,
+            &PORT.to_string(),
+            &["close_all_connections", "-p", &world.vhost.0, why],
+            None
+        ),
+        "connections closed"
+    );
+}
+
+/// One operator replica holding the lease: the replay controller over every namespace.
+fn start_leader(
+    cluster: &Cluster,
+    identity: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, _server) = cluster.client();
+    let settings = ReplaySettings {
+        check_interval: Duration::from_millis(500),
+        broker_timeout: Duration::from_secs(10),
+    };
+    let ctx = Arc::new(ReplayContext::new(
+        client,
+        Arc::new(Metrics::default()),
+        settings,
+        identity,
+    ));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_replay_controller(ctx, None, async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_runs_a_replay_under_the_operators_rbac_and_a_new_leader_resumes_it() {
+    let world = World::new(
+        "dlr-leader",
+        json!({"pipelineRef": {"name": "notes"}, "rate": 200}),
+    )
+    .await;
+    let cluster = Cluster::over(world.api.clone());
+    let (stop, first) = start_leader(&cluster, "replica-a");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.depths().await.0 < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the controller never started the replay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Leadership lost: the controller stops and aborts its runs; the process exits.
+    let _ = stop.send(());
+    first.await.expect("controller stops");
+    close_connections(&world, "lost the lease");
+    let handed_over = world.depths().await;
+    assert!(handed_over.0 < DEAD_LETTERS, "{handed_over:?}");
+    assert_eq!(world.status()["phase"], "Running");
+
+    let (stop, second) = start_leader(&cluster, "replica-b");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.status()["phase"] != "Completed" {
+        assert!(
+            Instant::now() < deadline,
+            "the new leader did not finish: {}",
+            world.status()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(());
+    second.await.expect("controller stops");
+    assert_eq!(
+        cluster.denied(),
+        Vec::<String>::new(),
+        "every call is in the RBAC list"
+    );
+    let tally = world.tally().await;
+    println!(
+        "leader change at {handed_over:?} (work, dlq): {} in the work queue, {} duplicates",
+        tally.work.len(),
+        tally.duplicates()
+    );
+    assert_eq!(tally.missing(), Vec::<String>::new(), "nothing lost");
+    assert!(tally.dlq.is_empty());
+    assert!(tally.duplicates() <= 1, "{}", tally.duplicates());
+    assert_eq!(number(&world.status(), "replayed"), DEAD_LETTERS as u64);
+    // Status and events never carry the broker's credentials.
+    for call in world.api.take_calls() {
+        let body = call.body.to_string();
+        assert!(
+            !body.contains("guest:guest"),
+            "{} {}: {body}",
+            call.method,
+            call.path
+        );
+    }
+}
+
+#[tokio::test]
+async fn cli_stop_when_halts_a_failing_replay_and_says_how_to_resume() {
+    let world = World::new("dlr-cli", json!({"pipelineRef": {"name": "notes"}})).await;
+    let (consumer, task) = reject_everything(&world).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("notes.yaml");
+    std::fs::write(&file, pipeline_yaml(&world.vhost.0)).expect("manifest");
+    let broker = uri(&world.vhost.0);
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+            .args([
+                "dlq",
+                "replay",
+                "--all",
+                "--rate",
+                "100/s",
+                "--stop-when",
+                "50%/1m",
+            ])
+            .args(["--stop-min-sample", "20", "-f"])
+            .arg(&file)
+            .env("MSGPIPE_BROKER_URI", broker)
+            .stdin(std::process::Stdio::null())
+            .output()
+    })
+    .await
+    .expect("joins")
+    .expect("msgpipe runs");
+    let _ = consumer.close(200, "done".into()).await;
+    task.abort();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let replayed = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("replayed #"))
+        .count();
+    println!("--stop-when: {replayed} replayed; {stderr}");
+    assert!(!output.status.success(), "a stopped replay exits non-zero");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("stopped by --stop-when 50%/1m"), "{stderr}");
+    assert!(stderr.contains("--resume replay-"), "{stderr}");
+    assert!(!stderr.contains("guest:guest"), "{stderr}");
+    assert!((20..200).contains(&replayed), "stopped after {replayed}");
+    let tally = world.tally().await;
+    assert_eq!(tally.missing(), Vec::<String>::new(), "nothing lost");
+    assert_eq!(tally.dlq.len(), DEAD_LETTERS, "originals and failed copies");
 }
