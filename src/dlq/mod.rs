@@ -45,6 +45,15 @@
 //! per second. Every copy carries the replay's id; a replay resumed under the same id skips
 //! dead letters that carry it (copies of this replay that failed again), so running it
 //! again after an interruption replays only what was left.
+//!
+//! # Control and kill switch
+//!
+//! [`DeadLetterQueue::replay_with`] asks a [`ReplayControl`] before each copy whether to go
+//! on (the CLI's `--stop-when`, the operator's suspend and status writes); a halt puts the
+//! dead letter in hand back untouched. [`stop`] holds the kill-switch rule and its pure
+//! sliding-window decision; [`DeadLetterQueue::count_replay_copies`] counts a replay's
+//! copies back in the DLQ. After any read that held messages, the next read waits until the
+//! broker has put them back (a quorum queue does so asynchronously).
 
 pub mod detail;
 pub mod letter;
