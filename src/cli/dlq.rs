@@ -90,7 +90,7 @@ pub enum DlqCommand {
     /// DLQ. --as-resource prints the same replay as a DeadLetterReplay for review instead of
     /// running it; the operator then runs it (see docs/replay.md).
     #[command(group(ArgGroup::new("selection").required(true).multiple(true).args(["all", "ids", "limit", "reason", "error_matches", "older_than", "newer_than", "resume"])))]
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// Delete every dead letter in the DLQ, for good.
     ///
     /// Without --yes, asks on the terminal: type the DLQ's name to confirm. When standard

@@ -407,10 +407,11 @@ async fn replay_passes(
             watch: &mut watch,
             before,
             suspended: false,
+            gone: false,
             trip: None,
         };
         let result = dlq.replay_with(&replay_run, names, &mut control).await;
-        let (suspended, trip) = (control.suspended, control.trip);
+        let (suspended, gone, trip) = (control.suspended, control.gone, control.trip);
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(DlqError::IdsNotFound { replayed, .. }) => ReplayOutcome {
@@ -427,6 +428,11 @@ async fn replay_passes(
             }
         };
         run.status.replayed = before + outcome.replayed as u64;
+        if gone {
+            // Deleted (or replaced by a new object of the same name): nothing to report to.
+            info!(replay = %run.name, replayed = run.status.replayed, "replay deleted; stopped");
+            return Ok(run.phase());
+        }
         let limit_reached = limit.is_some_and(|l| run.status.replayed >= l);
         let (event, note) = if let Some(trip) = trip {
             (
@@ -512,6 +518,8 @@ struct RunnerControl<'a, 'r> {
     /// Replayed before this pass.
     before: u64,
     suspended: bool,
+    /// The object was deleted or replaced.
+    gone: bool,
     trip: Option<Trip>,
 }
 
@@ -523,13 +531,17 @@ impl RunnerControl<'_, '_> {
                 if latest.uid().as_deref() != Some(self.run.uid.as_str())
                     || latest.meta().deletion_timestamp.is_some()
                 {
+                    self.gone = true;
                     return false;
                 }
                 self.suspended = latest.spec.suspend;
                 self.run.replay.metadata.generation = latest.meta().generation;
                 !self.suspended
             }
-            Ok(None) => false,
+            Ok(None) => {
+                self.gone = true;
+                false
+            }
             Err(error) => {
                 // A blind spell of the API does not stop a replay; the next check retries.
                 debug!(replay = %self.run.name, error = %crate::k8s::plain(&error), "cannot re-read the replay");

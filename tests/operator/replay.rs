@@ -716,3 +716,45 @@ async fn cli_stop_when_halts_a_failing_replay_and_says_how_to_resume() {
     assert_eq!(tally.missing(), Vec::<String>::new(), "nothing lost");
     assert_eq!(tally.dlq.len(), DEAD_LETTERS, "originals and failed copies");
 }
+
+#[tokio::test]
+async fn deleting_a_running_replay_stops_its_copies() {
+    let world = World::new(
+        "dlr-delete",
+        json!({"pipelineRef": {"name": "notes"}, "rate": 200}),
+    )
+    .await;
+    let (ctx, _server) = world.context(Duration::from_millis(200));
+    let ctx = Arc::new(ctx);
+    let running = {
+        let ctx = ctx.clone();
+        let replay = world.replay();
+        tokio::spawn(async move { run_replay(&ctx, replay).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while world.depths().await.0 < 100 {
+        assert!(Instant::now() < deadline, "the replay never got under way");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    world.api.0.lock().expect("state").objects.remove(REPLAY);
+    let ended = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the runner stops once its object is gone")
+        .expect("joins");
+    assert_eq!(
+        ended.expect("no error"),
+        ReplayPhase::Running,
+        "not finished, just gone"
+    );
+    let stopped = world.depths().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        world.depths().await,
+        stopped,
+        "no copies after the deletion"
+    );
+    assert!(
+        stopped.0 < DEAD_LETTERS && stopped.0 + stopped.1 == DEAD_LETTERS,
+        "{stopped:?}"
+    );
+}
