@@ -680,3 +680,63 @@ pub async fn run_replay_controller(
         .await;
     ctx.abort_all();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finished_condition_keeps_its_transition_time_while_its_status_holds() {
+        let running = finished_condition(&[], ReplayPhase::Running, "started", Some(1));
+        assert_eq!(
+            (running.status.as_str(), running.reason.as_str()),
+            ("False", "ReplayStarted")
+        );
+        let mut earlier = running.clone();
+        earlier.last_transition_time = Time("2026-12-01T00:00:00Z".parse().expect("time"));
+        let suspended = finished_condition(
+            &[earlier.clone()],
+            ReplayPhase::Suspended,
+            "paused",
+            Some(2),
+        );
+        assert_eq!(suspended.reason, "ReplaySuspended");
+        assert_eq!(
+            suspended.last_transition_time, earlier.last_transition_time,
+            "still False"
+        );
+        let stopped = finished_condition(
+            &[earlier.clone()],
+            ReplayPhase::Stopped,
+            "kill\nswitch",
+            Some(2),
+        );
+        assert_eq!(
+            (stopped.status.as_str(), stopped.reason.as_str()),
+            ("True", "ReplayStopped")
+        );
+        assert_ne!(
+            stopped.last_transition_time, earlier.last_transition_time,
+            "flipped to True"
+        );
+        assert_eq!(stopped.message, "kill switch", "one line");
+        assert_eq!(stopped.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn selection_errors_name_the_field_and_the_limit_shrinks_with_progress() {
+        let spec = ReplaySelectionSpec {
+            error_matches: Some("(".into()),
+            ..ReplaySelectionSpec::default()
+        };
+        let error = selection_of(&spec).expect_err("bad regex");
+        assert!(
+            error.starts_with("spec.selection.errorMatches \"(\": not a regular expression"),
+            "{error}"
+        );
+        assert!(!error.contains('\n'));
+        assert_eq!(remaining_limit(Some(10), 4), Some(6));
+        assert_eq!(remaining_limit(Some(10), 12), Some(0));
+        assert_eq!(remaining_limit(None, 12), None);
+    }
+}

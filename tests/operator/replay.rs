@@ -758,3 +758,55 @@ async fn deleting_a_running_replay_stops_its_copies() {
         "{stopped:?}"
     );
 }
+
+#[tokio::test]
+async fn a_replay_that_cannot_run_fails_with_one_line_naming_the_field() {
+    for (spec, field) in [
+        (
+            json!({"pipelineRef": {"name": "notes"}, "selection": {"errorMatches": "db (timeout"}}),
+            "spec.selection.errorMatches",
+        ),
+        (
+            json!({"pipelineRef": {"name": "nowhere"}}),
+            "spec.pipelineRef.name: MessagePipeline notes-app/nowhere does not exist",
+        ),
+    ] {
+        let api = FakeApi::default();
+        api.put(
+            REPLAY,
+            json!({
+                "apiVersion": "msgpipe.io/v1alpha1", "kind": "DeadLetterReplay",
+                "metadata": {"name": "after-incident", "namespace": NS, "uid": REPLAY_UID,
+                             "generation": 1, "resourceVersion": "1"},
+                "spec": spec,
+            }),
+        );
+        let (client, _server) = api.client();
+        let ctx = ReplayContext::new(
+            client,
+            Arc::new(Metrics::default()),
+            ReplaySettings::default(),
+            "test",
+        );
+        let replay: DeadLetterReplay =
+            serde_json::from_value(api.get(REPLAY).expect("stored")).expect("replay");
+        let phase = run_replay(&ctx, replay)
+            .await
+            .expect("a final answer, not a retry");
+        assert_eq!(phase, ReplayPhase::Failed);
+        let status = api.get(REPLAY).expect("stored")["status"].clone();
+        assert_eq!(status["phase"], "Failed");
+        assert!(status["finishTime"].is_string());
+        let condition = &status["conditions"][0];
+        assert_eq!(condition["reason"], "ReplayFailed");
+        let message = condition["message"].as_str().expect("message");
+        assert!(message.contains(field), "{message}");
+        assert!(!message.contains('\n') && message.len() <= 1024);
+        let warning = api
+            .take_calls()
+            .into_iter()
+            .find(|c| c.is_event() && c.body["reason"] == "ReplayFailed")
+            .expect("a ReplayFailed event");
+        assert_eq!(warning.body["type"], "Warning");
+    }
+}
