@@ -191,8 +191,9 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub dry_run: bool,
     /// Kill switch: stop when more than PCT % of the copies made in the last DURATION came
-    /// back to the DLQ (failed again), e.g. 10%/5m. The DLQ is read once a second to count
-    /// them (one get per dead letter in it). The rest stays in the DLQ; --resume goes on.
+    /// back to the DLQ (failed again), e.g. 10%/5m. They are counted through a private queue
+    /// bound to the dead-letter exchange for the run. The rest stays in the DLQ; --resume
+    /// goes on.
     #[arg(long, value_name = "PCT%/DURATION")]
     pub stop_when: Option<String>,
     /// With --stop-when: copies made in the window before the ratio counts.
@@ -735,6 +736,11 @@ async fn replay_with(
     let watch = match stop {
         Some(rule) if !run.dry_run => {
             // Copies of a resumed replay already back in the DLQ are not new failures.
+            let tap = target
+                .dlq
+                .tap(&target.state.names.dead_letter_exchange)
+                .await
+                .with_context(|| pipeline.to_string())?;
             let back = target
                 .dlq
                 .count_replay_copies(&run.replay_id)
@@ -745,6 +751,7 @@ async fn replay_with(
                 &run.replay_id,
                 STOP_CHECK_INTERVAL,
                 back,
+                Some(tap),
             ))
         }
         _ => None,

@@ -358,6 +358,9 @@ async fn replay_passes(
     let mut left = selection.clone();
     left.limit = remaining_limit(limit, run.status.replayed);
     let pending_now = pending(dlq, &left, names, &uid).await?;
+    // The tap first, then the count: a copy arriving in between is counted twice rather
+    // than missed.
+    let tap = dlq.tap(&names.dead_letter_exchange).await?;
     let back = dlq.count_replay_copies(&uid).await?;
     let resumed = run.status.selected.is_some();
     let selected = *run.status.selected.get_or_insert(pending_now);
@@ -391,6 +394,7 @@ async fn replay_passes(
         &uid,
         ctx.settings.check_interval,
         back,
+        Some(tap),
     );
     loop {
         let mut pass = selection.clone();
@@ -563,13 +567,7 @@ impl ReplayControl for RunnerControl<'_, '_> {
         if !self.still_wanted().await {
             return Flow::Halt;
         }
-        // Counting reads the whole DLQ: only when a kill switch needs it (the final status
-        // counts once more either way).
-        let check = match self.watch.switch {
-            Some(_) => self.watch.check(dlq).await,
-            None => Ok(None),
-        };
-        match check {
+        match self.watch.check(dlq).await {
             Ok(trip) => {
                 let back = self.watch.back;
                 record_back(&mut *self.run, &mut *self.watch, back);

@@ -51,8 +51,10 @@
 //! [`DeadLetterQueue::replay_with`] asks a [`ReplayControl`] before each copy whether to go
 //! on (the CLI's `--stop-when`, the operator's suspend and status writes); a halt puts the
 //! dead letter in hand back untouched. [`stop`] holds the kill-switch rule and its pure
-//! sliding-window decision; [`DeadLetterQueue::count_replay_copies`] counts a replay's
-//! copies back in the DLQ. After any read that held messages, the next read waits until the
+//! sliding-window decision. A replay's copies back in the DLQ are counted once by reading
+//! the DLQ ([`DeadLetterQueue::count_replay_copies`]), then followed as they arrive through a
+//! tap on the fanout dead-letter exchange ([`DeadLetterQueue::tap`]), which costs one read
+//! per new dead letter instead of one per dead letter in the DLQ. After any read that held messages, the next read waits until the
 //! broker has put them back (a quorum queue does so asynchronously).
 
 pub mod detail;
@@ -67,7 +69,9 @@ use crate::broker::BrokerError;
 
 pub use detail::DeadLetterDetail;
 pub use letter::{DeadLetter, RawDeadLetter, ReasonSource};
-pub use queue::{Browse, DeadLetterQueue, Flow, ReplayControl, ReplayOutcome, ReplayRun};
+pub use queue::{
+    Browse, DeadLetterQueue, DeadLetterTap, Flow, ReplayControl, ReplayOutcome, ReplayRun,
+};
 pub use replay::{REPLAY_ID, ReplaySelection, ReplayTarget, Skipped};
 pub use stop::{FailureWatch, KillSwitch, StopWhen, Trip};
 pub use summary::{FailureGroup, GroupBy};

@@ -8,8 +8,9 @@ use k8s_openapi::jiff::Timestamp;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Confirmation};
 
 use super::letter::{DeadLetter, RawDeadLetter};
@@ -412,6 +413,69 @@ impl DeadLetterQueue {
         }
     }
 
+    /// Opens a tap on the pipeline's dead-letter exchange (fanout): a private queue that gets
+    /// a copy of every dead letter arriving from now on, so a replay can see its copies come
+    /// back without reading the whole DLQ. Exclusive and auto-delete: it goes with the
+    /// connection, and leaves nothing behind on the broker.
+    pub async fn tap(&self, exchange: &str) -> Result<DeadLetterTap, DlqError> {
+        let channel = self.session.channel().await?;
+        let mut arguments = FieldTable::default();
+        // Exclusive queues are classic whatever the vhost's default queue type.
+        arguments.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("classic".into()),
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declare = channel.queue_declare("".into(), options, arguments);
+        let queue = self
+            .session
+            .call("declare the replay's dead-letter tap", declare)
+            .await?
+            .name()
+            .as_str()
+            .to_string();
+        let bind = channel.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        );
+        self.session
+            .call("bind the dead-letter tap to the dead-letter exchange", bind)
+            .await?;
+        Ok(DeadLetterTap { channel, queue })
+    }
+
+    /// Takes what the tap received since the last call; returns how many carry `replay_id`.
+    pub async fn drain_tap(&self, tap: &DeadLetterTap, replay_id: &str) -> Result<u64, DlqError> {
+        let mut count = 0;
+        loop {
+            let get = tap
+                .channel
+                .basic_get(tap.queue.as_str().into(), BasicGetOptions { no_ack: true });
+            let Some(BasicGetMessage { delivery, .. }) =
+                self.session.call("read the dead-letter tap", get).await?
+            else {
+                return Ok(count);
+            };
+            let letter = RawDeadLetter {
+                index: 0,
+                exchange: String::new(),
+                routing_key: String::new(),
+                properties: delivery.properties,
+                body: Vec::new(),
+            };
+            if letter.replay_id().is_some_and(|id| id == replay_id) {
+                count += 1;
+            }
+        }
+    }
+
     /// Deletes every message in the DLQ; returns how many there were.
     pub async fn purge(&self) -> Result<u64, DlqError> {
         let channel = self.session.channel().await?;
@@ -445,6 +509,13 @@ impl DeadLetterQueue {
         };
         Ok(Some((letter, delivery.acker)))
     }
+}
+
+/// A private queue bound to the dead-letter exchange ([`DeadLetterQueue::tap`]).
+#[derive(Debug)]
+pub struct DeadLetterTap {
+    channel: Channel,
+    queue: String,
 }
 
 /// One dead letter on its way back, and how to settle it.

@@ -4,7 +4,8 @@
 //! more than `percent` % of the copies made came back as dead letters, once at least
 //! `min_sample` copies were made in that window. "Came back" is counted from the DLQ itself:
 //! the number of dead letters carrying this replay's id (`x-msgpipe-replay-id`, kept by the
-//! client library and by the broker when they dead-letter a copy again) is read every
+//! client library and by the broker when they dead-letter a copy again), counted once in the
+//! DLQ and then followed through a tap on the dead-letter exchange, is read every
 //! `check interval`, and each increase is dated to the read that saw it.
 //!
 //! [`KillSwitch`] is pure (instants are passed in) so the decision is unit-tested without a
@@ -15,7 +16,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use super::{DeadLetterQueue, DlqError};
+use super::{DeadLetterQueue, DeadLetterTap, DlqError};
 
 /// Copies made in the window before the ratio counts, when the rule does not say.
 pub const DEFAULT_MIN_SAMPLE: u64 = 20;
@@ -182,16 +183,27 @@ pub struct FailureWatch {
     last_read: Option<Instant>,
     /// Dead letters carrying the replay id at the last read.
     pub back: u64,
+    /// Follows new dead letters; without it every check reads the whole DLQ.
+    tap: Option<DeadLetterTap>,
 }
 
 impl FailureWatch {
-    pub fn new(rule: Option<StopWhen>, replay_id: &str, interval: Duration, back: u64) -> Self {
+    /// `back`: copies of this replay in the DLQ now; `tap`, opened before `back` was counted,
+    /// sees the ones that arrive after.
+    pub fn new(
+        rule: Option<StopWhen>,
+        replay_id: &str,
+        interval: Duration,
+        back: u64,
+        tap: Option<DeadLetterTap>,
+    ) -> Self {
         Self {
             switch: rule.map(|rule| KillSwitch::new(rule, back)),
             replay_id: replay_id.to_string(),
             interval,
             last_read: None,
             back,
+            tap,
         }
     }
 
@@ -216,7 +228,10 @@ impl FailureWatch {
     /// Reads the DLQ and decides (callers ask [`Self::due`] first).
     pub async fn check(&mut self, dlq: &DeadLetterQueue) -> Result<Option<Trip>, DlqError> {
         let now = Instant::now();
-        self.back = dlq.count_replay_copies(&self.replay_id).await?;
+        self.back = match &self.tap {
+            Some(tap) => self.back + dlq.drain_tap(tap, &self.replay_id).await?,
+            None => dlq.count_replay_copies(&self.replay_id).await?,
+        };
         Ok(self.switch.as_mut().and_then(|switch| {
             switch.observe_back(self.back, now);
             switch.tripped(now)

@@ -395,7 +395,14 @@ async fn a_replay_whose_messages_keep_failing_stops_at_the_threshold_and_leaves_
     let world = World::new("dlr-stop", spec).await;
     let (consumer, task) = reject_everything(&world).await;
     let (ctx, _server) = world.context(Duration::from_millis(300));
+    let started = Instant::now();
     let phase = run_replay(&ctx, world.replay()).await.expect("replay runs");
+    let took = started.elapsed();
+    println!("stopped after {took:?}");
+    assert!(
+        took < Duration::from_secs(15),
+        "the kill switch reacts within seconds at 100/s, took {took:?}"
+    );
     assert_eq!(phase, ReplayPhase::Stopped);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = consumer.close(200, "done".into()).await;
@@ -414,6 +421,16 @@ async fn a_replay_whose_messages_keep_failing_stops_at_the_threshold_and_leaves_
         "the rest is left in the DLQ"
     );
     assert_eq!(status["conditions"][0]["reason"], "ReplayStopped");
+    let metrics = world.metrics.encode();
+    for (outcome, count) in [
+        ("replayed", replayed),
+        ("failed_again", number(&status, "failedAgain")),
+    ] {
+        let line = format!(
+            r#"msgpipe_replay_messages_total{{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="{outcome}"}} {count}"#
+        );
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
     let tally = world.tally().await;
     assert_eq!(tally.missing(), Vec::<String>::new(), "nothing lost");
     assert!(
