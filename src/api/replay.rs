@@ -307,4 +307,43 @@ mod tests {
         assert_eq!(stop.window.as_millis(), 300_000);
         assert!(!spec.suspend);
     }
+
+    /// The CRD's rules as the API server evaluates them (kube-cel): `pipelineRef` and
+    /// `selection` cannot change on update; `suspend` and `rate` can.
+    #[test]
+    fn the_pipeline_and_the_selection_cannot_change_but_suspend_can() {
+        use kube::CustomResourceExt;
+        use serde_json::json;
+        let crd = DeadLetterReplay::crd();
+        let schema = crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .expect("schema");
+        let schema = serde_json::to_value(schema).expect("json");
+        let object = |spec: serde_json::Value| {
+            json!({"apiVersion": "msgpipe.io/v1alpha1", "kind": "DeadLetterReplay",
+                   "metadata": {"name": "r", "namespace": "a"}, "spec": spec})
+        };
+        let old = object(json!({"pipelineRef": {"name": "notes"}, "selection": {"limit": 10}}));
+        let check = |new: &serde_json::Value| {
+            kube_cel::Validator::new()
+                .validate(&schema, new, Some(&old))
+                .map_err(|errors| errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        };
+        let suspended = object(
+            json!({"pipelineRef": {"name": "notes"}, "selection": {"limit": 10}, "suspend": true, "rate": 5}),
+        );
+        assert_eq!(check(&suspended), Ok(()));
+        for changed in [
+            json!({"pipelineRef": {"name": "orders"}, "selection": {"limit": 10}}),
+            json!({"pipelineRef": {"name": "notes"}, "selection": {"limit": 11}}),
+        ] {
+            let errors = check(&object(changed)).expect_err("refused");
+            assert!(
+                errors.iter().any(|e| e.contains("cannot change")),
+                "{errors:?}"
+            );
+        }
+    }
 }
