@@ -220,7 +220,7 @@ impl DeadLetterQueue {
             halted: false,
         };
         let mut found_ids: Vec<String> = Vec::new();
-        let started = Instant::now();
+        let mut pacer = Pacer::new(run.rate, Instant::now());
         let scan = usize::try_from(depth).unwrap_or(usize::MAX);
         let result = async {
             for index in 1..=scan {
@@ -252,7 +252,7 @@ impl DeadLetterQueue {
                         outcome.halted = true;
                         break;
                     }
-                    pace(run.rate, started, outcome.replayed).await;
+                    pacer.wait().await;
                     let copy = Copy {
                         raw: &raw,
                         acker: &acker,
@@ -527,14 +527,45 @@ struct Copy<'a> {
     replay_id: &'a str,
 }
 
-/// Waits until publishing copy number `done + 1` keeps the rate (copies per second since
-/// `started`).
-async fn pace(rate: Option<f64>, started: Instant, done: usize) {
-    let Some(rate) = rate.filter(|r| *r > 0.0) else {
-        return;
-    };
-    let due = started + Duration::from_secs_f64(done as f64 / rate);
-    tokio::time::sleep_until(due.into()).await;
+/// Copies at most `rate` per second, evenly spaced. After a stall (a slow broker call, a
+/// status write, a kill-switch check) it catches up on at most [`CATCH_UP`] of lost time, so
+/// the work queue never gets a burst bigger than one second of the rate.
+struct Pacer {
+    interval: Option<Duration>,
+    /// When the next copy may go.
+    next: Instant,
+}
+
+/// Lost time a [`Pacer`] makes up for; beyond it the schedule starts over.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+impl Pacer {
+    fn new(rate: Option<f64>, start: Instant) -> Self {
+        Pacer {
+            interval: rate
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            next: start,
+        }
+    }
+
+    /// When the next copy may go, asked at `now`; moves the schedule on by one copy.
+    fn slot(&mut self, now: Instant) -> Instant {
+        let Some(interval) = self.interval else {
+            return now;
+        };
+        if now.saturating_duration_since(self.next) > CATCH_UP {
+            self.next = now - CATCH_UP;
+        }
+        let slot = self.next;
+        self.next += interval;
+        slot
+    }
+
+    async fn wait(&mut self) {
+        let slot = self.slot(Instant::now());
+        tokio::time::sleep_until(slot.into()).await;
+    }
 }
 
 /// `message id X` or `#N (no message id)`, for errors.
@@ -542,5 +573,29 @@ fn describe(letter: &DeadLetter) -> String {
     match &letter.message_id {
         Some(id) => format!("#{} (message id {id})", letter.index),
         None => format!("#{} (no message id)", letter.index),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_spaces_copies_and_a_stall_buys_at_most_one_second_of_burst() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(Some(100.0), start);
+        let ms = |d: Instant| d.saturating_duration_since(start).as_millis();
+        assert_eq!(ms(pacer.slot(start)), 0);
+        assert_eq!(ms(pacer.slot(start)), 10);
+        assert_eq!(ms(pacer.slot(start)), 20);
+        // A 5 s stall: the copies due meanwhile are not all sent at once.
+        let late = start + Duration::from_secs(5);
+        let burst = (0..1000).take_while(|_| pacer.slot(late) <= late).count();
+        assert_eq!(
+            burst, 101,
+            "one second of the rate (100), plus the one due now"
+        );
+        let mut unpaced = Pacer::new(None, start);
+        assert_eq!(unpaced.slot(late), late);
     }
 }
