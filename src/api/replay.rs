@@ -228,9 +228,13 @@ pub struct DeadLetterReplayStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Dead letters the selection took when the replay started.
+    /// Dead letters the selection took when the replay started (at most `limit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selected: Option<u64>,
+    /// Dead letters the selection matched when the replay started, before `limit`: a resumed
+    /// run compares it with what still matches to know how many were replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<u64>,
     /// Dead letters copied back to the work queue (confirmed, then removed from the DLQ).
     #[serde(default)]
     pub replayed: u64,

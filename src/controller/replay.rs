@@ -355,19 +355,26 @@ async fn replay_passes(
     let limit = run.replay.spec.selection.limit;
     // What is left, recounted on every start: copies a killed runner made after its last
     // status write are known from what is no longer in the DLQ.
-    let mut left = selection.clone();
-    left.limit = remaining_limit(limit, run.status.replayed);
-    let pending_now = pending(dlq, &left, names, &uid).await?;
+    // Counted without the limit: what the selection matches now, against what it matched at
+    // the first start, says how many this replay took (the limit would hide it).
+    let mut matching = selection.clone();
+    matching.limit = None;
+    let matching_now = pending(dlq, &matching, names, &uid).await?;
     // The tap first, then the count: a copy arriving in between is counted twice rather
     // than missed.
     let tap = dlq.tap(&names.dead_letter_exchange).await?;
     let back = dlq.count_replay_copies(&uid).await?;
     let resumed = run.status.selected.is_some();
-    let selected = *run.status.selected.get_or_insert(pending_now);
+    let matched = *run.status.matched.get_or_insert(matching_now);
+    let selected = *run
+        .status
+        .selected
+        .get_or_insert(limit.map_or(matching_now, |l| l.min(matching_now)));
     run.status.replayed = run
         .status
         .replayed
-        .max(selected.saturating_sub(pending_now));
+        .max(matched.saturating_sub(matching_now));
+    let pending_now = selected.saturating_sub(run.status.replayed);
     run.status.remaining = Some(pending_now);
     if back > run.status.failed_again {
         ctx.metrics.replay_messages(
