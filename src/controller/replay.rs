@@ -343,20 +343,18 @@ async fn pending(
     }
 }
 
-async fn replay_passes(
+/// Recounts where the replay stands, opens the tap, and marks it Running. Copies a killed
+/// runner made after its last status write are known from what the selection no longer
+/// matches in the DLQ; counted without the limit, which would hide them.
+async fn begin(
     run: &mut Run<'_>,
     dlq: &DeadLetterQueue,
-    mut selection: ReplaySelection,
+    selection: &ReplaySelection,
     names: &PipelineNames,
-) -> Result<ReplayPhase, ReplayError> {
+) -> Result<FailureWatch, ReplayError> {
     let ctx = run.ctx;
     let uid = run.uid.clone();
-    selection.replay_id = Some(uid.clone());
     let limit = run.replay.spec.selection.limit;
-    // What is left, recounted on every start: copies a killed runner made after its last
-    // status write are known from what is no longer in the DLQ.
-    // Counted without the limit: what the selection matches now, against what it matched at
-    // the first start, says how many this replay took (the limit would hide it).
     let mut matching = selection.clone();
     matching.limit = None;
     let matching_now = pending(dlq, &matching, names, &uid).await?;
@@ -376,26 +374,6 @@ async fn replay_passes(
         .max(matched.saturating_sub(matching_now));
     let pending_now = selected.saturating_sub(run.status.replayed);
     run.status.remaining = Some(pending_now);
-    if back > run.status.failed_again {
-        ctx.metrics.replay_messages(
-            &run.namespace,
-            &run.name,
-            "failed_again",
-            back - run.status.failed_again,
-        );
-    }
-    run.status.failed_again = back;
-    run.status.start_time.get_or_insert(Time(Timestamp::now()));
-    let rate = run.replay.spec.rate;
-    let note = format!(
-        "{} replay of {selected} dead letters from {} to queue {}{}: {} replayed so far, {pending_now} left (replay id {uid})",
-        if resumed { "resumed the" } else { "started a" },
-        names.dead_letter_queue,
-        names.queue,
-        rate.map(|r| format!(" at {r}/s")).unwrap_or_default(),
-        run.status.replayed,
-    );
-    run.transition(ReplayEvent::Start, &note).await?;
     let mut watch = FailureWatch::new(
         stop_rule(&run.replay),
         &uid,
@@ -403,6 +381,36 @@ async fn replay_passes(
         back,
         Some(tap),
     );
+    // Copies back before this run are the baseline of the kill switch, not new failures.
+    record_back(run, &mut watch, back);
+    run.status.start_time.get_or_insert(Time(Timestamp::now()));
+    let note = format!(
+        "{} replay of {selected} dead letters from {} to queue {}{}: {} replayed so far, {pending_now} left (replay id {uid})",
+        if resumed { "resumed the" } else { "started a" },
+        names.dead_letter_queue,
+        names.queue,
+        run.replay
+            .spec
+            .rate
+            .map(|r| format!(" at {r}/s"))
+            .unwrap_or_default(),
+        run.status.replayed,
+    );
+    run.transition(ReplayEvent::Start, &note).await?;
+    Ok(watch)
+}
+
+async fn replay_passes(
+    run: &mut Run<'_>,
+    dlq: &DeadLetterQueue,
+    mut selection: ReplaySelection,
+    names: &PipelineNames,
+) -> Result<ReplayPhase, ReplayError> {
+    let uid = run.uid.clone();
+    selection.replay_id = Some(uid.clone());
+    let limit = run.replay.spec.selection.limit;
+    let rate = run.replay.spec.rate;
+    let mut watch = begin(run, dlq, &selection, names).await?;
     loop {
         let mut pass = selection.clone();
         pass.limit = remaining_limit(limit, run.status.replayed);
@@ -485,14 +493,16 @@ async fn finish(
     event: ReplayEvent,
     note: String,
 ) -> Result<ReplayPhase, ReplayError> {
-    let uid = run.uid.clone();
     let selected = run.status.selected.unwrap_or_default();
     let remaining = match run.phase().next(event) {
         ReplayPhase::Completed => 0,
         _ => selected.saturating_sub(run.status.replayed),
     };
     run.status.remaining = Some(remaining);
-    let back = dlq.count_replay_copies(&uid).await?;
+    // The last copies back, through the tap (a fresh read of the DLQ could miss the dead
+    // letters the broker is still putting back after the pass).
+    watch.check(dlq).await?;
+    let back = watch.back;
     record_back(run, watch, back);
     let note = if note.is_empty() {
         format!(
