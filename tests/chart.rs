@@ -581,22 +581,77 @@ fn values_schema_rejects_bad_values() {
 }
 
 #[test]
-fn chart_crd_is_the_committed_crd_byte_for_byte() {
-    let committed = std::fs::read(repo_path("crds/messagepipelines.msgpipe.io.yaml"))
-        .expect("crds/messagepipelines.msgpipe.io.yaml");
-    let in_chart = std::fs::read(repo_path(&format!(
-        "{CHART_DIR}/crds/messagepipelines.msgpipe.io.yaml"
-    )))
-    .expect("the chart's crds/messagepipelines.msgpipe.io.yaml");
-    assert!(
-        committed == in_chart,
-        "the chart's CRD differs from crds/: cp crds/messagepipelines.msgpipe.io.yaml {CHART_DIR}/crds/"
-    );
+fn chart_crds_are_the_committed_crds_byte_for_byte() {
+    const CRDS: [&str; 2] = [
+        "messagepipelines.msgpipe.io",
+        "deadletterreplays.msgpipe.io",
+    ];
+    for crd in CRDS {
+        let committed =
+            std::fs::read(repo_path(&format!("crds/{crd}.yaml"))).expect("committed CRD");
+        let in_chart = std::fs::read(repo_path(&format!("{CHART_DIR}/crds/{crd}.yaml")))
+            .expect("the chart's copy");
+        assert!(
+            committed == in_chart,
+            "the chart's CRD differs from crds/: cp crds/{crd}.yaml {CHART_DIR}/crds/"
+        );
+    }
 
     let Some(helm) = helm() else { return };
     let objects = render(&helm, &["--include-crds"]);
-    let crd = only(&objects, "CustomResourceDefinition");
-    assert_eq!(crd["metadata"]["name"], "messagepipelines.msgpipe.io");
+    let names: BTreeSet<&str> = of_kind(&objects, "CustomResourceDefinition")
+        .iter()
+        .filter_map(|crd| crd["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names, BTreeSet::from(CRDS));
+}
+
+#[test]
+fn the_optional_oncall_role_may_only_run_replays_and_matches_the_example() {
+    let Some(helm) = helm() else { return };
+    assert!(
+        of_kind(&render(&helm, &[]), "Role").is_empty(),
+        "off by default"
+    );
+    let objects = render(
+        &helm,
+        &[
+            "--set",
+            "replayOncallRole.enabled=true",
+            "--set",
+            "replayOncallRole.namespaces={notes-app,billing}",
+            "--set",
+            "replayOncallRole.groups={notes-oncall}",
+        ],
+    );
+    let name = format!("{FULLNAME}-replay-oncall");
+    let verbs = ["create", "delete", "get", "list", "watch"];
+    let expected: BTreeSet<(String, String, String, Option<String>)> = verbs
+        .iter()
+        .map(|verb| {
+            (
+                "msgpipe.io".to_string(),
+                "deadletterreplays".to_string(),
+                verb.to_string(),
+                None,
+            )
+        })
+        .collect();
+    for namespace in ["notes-app", "billing"] {
+        let role = named(&objects, "Role", namespace, &name);
+        assert_eq!(granted(role), expected, "Role in {namespace}");
+        let binding = named(&objects, "RoleBinding", namespace, &name);
+        assert_eq!(binding["subjects"][0]["kind"], "Group");
+        assert_eq!(binding["subjects"][0]["name"], "notes-oncall");
+    }
+    let example =
+        std::fs::read_to_string(repo_path("examples/replays/oncall-role.yaml")).expect("example");
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&example).expect("YAML");
+    assert_eq!(
+        granted(&documents[0]),
+        expected,
+        "the example grants the same"
+    );
 }
 
 #[test]

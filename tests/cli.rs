@@ -42,6 +42,125 @@ fn committed_crd_matches_the_types() {
 }
 
 #[test]
+fn committed_replay_crd_matches_the_types() {
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/deadletterreplays.msgpipe.io.yaml"),
+    )
+    .expect("crds/deadletterreplays.msgpipe.io.yaml is committed");
+    let generated = stdout(&msgpipe(&["crd", "--kind", "deadletterreplay"]));
+    assert!(
+        committed == generated,
+        "crds/deadletterreplays.msgpipe.io.yaml is stale: run `make crds` and commit the result"
+    );
+    assert!(generated.contains("- dlr"), "short name dlr");
+}
+
+#[test]
+fn replay_as_resource_prints_the_dead_letter_replay_the_operator_runs() {
+    let yaml = stdout(&msgpipe(&[
+        "dlq",
+        "replay",
+        "-f",
+        "examples/notes-pipeline.yaml",
+        "--reason",
+        "max-attempts",
+        "--error-matches",
+        "timeout",
+        "--id",
+        "m-1",
+        "--id",
+        "m-2",
+        "--limit",
+        "10",
+        "--rate",
+        "50/s",
+        "--stop-when",
+        "10%/5m",
+        "--stop-min-sample",
+        "30",
+        "--older-than",
+        "1h",
+        "--as-resource",
+        "--resource-name",
+        "notes-incident-42",
+    ]));
+    let replay: msgpipe::api::DeadLetterReplay =
+        serde_saphyr::from_str(&yaml).expect("a DeadLetterReplay");
+    assert_eq!(replay.metadata.name.as_deref(), Some("notes-incident-42"));
+    assert_eq!(replay.metadata.namespace.as_deref(), Some("notes-app"));
+    let spec = &replay.spec;
+    assert_eq!(spec.pipeline_ref.name, "notes");
+    assert_eq!(spec.selection.reason.as_deref(), Some("max-attempts"));
+    assert_eq!(spec.selection.error_matches.as_deref(), Some("timeout"));
+    assert_eq!(spec.selection.message_ids, ["m-1", "m-2"]);
+    assert_eq!(spec.selection.limit, Some(10));
+    assert_eq!(spec.rate, Some(50));
+    let stop = spec.stop_when.as_ref().expect("stopWhen");
+    assert_eq!(
+        (
+            stop.failed_again_percent,
+            stop.window.as_millis(),
+            stop.min_sample
+        ),
+        (10.0, 300_000, Some(30))
+    );
+    // --older-than 1h became an absolute instant about an hour ago.
+    let before = spec
+        .selection
+        .failed_before
+        .as_ref()
+        .expect("failedBefore")
+        .0;
+    let ago = k8s_openapi::jiff::Timestamp::now().duration_since(before);
+    assert!((3590..=3660).contains(&ago.as_secs()), "{ago:?}");
+    assert!(!yaml.contains("status"), "{yaml}");
+}
+
+#[test]
+fn replay_flags_for_the_kill_switch_fail_on_one_line_naming_the_flag() {
+    for (args, flag) in [
+        (&["--stop-when", "10/5m"][..], "--stop-when"),
+        (&["--stop-when", "10%/soon"][..], "--stop-when"),
+        (&["--stop-when", "0%/5m"][..], "--stop-when"),
+        (&["--rate", "2.5/s"][..], "--rate"),
+    ] {
+        let mut all = vec![
+            "dlq",
+            "replay",
+            "--all",
+            "-f",
+            "examples/notes-pipeline.yaml",
+            "--as-resource",
+        ];
+        all.extend_from_slice(args);
+        let output = msgpipe(&all);
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(!output.status.success(), "{args:?} accepted");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn the_replay_example_is_a_dead_letter_replay_of_the_notes_pipeline() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/replays/notes-after-incident.yaml"),
+    )
+    .expect("example");
+    let replay: msgpipe::api::DeadLetterReplay = serde_saphyr::from_str(&text).expect("parses");
+    assert_eq!(replay.spec.pipeline_ref.name, "notes");
+    assert_eq!(replay.metadata.namespace.as_deref(), Some("notes-app"));
+    let selection = msgpipe::controller::replay::selection_of(&replay.spec.selection)
+        .expect("the selection compiles");
+    assert!(
+        selection
+            .error_matches
+            .is_some_and(|re| re.is_match("db timeout"))
+    );
+    assert!(msgpipe::controller::replay::stop_rule(&replay).is_some_and(|r| r.min_sample == 50));
+}
+
+#[test]
 fn render_prints_the_seed_topology_rule_and_config_map() {
     let docs = render_json("examples/notes-pipeline.yaml");
     let kinds: Vec<_> = docs

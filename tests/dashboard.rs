@@ -710,3 +710,39 @@ fn yaml_examples_in_the_alert_reference_parse() {
     }
     assert!(blocks >= 6, "only {blocks} yaml examples in {ALERT_DOCS}");
 }
+
+#[test]
+fn replay_panels_show_replayed_and_failed_again_per_second_per_replay() {
+    let dashboard = dashboard();
+    let values = picks("rabbitmq_queue");
+    let replay_queries: Vec<String> = panel_queries(&dashboard)
+        .into_iter()
+        .filter(|q| q.expr.contains("msgpipe_replay_messages_total"))
+        .map(|q| substitute(&q.expr, &values))
+        .collect();
+    assert_eq!(
+        replay_queries.len(),
+        2,
+        "replayed and failed again: {replay_queries:?}"
+    );
+    let (replayed, failed) = (&replay_queries[0], &replay_queries[1]);
+    assert!(replayed.contains(r#"outcome="replayed""#), "{replayed}");
+    assert!(failed.contains(r#"outcome="failed_again""#), "{failed}");
+    // The operator's counters, one sample a minute: 12 copies/s, 3 of them back in the DLQ.
+    let series = [
+        (
+            r#"msgpipe_replay_messages_total{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="replayed",instance="op-0"}"#,
+            "0+720x20",
+        ),
+        (
+            r#"msgpipe_replay_messages_total{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="failed_again",instance="op-0"}"#,
+            "0+180x20",
+        ),
+    ];
+    let labels = r#"{msgpipe_namespace="notes-app",msgpipe_replay="after-incident"}"#;
+    let cases = vec![
+        (10, replayed.clone(), samples(&[(labels, 12.0)])),
+        (10, failed.clone(), samples(&[(labels, 3.0)])),
+    ];
+    promtool_eval(&[], &series, &cases);
+}

@@ -63,11 +63,22 @@ pub enum Reason {
     CleanupSkipped,
     /// Deletion gave up waiting for an unreachable broker.
     CleanupAbandoned,
+    // -- DeadLetterReplay (conditions and events) --
+    /// The replay started copying dead letters back (or a resumed run went on).
+    ReplayStarted,
+    /// `spec.suspend: true`: no more copies until it is set back to false.
+    ReplaySuspended,
+    /// Every selected dead letter was replayed.
+    ReplayCompleted,
+    /// The kill switch (`spec.stopWhen`) stopped the replay; the rest stay in the DLQ.
+    ReplayStopped,
+    /// The replay cannot run (pipeline missing, invalid selection, broker refused).
+    ReplayFailed,
 }
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 32] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
@@ -95,6 +106,11 @@ impl Reason {
         Reason::Retained,
         Reason::CleanupSkipped,
         Reason::CleanupAbandoned,
+        Reason::ReplayStarted,
+        Reason::ReplaySuspended,
+        Reason::ReplayCompleted,
+        Reason::ReplayStopped,
+        Reason::ReplayFailed,
     ];
 
     /// The string written to the API (UpperCamelCase, as Kubernetes asks of reasons).
@@ -127,6 +143,11 @@ impl Reason {
             Reason::Retained => "Retained",
             Reason::CleanupSkipped => "CleanupSkipped",
             Reason::CleanupAbandoned => "CleanupAbandoned",
+            Reason::ReplayStarted => "ReplayStarted",
+            Reason::ReplaySuspended => "ReplaySuspended",
+            Reason::ReplayCompleted => "ReplayCompleted",
+            Reason::ReplayStopped => "ReplayStopped",
+            Reason::ReplayFailed => "ReplayFailed",
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{ArgGroup, Args, Subcommand};
@@ -13,14 +13,20 @@ use serde::Serialize;
 use super::apply::BrokerArgs;
 use super::{OutputFormat, print_documents, read_pipelines};
 use crate::api::MessagePipeline;
+use crate::api::replay::{
+    DeadLetterReplay, DeadLetterReplaySpec, PipelineRef, REPLAY_RATE_MAX, ReplaySelectionSpec,
+    StopWhenSpec,
+};
 use crate::broker::{BrokerEndpoint, install_crypto_provider};
 use crate::dlq::detail::{hex_dump, is_printable_text};
 use crate::dlq::summary::group;
 use crate::dlq::{
-    DeadLetter, DeadLetterDetail, DeadLetterQueue, FailureGroup, GroupBy, RawDeadLetter, ReplayRun,
-    ReplaySelection, replay,
+    DeadLetter, DeadLetterDetail, DeadLetterQueue, FailureGroup, FailureWatch, Flow, GroupBy,
+    RawDeadLetter, ReplayControl, ReplayOutcome, ReplayRun, ReplaySelection, StopWhen, Trip,
+    replay,
 };
 use crate::plan::{self, DesiredState};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 #[derive(Debug, Args)]
 pub struct DlqArgs {
@@ -78,8 +84,13 @@ pub enum DlqCommand {
     ///
     /// One run only considers the dead letters present when it starts, reads them one at a
     /// time (memory holds one message), and ends with a summary: replayed, skipped, remaining.
+    ///
+    /// --stop-when 10%/5m is the kill switch: the replay stops (non-zero exit, the rest left in
+    /// the DLQ) when more than 10 % of the copies made in the last 5 minutes came back to the
+    /// DLQ. --as-resource prints the same replay as a DeadLetterReplay for review instead of
+    /// running it; the operator then runs it (see docs/replay.md).
     #[command(group(ArgGroup::new("selection").required(true).multiple(true).args(["all", "ids", "limit", "reason", "error_matches", "older_than", "newer_than", "resume"])))]
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// Delete every dead letter in the DLQ, for good.
     ///
     /// Without --yes, asks on the terminal: type the DLQ's name to confirm. When standard
@@ -179,6 +190,22 @@ pub struct ReplayArgs {
     /// Show what would be replayed; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Kill switch: stop when more than PCT % of the copies made in the last DURATION came
+    /// back to the DLQ (failed again), e.g. 10%/5m. They are counted through a private queue
+    /// bound to the dead-letter exchange for the run. The rest stays in the DLQ; --resume
+    /// goes on.
+    #[arg(long, value_name = "PCT%/DURATION")]
+    pub stop_when: Option<String>,
+    /// With --stop-when: copies made in the window before the ratio counts.
+    #[arg(long, value_name = "N", requires = "stop_when", default_value_t = crate::dlq::stop::DEFAULT_MIN_SAMPLE)]
+    pub stop_min_sample: u64,
+    /// Print the equivalent DeadLetterReplay (YAML) instead of replaying, for review
+    /// (GitOps); needs no broker. Relative times (--older-than) become absolute instants.
+    #[arg(long, conflicts_with_all = ["dry_run", "resume"])]
+    pub as_resource: bool,
+    /// With --as-resource: the object's name (default: <pipeline>-replay-<UTC time>).
+    #[arg(long, value_name = "NAME", requires = "as_resource")]
+    pub resource_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -495,10 +522,95 @@ fn serde_plain<T: Serialize>(value: &T) -> String {
 
 async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let run = replay_run(args)?;
+    let stop = stop_rule(args)?;
+    if args.as_resource {
+        let resource = replay_resource(args, &run, stop.as_ref())?;
+        let yaml = serde_saphyr::to_string(&resource).context("cannot encode the resource")?;
+        print!("{yaml}");
+        return Ok(());
+    }
     let target = Target::open(&args.pipeline).await?;
-    let result = replay_with(&target, &run).await;
+    let result = replay_with(&target, &run, stop).await;
     target.dlq.close().await;
     result
+}
+
+/// `--stop-when` and `--stop-min-sample` as a rule; a bad value names the flag.
+fn stop_rule(args: &ReplayArgs) -> anyhow::Result<Option<StopWhen>> {
+    let Some(text) = &args.stop_when else {
+        return Ok(None);
+    };
+    let mut rule: StopWhen = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--stop-when {e}"))?;
+    if args.stop_min_sample == 0 {
+        bail!("--stop-min-sample 0: expected at least 1");
+    }
+    rule.min_sample = args.stop_min_sample;
+    Ok(Some(rule))
+}
+
+/// The DeadLetterReplay the flags describe (what `--as-resource` prints).
+fn replay_resource(
+    args: &ReplayArgs,
+    run: &ReplayRun,
+    stop: Option<&StopWhen>,
+) -> anyhow::Result<DeadLetterReplay> {
+    let (pipeline, namespace) = resource_pipeline(&args.pipeline)?;
+    let rate = run
+        .rate
+        .map(|rate| {
+            let whole = rate.round();
+            if (whole - rate).abs() > f64::EPSILON || whole < 1.0 || whole > f64::from(REPLAY_RATE_MAX) {
+                bail!("--rate {rate}: a DeadLetterReplay takes whole messages per second, 1 to {REPLAY_RATE_MAX}");
+            }
+            Ok(whole as u32)
+        })
+        .transpose()?;
+    let selection = &run.selection;
+    let spec = DeadLetterReplaySpec {
+        pipeline_ref: PipelineRef {
+            name: pipeline.clone(),
+        },
+        selection: ReplaySelectionSpec {
+            reason: selection.reason.clone(),
+            error_matches: args.error_matches.clone(),
+            failed_after: selection.failed_after.map(Time),
+            failed_before: selection.failed_before.map(Time),
+            message_ids: args.ids.clone(),
+            limit: args.limit.map(|l| l as u64),
+        },
+        rate,
+        stop_when: stop.map(|rule| StopWhenSpec {
+            failed_again_percent: rule.percent,
+            window: crate::api::Duration::from_millis(
+                u64::try_from(rule.window.as_millis()).unwrap_or(u64::MAX),
+            ),
+            min_sample: Some(rule.min_sample),
+        }),
+        suspend: false,
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = args
+        .resource_name
+        .clone()
+        .unwrap_or_else(|| format!("{pipeline}-replay-{}", now.strftime("%Y%m%d-%H%M%S")));
+    let mut resource = DeadLetterReplay::new(&name, spec);
+    resource.metadata.namespace = namespace;
+    Ok(resource)
+}
+
+/// The pipeline's name and namespace, from the manifest or the flags, without a cluster.
+fn resource_pipeline(args: &PipelineArgs) -> anyhow::Result<(String, Option<String>)> {
+    if let Some(file) = &args.file {
+        let (pipeline, _) = pick_pipeline(file, args.pipeline.as_deref())?;
+        let name = pipeline.metadata.name.clone().unwrap_or_default();
+        return Ok((name, pipeline.metadata.namespace.clone()));
+    }
+    match &args.name {
+        Some(name) => Ok((name.clone(), args.namespace.clone())),
+        None => bail!("no pipeline given: use -f FILE or --name NAME"),
+    }
 }
 
 /// The replay the flags ask for; a bad flag value is an error naming the flag.
@@ -557,7 +669,58 @@ fn parse_rate(text: &str) -> anyhow::Result<f64> {
     }
 }
 
-async fn replay_with(target: &Target, run: &ReplayRun) -> anyhow::Result<()> {
+/// The CLI's side of a replay: prints each copy, and runs the kill switch when asked.
+struct Progress {
+    verb: &'static str,
+    watch: Option<FailureWatch>,
+    trip: Option<Trip>,
+    error: Option<crate::dlq::DlqError>,
+}
+
+impl ReplayControl for Progress {
+    async fn before_copy(&mut self, dlq: &DeadLetterQueue, _: &ReplayOutcome) -> Flow {
+        let Some(watch) = &mut self.watch else {
+            return Flow::Continue;
+        };
+        let now = Instant::now();
+        if !watch.due(now) {
+            return Flow::Continue;
+        }
+        watch.start_interval(now);
+        match watch.check(dlq).await {
+            Ok(None) => Flow::Continue,
+            Ok(Some(trip)) => {
+                self.trip = Some(trip);
+                Flow::Halt
+            }
+            Err(error) => {
+                self.error = Some(error);
+                Flow::Halt
+            }
+        }
+    }
+
+    fn replayed(&mut self, letter: &DeadLetter, to: &replay::ReplayTarget) {
+        println!(
+            "{} {} -> {}",
+            self.verb,
+            describe_letter(letter),
+            describe_target(to)
+        );
+        if let Some(watch) = &mut self.watch {
+            watch.replayed(Instant::now());
+        }
+    }
+}
+
+/// How often `--stop-when` counts the copies back in the DLQ.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn replay_with(
+    target: &Target,
+    run: &ReplayRun,
+    stop: Option<StopWhen>,
+) -> anyhow::Result<()> {
     let pipeline = &target.state.pipeline;
     let verb = if run.dry_run {
         "would replay"
@@ -570,17 +733,58 @@ async fn replay_with(target: &Target, run: &ReplayRun) -> anyhow::Result<()> {
             run.replay_id, run.replay_id
         );
     }
+    let watch = match stop {
+        Some(rule) if !run.dry_run => {
+            // Copies of a resumed replay already back in the DLQ are not new failures.
+            let tap = target
+                .dlq
+                .tap(&target.state.names.dead_letter_exchange)
+                .await
+                .with_context(|| pipeline.to_string())?;
+            let back = target
+                .dlq
+                .count_replay_copies(&run.replay_id)
+                .await
+                .with_context(|| pipeline.to_string())?;
+            Some(FailureWatch::new(
+                Some(rule),
+                &run.replay_id,
+                STOP_CHECK_INTERVAL,
+                back,
+                Some(tap),
+            ))
+        }
+        _ => None,
+    };
+    let mut progress = Progress {
+        verb,
+        watch,
+        trip: None,
+        error: None,
+    };
     let outcome = target
         .dlq
-        .replay(run, &target.state.names, |letter, to| {
-            println!(
-                "{verb} {} -> {}",
-                describe_letter(letter),
-                describe_target(to)
-            );
-        })
+        .replay_with(run, &target.state.names, &mut progress)
         .await
         .with_context(|| pipeline.to_string())?;
+    if let Some(error) = progress.error {
+        bail!(
+            "{pipeline}: replay {} halted after {} dead letters: cannot count the copies back in the DLQ for --stop-when: {error}; resume with --resume {}",
+            run.replay_id,
+            outcome.replayed,
+            run.replay_id
+        );
+    }
+    if let (Some(trip), Some(rule)) = (progress.trip, stop) {
+        bail!(
+            "{pipeline}: replay {} stopped by --stop-when {rule}: {trip}; {} replayed, {} dead letters now in {} (resume with --resume {})",
+            run.replay_id,
+            outcome.replayed,
+            outcome.remaining,
+            target.queue(),
+            run.replay_id
+        );
+    }
     let dry = if run.dry_run {
         " (dry run: nothing was changed)"
     } else {

@@ -24,8 +24,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Print the MessagePipeline CustomResourceDefinition (YAML).
-    Crd,
+    /// Print a CustomResourceDefinition (YAML): MessagePipeline, or DeadLetterReplay with
+    /// --kind deadletterreplay.
+    Crd(CrdArgs),
     /// Print, without any cluster or broker, everything the operator would write for pipeline files.
     Render(render::RenderArgs),
     /// Reconcile pipeline files straight against a broker, no Kubernetes needed.
@@ -40,6 +41,20 @@ pub enum Command {
     Operator(operator::OperatorArgs),
 }
 
+#[derive(Debug, clap::Args)]
+pub struct CrdArgs {
+    /// Which CRD.
+    #[arg(long, value_enum, default_value_t)]
+    pub kind: CrdKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum CrdKind {
+    #[default]
+    Messagepipeline,
+    Deadletterreplay,
+}
+
 /// How data is printed.
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum OutputFormat {
@@ -51,11 +66,12 @@ pub enum OutputFormat {
 /// Runs one command; the caller prints the error on one line and exits non-zero.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Crd => {
-            print!(
-                "{}",
-                crate::api::crd_yaml().context("cannot encode the CRD")?
-            );
+        Command::Crd(args) => {
+            let yaml = match args.kind {
+                CrdKind::Messagepipeline => crate::api::crd_yaml(),
+                CrdKind::Deadletterreplay => crate::api::replay_crd_yaml(),
+            };
+            print!("{}", yaml.context("cannot encode the CRD")?);
             Ok(())
         }
         Command::Render(args) => render::run(&args),

@@ -32,6 +32,18 @@ pub struct ReadyLabels {
     pub ready: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplayLabels {
+    /// The DeadLetterReplay's namespace (not `namespace`: Prometheus' scrape puts the
+    /// operator pod's own namespace there).
+    pub msgpipe_namespace: String,
+    /// The DeadLetterReplay's name.
+    pub msgpipe_replay: String,
+    /// replayed (a copy confirmed in the work queue, its dead letter removed), failed_again
+    /// (a copy seen back in the DLQ).
+    pub outcome: String,
+}
+
 /// Counters and gauges of the controller, registered in one registry.
 pub struct Metrics {
     pub registry: Registry,
@@ -41,6 +53,7 @@ pub struct Metrics {
     kube_writes: Family<WriteLabels, Counter>,
     drift_repairs: Counter,
     pipelines: Family<ReadyLabels, Gauge>,
+    replay_messages: Family<ReplayLabels, Counter>,
     ready_by_pipeline: Mutex<HashMap<String, bool>>,
     kube_write_count: AtomicU64,
     broker_write_count: AtomicU64,
@@ -81,9 +94,16 @@ impl Default for Metrics {
             "MessagePipelines this operator reconciles, by Ready state",
             pipelines.clone(),
         );
+        let replay_messages = Family::<ReplayLabels, Counter>::default();
+        registry.register(
+            "replay_messages",
+            "Dead letters of DeadLetterReplays, by outcome: replayed, failed_again",
+            replay_messages.clone(),
+        );
         Self {
             registry,
             reconciles,
+            replay_messages,
             duration,
             broker_writes,
             kube_writes,
@@ -128,6 +148,18 @@ impl Metrics {
 
     pub fn drift_repaired(&self, objects: u64) {
         self.drift_repairs.inc_by(objects);
+    }
+
+    /// `count` dead letters of the replay `namespace/replay` had `outcome` (replayed,
+    /// failed_again).
+    pub fn replay_messages(&self, namespace: &str, replay: &str, outcome: &str, count: u64) {
+        self.replay_messages
+            .get_or_create(&ReplayLabels {
+                msgpipe_namespace: namespace.into(),
+                msgpipe_replay: replay.into(),
+                outcome: outcome.into(),
+            })
+            .inc_by(count);
     }
 
     /// Total writes to Kubernetes so far (all kinds).
@@ -183,7 +215,13 @@ mod tests {
         metrics.set_ready("a/y", Some(true));
         metrics.set_ready("a/z", Some(false));
         metrics.set_ready("a/z", None);
+        metrics.replay_messages("notes-app", "after-incident", "replayed", 40);
+        metrics.replay_messages("notes-app", "after-incident", "replayed", 2);
         let text = metrics.encode();
+        assert!(
+            text.contains(r#"msgpipe_replay_messages_total{msgpipe_namespace="notes-app",msgpipe_replay="after-incident",outcome="replayed"} 42"#),
+            "{text}"
+        );
         assert!(
             text.contains(r#"msgpipe_broker_writes_total{kind="queue",verb="created"} 2"#),
             "{text}"

@@ -13,6 +13,7 @@ mod brokers;
 mod invalid;
 pub mod metrics;
 mod reconcile;
+pub mod replay;
 mod server;
 pub mod status;
 
@@ -434,16 +435,31 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
     } else {
         config.namespaces.iter().cloned().map(Some).collect()
     };
-    let controllers = scopes.into_iter().map(|scope| {
-        let mut stop = stop_rx.clone();
-        let shutdown = async move {
-            let _ = stop
-                .wait_for(|state| *state != server::RunState::Running)
-                .await;
-        };
-        run_controller(ctx.clone(), scope, shutdown)
+    let replays = Arc::new(replay::ReplayContext::new(
+        ctx.client.clone(),
+        ctx.metrics.clone(),
+        replay::ReplaySettings {
+            broker_timeout: config.broker_timeout,
+            ..replay::ReplaySettings::default()
+        },
+        &config.identity,
+    ));
+    let stopped = |mut stop: tokio::sync::watch::Receiver<server::RunState>| async move {
+        let _ = stop
+            .wait_for(|state| *state != server::RunState::Running)
+            .await;
+    };
+    let controllers = scopes.iter().cloned().map(|scope| {
+        futures_util::FutureExt::boxed(run_controller(ctx.clone(), scope, stopped(stop_rx.clone())))
     });
-    futures_util::future::join_all(controllers).await;
+    let replay_controllers = scopes.clone().into_iter().map(|scope| {
+        futures_util::FutureExt::boxed(replay::run_replay_controller(
+            replays.clone(),
+            scope,
+            stopped(stop_rx.clone()),
+        ))
+    });
+    futures_util::future::join_all(controllers.chain(replay_controllers)).await;
     ctx.brokers.close().await;
     if let Some(lease) = leadership {
         lease.release().await;

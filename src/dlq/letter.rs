@@ -37,6 +37,14 @@ impl RawDeadLetter {
     pub fn message_id(&self) -> Option<&str> {
         self.properties.message_id().as_ref().map(|id| id.as_str())
     }
+
+    /// The replay that made this message, when it is a replayed copy that failed again
+    /// (`x-msgpipe-replay-id`).
+    pub fn replay_id(&self) -> Option<String> {
+        self.headers()
+            .and_then(|h| h.inner().get(super::replay::REPLAY_ID))
+            .and_then(super::value::header_text)
+    }
 }
 
 /// Who decided the message was dead: the msgpipe consumer (`x-msgpipe-reason`) or the broker

@@ -45,11 +45,23 @@
 //! per second. Every copy carries the replay's id; a replay resumed under the same id skips
 //! dead letters that carry it (copies of this replay that failed again), so running it
 //! again after an interruption replays only what was left.
+//!
+//! # Control and kill switch
+//!
+//! [`DeadLetterQueue::replay_with`] asks a [`ReplayControl`] before each copy whether to go
+//! on (the CLI's `--stop-when`, the operator's suspend and status writes); a halt puts the
+//! dead letter in hand back untouched. [`stop`] holds the kill-switch rule and its pure
+//! sliding-window decision. A replay's copies back in the DLQ are counted once by reading
+//! the DLQ ([`DeadLetterQueue::count_replay_copies`]), then followed as they arrive through a
+//! tap on the fanout dead-letter exchange ([`DeadLetterQueue::tap`]), which costs one read
+//! per new dead letter instead of one per dead letter in the DLQ. After any read that held messages, the next read waits until the
+//! broker has put them back (a quorum queue does so asynchronously).
 
 pub mod detail;
 pub mod letter;
 mod queue;
 pub mod replay;
+pub mod stop;
 pub mod summary;
 pub mod value;
 
@@ -57,8 +69,11 @@ use crate::broker::BrokerError;
 
 pub use detail::DeadLetterDetail;
 pub use letter::{DeadLetter, RawDeadLetter, ReasonSource};
-pub use queue::{Browse, DeadLetterQueue, ReplayOutcome, ReplayRun};
+pub use queue::{
+    Browse, DeadLetterQueue, DeadLetterTap, Flow, ReplayControl, ReplayOutcome, ReplayRun,
+};
 pub use replay::{REPLAY_ID, ReplaySelection, ReplayTarget, Skipped};
+pub use stop::{FailureWatch, KillSwitch, StopWhen, Trip};
 pub use summary::{FailureGroup, GroupBy};
 
 /// Why a DLQ command failed. Never carries the broker password.

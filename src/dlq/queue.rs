@@ -8,8 +8,9 @@ use k8s_openapi::jiff::Timestamp;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueuePurgeOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, Channel, Confirmation};
 
 use super::letter::{DeadLetter, RawDeadLetter};
@@ -18,6 +19,9 @@ use super::{DlqError, ReplayFailure};
 use crate::broker::session::close_channel;
 use crate::broker::{AmqpSession, BrokerEndpoint, BrokerError};
 use crate::plan::PipelineNames;
+
+/// Longest wait for the messages a closed channel held to be back in the DLQ.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// One DLQ on one broker vhost, over a connection of its own.
 pub struct DeadLetterQueue {
@@ -45,6 +49,49 @@ pub struct ReplayOutcome {
     pub skipped: usize,
     /// Messages ready in the DLQ once the replay ended.
     pub remaining: u64,
+    /// The [`ReplayControl`] halted the run before every selected dead letter was replayed
+    /// (kill switch, suspend); the rest are still in the DLQ.
+    pub halted: bool,
+}
+
+/// Whether a replay goes on with the next copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// Stop before the next copy; the dead letter in hand goes back to the DLQ unchanged.
+    Halt,
+}
+
+/// What a caller decides and sees while a replay runs: asked before each copy (a kill
+/// switch, a suspend), told after each one. The copy/ack protocol stays in
+/// [`DeadLetterQueue::replay_with`].
+pub trait ReplayControl {
+    /// Before the next copy of a selected dead letter; `progress` is the run so far.
+    fn before_copy(
+        &mut self,
+        dlq: &DeadLetterQueue,
+        progress: &ReplayOutcome,
+    ) -> impl Future<Output = Flow> + Send;
+    /// After a dead letter was replayed (its copy confirmed and the dead letter acked), or
+    /// in a dry run, would be.
+    fn replayed(&mut self, letter: &DeadLetter, to: &ReplayTarget);
+}
+
+/// A control that only watches: every copy goes ahead.
+struct Observe<F>(F);
+
+impl<F: FnMut(&DeadLetter, &ReplayTarget) + Send> ReplayControl for Observe<F> {
+    fn before_copy(
+        &mut self,
+        _: &DeadLetterQueue,
+        _: &ReplayOutcome,
+    ) -> impl Future<Output = Flow> + Send {
+        std::future::ready(Flow::Continue)
+    }
+
+    fn replayed(&mut self, letter: &DeadLetter, to: &ReplayTarget) {
+        (self.0)(letter, to);
+    }
 }
 
 /// How a replay runs: what it takes, how fast, and under which id.
@@ -121,7 +168,9 @@ impl DeadLetterQueue {
         }
         .await;
         close_channel(&channel).await;
-        result.map(|()| Browse { depth, letters })
+        result?;
+        self.settled(depth).await?;
+        Ok(Browse { depth, letters })
     }
 
     /// Replays the selected dead letters to the pipeline's work queue, one at a time:
@@ -134,7 +183,18 @@ impl DeadLetterQueue {
         &self,
         run: &ReplayRun,
         names: &PipelineNames,
-        mut on_replayed: impl FnMut(&DeadLetter, &ReplayTarget),
+        on_replayed: impl FnMut(&DeadLetter, &ReplayTarget) + Send,
+    ) -> Result<ReplayOutcome, DlqError> {
+        self.replay_with(run, names, &mut Observe(on_replayed))
+            .await
+    }
+
+    /// [`Self::replay`], asking `control` before each copy whether to go on.
+    pub async fn replay_with(
+        &self,
+        run: &ReplayRun,
+        names: &PipelineNames,
+        control: &mut impl ReplayControl,
     ) -> Result<ReplayOutcome, DlqError> {
         let depth = self.depth().await?;
         if self.session.queue_depth(&names.queue).await?.is_none() {
@@ -157,9 +217,10 @@ impl DeadLetterQueue {
             replayed: 0,
             skipped: 0,
             remaining: depth,
+            halted: false,
         };
         let mut found_ids: Vec<String> = Vec::new();
-        let started = Instant::now();
+        let mut pacer = Pacer::new(run.rate, Instant::now());
         let scan = usize::try_from(depth).unwrap_or(usize::MAX);
         let result = async {
             for index in 1..=scan {
@@ -186,7 +247,12 @@ impl DeadLetterQueue {
                 }
                 let to = replay_target(&letter, names);
                 if !run.dry_run {
-                    pace(run.rate, started, outcome.replayed).await;
+                    // Held unacknowledged; back in the DLQ when the channel closes.
+                    if control.before_copy(self, &outcome).await == Flow::Halt {
+                        outcome.halted = true;
+                        break;
+                    }
+                    pacer.wait().await;
                     let copy = Copy {
                         raw: &raw,
                         acker: &acker,
@@ -204,7 +270,7 @@ impl DeadLetterQueue {
                     }
                 }
                 outcome.replayed += 1;
-                on_replayed(&letter, &to);
+                control.replayed(&letter, &to);
             }
             Ok(())
         }
@@ -212,11 +278,13 @@ impl DeadLetterQueue {
         close_channel(&target).await;
         close_channel(&source).await;
         result?;
-        outcome.remaining = self.depth().await.unwrap_or(outcome.remaining);
+        let acked = if run.dry_run { 0 } else { outcome.replayed };
+        let left = depth.saturating_sub(acked as u64);
+        outcome.remaining = self.settled(left).await.unwrap_or(outcome.remaining);
         let missing = run
             .selection
             .missing_ids(found_ids.iter().map(String::as_str));
-        if !missing.is_empty() {
+        if !missing.is_empty() && !outcome.halted {
             return Err(DlqError::IdsNotFound {
                 queue: self.queue.clone(),
                 replayed: outcome.replayed,
@@ -305,6 +373,109 @@ impl DeadLetterQueue {
         }
     }
 
+    /// Dead letters ready in the DLQ that carry `replay_id` (copies of that replay that failed
+    /// again). Reads every ready message without taking it (as [`Self::browse`] does), so it
+    /// costs one `basic.get` per message; dead letters a running replay holds are not seen.
+    pub async fn count_replay_copies(&self, replay_id: &str) -> Result<u64, DlqError> {
+        let depth = self.depth().await?;
+        let channel = self.session.channel().await?;
+        let result = async {
+            let mut count = 0;
+            for index in 1..=usize::try_from(depth).unwrap_or(usize::MAX) {
+                let Some((letter, _)) = self.get(&channel, index).await? else {
+                    break;
+                };
+                if letter.replay_id().is_some_and(|id| id == replay_id) {
+                    count += 1;
+                }
+            }
+            Ok::<u64, DlqError>(count)
+        }
+        .await;
+        close_channel(&channel).await;
+        let count = result?;
+        self.settled(depth).await?;
+        Ok(count)
+    }
+
+    /// Waits until the DLQ holds at least `expected` ready messages again, at most
+    /// [`SETTLE_PATIENCE`]; returns the depth. The broker puts back the messages a closed
+    /// channel held asynchronously (a quorum queue through its log), so without this the next
+    /// read right after a browse can find the queue short, or empty.
+    async fn settled(&self, expected: u64) -> Result<u64, DlqError> {
+        let deadline = Instant::now() + SETTLE_PATIENCE.min(self.session.timeout());
+        loop {
+            let depth = self.depth().await?;
+            if depth >= expected || Instant::now() >= deadline {
+                return Ok(depth);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Opens a tap on the pipeline's dead-letter exchange (fanout): a private queue that gets
+    /// a copy of every dead letter arriving from now on, so a replay can see its copies come
+    /// back without reading the whole DLQ. Exclusive and auto-delete: it goes with the
+    /// connection, and leaves nothing behind on the broker.
+    pub async fn tap(&self, exchange: &str) -> Result<DeadLetterTap, DlqError> {
+        let channel = self.session.channel().await?;
+        let mut arguments = FieldTable::default();
+        // Exclusive queues are classic whatever the vhost's default queue type.
+        arguments.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("classic".into()),
+        );
+        let options = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declare = channel.queue_declare("".into(), options, arguments);
+        let queue = self
+            .session
+            .call("declare the replay's dead-letter tap", declare)
+            .await?
+            .name()
+            .as_str()
+            .to_string();
+        let bind = channel.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        );
+        self.session
+            .call("bind the dead-letter tap to the dead-letter exchange", bind)
+            .await?;
+        Ok(DeadLetterTap { channel, queue })
+    }
+
+    /// Takes what the tap received since the last call; returns how many carry `replay_id`.
+    pub async fn drain_tap(&self, tap: &DeadLetterTap, replay_id: &str) -> Result<u64, DlqError> {
+        let mut count = 0;
+        loop {
+            let get = tap
+                .channel
+                .basic_get(tap.queue.as_str().into(), BasicGetOptions { no_ack: true });
+            let Some(BasicGetMessage { delivery, .. }) =
+                self.session.call("read the dead-letter tap", get).await?
+            else {
+                return Ok(count);
+            };
+            let letter = RawDeadLetter {
+                index: 0,
+                exchange: String::new(),
+                routing_key: String::new(),
+                properties: delivery.properties,
+                body: Vec::new(),
+            };
+            if letter.replay_id().is_some_and(|id| id == replay_id) {
+                count += 1;
+            }
+        }
+    }
+
     /// Deletes every message in the DLQ; returns how many there were.
     pub async fn purge(&self) -> Result<u64, DlqError> {
         let channel = self.session.channel().await?;
@@ -340,6 +511,13 @@ impl DeadLetterQueue {
     }
 }
 
+/// A private queue bound to the dead-letter exchange ([`DeadLetterQueue::tap`]).
+#[derive(Debug)]
+pub struct DeadLetterTap {
+    channel: Channel,
+    queue: String,
+}
+
 /// One dead letter on its way back, and how to settle it.
 struct Copy<'a> {
     raw: &'a RawDeadLetter,
@@ -349,14 +527,45 @@ struct Copy<'a> {
     replay_id: &'a str,
 }
 
-/// Waits until publishing copy number `done + 1` keeps the rate (copies per second since
-/// `started`).
-async fn pace(rate: Option<f64>, started: Instant, done: usize) {
-    let Some(rate) = rate.filter(|r| *r > 0.0) else {
-        return;
-    };
-    let due = started + Duration::from_secs_f64(done as f64 / rate);
-    tokio::time::sleep_until(due.into()).await;
+/// Copies at most `rate` per second, evenly spaced. After a stall (a slow broker call, a
+/// status write, a kill-switch check) it catches up on at most [`CATCH_UP`] of lost time, so
+/// the work queue never gets a burst bigger than one second of the rate.
+struct Pacer {
+    interval: Option<Duration>,
+    /// When the next copy may go.
+    next: Instant,
+}
+
+/// Lost time a [`Pacer`] makes up for; beyond it the schedule starts over.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+impl Pacer {
+    fn new(rate: Option<f64>, start: Instant) -> Self {
+        Pacer {
+            interval: rate
+                .filter(|r| *r > 0.0 && r.is_finite())
+                .map(|r| Duration::from_secs_f64(1.0 / r)),
+            next: start,
+        }
+    }
+
+    /// When the next copy may go, asked at `now`; moves the schedule on by one copy.
+    fn slot(&mut self, now: Instant) -> Instant {
+        let Some(interval) = self.interval else {
+            return now;
+        };
+        if now.saturating_duration_since(self.next) > CATCH_UP {
+            self.next = now - CATCH_UP;
+        }
+        let slot = self.next;
+        self.next += interval;
+        slot
+    }
+
+    async fn wait(&mut self) {
+        let slot = self.slot(Instant::now());
+        tokio::time::sleep_until(slot.into()).await;
+    }
 }
 
 /// `message id X` or `#N (no message id)`, for errors.
@@ -364,5 +573,29 @@ fn describe(letter: &DeadLetter) -> String {
     match &letter.message_id {
         Some(id) => format!("#{} (message id {id})", letter.index),
         None => format!("#{} (no message id)", letter.index),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_spaces_copies_and_a_stall_buys_at_most_one_second_of_burst() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(Some(100.0), start);
+        let ms = |d: Instant| d.saturating_duration_since(start).as_millis();
+        assert_eq!(ms(pacer.slot(start)), 0);
+        assert_eq!(ms(pacer.slot(start)), 10);
+        assert_eq!(ms(pacer.slot(start)), 20);
+        // A 5 s stall: the copies due meanwhile are not all sent at once.
+        let late = start + Duration::from_secs(5);
+        let burst = (0..1000).take_while(|_| pacer.slot(late) <= late).count();
+        assert_eq!(
+            burst, 101,
+            "one second of the rate (100), plus the one due now"
+        );
+        let mut unpaced = Pacer::new(None, start);
+        assert_eq!(unpaced.slot(late), late);
     }
 }

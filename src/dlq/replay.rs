@@ -68,11 +68,7 @@ impl ReplaySelection {
     /// Whether the replay takes `letter` (`raw` is the same message, for its headers).
     pub fn check(&self, raw: &RawDeadLetter, letter: &DeadLetter) -> Result<(), Skipped> {
         if let Some(id) = &self.replay_id
-            && raw
-                .headers()
-                .and_then(|h| h.inner().get(REPLAY_ID))
-                .and_then(super::value::header_text)
-                .is_some_and(|seen| &seen == id)
+            && raw.replay_id().is_some_and(|seen| &seen == id)
         {
             return Err(Skipped::AlreadyReplayed);
         }

@@ -18,7 +18,9 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::api::{MessagePipeline, MessagePipelineStatus};
+use crate::api::{
+    DeadLetterReplay, DeadLetterReplayStatus, MessagePipeline, MessagePipelineStatus,
+};
 
 /// Field manager of every server-side apply msgpipe makes.
 pub const FIELD_MANAGER: &str = "msgpipe";
@@ -97,6 +99,30 @@ pub async fn write_status(
     .map_err(KubeError::api(format!(
         "write the status of MessagePipeline {}/{name}",
         pipeline.namespace().unwrap_or_default()
+    )))?;
+    Ok(())
+}
+
+/// Writes a DeadLetterReplay's status with server-side apply (the status subresource).
+pub async fn write_replay_status(
+    api: &Api<DeadLetterReplay>,
+    name: &str,
+    status: &DeadLetterReplayStatus,
+) -> Result<(), KubeError> {
+    let patch = json!({
+        "apiVersion": "msgpipe.io/v1alpha1",
+        "kind": "DeadLetterReplay",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(KubeError::api(format!(
+        "write the status of DeadLetterReplay {}/{name}",
+        api.namespace().unwrap_or_default()
     )))?;
     Ok(())
 }

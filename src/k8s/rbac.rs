@@ -45,6 +45,18 @@ pub const PIPELINE_CALLS: &[ApiCall] = &[
         why: "owner references with blockOwnerDeletion on the ConfigMap and PrometheusRule",
     },
     ApiCall {
+        group: "msgpipe.io",
+        resource: "deadletterreplays",
+        verbs: &["get", "list", "watch"],
+        why: "watch every DeadLetterReplay; a running replay re-reads its object (suspend, deletion)",
+    },
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "deadletterreplays/status",
+        verbs: &["patch"],
+        why: "write a replay's phase and counts (server-side apply)",
+    },
+    ApiCall {
         group: "",
         resource: "secrets",
         verbs: &["get", "list", "watch"],
@@ -72,7 +84,7 @@ pub const PIPELINE_CALLS: &[ApiCall] = &[
         group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
-        why: "Normal and Warning events on pipelines (repeats patch the series)",
+        why: "Normal and Warning events on pipelines and replays (repeats patch the series)",
     },
 ];
 

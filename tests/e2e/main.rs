@@ -96,6 +96,14 @@ async fn the_notes_example_converges_in_a_real_cluster_and_is_cleaned_up() {
     )
     .await
     .expect("CRD applied");
+    // The operator watches DeadLetterReplays too.
+    crds.patch(
+        "deadletterreplays.msgpipe.io",
+        &apply,
+        &Patch::Apply(msgpipe::api::DeadLetterReplay::crd()),
+    )
+    .await
+    .expect("replay CRD applied");
     tokio::time::sleep(Duration::from_secs(3)).await; // let the API server serve the new type
     let namespace = format!("msgpipe-e2e-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());

@@ -91,7 +91,7 @@ struct Attributes {
 
 /// The API server: [`FakeApi`] for objects, plus lists, watches and RBAC.
 #[derive(Clone, Default)]
-struct Cluster {
+pub(crate) struct Cluster {
     api: FakeApi,
     /// Requests RBAC refused, as `verb group/resource`.
     denied: Arc<Mutex<Vec<String>>>,
@@ -127,7 +127,15 @@ struct Watch {
 }
 
 impl Cluster {
-    fn client(&self) -> (Client, tokio::task::JoinHandle<()>) {
+    /// A cluster serving the objects `api` holds.
+    pub(crate) fn over(api: FakeApi) -> Self {
+        Cluster {
+            api,
+            ..Cluster::default()
+        }
+    }
+
+    pub(crate) fn client(&self) -> (Client, tokio::task::JoinHandle<()>) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let cluster = self.clone();
         let task = tokio::spawn(async move {
@@ -362,7 +370,7 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    fn denied(&self) -> Vec<String> {
+    pub(crate) fn denied(&self) -> Vec<String> {
         self.denied.lock().expect("denied").clone()
     }
 }

@@ -6,6 +6,7 @@ mod dead_broker;
 mod fake_api;
 mod isolation;
 mod offline;
+mod replay;
 #[path = "../support/mod.rs"]
 mod support;
 
