@@ -118,6 +118,10 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or("?")
         .to_string();
 
+    println!(
+        "bench-operator: RabbitMQ {version} at 127.0.0.1:{}, mocked Kubernetes API, {} queues, {} reconciles at a time",
+        args.port, args.queue_type, args.concurrency
+    );
     let text = std::fs::read_to_string("examples/notes-pipeline.yaml")?;
     let template = serde_json::to_value(parse_pipelines(&text)?.remove(0))?;
     let baseline = rss_kib();
@@ -225,6 +229,11 @@ async fn main() -> anyhow::Result<()> {
         .filter(|c| c.method != Method::GET)
         .count();
     let after_sync = rss_kib();
+    println!(
+        "burst of {synced} new pipelines -> all Ready: {:.1} s ({passes} passes), {kube_writes} Kubernetes writes ({:.1} per pipeline; {api_writes} write calls reached the API, events included)",
+        burst.as_secs_f64(),
+        kube_writes as f64 / synced.max(1) as f64
+    );
 
     // The baseline, same run, same node: `msgpipe apply` of the same pipelines.
     let apply_vhost = fresh_vhost(&http, &mgmt, "bench-operator-apply").await?;
@@ -247,6 +256,11 @@ async fn main() -> anyhow::Result<()> {
         report.map_err(|failed| anyhow::anyhow!("msgpipe apply: {failed}"))?;
     }
     apply_broker.close().await;
+    println!(
+        "msgpipe apply of the same {synced} (same run, same node): {:.1} s; burst/apply = {:.2} (target <= 1.3)",
+        apply_time.as_secs_f64(),
+        burst.as_secs_f64() / apply_time.as_secs_f64().max(1e-9)
+    );
     delete_vhost(&http, &mgmt, &apply_vhost).await;
 
     let writes_before = ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total();
@@ -325,10 +339,6 @@ async fn main() -> anyhow::Result<()> {
     let without_context = rss_kib();
 
     println!(
-        "bench-operator: RabbitMQ {version} at 127.0.0.1:{}, mocked Kubernetes API, {} queues, {} reconciles at a time",
-        args.port, args.queue_type, args.concurrency
-    );
-    println!(
         "pipelines cached: {}, synced to the broker: {synced}",
         args.pipelines
     );
@@ -352,16 +362,6 @@ async fn main() -> anyhow::Result<()> {
         "RSS of the operator after the sync (mocked API server dropped): {:.1} MiB (target <= 30), of which its context (broker pool, vhost snapshots) {:.1} MiB",
         operator_rss as f64 / 1024.0,
         (operator_rss.saturating_sub(without_context)) as f64 / 1024.0
-    );
-    println!(
-        "burst of {synced} new pipelines -> all Ready: {:.1} s ({passes} passes), {kube_writes} Kubernetes writes ({:.1} per pipeline; {api_writes} write calls reached the API)",
-        burst.as_secs_f64(),
-        kube_writes as f64 / synced.max(1) as f64
-    );
-    println!(
-        "msgpipe apply of the same {synced} (same run, same node): {:.1} s; burst/apply = {:.2} (target <= 1.3)",
-        apply_time.as_secs_f64(),
-        burst.as_secs_f64() / apply_time.as_secs_f64().max(1e-9)
     );
     println!(
         "resync of the converged fleet: {:.2} s, {resync_writes} writes, {resync_calls} Kubernetes calls",

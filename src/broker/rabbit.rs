@@ -27,6 +27,12 @@ use crate::plan::topology::ExchangeKind;
 
 /// Bound on every single broker call, so one broken broker never stalls a caller.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// The least time a policy write (PUT or DELETE) is given, whatever the call timeout: RabbitMQ
+/// re-matches every queue of the vhost against every policy on each policy write, which
+/// takes about 27 s in a vhost of 1,000 pipelines on 2 cores (docs/broker.md, "the cost of a
+/// policy"). A shorter timeout would fail every policy write of a large vhost, retry it, and
+/// never converge.
+pub const POLICY_WRITE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Open channels kept per vhost connection between calls: more than the CLI's and the
 /// operator's concurrency, so a busy reconcile reuses channels instead of opening them.
@@ -49,6 +55,10 @@ type HttpApi = Client<String, String, String>;
 pub struct RabbitBroker {
     endpoint: BrokerEndpoint,
     http: HttpApi,
+    /// A client for policy writes, which may take far longer than other calls
+    /// ([`POLICY_WRITE_TIMEOUT`]).
+    policy_http: HttpApi,
+    policy_timeout: Duration,
     /// The same pool, for the calls rabbitmq_http_client does not offer (conditional delete,
     /// one queue's raw figures).
     raw_http: reqwest::Client,
@@ -87,36 +97,17 @@ impl VhostConnection {
 impl RabbitBroker {
     pub fn new(endpoint: BrokerEndpoint, timeout: Duration) -> Result<Self, BrokerError> {
         install_crypto_provider();
-        let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_max_idle_per_host(16);
-        if let Some(pem) = endpoint.ca_pem() {
-            let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
-                BrokerError::InvalidUri {
-                    field: "ca.crt",
-                    reason: format!("not a PEM certificate: {e}"),
-                }
-            })?;
-            builder = builder.add_root_certificate(ca);
-        }
-        let http_client = builder.build().map_err(|e| BrokerError::InvalidUri {
-            field: "managementUri",
-            reason: e.to_string(),
-        })?;
+        let http_client = http_client(&endpoint, timeout)?;
         let raw_http = http_client.clone();
-        let http = ClientBuilder::new()
-            .with_endpoint(endpoint.management_api())
-            .with_basic_auth_credentials(endpoint.username(), endpoint.password())
-            .with_client(http_client)
-            .build()
-            .map_err(|e| BrokerError::InvalidUri {
-                field: "managementUri",
-                reason: endpoint.redact(&e.to_string()),
-            })?;
+        let http = management_client(&endpoint, http_client)?;
+        let policy_timeout = timeout.max(POLICY_WRITE_TIMEOUT);
+        let policy_http =
+            management_client(&endpoint, self::http_client(&endpoint, policy_timeout)?)?;
         Ok(Self {
             endpoint,
             http,
+            policy_http,
+            policy_timeout,
             raw_http,
             amqp: Mutex::new(HashMap::new()),
             server_major: OnceCell::new(),
@@ -314,12 +305,24 @@ impl RabbitBroker {
         vhost: Option<&str>,
         call: impl Future<Output = Result<T, HttpClientError>>,
     ) -> Result<T, BrokerError> {
+        self.http_call_within(self.timeout, operation, vhost, call)
+            .await
+    }
+
+    /// [`Self::http_call`] given `timeout` (a policy write's, on `policy_http`).
+    async fn http_call_within<T>(
+        &self,
+        timeout: Duration,
+        operation: &str,
+        vhost: Option<&str>,
+        call: impl Future<Output = Result<T, HttpClientError>>,
+    ) -> Result<T, BrokerError> {
         self.count_round_trips(1);
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(BrokerError::Timeout {
                 endpoint: self.endpoint.to_string(),
                 operation: operation.into(),
-                seconds: self.timeout.as_secs(),
+                seconds: timeout.as_secs(),
             }),
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(self.classify_http(operation, vhost, error).await),
@@ -461,8 +464,13 @@ impl RabbitBroker {
             definition: definition.clone(),
         };
         let operation = format!("put policy {}", policy.name);
-        self.http_call(&operation, Some(vhost), self.http.declare_policy(&params))
-            .await?;
+        self.http_call_within(
+            self.policy_timeout,
+            &operation,
+            Some(vhost),
+            self.policy_http.declare_policy(&params),
+        )
+        .await?;
         Ok(ActionOutcome::Done)
     }
 
@@ -521,10 +529,11 @@ impl RabbitBroker {
         }
         if let Some(policy) = policy {
             let operation = format!("delete policy {policy}");
-            self.http_call(
+            self.http_call_within(
+                self.policy_timeout,
                 &operation,
                 Some(vhost),
-                self.http.delete_policy(vhost, policy, true),
+                self.policy_http.delete_policy(vhost, policy, true),
             )
             .await?;
         }
@@ -895,6 +904,45 @@ impl BrokerApi for RabbitBroker {
         )
         .await
     }
+}
+
+/// A keep-alive HTTP client for the management API whose calls end after `timeout`.
+fn http_client(
+    endpoint: &BrokerEndpoint,
+    timeout: Duration,
+) -> Result<reqwest::Client, BrokerError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_max_idle_per_host(16);
+    if let Some(pem) = endpoint.ca_pem() {
+        let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+            BrokerError::InvalidUri {
+                field: "ca.crt",
+                reason: format!("not a PEM certificate: {e}"),
+            }
+        })?;
+        builder = builder.add_root_certificate(ca);
+    }
+    builder.build().map_err(|e| BrokerError::InvalidUri {
+        field: "managementUri",
+        reason: e.to_string(),
+    })
+}
+
+fn management_client(
+    endpoint: &BrokerEndpoint,
+    client: reqwest::Client,
+) -> Result<HttpApi, BrokerError> {
+    ClientBuilder::new()
+        .with_endpoint(endpoint.management_api())
+        .with_basic_auth_credentials(endpoint.username(), endpoint.password())
+        .with_client(client)
+        .build()
+        .map_err(|e| BrokerError::InvalidUri {
+            field: "managementUri",
+            reason: endpoint.redact(&e.to_string()),
+        })
 }
 
 /// A declare argument's value on the wire (msgpipe's settings are strings and integers).
