@@ -299,14 +299,15 @@ impl RabbitBroker {
 
     /// Runs one management API call with the timeout and maps its error; `vhost` names the
     /// vhost a 404 means is missing.
-    async fn http_call<T>(
-        &self,
-        operation: &str,
-        vhost: Option<&str>,
-        call: impl Future<Output = Result<T, HttpClientError>>,
-    ) -> Result<T, BrokerError> {
+    // Not an `async fn`: it hands back the inner future itself, so the call's future is not
+    // stored twice (reconcile futures are deep; debug-build test threads have 2 MiB stacks).
+    fn http_call<'a, T: 'a>(
+        &'a self,
+        operation: &'a str,
+        vhost: Option<&'a str>,
+        call: impl Future<Output = Result<T, HttpClientError>> + 'a,
+    ) -> impl Future<Output = Result<T, BrokerError>> + 'a {
         self.http_call_within(self.timeout, operation, vhost, call)
-            .await
     }
 
     /// [`Self::http_call`] given `timeout` (a policy write's, on `policy_http`).

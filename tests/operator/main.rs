@@ -167,15 +167,18 @@ fn lines(calls: &[Call]) -> Vec<String> {
         .collect()
 }
 
+/// (reason, change) of every change the events report; an event lists the changes of one
+/// reason, `; `-separated.
 fn events(calls: &[Call]) -> Vec<(String, String)> {
     calls
         .iter()
         .filter(|c| c.is_event() && c.method == http::Method::POST)
-        .map(|c| {
-            (
-                c.body["reason"].as_str().unwrap_or_default().to_string(),
-                c.body["note"].as_str().unwrap_or_default().to_string(),
-            )
+        .flat_map(|c| {
+            let reason = c.body["reason"].as_str().unwrap_or_default().to_string();
+            let note = c.body["note"].as_str().unwrap_or_default();
+            note.split("; ")
+                .map(|change| (reason.clone(), change.to_string()))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
