@@ -261,7 +261,6 @@ async fn main() -> anyhow::Result<()> {
         apply_time.as_secs_f64(),
         burst.as_secs_f64() / apply_time.as_secs_f64().max(1e-9)
     );
-    delete_vhost(&http, &mgmt, &apply_vhost).await;
 
     let writes_before = ctx.metrics.kube_writes_total() + ctx.metrics.broker_writes_total();
     api.take_calls();
@@ -372,6 +371,8 @@ async fn main() -> anyhow::Result<()> {
         delay_change.as_secs_f64() * 1000.0,
         attempts_change.as_secs_f64() * 1000.0
     );
+    // Deleting thousands of quorum queues takes minutes: after every measurement.
+    delete_vhost(&http, &mgmt, &apply_vhost).await;
     delete_vhost(&http, &mgmt, &vhost).await;
     Ok(())
 }

@@ -18,6 +18,18 @@ use crate::broker::{
 /// How long a snapshot may be reused. The management API's own counts lag ~5 s, so a
 /// snapshot this young is as fresh as a new one.
 pub const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(3);
+/// The longest a snapshot is ever reused: one that took long to read is reused for ten
+/// times its read time ([`reuse_for`]). A vhost of 1,000 pipelines (6,000 queues) takes
+/// seconds to read, and while one reconcile reads it every other one on that vhost waits: with
+/// a 3 s limit a burst of new pipelines spent a third of its time waiting for re-reads.
+/// A reconcile still never uses a snapshot older than its own last write.
+pub const SNAPSHOT_MAX_REUSE: Duration = Duration::from_secs(30);
+
+/// How long a snapshot that took `took` to read may be reused.
+pub fn reuse_for(took: Duration) -> Duration {
+    took.saturating_mul(10)
+        .clamp(SNAPSHOT_MAX_AGE, SNAPSHOT_MAX_REUSE)
+}
 /// A broker nobody used for this long is closed (e.g. after a credential rotation).
 const IDLE_BROKER: Duration = Duration::from_secs(30 * 60);
 /// A vhost is in a burst of policy writes while another pipeline wrote one this recently
@@ -38,7 +50,8 @@ const PROBE_POLL: Duration = Duration::from_millis(20);
 /// the workers that reached it in this window, not every worker for a whole timeout.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(2);
 
-type Snapshot = Option<(Instant, Arc<LiveVhost>)>;
+/// When a snapshot was taken, how long it may be reused, and the snapshot.
+type Snapshot = Option<(Instant, Duration, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
 type SnapshotSlots = HashMap<(String, String), Arc<Mutex<Snapshot>>>;
 
@@ -304,7 +317,8 @@ impl<B: PooledBroker> BrokerPool<B> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old and taken after `not_before`
+    /// A snapshot of `vhost` at most [`SNAPSHOT_MAX_AGE`] old (longer for one slow to read:
+    /// [`reuse_for`]) and taken after `not_before`
     /// (the caller's own last write, so it always sees its own changes); concurrent callers
     /// share one read. Other pipelines' writes do not force a new read: they never touch the
     /// caller's objects.
@@ -318,8 +332,8 @@ impl<B: PooledBroker> BrokerPool<B> {
         let key = endpoint.pool_key();
         let slot = self.slot(endpoint, vhost).await;
         let mut cached = slot.lock().await;
-        if let Some((taken, live)) = cached.as_ref()
-            && taken.elapsed() < SNAPSHOT_MAX_AGE
+        if let Some((taken, reuse, live)) = cached.as_ref()
+            && taken.elapsed() < *reuse
             && not_before.is_none_or(|t| *taken > t)
         {
             self.settle_probe(&key);
@@ -337,7 +351,7 @@ impl<B: PooledBroker> BrokerPool<B> {
             Ok(live) => {
                 self.answered(endpoint);
                 let live = Arc::new(live);
-                *cached = Some((taken, live.clone()));
+                *cached = Some((taken, reuse_for(taken.elapsed()), live.clone()));
                 Ok(live)
             }
             Err(error) => {
@@ -425,6 +439,37 @@ mod tests {
 
     fn endpoint() -> BrokerEndpoint {
         BrokerEndpoint::new("amqp://app:pw@rabbit.invalid:5672/", None, None).expect("valid")
+    }
+
+    #[test]
+    fn a_snapshot_slow_to_read_is_reused_longer_within_bounds() {
+        assert_eq!(reuse_for(Duration::from_millis(40)), SNAPSHOT_MAX_AGE);
+        assert_eq!(reuse_for(Duration::from_secs(2)), Duration::from_secs(20));
+        assert_eq!(reuse_for(Duration::from_secs(60)), SNAPSHOT_MAX_REUSE);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_never_reused_for_a_caller_that_wrote_after_it_was_taken() {
+        let pool = memory_pool();
+        let broker = MemoryBroker::new("memory://a").with_vhost("/", 4);
+        let first = pool
+            .snapshot(&endpoint(), &broker, "/", None)
+            .await
+            .expect("snapshot");
+        let again = pool
+            .snapshot(&endpoint(), &broker, "/", None)
+            .await
+            .expect("snapshot");
+        assert!(Arc::ptr_eq(&first, &again), "a young snapshot is shared");
+        let wrote = Some(Instant::now());
+        let after_write = pool
+            .snapshot(&endpoint(), &broker, "/", wrote)
+            .await
+            .expect("snapshot");
+        assert!(
+            !Arc::ptr_eq(&first, &after_write),
+            "read again after the caller's write"
+        );
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ use tracing::{debug, warn};
 
 pub use brokers::{
     BrokerPool, Connector, DOWN_MEMORY, Gate, POLICY_QUIET, PROBE_PATIENCE, PolicyBurst,
-    PooledBroker, SNAPSHOT_MAX_AGE,
+    PooledBroker, SNAPSHOT_MAX_REUSE,
 };
 pub use metrics::Metrics;
 pub use reconcile::{BUSY_RETRY, FINALIZER, reconcile};
@@ -232,7 +232,7 @@ impl<B: PooledBroker> Context<B> {
         if let Ok(mut writes) = self.last_writes.lock() {
             // A write older than any usable snapshot constrains nothing: forget it, so
             // deleted pipelines do not accumulate here.
-            writes.retain(|_, at| at.elapsed() < SNAPSHOT_MAX_AGE);
+            writes.retain(|_, at| at.elapsed() < SNAPSHOT_MAX_REUSE);
             writes.insert(key.to_string(), std::time::Instant::now());
         }
     }
