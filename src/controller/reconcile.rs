@@ -562,33 +562,6 @@ fn change_list(notes: &[String]) -> String {
     one_line(&list)
 }
 
-#[cfg(test)]
-mod change_list_tests {
-    use super::change_list;
-    use crate::api::reason::MAX_MESSAGE_BYTES;
-
-    #[test]
-    fn changes_are_listed_in_order_and_cut_at_a_change_saying_how_many_more() {
-        let few: Vec<String> = ["created queue a", "created queue b"]
-            .map(String::from)
-            .into();
-        assert_eq!(change_list(&few), "created queue a; created queue b");
-        let many: Vec<String> = (0..100).map(|i| format!("created queue q{i:03}")).collect();
-        let list = change_list(&many);
-        assert!(list.len() <= MAX_MESSAGE_BYTES, "{}", list.len());
-        let shown = list
-            .split("; ")
-            .filter(|n| n.starts_with("created"))
-            .count();
-        assert!(shown > 40, "{list}");
-        assert!(
-            list.ends_with(&format!("; and {} more", 100 - shown)),
-            "{list}"
-        );
-        assert!(list.starts_with("created queue q000; created queue q001"));
-    }
-}
-
 /// Writes the status if it changed; returns whether it wrote.
 async fn write_status<B: PooledBroker>(
     api: &Api<MessagePipeline>,
@@ -728,5 +701,32 @@ fn planned_objects(pipeline: &MessagePipeline, uri_vhost: Option<&str>) -> Strin
             )
         }
         Err(_) => "unknown (invalid spec)".into(),
+    }
+}
+
+#[cfg(test)]
+mod change_list_tests {
+    use super::change_list;
+    use crate::api::reason::MAX_MESSAGE_BYTES;
+
+    #[test]
+    fn changes_are_listed_in_order_and_cut_at_a_change_saying_how_many_more() {
+        let few: Vec<String> = ["created queue a", "created queue b"]
+            .map(String::from)
+            .into();
+        assert_eq!(change_list(&few), "created queue a; created queue b");
+        let many: Vec<String> = (0..100).map(|i| format!("created queue q{i:03}")).collect();
+        let list = change_list(&many);
+        assert!(list.len() <= MAX_MESSAGE_BYTES, "{}", list.len());
+        let shown = list
+            .split("; ")
+            .filter(|n| n.starts_with("created"))
+            .count();
+        assert!(shown > 40, "{list}");
+        assert!(
+            list.ends_with(&format!("; and {} more", 100 - shown)),
+            "{list}"
+        );
+        assert!(list.starts_with("created queue q000; created queue q001"));
     }
 }
