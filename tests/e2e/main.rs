@@ -187,8 +187,8 @@ async fn the_notes_example_converges_in_a_real_cluster_and_is_cleaned_up() {
     for queue in [
         "notes_queue",
         "notes_queue_dlq",
-        "notes_queue.retry.1",
-        "notes_queue.retry.4",
+        "notes_queue.retry.1.1s",
+        "notes_queue.retry.4.8s",
     ] {
         assert!(live.queues.contains_key(queue), "{queue} on the broker");
     }
