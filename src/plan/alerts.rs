@@ -409,7 +409,34 @@ pub fn promql_escape(value: &str) -> String {
     escaped
 }
 
-/// Keeps user text from being read as a Go template by Prometheus.
+/// Keeps user text from being read as a Go template by Prometheus: no two braces of a kind
+/// stay next to each other (`{{{` becomes `{ { {`; replacing `{{` once would leave `{ {{`).
 pub(crate) fn template_safe(text: &str) -> String {
-    text.replace("{{", "{ {").replace("}}", "} }")
+    let mut safe = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (c == '{' || c == '}') && safe.ends_with(c) {
+            safe.push(' ');
+        }
+        safe.push(c);
+    }
+    safe
+}
+
+#[cfg(test)]
+mod tests {
+    use super::template_safe;
+
+    #[test]
+    fn no_two_braces_of_a_kind_stay_adjacent_however_many_there_are() {
+        assert_eq!(template_safe("a{{b}}c"), "a{ {b} }c");
+        assert_eq!(template_safe("¥{{{$\\9}}}"), "¥{ { {$\\9} } }");
+        assert_eq!(template_safe("{}{}"), "{}{}");
+        for text in ["{{{{", "}}}}}", "x{{{{{y}}}}z", "{{ $value }}"] {
+            let safe = template_safe(text);
+            assert!(
+                !safe.contains("{{") && !safe.contains("}}"),
+                "{text:?} -> {safe:?}"
+            );
+        }
+    }
 }
