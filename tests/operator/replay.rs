@@ -131,16 +131,7 @@ impl World {
     }
 
     async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let connection =
-            lapin::Connection::connect(&uri(&self.vhost.0), lapin::ConnectionProperties::default())
-                .await
-                .expect("AMQP connects");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(lapin::options::ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
-        (connection, channel)
+        crate::support::confirm_channel(&uri(&self.vhost.0)).await
     }
 
     async fn fill_dlq(&self) {

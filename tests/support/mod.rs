@@ -218,11 +218,15 @@ pub fn test_broker(vhost: &str) -> msgpipe::broker::RabbitBroker {
 
 /// A plain lapin channel on the test broker's `vhost`, with publisher confirms on.
 pub async fn amqp_channel(vhost: &str) -> (lapin::Connection, lapin::Channel) {
+    confirm_channel(&amqp_uri(vhost)).await
+}
+
+/// A plain lapin channel on the broker at `uri`, with publisher confirms on.
+pub async fn confirm_channel(uri: &str) -> (lapin::Connection, lapin::Channel) {
     msgpipe::broker::install_crypto_provider();
-    let connection =
-        lapin::Connection::connect(&amqp_uri(vhost), lapin::ConnectionProperties::default())
-            .await
-            .expect("AMQP connects");
+    let connection = lapin::Connection::connect(uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("AMQP connects");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
