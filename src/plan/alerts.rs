@@ -295,8 +295,9 @@ impl AlertBuilder<'_> {
                 ),
             },
         );
-        // The ratio keeps only `by` labels; name the queue like the other alerts do.
-        rule.labels.insert("queue".into(), self.names.queue.clone());
+        // The ratio keeps only `by` labels; name the queue like the other alerts do (labels
+        // are templates too).
+        rule.labels.insert("queue".into(), work_name.clone());
         rule
     }
 
