@@ -7,9 +7,11 @@ WORKDIR /src
 
 # Dependencies first: this layer is rebuilt only when a manifest or Cargo.lock changes.
 # Every workspace member needs its manifest and a stub source here (members: ".",
-# "crates/msgpipe-client"; add new members to both steps).
+# "crates/msgpipe-client"; add new members to both steps), except crates/rbase64: a
+# dependency of rabbitmq_http_client (patched in, see Cargo.toml), so it comes whole.
 COPY Cargo.toml Cargo.lock ./
 COPY crates/msgpipe-client/Cargo.toml crates/msgpipe-client/Cargo.toml
+COPY crates/rbase64 crates/rbase64
 RUN mkdir -p src crates/msgpipe-client/src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs crates/msgpipe-client/src/lib.rs \
