@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use futures_util::future::join_all;
 use futures_util::{StreamExt, stream};
 
 use super::diff::{self, BrokerAction, Conflict};
@@ -185,23 +186,59 @@ impl<'a> PhasedPlan<'a> {
     }
 }
 
-/// Executes actions in order, adding to `changes`; stops at the first error, with what was
-/// done so far.
+/// How many actions of one run (see [`run_together`]) are in flight at once.
+const ACTIONS_IN_FLIGHT: usize = 8;
+
+/// Whether `next` may run at the same time as `first`: consecutive actions of one kind that
+/// do not depend on each other (declares of exchanges or of queues, binds, unbinds, policy
+/// writes). The order between kinds stays (a queue is declared before it is bound, old routes
+/// are unbound before new ones are bound), and deletes run one at a time, each re-checking
+/// its queue.
+fn run_together(first: &BrokerAction, next: &BrokerAction) -> bool {
+    use BrokerAction::{Bind, DeclareExchange, DeclareQueue, PutPolicy, Unbind};
+    std::mem::discriminant(first) == std::mem::discriminant(next)
+        && matches!(
+            first,
+            DeclareExchange(_) | DeclareQueue(_) | Bind(_) | Unbind(_) | PutPolicy { .. }
+        )
+}
+
+/// Executes actions in order, adding to `changes`: each run of actions that may go together
+/// ([`run_together`]) at once, the runs one after another. Stops after the first run with an
+/// error, with what was done so far (the run's other actions included).
 async fn execute_all<B: BrokerApi>(
     broker: &B,
     vhost: &str,
     actions: &[BrokerAction],
     changes: &mut Vec<Change>,
 ) -> Result<(), Failed> {
-    for action in actions {
-        match execute_one(broker, vhost, action).await {
-            Ok(outcome) => changes.extend(change_of(action, outcome)),
-            Err(error) => {
-                return Err(Failed {
-                    error,
-                    applied: std::mem::take(changes),
-                });
+    let mut rest = actions;
+    while let Some(first) = rest.first() {
+        let length = rest.iter().take_while(|a| run_together(first, a)).count();
+        let (run, after) = rest.split_at(length.max(1));
+        rest = after;
+        let mut first_error = None;
+        for batch in run.chunks(ACTIONS_IN_FLIGHT) {
+            // Collected first: a lazy iterator of borrowing futures would not be `Send`
+            // for the controller's spawned reconciles.
+            let calls: Vec<_> = batch
+                .iter()
+                .map(|action| execute_one(broker, vhost, action))
+                .collect();
+            for (action, outcome) in batch.iter().zip(join_all(calls).await) {
+                match outcome {
+                    Ok(outcome) => changes.extend(change_of(action, outcome)),
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
+                }
             }
+        }
+        if let Some(error) = first_error {
+            return Err(Failed {
+                error,
+                applied: std::mem::take(changes),
+            });
         }
     }
     Ok(())
@@ -384,5 +421,165 @@ pub fn counts(desired: &DesiredState, live: &LiveVhost) -> LiveCounts {
                 (name, messages)
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::load::parse_pipelines;
+    use crate::broker::MemoryBroker;
+    use crate::plan::plan;
+
+    /// A memory broker whose writes take 10 ms each: records the most writes of each kind in
+    /// flight at once and the order they finished in, and refuses one queue's declare.
+    struct Slow {
+        inner: MemoryBroker,
+        /// Kinds of the writes in flight.
+        in_flight: Mutex<Vec<String>>,
+        most: Mutex<BTreeMap<String, usize>>,
+        /// Whether a write ever started while one of another kind was in flight.
+        mixed: AtomicBool,
+        refuse: Option<String>,
+    }
+
+    impl Slow {
+        fn new(vhost: &str, refuse: Option<String>) -> Self {
+            Self {
+                inner: MemoryBroker::new("memory://slow").with_vhost(vhost, 4),
+                in_flight: Mutex::new(Vec::new()),
+                most: Mutex::new(BTreeMap::new()),
+                mixed: AtomicBool::new(false),
+                refuse,
+            }
+        }
+
+        fn most(&self, kind: &str) -> usize {
+            self.most.lock().expect("most")[kind]
+        }
+    }
+
+    fn kind(action: &BrokerAction) -> String {
+        let verb = match action {
+            BrokerAction::Unbind(_) => "unbind",
+            BrokerAction::DeleteQueueIfEmpty { .. } => "delete",
+            _ => "put",
+        };
+        format!("{verb} {}", action.object_kind())
+    }
+
+    impl BrokerApi for Slow {
+        async fn snapshot(&self, vhost: &str) -> Result<LiveVhost, BrokerError> {
+            self.inner.snapshot(vhost).await
+        }
+
+        async fn execute(
+            &self,
+            vhost: &str,
+            action: &BrokerAction,
+        ) -> Result<ActionOutcome, BrokerError> {
+            let kind = kind(action);
+            {
+                let mut in_flight = self.in_flight.lock().expect("in flight");
+                if in_flight.iter().any(|k| *k != kind) {
+                    self.mixed.store(true, Ordering::SeqCst);
+                }
+                in_flight.push(kind.clone());
+                let mut most = self.most.lock().expect("most");
+                let seen = most.entry(kind.clone()).or_default();
+                *seen = (*seen).max(in_flight.len());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            {
+                let mut in_flight = self.in_flight.lock().expect("in flight");
+                if let Some(at) = in_flight.iter().position(|k| *k == kind) {
+                    in_flight.remove(at);
+                }
+            }
+            if let BrokerAction::DeclareQueue(queue) = action
+                && Some(&queue.name) == self.refuse.as_ref()
+            {
+                return Err(BrokerError::Rejected {
+                    endpoint: "memory://slow".into(),
+                    operation: format!("create queue {}", queue.name),
+                    reason: "refused by the test".into(),
+                });
+            }
+            self.inner.execute(vhost, action).await
+        }
+
+        async fn queue_depth(
+            &self,
+            vhost: &str,
+            queue: &str,
+        ) -> Result<Option<QueueDepth>, BrokerError> {
+            self.inner.queue_depth(vhost, queue).await
+        }
+
+        async fn delete_exchange(&self, vhost: &str, exchange: &str) -> Result<(), BrokerError> {
+            self.inner.delete_exchange(vhost, exchange).await
+        }
+    }
+
+    fn notes() -> DesiredState {
+        let p = parse_pipelines(include_str!("../../examples/notes-pipeline.yaml"))
+            .expect("parses")
+            .remove(0);
+        plan(&p, None).expect("plans")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn independent_writes_of_one_kind_overlap_and_kinds_keep_their_order() {
+        let desired = notes();
+        let vhost = desired.topology.vhost.clone();
+        let broker = Slow::new(&vhost, None);
+        let live = broker.snapshot(&vhost).await.expect("vhost");
+        let report = reconcile(&broker, &desired, &live)
+            .await
+            .expect("converges");
+        let queues = desired.topology.queues.len();
+        assert!(queues >= 4, "the example has tiers: {queues} queues");
+        // Every queue of the pipeline declared at once, every binding bound at once...
+        assert_eq!(broker.most("put queue"), queues.min(ACTIONS_IN_FLIGHT));
+        assert_eq!(
+            broker.most("put binding"),
+            desired.topology.bindings.len().min(ACTIONS_IN_FLIGHT)
+        );
+        // ...and never two kinds at once: each write found only its own kind in flight.
+        assert!(!broker.mixed.load(Ordering::SeqCst));
+        let verbs: Vec<&str> = report.changes.iter().map(|c| c.kind).collect();
+        let first_binding = verbs.iter().position(|k| *k == "binding");
+        let last_queue = verbs.iter().rposition(|k| *k == "queue");
+        assert!(last_queue < first_binding, "{verbs:?}");
+        let after = broker.snapshot(&vhost).await.expect("vhost");
+        assert_eq!(diff::converge(&desired, &after).actions, vec![]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_declare_stops_the_pass_before_the_next_kind() {
+        let desired = notes();
+        let vhost = desired.topology.vhost.clone();
+        let refused = desired.names.dead_letter_queue.clone();
+        let broker = Slow::new(&vhost, Some(refused.clone()));
+        let live = broker.snapshot(&vhost).await.expect("vhost");
+        let failed = reconcile(&broker, &desired, &live)
+            .await
+            .expect_err("the DLQ is refused");
+        assert!(
+            failed.error.to_string().contains(&refused),
+            "{}",
+            failed.error
+        );
+        let after = broker.snapshot(&vhost).await.expect("vhost");
+        // The other queues of the run were declared and are reported; nothing was bound.
+        assert_eq!(after.queues.len(), desired.topology.queues.len() - 1);
+        assert!(!after.queues.contains_key(&refused));
+        assert!(after.bindings.is_empty(), "{:?}", after.bindings);
+        let declared = failed.applied.iter().filter(|c| c.kind == "queue").count();
+        assert_eq!(declared, desired.topology.queues.len() - 1);
     }
 }
