@@ -142,6 +142,32 @@ async fn second_apply_of_a_converged_pipeline_writes_nothing() {
     assert!(!again.wrote());
 }
 
+#[tokio::test]
+async fn msgpipes_declare_connection_asks_for_small_frames() {
+    let vhost = TestVhost::new("broker-frames");
+    let state = notes(&vhost.name, "");
+    let broker = support::test_broker(&vhost.name);
+    assert!(converge(&broker, &state).await.wrote());
+    // The pooled connection to the vhost stays open; the broker lists what it negotiated.
+    let path = format!("/vhosts/{}/connections", support::encode(&vhost.name));
+    let mut frames = Vec::new();
+    eventually("msgpipe's connection in the management API", || {
+        frames = get_json(&path)
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["client_properties"]["connection_name"] == "msgpipe")
+            .map(|c| c["frame_max"].clone())
+            .collect();
+        !frames.is_empty()
+    })
+    .await;
+    // lapin keeps 32 frames of buffer each way: 1 MiB at 16 KiB, 8 MiB at the default 128 KiB.
+    assert_eq!(frames, vec![serde_json::json!(16384)]);
+    // It still does its work: a second pass finds everything in place.
+    assert!(!converge(&broker, &state).await.wrote());
+}
+
 /// The real broker, with a log of what was asked of it.
 struct Recording<'a> {
     broker: &'a RabbitBroker,

@@ -151,12 +151,20 @@ impl BrokerEndpoint {
     }
 
     /// The AMQP URI for `vhost`, with credentials (for the AMQP client only).
-    pub(crate) fn amqp_uri_for(&self, vhost: &str) -> String {
+    /// The AMQP URI for `vhost`; with `frame_max`, asking for frames of at most that size
+    /// unless the user's URI already sets `frame_max`.
+    pub(crate) fn amqp_uri_for(&self, vhost: &str, frame_max: Option<u32>) -> String {
         let mut url = self.amqp.clone();
         let encoded: String =
             percent_encoding::utf8_percent_encode(vhost, percent_encoding::NON_ALPHANUMERIC)
                 .collect();
         url.set_path(&format!("/{encoded}"));
+        if let Some(frame_max) = frame_max
+            && !url.query_pairs().any(|(key, _)| key == "frame_max")
+        {
+            url.query_pairs_mut()
+                .append_pair("frame_max", &frame_max.to_string());
+        }
         url.to_string()
     }
 
@@ -331,7 +339,11 @@ mod tests {
             ),
             ("us@er", "p/ss", "/")
         );
-        assert!(e.amqp_uri_for("a/b").ends_with("/a%2Fb"));
+        assert!(e.amqp_uri_for("a/b", None).ends_with("/a%2Fb"));
+        assert!(
+            e.amqp_uri_for("a/b", Some(16384))
+                .ends_with("/a%2Fb?frame_max=16384")
+        );
     }
 
     #[test]

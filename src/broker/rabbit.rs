@@ -271,7 +271,8 @@ impl RabbitBroker {
 
     async fn connect(&self, vhost: &str) -> Result<Connection, BrokerError> {
         self.count_round_trips(CONNECT_ROUND_TRIPS);
-        connect_amqp(&self.endpoint, vhost, self.timeout, "msgpipe").await
+        let frame_max = Some(DECLARE_FRAME_MAX);
+        connect_amqp_framed(&self.endpoint, vhost, self.timeout, "msgpipe", frame_max).await
     }
 
     async fn amqp_call<T>(
@@ -845,7 +846,7 @@ impl BrokerApi for RabbitBroker {
                 durable: q.durable,
                 messages: q.messages,
                 consumers: q.consumers,
-                arguments: q.arguments,
+                dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
             };
             live.queues.insert(q.name, live_queue);
         }
@@ -1074,6 +1075,25 @@ pub async fn connect_amqp(
     timeout: Duration,
     connection_name: &str,
 ) -> Result<Connection, BrokerError> {
+    connect_amqp_framed(endpoint, vhost, timeout, connection_name, None).await
+}
+
+/// The largest frame of msgpipe's own declare connections. lapin keeps a receive and a send
+/// buffer of 32 frames per connection, so RabbitMQ's default `frame_max` (128 KiB) costs 8
+/// MiB per connection, held for its life; a declare, a bind or a broker's error reply is
+/// well under 1 KiB, so 16 KiB frames cost 1 MiB and change nothing else. Connections that
+/// move messages (the DLQ tools) keep the broker's default.
+const DECLARE_FRAME_MAX: u32 = 16 * 1024;
+
+/// [`connect_amqp`], with frames of at most `frame_max` bytes when given (and the user's URI
+/// does not ask for a size itself).
+async fn connect_amqp_framed(
+    endpoint: &BrokerEndpoint,
+    vhost: &str,
+    timeout: Duration,
+    connection_name: &str,
+    frame_max: Option<u32>,
+) -> Result<Connection, BrokerError> {
     install_crypto_provider();
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
     let tls = OwnedTLSConfig {
@@ -1087,7 +1107,7 @@ pub async fn connect_amqp(
             endpoint.redact(&e.to_string())
         ),
     })?;
-    let uri = endpoint.amqp_uri_for(vhost);
+    let uri = endpoint.amqp_uri_for(vhost, frame_max);
     let connect = Connection::connect_with_config(&uri, properties, tls, runtime);
     match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(BrokerError::Timeout {
