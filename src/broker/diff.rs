@@ -519,14 +519,13 @@ mod tests {
                 .queues
                 .iter()
                 .map(|q| {
-                    let mut arguments = q.arguments.for_server(server_major).declare_arguments();
-                    arguments.insert("x-queue-type".into(), q.queue_type.as_str().into());
+                    let arguments = q.arguments.for_server(server_major).declare_arguments();
                     let live = LiveQueue {
                         queue_type: q.queue_type.as_str().into(),
                         durable: true,
                         messages: 0,
                         consumers: 0,
-                        arguments,
+                        dead_letters_to: LiveQueue::dead_letters_to(&arguments),
                     };
                     (q.name.clone(), live)
                 })
@@ -706,7 +705,7 @@ mod tests {
             live.queues.insert(
                 old.clone(),
                 LiveQueue {
-                    arguments: Map::from_iter([("x-queue-type".into(), "quorum".into())]),
+                    dead_letters_to: None,
                     ..queue
                 },
             );
@@ -766,7 +765,7 @@ mod tests {
             durable: true,
             messages: 0,
             consumers: 0,
-            arguments: Map::new(),
+            dead_letters_to: None,
         };
         // No policy of ours, and no arguments returning messages to the work queue.
         live.queues
@@ -774,10 +773,10 @@ mod tests {
         live.queues
             .insert("notes_queue.retry.9.1s".into(), stranger.clone());
         let elsewhere = LiveQueue {
-            arguments: Map::from_iter([
+            dead_letters_to: LiveQueue::dead_letters_to(&Map::from_iter([
                 ("x-dead-letter-exchange".into(), "".into()),
                 ("x-dead-letter-routing-key".into(), "another_queue".into()),
-            ]),
+            ])),
             ..stranger
         };
         live.queues

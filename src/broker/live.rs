@@ -39,16 +39,29 @@ pub struct LiveQueue {
     /// Ready + unacknowledged, from management stats (they lag by the stats interval).
     pub messages: u64,
     pub consumers: u64,
-    /// Its declare arguments (`x-queue-type`, and a retry tier's settings).
-    pub arguments: Map<String, Value>,
+    /// The queue its own declare arguments dead-letter every message to, through the default
+    /// exchange (`x-dead-letter-exchange: ""` and `x-dead-letter-routing-key`): what a
+    /// msgpipe retry tier is declared with. The only declare argument msgpipe reads back, so
+    /// the only one a snapshot keeps (a snapshot holds every queue of the vhost: thousands).
+    pub dead_letters_to: Option<String>,
 }
 
 impl LiveQueue {
     /// Whether the queue's own arguments dead-letter every message to `queue` through the
     /// default exchange: what a msgpipe retry tier of that work queue is declared with.
     pub fn returns_to(&self, queue: &str) -> bool {
-        self.arguments.get("x-dead-letter-exchange") == Some(&Value::from(""))
-            && self.arguments.get("x-dead-letter-routing-key") == Some(&Value::from(queue))
+        self.dead_letters_to.as_deref() == Some(queue)
+    }
+
+    /// [`LiveQueue::dead_letters_to`] of a queue declared with `arguments`.
+    pub fn dead_letters_to(arguments: &Map<String, Value>) -> Option<String> {
+        if arguments.get("x-dead-letter-exchange") != Some(&Value::from("")) {
+            return None;
+        }
+        arguments
+            .get("x-dead-letter-routing-key")
+            .and_then(Value::as_str)
+            .map(str::to_string)
     }
 }
 

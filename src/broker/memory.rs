@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use serde_json::{Map, Value};
+
 use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue};
 use super::{ActionOutcome, BrokerAction, BrokerApi, BrokerError, LiveVhost, QueueDepth};
 
@@ -23,6 +25,9 @@ type WriteHook = Box<dyn Fn(&str, &BrokerAction) + Send + Sync>;
 pub struct MemoryBroker {
     name: String,
     vhosts: Mutex<BTreeMap<String, LiveVhost>>,
+    /// Each queue's declare arguments, by (vhost, queue): a snapshot keeps only what msgpipe
+    /// reads back, and a redeclare must still be checked against all of them.
+    arguments: Mutex<BTreeMap<(String, String), Map<String, Value>>>,
     unreachable: Mutex<Option<String>>,
     on_write: Mutex<Option<WriteHook>>,
     writes: Mutex<Vec<String>>,
@@ -34,6 +39,7 @@ impl MemoryBroker {
         Self {
             name: name.into(),
             vhosts: Mutex::new(BTreeMap::new()),
+            arguments: Mutex::new(BTreeMap::new()),
             unreachable: Mutex::new(None),
             on_write: Mutex::new(None),
             writes: Mutex::new(Vec::new()),
@@ -121,6 +127,7 @@ impl MemoryBroker {
 
     fn apply(
         &self,
+        vhost: &str,
         live: &mut LiveVhost,
         action: &BrokerAction,
     ) -> Result<ActionOutcome, BrokerError> {
@@ -159,12 +166,14 @@ impl MemoryBroker {
             BrokerAction::DeclareQueue(queue) => {
                 let mut arguments = queue.arguments.declare_arguments();
                 arguments.insert("x-queue-type".into(), queue.queue_type.as_str().into());
+                let key = (vhost.to_string(), queue.name.clone());
+                let mut declared = lock(&self.arguments);
                 match live.queues.get(&queue.name) {
                     // RabbitMQ refuses a redeclare whose type, durability or arguments differ.
                     Some(found)
                         if found.queue_type != queue.queue_type.as_str()
                             || found.durable != queue.durable
-                            || found.arguments != arguments =>
+                            || declared.get(&key) != Some(&arguments) =>
                     {
                         return Err(self.rejected(
                             format!("declare queue {}", queue.name),
@@ -180,9 +189,10 @@ impl MemoryBroker {
                                 durable: queue.durable,
                                 messages: 0,
                                 consumers: 0,
-                                arguments,
+                                dead_letters_to: LiveQueue::dead_letters_to(&arguments),
                             },
                         );
+                        declared.insert(key, arguments);
                     }
                 }
             }
@@ -211,6 +221,7 @@ impl MemoryBroker {
                     }));
                 }
                 live.queues.remove(queue);
+                lock(&self.arguments).remove(&(vhost.to_string(), queue.clone()));
                 live.bindings.retain(|b| &b.destination != queue);
                 if let Some(policy) = policy {
                     live.policies.remove(policy);
@@ -250,7 +261,7 @@ impl BrokerApi for MemoryBroker {
         vhost: &str,
         action: &BrokerAction,
     ) -> Result<ActionOutcome, BrokerError> {
-        let outcome = self.with_vhost_mut(vhost, |live| self.apply(live, action))?;
+        let outcome = self.with_vhost_mut(vhost, |live| self.apply(vhost, live, action))?;
         if outcome == ActionOutcome::Done {
             lock(&self.writes).push(action.to_string());
             if let Some(hook) = lock(&self.on_write).as_ref() {

@@ -99,13 +99,17 @@ pub async fn reconcile<B: BrokerApi>(
 /// on each policy write, so when many pipelines are created at once, policies written while
 /// other pipelines' queues are being declared grow ever slower (docs/broker.md). Holding
 /// the declares back until the burst of policy writes is over keeps each write cheap.
+///
+/// `live` is let go of once the plan is made, before the first write: a snapshot of a large
+/// vhost is megabytes, and a pass may wait long on its policy writes.
 pub async fn reconcile_policies_first<B: BrokerApi>(
     broker: &B,
     desired: &DesiredState,
-    live: &LiveVhost,
+    live: impl std::ops::Deref<Target = LiveVhost>,
     go_on: impl FnOnce(&[Change]) -> bool,
 ) -> Result<BrokerReport, Failed> {
-    let plan = PhasedPlan::new(desired, live);
+    let plan = PhasedPlan::new(desired, &live);
+    drop(live);
     let mut changes = Vec::new();
     plan.put_policies(broker, &mut changes).await?;
     // A converged pipeline has nothing to ask about; a policy-only pass asks (the caller

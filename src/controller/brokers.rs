@@ -50,6 +50,37 @@ const PROBE_POLL: Duration = Duration::from_millis(20);
 /// the workers that reached it in this window, not every worker for a whole timeout.
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(2);
 
+/// Empties `slot` once `snapshot` may no longer be reused (unless a newer one took its
+/// place): a snapshot of a vhost of 1,000 pipelines is megabytes, and a converged fleet
+/// would otherwise keep one per vhost between resyncs for nothing.
+fn forget_after(slot: Arc<Mutex<Snapshot>>, snapshot: &Arc<LiveVhost>, reuse: Duration) {
+    let held = Arc::downgrade(snapshot);
+    tokio::spawn(async move {
+        tokio::time::sleep(reuse).await;
+        let mut cached = slot.lock().await;
+        if cached
+            .as_ref()
+            .is_some_and(|(_, _, live)| std::ptr::eq(Arc::as_ptr(live), held.as_ptr()))
+        {
+            *cached = None;
+            drop(cached);
+            release_free_heap();
+        }
+    });
+}
+
+/// Hands the heap pages malloc holds free back to the system. glibc keeps what a burst of
+/// reconciles freed (snapshot reads, their JSON) in its per-thread arenas: measured after
+/// the first sync of 1,000 pipelines, 22 MiB in use of 43.5 MiB held (`make bench-operator`).
+/// Called when a snapshot is forgotten, i.e. some seconds after the last read of a vhost.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own free lists; any thread may call it.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// When a snapshot was taken, how long it may be reused, and the snapshot.
 type Snapshot = Option<(Instant, Duration, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
@@ -351,7 +382,9 @@ impl<B: PooledBroker> BrokerPool<B> {
             Ok(live) => {
                 self.answered(endpoint);
                 let live = Arc::new(live);
-                *cached = Some((taken, reuse_for(taken.elapsed()), live.clone()));
+                let reuse = reuse_for(taken.elapsed());
+                *cached = Some((taken, reuse, live.clone()));
+                forget_after(slot.clone(), &live, reuse);
                 Ok(live)
             }
             Err(error) => {

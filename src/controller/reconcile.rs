@@ -362,7 +362,7 @@ async fn converge_broker<B: PooledBroker>(
     let result = async {
         let (broker, live) = open_vhost(desired, endpoint, ctx).await?;
         let broker = broker.as_ref();
-        let result = broker::reconcile_policies_first(broker, desired, &live, |policies| {
+        let result = broker::reconcile_policies_first(broker, desired, live, |policies| {
             ctx.brokers
                 .may_declare(endpoint, vhost, &key, !policies.is_empty())
         })
