@@ -62,6 +62,7 @@ fmt:
 bench: bench-provision bench-client bench-operator bench-scale ## every benchmark (release builds)
 
 bench-provision: setup ## msgpipe apply vs raw AMQP+HTTP vs per-object HTTP, N pipelines
+	scripts/test-broker.sh reset msgpipe-bench 5675
 	$(CARGO) run --release --example bench_provision -- --pipelines $(N)
 
 bench-client: setup ## consumer/publisher vs raw lapin; outbox (broker down) vs raw redb; drain vs raw publish
@@ -69,10 +70,14 @@ bench-client: setup ## consumer/publisher vs raw lapin; outbox (broker down) vs 
 	mkdir -p target/bench-client
 	BENCH_DIR=$(CURDIR)/target/bench-client $(CARGO) run --release -p msgpipe-client --example bench_client
 
+# The scale benchmarks start from a wiped node of their own: an interrupted run leaves
+# thousands of quorum queues, which take RabbitMQ minutes to delete and slow the next run.
 bench-operator: setup ## operator RSS, a burst of new pipelines vs msgpipe apply, writes per resync, spec change (mocked Kubernetes API)
+	scripts/test-broker.sh reset msgpipe-opbench 5679
 	$(CARGO) run --release --example bench_operator -- --pipelines $(or $(PIPELINES),1000)
 
 bench-scale: setup ## first sync, resync and spec-change latency at 200/500/1,000 pipelines in one vhost vs raw writes
+	scripts/test-broker.sh reset msgpipe-scale 5660
 	$(CARGO) run --release --example bench_scale -- --pipelines $(or $(SIZES),200,500,1000)
 
 crds: ## regenerate crds/ from the Rust types

@@ -63,6 +63,10 @@ struct Args {
     /// AMQP port of that node; its management API listens on port + 10000.
     #[arg(long, default_value_t = 5675)]
     port: u16,
+    /// Leave out (c) and (c2), the slowest contenders (minutes per round at 200 pipelines),
+    /// to compare (a) with (b) quickly.
+    #[arg(long)]
+    skip_per_object: bool,
 }
 
 impl Args {
@@ -168,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
     msgpipe::broker::install_crypto_provider();
     let bench = Bench::new(args).await?;
 
-    let contenders = Contender::every();
+    let mut contenders = Contender::every();
+    if bench.args.skip_per_object {
+        contenders.retain(|c| !matches!(c, Contender::PerObject(_)));
+    }
     // Seconds of each contender (in the order of `contenders`), one per round.
     let mut seconds: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
     let mut noops = Vec::new();
