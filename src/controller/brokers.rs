@@ -505,6 +505,44 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_is_forgotten_once_it_may_no_longer_be_reused() {
+        let pool = memory_pool();
+        let broker = MemoryBroker::new("memory://a").with_vhost("/", 4);
+        let first = pool
+            .snapshot(&endpoint(), &broker, "/", None)
+            .await
+            .expect("snapshot");
+        let held = Arc::downgrade(&first);
+        drop(first);
+        tokio::time::sleep(SNAPSHOT_MAX_AGE / 2).await;
+        assert!(held.upgrade().is_some(), "kept while it may be reused");
+        tokio::time::sleep(SNAPSHOT_MAX_AGE).await;
+        assert!(held.upgrade().is_none(), "the pool let go of it");
+        // A newer snapshot is not forgotten by the older one's timer.
+        let older = pool
+            .snapshot(&endpoint(), &broker, "/", None)
+            .await
+            .expect("snapshot");
+        tokio::time::sleep(SNAPSHOT_MAX_AGE / 2).await;
+        let wrote = Some(Instant::now());
+        let newer = pool
+            .snapshot(&endpoint(), &broker, "/", wrote)
+            .await
+            .expect("snapshot");
+        assert!(!Arc::ptr_eq(&older, &newer), "read again after a write");
+        let newer_held = Arc::downgrade(&newer);
+        drop((older, newer));
+        // The older one's time is up, not the newer one's.
+        tokio::time::sleep(SNAPSHOT_MAX_AGE * 3 / 4).await;
+        assert!(
+            newer_held.upgrade().is_some(),
+            "the newer one is still cached"
+        );
+        tokio::time::sleep(SNAPSHOT_MAX_AGE).await;
+        assert!(newer_held.upgrade().is_none());
+    }
+
     #[tokio::test]
     async fn one_reconcile_probes_a_new_broker_and_the_others_leave_once_it_is_overdue() {
         let pool = memory_pool();
