@@ -134,8 +134,13 @@ fn pipeline(template: &Value, i: usize, vhost: &str, queue_type: &str) -> Value 
     object
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // As `msgpipe operator` does, before the runtime's threads exist.
+    msgpipe::controller::heap::tune();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(vhost) = &args.serve_api {
         return serve_api(&args, vhost).await;

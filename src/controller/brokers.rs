@@ -64,21 +64,9 @@ fn forget_after(slot: Arc<Mutex<Snapshot>>, snapshot: &Arc<LiveVhost>, reuse: Du
         {
             *cached = None;
             drop(cached);
-            release_free_heap();
+            super::heap::release_free();
         }
     });
-}
-
-/// Hands the heap pages malloc holds free back to the system. glibc keeps what a burst of
-/// reconciles freed (snapshot reads, their JSON) in its per-thread arenas: measured after
-/// the first sync of 1,000 pipelines, 22 MiB in use of 43.5 MiB held (`make bench-operator`).
-/// Called when a snapshot is forgotten, i.e. some seconds after the last read of a vhost.
-pub fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks malloc's own free lists; any thread may call it.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// When a snapshot was taken, how long it may be reused, and the snapshot.

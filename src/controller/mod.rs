@@ -10,6 +10,7 @@
 //! server admitted but msgpipe cannot read is reported on its own and never stops the others.
 
 mod brokers;
+pub mod heap;
 mod invalid;
 pub mod metrics;
 mod reconcile;
