@@ -157,29 +157,20 @@ async fn run() -> anyhow::Result<()> {
         .build()?;
     // A run that failed or was interrupted leaves its vhosts (thousands of quorum queues
     // that would slow this run down): gone first.
-    let vhosts: Vec<Value> = http
-        .get(format!("{mgmt}/api/vhosts?columns=name"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    for name in vhosts.iter().filter_map(|v| v["name"].as_str()) {
+    let vhosts = mgmt_get(&http, &format!("{mgmt}/api/vhosts?columns=name")).await?;
+    for name in vhosts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["name"].as_str())
+    {
         if name.starts_with("bench-operator-") {
             println!("deleting vhost {name}, left by an earlier run");
             delete_vhost(&http, &mgmt, name).await;
         }
     }
     let vhost = fresh_vhost(&http, &mgmt, "bench-operator").await?;
-    let version = http
-        .get(format!("{mgmt}/api/overview"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json::<Value>()
-        .await?["rabbitmq_version"]
+    let version = mgmt_get(&http, &format!("{mgmt}/api/overview")).await?["rabbitmq_version"]
         .as_str()
         .unwrap_or("?")
         .to_string();
@@ -376,14 +367,7 @@ async fn run() -> anyhow::Result<()> {
         live.queues.get(&tier).is_some_and(|q| q.returns_to(&name)),
         "tier 1 of {name} did not converge"
     );
-    let declared: Value = http
-        .get(format!("{mgmt}/api/queues/{vhost}/{tier}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let declared = mgmt_get(&http, &format!("{mgmt}/api/queues/{vhost}/{tier}")).await?;
     let ttl = &declared["arguments"]["x-message-ttl"];
     ensure!(*ttl == json!(3000), "{tier} holds messages for {ttl}");
     let (attempts_change, name) =
@@ -542,6 +526,16 @@ async fn serve_api(args: &Args, vhost: &str) -> anyhow::Result<()> {
     };
     axum::serve(listener, axum::Router::new().fallback(answer)).await?;
     Ok(())
+}
+
+/// One management API answer, as guest.
+async fn mgmt_get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
+    let response = http
+        .get(url)
+        .basic_auth("guest", Some("guest"))
+        .send()
+        .await?;
+    Ok(response.error_for_status()?.json().await?)
 }
 
 /// Whether the stored object says Ready=True for its current generation.
