@@ -61,6 +61,9 @@ struct Args {
     /// Queue type of the fleet (msgpipe's default is quorum; both contenders use the same).
     #[arg(long, default_value = "quorum")]
     queue_type: String,
+    /// Memory and resync only: no `msgpipe apply` baseline, no spec changes.
+    #[arg(long)]
+    memory_only: bool,
     /// Internal: serve the mocked Kubernetes API holding the fleet of this vhost on a
     /// loopback port (printed on stdout) until killed.
     #[arg(long, hide = true)]
@@ -78,33 +81,72 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// The C heap as glibc's malloc sees it: (bytes in use, bytes it holds from the system).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn heap() -> (usize, usize) {
-    #[repr(C)]
-    struct MallInfo2 {
-        arena: usize,
-        ordblks: usize,
-        smblks: usize,
-        hblks: usize,
-        hblkhd: usize,
-        usmblks: usize,
-        fsmblks: usize,
-        uordblks: usize,
-        fordblks: usize,
-        keepcost: usize,
-    }
-    unsafe extern "C" {
-        fn mallinfo2() -> MallInfo2;
-    }
-    // SAFETY: mallinfo2 takes nothing and returns a plain struct (glibc >= 2.33).
-    let info = unsafe { mallinfo2() };
-    (info.uordblks + info.hblkhd, info.arena + info.hblkhd)
+/// Where the RSS is: (anonymous KiB, file-backed KiB, threads) from /proc/self/status.
+fn rss_parts() -> (u64, u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("RssAnon:"), field("RssFile:"), field("Threads:"))
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+/// With BENCH_SMAPS set: the largest resident anonymous mappings, to tell the heap arenas
+/// from thread stacks and mapped blocks.
+fn print_anon_mappings(when: &str) {
+    if std::env::var_os("BENCH_SMAPS").is_none() {
+        return;
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut maps: Vec<(u64, u64, String)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            let size = first
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some(u64::from_str_radix(b, 16).ok()? - u64::from_str_radix(a, 16).ok()?)
+                })
+                .unwrap_or(0);
+            let name = line
+                .split_whitespace()
+                .nth(5)
+                .unwrap_or("[anon]")
+                .to_string();
+            maps.push((0, size / 1024, name));
+        } else if first == "Rss:"
+            && let Some(last) = maps.last_mut()
+        {
+            last.0 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    maps.retain(|(_, _, name)| !name.starts_with('/'));
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    let total: u64 = maps.iter().map(|m| m.0).sum();
+    println!(
+        "  anonymous mappings {when}: {} KiB resident in {}",
+        total,
+        maps.len()
+    );
+    for (rss, size, name) in maps.iter().take(12) {
+        println!("    {rss:>7} KiB resident of {size:>8} KiB {name}");
+    }
+}
+
+/// The heap as jemalloc sees it: (bytes allocated, bytes of its pages resident).
 fn heap() -> (usize, usize) {
-    (0, 0)
+    use tikv_jemalloc_ctl::{epoch, stats};
+    if epoch::advance().is_err() {
+        return (0, 0);
+    }
+    (
+        stats::allocated::read().unwrap_or(0),
+        stats::resident::read().unwrap_or(0),
+    )
 }
 
 fn mib(bytes: usize) -> f64 {
@@ -134,9 +176,10 @@ fn pipeline(template: &Value, i: usize, vhost: &str, queue_type: &str) -> Value 
     object
 }
 
+// The operator's allocator and options, as `msgpipe operator` has them.
+msgpipe::use_jemalloc!();
+
 fn main() -> anyhow::Result<()> {
-    // As `msgpipe operator` does, before the runtime's threads exist.
-    msgpipe::controller::heap::tune();
     tokio::runtime::Runtime::new()?.block_on(run())
 }
 
@@ -272,16 +315,8 @@ async fn run() -> anyhow::Result<()> {
     );
     let after_sync = rss_kib();
     let heap_after_sync = heap();
-    if std::env::var_os("BENCH_EXIT_AFTER_SYNC").is_some() {
-        // For a heap profiler: what is still allocated at exit is what the first sync left.
-        println!(
-            "RSS after the first sync: {:.1} MiB; heap {:.1} MiB in use of {:.1} MiB held",
-            after_sync as f64 / 1024.0,
-            mib(heap_after_sync.0),
-            mib(heap_after_sync.1)
-        );
-        std::process::exit(0);
-    }
+    let parts_after_sync = rss_parts();
+    print_anon_mappings("after the first sync");
     let (_, api_writes) = api.take_calls(&http).await?;
     let kube_writes = ctx.metrics.kube_writes_total() - kube_writes_before;
     println!(
@@ -311,77 +346,106 @@ async fn run() -> anyhow::Result<()> {
     tokio::time::sleep(SNAPSHOT_MAX_REUSE + Duration::from_secs(2)).await;
     let idle = rss_kib();
     let heap_idle = heap();
+    let parts_idle = rss_parts();
+    print_anon_mappings("in steady state");
+    // What one snapshot of the fleet's vhost weighs while a reconcile holds it.
+    let snapshot_bytes = {
+        let reader = RabbitBroker::new(endpoint(&args, &mgmt, &vhost)?, Duration::from_secs(60))?;
+        let before = heap().0;
+        let live = reader.snapshot(&vhost).await?;
+        let held = heap().0.saturating_sub(before);
+        let counts = format!(
+            "{} exchanges, {} queues, {} bindings ({} msgpipe's), {} policies",
+            live.exchanges.len(),
+            live.queues.len(),
+            live.bindings.len(),
+            live.bindings.values().filter(|owned| **owned).count(),
+            live.policies.len()
+        );
+        ensure!(
+            live.queues.len() >= synced,
+            "the snapshot lacks queues: {counts}"
+        );
+        drop(live);
+        reader.close().await;
+        (held, counts)
+    };
     let (resync_calls, _) = api.take_calls(&http).await?;
 
-    // The baseline, same run, same node: `msgpipe apply` of the same pipelines.
-    let apply_vhost = fresh_vhost(&http, &mgmt, "bench-operator-apply").await?;
-    let states: Vec<DesiredState> = (0..synced)
-        .map(|i| {
-            let object = pipeline(&template, i, &apply_vhost, &args.queue_type);
-            let pipeline: MessagePipeline = serde_json::from_value(object)?;
-            anyhow::Ok(plan(&pipeline, None)?)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let apply_broker = RabbitBroker::new(
-        endpoint(&args, &mgmt, &apply_vhost)?,
-        Duration::from_secs(600),
-    )?;
-    let started = Instant::now();
-    let live = broker::snapshot_vhosts(&apply_broker, &states).await?;
-    let reports = broker::reconcile_many(&apply_broker, &states, &live, args.concurrency).await;
-    let apply_time = started.elapsed();
-    for (_, report) in reports {
-        report.map_err(|failed| anyhow::anyhow!("msgpipe apply: {failed}"))?;
-    }
-    apply_broker.close().await;
-    println!(
-        "msgpipe apply of the same {synced} (same run, same node): {:.1} s; burst/apply = {:.2} (target <= 1.3)",
-        apply_time.as_secs_f64(),
-        burst.as_secs_f64() / apply_time.as_secs_f64().max(1e-9)
-    );
-
-    // Spec changes of one pipeline among the fleet.
-    let broker = RabbitBroker::new(endpoint(&args, &mgmt, &vhost)?, Duration::from_secs(30))?;
-    let change = async |i: usize,
-                        edit: &dyn Fn(&mut MessagePipeline)|
-           -> anyhow::Result<(Duration, String)> {
-        let mut changed = api.stored(&http, i).await?;
-        edit(&mut changed);
-        changed.metadata.generation = Some(2);
-        let name = changed.metadata.name.clone().unwrap_or_default();
+    let changes = if args.memory_only {
+        None
+    } else {
+        // The baseline, same run, same node: `msgpipe apply` of the same pipelines.
+        let apply_vhost = fresh_vhost(&http, &mgmt, "bench-operator-apply").await?;
+        let states: Vec<DesiredState> = (0..synced)
+            .map(|i| {
+                let object = pipeline(&template, i, &apply_vhost, &args.queue_type);
+                let pipeline: MessagePipeline = serde_json::from_value(object)?;
+                anyhow::Ok(plan(&pipeline, None)?)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let apply_broker = RabbitBroker::new(
+            endpoint(&args, &mgmt, &apply_vhost)?,
+            Duration::from_secs(600),
+        )?;
         let started = Instant::now();
-        reconcile(Arc::new(changed), ctx.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok((started.elapsed(), name))
-    };
-    let (delay_change, name) = change(0, &|p| {
-        if let Ok(delay) = "3s".parse() {
-            p.spec.retry.backoff.initial_delay = delay;
+        let live = broker::snapshot_vhosts(&apply_broker, &states).await?;
+        let reports = broker::reconcile_many(&apply_broker, &states, &live, args.concurrency).await;
+        let apply_time = started.elapsed();
+        for (_, report) in reports {
+            report.map_err(|failed| anyhow::anyhow!("msgpipe apply: {failed}"))?;
         }
-    })
-    .await?;
-    let live = broker.snapshot(&vhost).await?;
-    let tier = format!("{name}.retry.1.3s");
-    ensure!(
-        live.queues.get(&tier).is_some_and(|q| q.returns_to(&name)),
-        "tier 1 of {name} did not converge"
-    );
-    let declared = mgmt_get(&http, &format!("{mgmt}/api/queues/{vhost}/{tier}")).await?;
-    let ttl = &declared["arguments"]["x-message-ttl"];
-    ensure!(*ttl == json!(3000), "{tier} holds messages for {ttl}");
-    let (attempts_change, name) =
-        change(synced.saturating_sub(1), &|p| p.spec.retry.max_attempts = 6).await?;
-    let live = broker.snapshot(&vhost).await?;
-    let limit = live
-        .policies
-        .get(&format!("msgpipe.{name}"))
-        .and_then(|p| p.definition.get("delivery-limit").cloned());
-    ensure!(
-        limit == Some(json!(6)),
-        "{name}'s delivery-limit did not converge: {limit:?}"
-    );
-    broker.close().await;
+        apply_broker.close().await;
+        println!(
+            "msgpipe apply of the same {synced} (same run, same node): {:.1} s; burst/apply = {:.2} (target <= 1.3)",
+            apply_time.as_secs_f64(),
+            burst.as_secs_f64() / apply_time.as_secs_f64().max(1e-9)
+        );
+
+        // Spec changes of one pipeline among the fleet.
+        let broker = RabbitBroker::new(endpoint(&args, &mgmt, &vhost)?, Duration::from_secs(30))?;
+        let change = async |i: usize,
+                            edit: &dyn Fn(&mut MessagePipeline)|
+               -> anyhow::Result<(Duration, String)> {
+            let mut changed = api.stored(&http, i).await?;
+            edit(&mut changed);
+            changed.metadata.generation = Some(2);
+            let name = changed.metadata.name.clone().unwrap_or_default();
+            let started = Instant::now();
+            reconcile(Arc::new(changed), ctx.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((started.elapsed(), name))
+        };
+        let (delay_change, name) = change(0, &|p| {
+            if let Ok(delay) = "3s".parse() {
+                p.spec.retry.backoff.initial_delay = delay;
+            }
+        })
+        .await?;
+        let live = broker.snapshot(&vhost).await?;
+        let tier = format!("{name}.retry.1.3s");
+        ensure!(
+            live.queues.get(&tier).is_some_and(|q| q.returns_to(&name)),
+            "tier 1 of {name} did not converge"
+        );
+        let declared = mgmt_get(&http, &format!("{mgmt}/api/queues/{vhost}/{tier}")).await?;
+        let ttl = &declared["arguments"]["x-message-ttl"];
+        ensure!(*ttl == json!(3000), "{tier} holds messages for {ttl}");
+        let (attempts_change, name) =
+            change(synced.saturating_sub(1), &|p| p.spec.retry.max_attempts = 6).await?;
+        let live = broker.snapshot(&vhost).await?;
+        let limit = live
+            .policies
+            .get(&format!("msgpipe.{name}"))
+            .and_then(|p| p.definition.get("delivery-limit").cloned());
+        ensure!(
+            limit == Some(json!(6)),
+            "{name}'s delivery-limit did not converge: {limit:?}"
+        );
+        broker.close().await;
+        Some((delay_change, attempts_change, apply_vhost))
+    };
     ctx.brokers.close().await;
 
     println!(
@@ -407,23 +471,39 @@ async fn run() -> anyhow::Result<()> {
         idle as f64 / 1024.0
     );
     println!(
-        "  heap (glibc malloc) after the first sync / steady state: {:.1} MiB in use of {:.1} MiB held / {:.1} MiB in use of {:.1} MiB held",
+        "  heap (jemalloc) after the first sync / steady state: {:.1} MiB allocated, {:.1} MiB resident / {:.1} MiB allocated, {:.1} MiB resident",
         mib(heap_after_sync.0),
         mib(heap_after_sync.1),
         mib(heap_idle.0),
         mib(heap_idle.1)
     );
     println!(
+        "  one snapshot of the vhost ({}) holds {:.1} MiB",
+        snapshot_bytes.1,
+        mib(snapshot_bytes.0)
+    );
+    println!(
+        "  RSS anonymous + file-backed, threads, after the first sync / steady state: {:.1} + {:.1} MiB, {} / {:.1} + {:.1} MiB, {}",
+        parts_after_sync.0 as f64 / 1024.0,
+        parts_after_sync.1 as f64 / 1024.0,
+        parts_after_sync.2,
+        parts_idle.0 as f64 / 1024.0,
+        parts_idle.1 as f64 / 1024.0,
+        parts_idle.2
+    );
+    println!(
         "resync of the converged fleet: {:.2} s, {resync_writes} writes, {resync_calls} Kubernetes calls",
         resync.as_secs_f64()
     );
-    println!(
-        "spec change -> converged broker, one reconcile among {synced} (watch latency excluded): new backoff {:.0} ms, new maxAttempts (a policy write) {:.0} ms (target <= 5000)",
-        delay_change.as_secs_f64() * 1000.0,
-        attempts_change.as_secs_f64() * 1000.0
-    );
-    // Deleting thousands of quorum queues takes minutes: after every measurement.
-    delete_vhost(&http, &mgmt, &apply_vhost).await;
+    if let Some((delay_change, attempts_change, apply_vhost)) = changes {
+        println!(
+            "spec change -> converged broker, one reconcile among {synced} (watch latency excluded): new backoff {:.0} ms, new maxAttempts {:.0} ms (target <= 5000)",
+            delay_change.as_secs_f64() * 1000.0,
+            attempts_change.as_secs_f64() * 1000.0
+        );
+        // Deleting thousands of quorum queues takes minutes: after every measurement.
+        delete_vhost(&http, &mgmt, &apply_vhost).await;
+    }
     delete_vhost(&http, &mgmt, &vhost).await;
     Ok(())
 }
@@ -445,8 +525,6 @@ impl ApiProcess {
         let mut child = std::process::Command::new(std::env::current_exe()?)
             .args(std::env::args().skip(1))
             .args(["--serve-api", vhost])
-            // A heap profiler preloaded into this process profiles this one only.
-            .env_remove("LD_PRELOAD")
             .stdout(std::process::Stdio::piped())
             .spawn()
             .context("the mocked API's process")?;

@@ -3,6 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use msgpipe::cli::{Cli, run};
 
+// jemalloc, purging freed pages at once (src/controller/heap.rs: why).
+msgpipe::use_jemalloc!();
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {

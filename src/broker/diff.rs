@@ -245,14 +245,13 @@ fn remove_stale_bindings(
         topology.queues.iter().any(|q| q.name == queue) && !refused.iter().any(|r| r == queue)
     };
     let our_exchange = |exchange: &str| topology.exchanges.iter().any(|e| e.name == exchange);
-    for live_binding in &live.bindings {
+    for (live_binding, owned) in &live.bindings {
         let wanted = topology.bindings.iter().any(|b| {
             b.source == live_binding.source
                 && b.destination == live_binding.destination
                 && b.routing_key == live_binding.routing_key
         });
-        let made_by_us =
-            live.owned_bindings.contains(live_binding) || our_exchange(&live_binding.source);
+        let made_by_us = *owned || our_exchange(&live_binding.source);
         if wanted || !made_by_us || !ours(&live_binding.destination) {
             continue;
         }
@@ -327,7 +326,7 @@ fn remove_queue(live: &LiveVhost, queue: &str, unbind: bool, actions: &mut Vec<B
     if unbind {
         actions.extend(
             live.bindings
-                .iter()
+                .keys()
                 .filter(|b| b.destination == queue)
                 .map(|b| {
                     BrokerAction::Unbind(Binding {
@@ -362,7 +361,7 @@ fn remove_exchange(
     }
     let shared = live
         .bindings
-        .iter()
+        .keys()
         .any(|b| b.source == exchange && !ours.contains(&b.destination.as_str()));
     actions.push(if shared {
         BrokerAction::Keep {
@@ -409,7 +408,7 @@ fn retire_removed_tiers(desired: &DesiredState, live: &LiveVhost, plan: &mut Bro
         if !is_index || !ours || desired_queues.contains(&name.as_str()) {
             continue;
         }
-        for binding in live.bindings.iter().filter(|b| &b.destination == name) {
+        for binding in live.bindings.keys().filter(|b| &b.destination == name) {
             plan.actions.push(BrokerAction::Unbind(Binding {
                 source: binding.source.clone(),
                 destination: binding.destination.clone(),
@@ -533,10 +532,13 @@ mod tests {
             bindings: t
                 .bindings
                 .iter()
-                .map(|b| LiveBinding {
-                    source: b.source.clone(),
-                    destination: b.destination.clone(),
-                    routing_key: b.routing_key.clone(),
+                .map(|b| {
+                    let live = LiveBinding {
+                        source: b.source.clone(),
+                        destination: b.destination.clone(),
+                        routing_key: b.routing_key.clone(),
+                    };
+                    (live, false)
                 })
                 .collect(),
             policies: t
@@ -553,7 +555,6 @@ mod tests {
                 })
                 .collect(),
             server_major,
-            ..LiveVhost::default()
         }
     }
 
@@ -598,7 +599,8 @@ mod tests {
     fn deleted_dlx_binding_and_changed_policy_are_repaired() {
         let desired = notes(5);
         let mut live = converged(&desired, 3);
-        live.bindings.retain(|b| b.source != "notes_dlq_exchange");
+        live.bindings
+            .retain(|b, _| b.source != "notes_dlq_exchange");
         live.policies
             .get_mut("msgpipe.notes_queue_dlq")
             .expect("policy")
@@ -709,12 +711,15 @@ mod tests {
                     ..queue
                 },
             );
-            live.bindings.retain(|b| b.destination != new);
-            live.bindings.insert(LiveBinding {
-                source: "notes_queue.retry".into(),
-                destination: old.clone(),
-                routing_key: tier.routing_key(),
-            });
+            live.bindings.retain(|b, _| b.destination != new);
+            live.bindings.insert(
+                LiveBinding {
+                    source: "notes_queue.retry".into(),
+                    destination: old.clone(),
+                    routing_key: tier.routing_key(),
+                },
+                false,
+            );
             live.policies.insert(
                 format!("{POLICY_PREFIX}{old}"),
                 LivePolicy {
@@ -816,7 +821,7 @@ mod tests {
             .expect("policy")
             .definition
             .insert("delivery-limit".into(), 9.into());
-        live.bindings.retain(|b| b.destination != "notes_queue");
+        live.bindings.retain(|b, _| b.destination != "notes_queue");
         let plan = converge(&desired, &live);
         assert_eq!(plan.conflicts.len(), 1, "{plan:?}");
         assert!(plan.actions.is_empty(), "{:?}", described(&plan));
@@ -841,9 +846,11 @@ mod tests {
             destination: "notes_queue".into(),
             routing_key: "notes".into(),
         };
-        live.bindings
-            .extend([stale.clone(), moved.clone(), foreign]);
-        live.owned_bindings.insert(moved);
+        live.bindings.extend([
+            (stale.clone(), false),
+            (moved.clone(), true),
+            (foreign, false),
+        ]);
         assert_eq!(
             described(&converge(&desired, &live)),
             [
@@ -893,11 +900,14 @@ mod tests {
     fn teardown_keeps_an_exchange_other_queues_use() {
         let desired = notes(2);
         let mut live = converged(&desired, 4);
-        live.bindings.insert(LiveBinding {
-            source: "notes".into(),
-            destination: "audit_queue".into(),
-            routing_key: "notes".into(),
-        });
+        live.bindings.insert(
+            LiveBinding {
+                source: "notes".into(),
+                destination: "audit_queue".into(),
+                routing_key: "notes".into(),
+            },
+            false,
+        );
         let plan = teardown(&desired, &live);
         assert!(
             plan.actions()

@@ -1,6 +1,6 @@
 //! What exists on one vhost of a broker, as read in one pass.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
@@ -14,12 +14,11 @@ pub const BINDING_MARKER: &str = "x-msgpipe-managed";
 pub struct LiveVhost {
     pub exchanges: BTreeMap<String, LiveExchange>,
     pub queues: BTreeMap<String, LiveQueue>,
-    /// Exchange-to-queue bindings (source, queue, routing key).
-    pub bindings: BTreeSet<LiveBinding>,
-    /// The bindings among `bindings` that carry msgpipe's marker argument
-    /// ([`BINDING_MARKER`]): routes msgpipe made, which it removes once the spec no longer
-    /// wants them.
-    pub owned_bindings: BTreeSet<LiveBinding>,
+    /// Exchange-to-queue bindings (source, queue, routing key), each with whether it carries
+    /// msgpipe's marker argument ([`BINDING_MARKER`]): a route msgpipe made, which it removes
+    /// once the spec no longer wants it. (One map, not a set and a subset: a snapshot of a
+    /// vhost of 1,000 pipelines holds 6,000 bindings.)
+    pub bindings: BTreeMap<LiveBinding, bool>,
     pub policies: BTreeMap<String, LivePolicy>,
     /// Major version of the server (3 or 4), which changes what a policy may say.
     pub server_major: u32,
@@ -82,7 +81,7 @@ pub struct LivePolicy {
 
 impl LiveVhost {
     pub fn has_binding(&self, source: &str, destination: &str, routing_key: &str) -> bool {
-        self.bindings.contains(&LiveBinding {
+        self.bindings.contains_key(&LiveBinding {
             source: source.into(),
             destination: destination.into(),
             routing_key: routing_key.into(),

@@ -205,7 +205,7 @@ impl MemoryBroker {
                         "NOT_FOUND - no exchange or queue",
                     ));
                 }
-                live.bindings.insert(live_binding(binding));
+                live.bindings.insert(live_binding(binding), false);
             }
             BrokerAction::Unbind(binding) => {
                 live.bindings.remove(&live_binding(binding));
@@ -222,14 +222,14 @@ impl MemoryBroker {
                 }
                 live.queues.remove(queue);
                 lock(&self.arguments).remove(&(vhost.to_string(), queue.clone()));
-                live.bindings.retain(|b| &b.destination != queue);
+                live.bindings.retain(|b, _| &b.destination != queue);
                 if let Some(policy) = policy {
                     live.policies.remove(policy);
                 }
             }
             BrokerAction::DeleteExchange { exchange } => {
                 live.exchanges.remove(exchange);
-                live.bindings.retain(|b| &b.source != exchange);
+                live.bindings.retain(|b, _| &b.source != exchange);
             }
             // Nothing is written; the plan reports why.
             BrokerAction::Keep { .. } => {}
@@ -287,7 +287,7 @@ impl BrokerApi for MemoryBroker {
     async fn delete_exchange(&self, vhost: &str, exchange: &str) -> Result<(), BrokerError> {
         self.with_vhost_mut(vhost, |live| {
             live.exchanges.remove(exchange);
-            live.bindings.retain(|b| b.source != exchange);
+            live.bindings.retain(|b, _| b.source != exchange);
             Ok(())
         })
     }

@@ -827,57 +827,65 @@ impl BrokerApi for RabbitBroker {
                 self.http.list_policies_in(vhost)
             ),
         )?;
-        let mut live = LiveVhost {
+        // Each map is collected, not filled by inserts: a B-tree built from an iterator is
+        // built sorted, with full nodes, where inserts in name order leave them half empty
+        // (a snapshot of a vhost of 1,000 pipelines holds 17,000 entries).
+        let live = LiveVhost {
             server_major,
-            ..LiveVhost::default()
+            exchanges: exchanges
+                .into_iter()
+                .map(|e| {
+                    let exchange = LiveExchange {
+                        kind: e.kind,
+                        durable: e.durable,
+                    };
+                    (e.name, exchange)
+                })
+                .collect(),
+            queues: queues
+                .into_iter()
+                .map(|q| {
+                    let queue = LiveQueue {
+                        queue_type: q.kind,
+                        durable: q.durable,
+                        messages: q.messages,
+                        consumers: q.consumers,
+                        dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
+                    };
+                    (q.name, queue)
+                })
+                .collect(),
+            bindings: bindings
+                .into_iter()
+                // The default exchange's implicit bindings cannot be changed; leave them out.
+                .filter(|b| !b.source.is_empty() && b.destination_type == "queue")
+                .map(|b| {
+                    let owned = b.arguments.contains_key(BINDING_MARKER);
+                    let binding = LiveBinding {
+                        source: b.source,
+                        destination: b.destination,
+                        routing_key: b.routing_key,
+                    };
+                    (binding, owned)
+                })
+                .collect(),
+            policies: policies
+                .into_iter()
+                .map(|p| {
+                    let apply_to = serde_json::to_value(p.apply_to)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    let policy = LivePolicy {
+                        pattern: p.pattern,
+                        apply_to,
+                        priority: i64::from(p.priority),
+                        definition: p.definition.0.unwrap_or_default(),
+                    };
+                    (p.name, policy)
+                })
+                .collect(),
         };
-        for e in exchanges {
-            live.exchanges.insert(
-                e.name,
-                LiveExchange {
-                    kind: e.kind,
-                    durable: e.durable,
-                },
-            );
-        }
-        for q in queues {
-            let live_queue = LiveQueue {
-                queue_type: q.kind,
-                durable: q.durable,
-                messages: q.messages,
-                consumers: q.consumers,
-                dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
-            };
-            live.queues.insert(q.name, live_queue);
-        }
-        for b in bindings {
-            // The default exchange's implicit bindings cannot be changed; leave them out.
-            if !b.source.is_empty() && b.destination_type == "queue" {
-                let owned = b.arguments.contains_key(BINDING_MARKER);
-                let binding = LiveBinding {
-                    source: b.source,
-                    destination: b.destination,
-                    routing_key: b.routing_key,
-                };
-                if owned {
-                    live.owned_bindings.insert(binding.clone());
-                }
-                live.bindings.insert(binding);
-            }
-        }
-        for p in policies {
-            let apply_to = serde_json::to_value(p.apply_to)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let live_policy = LivePolicy {
-                pattern: p.pattern,
-                apply_to,
-                priority: i64::from(p.priority),
-                definition: p.definition.0.clone().unwrap_or_default(),
-            };
-            live.policies.insert(p.name, live_policy);
-        }
         Ok(live)
     }
 

@@ -62,8 +62,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
-    // Before the runtime's threads exist (see controller::heap).
-    crate::controller::heap::tune();
     init_logging(args.log_format);
     let identity = std::env::var("POD_NAME")
         .ok()

@@ -63,8 +63,6 @@ fn forget_after(slot: Arc<Mutex<Snapshot>>, snapshot: &Arc<LiveVhost>, reuse: Du
             .is_some_and(|(_, _, live)| std::ptr::eq(Arc::as_ptr(live), held.as_ptr()))
         {
             *cached = None;
-            drop(cached);
-            super::heap::release_free();
         }
     });
 }
