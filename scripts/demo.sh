@@ -17,10 +17,13 @@ $BIN/msgpipe apply -f examples/notes-pipeline.yaml
 
 # The demo's node and vhost outlive a run: dead letters of an earlier run stay in the DLQ
 # (the demo never deletes them); say so, so that the list at the end adds up.
-earlier=$($BIN/msgpipe dlq list -f examples/notes-pipeline.yaml --limit 1 -o json | jq '.[0].depth // 0')
+# --limit 0 reads the depth only: no dead letter is fetched (which would count a delivery).
+earlier=$($BIN/msgpipe dlq list -f examples/notes-pipeline.yaml --limit 0 -o json \
+  | jq '.[0].depth // 0') || earlier=0
 if [ "$earlier" -gt 0 ]; then
   echo "note: notes_queue_dlq already holds $earlier dead letters from an earlier run; this run adds 2."
-  echo "      (replay or purge them: $BIN/msgpipe dlq replay|purge -f examples/notes-pipeline.yaml)"
+  echo "      Replay them: $BIN/msgpipe dlq replay --all -f examples/notes-pipeline.yaml"
+  echo "      or delete them for good: $BIN/msgpipe dlq purge --yes -f examples/notes-pipeline.yaml"
 fi
 
 mkdir -p target/notes-run

@@ -80,11 +80,67 @@ pub struct LivePolicy {
 }
 
 impl LiveVhost {
+    /// The bindings map of a snapshot from the management API's rows, (binding, carries
+    /// msgpipe's marker). Arguments are part of a binding's identity to RabbitMQ, so one
+    /// (source, queue, key) can be listed twice, once with the marker and once without (a
+    /// route somebody else added): it is msgpipe's if any copy carries the marker, whatever
+    /// the order of the list. Built from sorted rows, so the B-tree's nodes are full.
+    pub fn binding_map(
+        rows: impl IntoIterator<Item = (LiveBinding, bool)>,
+    ) -> BTreeMap<LiveBinding, bool> {
+        let mut rows: Vec<_> = rows.into_iter().collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|next, kept| {
+            let same = next.0 == kept.0;
+            if same {
+                kept.1 |= next.1;
+            }
+            same
+        });
+        rows.into_iter().collect()
+    }
+
     pub fn has_binding(&self, source: &str, destination: &str, routing_key: &str) -> bool {
         self.bindings.contains_key(&LiveBinding {
             source: source.into(),
             destination: destination.into(),
             routing_key: routing_key.into(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(source: &str, routing_key: &str) -> LiveBinding {
+        LiveBinding {
+            source: source.into(),
+            destination: "notes_queue".into(),
+            routing_key: routing_key.into(),
+        }
+    }
+
+    #[test]
+    fn a_binding_listed_with_and_without_the_marker_is_msgpipes_in_either_order() {
+        let ours = binding("notes", "notes");
+        let theirs = binding("audit", "notes");
+        for rows in [
+            vec![
+                (ours.clone(), true),
+                (theirs.clone(), false),
+                (ours.clone(), false),
+            ],
+            vec![
+                (ours.clone(), false),
+                (theirs.clone(), false),
+                (ours.clone(), true),
+            ],
+        ] {
+            let map = LiveVhost::binding_map(rows);
+            assert_eq!(map.len(), 2, "{map:?}");
+            assert_eq!(map.get(&ours), Some(&true), "{map:?}");
+            assert_eq!(map.get(&theirs), Some(&false), "{map:?}");
+        }
     }
 }

@@ -855,20 +855,21 @@ impl BrokerApi for RabbitBroker {
                     (q.name, queue)
                 })
                 .collect(),
-            bindings: bindings
-                .into_iter()
-                // The default exchange's implicit bindings cannot be changed; leave them out.
-                .filter(|b| !b.source.is_empty() && b.destination_type == "queue")
-                .map(|b| {
-                    let owned = b.arguments.contains_key(BINDING_MARKER);
-                    let binding = LiveBinding {
-                        source: b.source,
-                        destination: b.destination,
-                        routing_key: b.routing_key,
-                    };
-                    (binding, owned)
-                })
-                .collect(),
+            bindings: LiveVhost::binding_map(
+                bindings
+                    .into_iter()
+                    // The default exchange's implicit bindings cannot be changed; leave them out.
+                    .filter(|b| !b.source.is_empty() && b.destination_type == "queue")
+                    .map(|b| {
+                        let owned = b.arguments.contains_key(BINDING_MARKER);
+                        let binding = LiveBinding {
+                            source: b.source,
+                            destination: b.destination,
+                            routing_key: b.routing_key,
+                        };
+                        (binding, owned)
+                    }),
+            ),
             policies: policies
                 .into_iter()
                 .map(|p| {

@@ -18,12 +18,11 @@ use std::ffi::{CStr, c_char};
 
 pub use tikv_jemallocator;
 
-/// jemalloc's options: purging from a background thread; no delay before a dirty or muzzy
-/// page is returned (the default keeps freed pages 10 s, which is what the RSS showed after
-/// every snapshot read); two arenas for the operator's few threads (the default is four per
-/// core).
-pub const MALLOC_CONF: &CStr =
-    c"background_thread:true,narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0";
+/// jemalloc's options: no delay before a dirty or muzzy page is returned (the default keeps
+/// freed pages 10 s, which is what the RSS showed after every snapshot read), so the thread
+/// that frees a page run returns it at once and no background purging thread is needed; two
+/// arenas for the operator's few threads (the default is four per core).
+pub const MALLOC_CONF: &CStr = c"narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0";
 
 /// The C string pointer jemalloc reads its options from (`malloc_conf`, which the prefixed
 /// jemalloc of `tikv-jemalloc-sys` names `_rjem_malloc_conf`).

@@ -1,8 +1,8 @@
 //! Stands in for [rbase64](https://crates.io/crates/rbase64) 2.0, which
 //! `rabbitmq_http_client` uses for one call (`encode`, when it hashes a password) and which
 //! installs mimalloc as the `#[global_allocator]` of every program that links it. A library
-//! must not choose the allocator of the program: msgpipe's operator, CLI and tests use the
-//! system allocator, measured in `make bench-operator` (README, "Benchmarks"). The root
+//! must not choose the allocator of the program: msgpipe's binaries choose it themselves
+//! (jemalloc, measured in `make bench-operator`; README, "Benchmarks"). The root
 //! `Cargo.toml` patches crates.io's rbase64 with this crate.
 
 use base64::Engine as _;
