@@ -205,7 +205,8 @@ impl MemoryBroker {
                         "NOT_FOUND - no exchange or queue",
                     ));
                 }
-                live.bindings.insert(live_binding(binding), false);
+                // As on RabbitMQ, where msgpipe's binds carry its marker argument.
+                live.bindings.insert(live_binding(binding), true);
             }
             BrokerAction::Unbind(binding) => {
                 live.bindings.remove(&live_binding(binding));
