@@ -70,28 +70,32 @@ struct Args {
     serve_api: Option<String>,
 }
 
-fn rss_kib() -> u64 {
+/// A field of /proc/self/status (`VmRSS`, `RssAnon`, `RssFile`: KiB; `Threads`).
+fn status_field(name: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| {
+                    l.strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(':'))
+                })
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
 }
 
-/// Where the RSS is: (anonymous KiB, file-backed KiB, threads) from /proc/self/status.
+fn rss_kib() -> u64 {
+    status_field("VmRSS")
+}
+
+/// Where the RSS is: (anonymous KiB, file-backed KiB, threads).
 fn rss_parts() -> (u64, u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("RssAnon:"), field("RssFile:"), field("Threads:"))
+    (
+        status_field("RssAnon"),
+        status_field("RssFile"),
+        status_field("Threads"),
+    )
 }
 
 /// With BENCH_SMAPS set: the largest resident anonymous mappings, to tell the heap arenas
