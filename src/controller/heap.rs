@@ -6,9 +6,9 @@
 //! threshold fixed at 128 KiB, two arenas, `malloc_trim` after each snapshot), the heap held
 //! 32.8 MiB for 9.1 MiB in use in steady state: the freed space lay in pages that still held
 //! a live block, so nothing could hand them back, and the RSS stayed at 38.3 MiB (44.8 MiB
-//! after the first sync). jemalloc keeps blocks of one size together; measured the same way, with its
-//! default options (freed pages kept 10 s) it gave 28.4 MiB steady and 40.1 MiB after the
-//! first sync, and with the options below, which return a freed page run at once, 25.8 /
+//! after the first sync). jemalloc keeps blocks of one size together. Measured the same way,
+//! with its default decay (freed pages kept 10 s) it gave 28.4 MiB steady and 40.1 MiB after
+//! the first sync; with the options below, which return a freed page run at once, 25.8 /
 //! 31.6 MiB.
 //!
 //! Only binaries choose an allocator (the operator's `main.rs`, the benchmark), with
