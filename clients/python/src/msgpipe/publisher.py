@@ -71,6 +71,8 @@ ROUTE_RETRY = Backoff(0.5, 4.0)
 """Default waits between resends while the pipeline's exchange or binding is missing. Capped
 low on purpose: a publisher that waited an hour still delivers within seconds of the route
 appearing, at the cost of one channel open (and, on a missing exchange, its close) per step."""
+REFUSED_RETRY = Backoff(0.5, 30.0)
+"""Default waits before messages the broker returned or nacked are resent."""
 
 
 class Outcome(enum.Enum):
@@ -122,12 +124,13 @@ class PublisherStats:
     connections: int = 0
     """Connections made (1 + reconnects)."""
     route_probes: int = 0
-    """Resends tried while the pipeline's exchange or binding was missing."""
+    """Resends tried while the pipeline's exchange was missing."""
+    outbox_at_start: int = 0
+    """Messages the outbox held when the publisher started (left by an earlier run)."""
 
 
 class _Drain(enum.Enum):
     DONE = "done"
-    REFUSED = "refused"
     ROUTE_MISSING = "route-missing"
     BROKEN = "broken"
     PARKED = "parked"
@@ -135,10 +138,9 @@ class _Drain(enum.Enum):
 
 @dataclass(slots=True)
 class _RouteTrouble:
-    """The pipeline's route is missing; probes follow ``steps``."""
+    """The exchange is missing; probes follow ``steps``."""
 
     exchange: str
-    kind: FailureKind
     steps: BackoffSteps
     next_probe: float
 
@@ -167,6 +169,7 @@ class Publisher:
         connect_timeout: float = 5.0,
         reconnect: Backoff = RECONNECT,
         route_retry: Backoff = ROUTE_RETRY,
+        refused_retry: Backoff = REFUSED_RETRY,
         resend_batch: int = 256,
         resend_jitter: float = 0.5,
         outbox_limits: OutboxLimits | None = None,
@@ -189,6 +192,8 @@ class Publisher:
         self._outbox: Outbox | None = None
         self._copies: ConfirmChannel | None = None
         self._route: _RouteTrouble | None = None
+        self._refusals = BackoffSteps(refused_retry)
+        self._refusal_logged = False
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._soon = False
@@ -214,6 +219,7 @@ class Publisher:
         if self._outbox is not None:
             return self
         self._outbox = await Outbox.open(self._outbox_path, self._outbox_limits)
+        self.stats.outbox_at_start = len(self._outbox)
         if len(self._outbox):
             log.info("outbox holds %d messages from an earlier run", len(self._outbox))
         first: AbstractConnection | None = None
@@ -357,46 +363,67 @@ class Publisher:
                 log.warning("publisher lost its broker connection; reconnecting")
                 down = True
 
-    # Failures and the missing route.
+    # Failures: a missing exchange (probed) and refused messages (retried on a backoff).
 
     def _note_failure(self, failure: PublishFailure, copies: ConfirmChannel) -> None:
-        log.debug("publish not confirmed (%s); saving to the outbox", failure)
-        if failure.kind.route_missing:
-            self._route_missing(failure, probe=False)
+        """A direct publish was not confirmed: the message goes to the outbox."""
+        if failure.kind is FailureKind.NO_EXCHANGE:
+            self._exchange_missing(failure)
         elif failure.kind is FailureKind.TIMEOUT:
             copies.drop()
-        if failure.kind is not FailureKind.NACKED:
-            self._wake_resender()
+        self._wake_resender()
 
-    def _route_missing(self, failure: PublishFailure, *, probe: bool) -> None:
-        now = asyncio.get_running_loop().time()
+    def _exchange_missing(self, failure: PublishFailure) -> None:
+        """Says so once (until the route is back), and probes on a backoff from now on."""
         trouble = self._route
-        if trouble is None or (trouble.exchange, trouble.kind) != (failure.exchange, failure.kind):
-            if failure.kind is FailureKind.NO_EXCHANGE:
-                what = f"exchange {failure.exchange} does not exist in vhost {self._vhost}"
-            else:
-                what = (
-                    f"exchange {failure.exchange} in vhost {self._vhost} routes key "
-                    f"{failure.routing_key!r} to no queue"
-                )
-            log.warning(
-                "%s: is the pipeline applied? Messages wait in the outbox and are resent as "
-                "soon as it is",
-                what,
-            )
-            steps = BackoffSteps(self._route_retry)
-            self._route = _RouteTrouble(failure.exchange, failure.kind, steps, now + steps.next())
-            self._wake_resender()
-        elif probe:
-            wait = trouble.steps.next()
-            trouble.next_probe = now + wait
-            log.debug("%s; next try in %.1f s", failure, wait)
+        if trouble is not None and trouble.exchange == failure.exchange:
+            return
+        log.warning(
+            "exchange %s does not exist in vhost %s: is the pipeline applied? Messages wait in "
+            "the outbox and are sent as soon as it exists",
+            failure.exchange,
+            self._vhost,
+        )
+        steps = BackoffSteps(self._route_retry)
+        now = asyncio.get_running_loop().time()
+        self._route = _RouteTrouble(failure.exchange, steps, now + steps.next())
+
+    def _probe_failed(self, trouble: _RouteTrouble) -> None:
+        # No log line per probe (protocol P-10, L-2): the warning said it once.
+        trouble.next_probe = asyncio.get_running_loop().time() + trouble.steps.next()
 
     def _route_is_back(self, exchange: str) -> None:
         trouble = self._route
         if trouble is not None and trouble.exchange == exchange:
-            log.info("exchange %s takes messages now; resending the outbox", exchange)
+            log.info("exchange %s exists now; sending the outbox", exchange)
             self._route = None
+
+    def _refused(self, failures: list[PublishFailure]) -> float:
+        """Messages the broker returned or nacked stay in the outbox and are retried after the
+        next step of a backoff that starts over once a round goes through; one log line per
+        streak of refusals."""
+        wait = self._refusals.next()
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            first = failures[0]
+            if first.kind is FailureKind.UNROUTABLE:
+                log.warning(
+                    "exchange %s in vhost %s routes key %r to no queue: is the pipeline "
+                    "applied? %d outbox messages were returned; retrying in %.1f s",
+                    first.exchange,
+                    self._vhost,
+                    first.routing_key,
+                    len(failures),
+                    wait,
+                )
+            else:
+                log.warning(
+                    "the broker refused %d outbox messages (%s); retrying in %.1f s",
+                    len(failures),
+                    first,
+                    wait,
+                )
+        return asyncio.get_running_loop().time() + wait
 
     # Resending.
 
@@ -415,6 +442,7 @@ class Publisher:
         assert outbox is not None  # noqa: S101 - started
         loop = asyncio.get_running_loop()
         due = loop.time() + self._interval()
+        refused_until = 0.0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(due - loop.time(), 0)):
@@ -426,28 +454,36 @@ class Publisher:
             if not self._config.features.retry_pending or not len(outbox) or self._copies is None:
                 due = now + self._interval()
                 continue
-            trouble = self._route
-            if trouble is not None and now < trouble.next_probe:
-                due = trouble.next_probe
+            not_before = max(refused_until, self._route.next_probe if self._route else 0.0)
+            if now < not_before:
+                due = not_before
                 continue
             if self._soon:
                 self._soon = False
                 await self._sleep_unless_stopping(random.uniform(0, self._resend_jitter))  # noqa: S311
-            end = await self._drain(outbox)
-            trouble = self._route
-            if end is _Drain.ROUTE_MISSING and trouble is not None:
-                due = trouble.next_probe
+            end, refused = await self._drain(outbox)
+            now = loop.time()
+            refused_until = 0.0
+            if end is _Drain.ROUTE_MISSING and self._route is not None:
+                due = self._route.next_probe
+            elif refused:
+                refused_until = due = self._refused(refused)
             else:
-                due = loop.time() + self._interval()
+                if end is _Drain.DONE:
+                    self._refusals.reset()
+                    self._refusal_logged = False
+                due = now + self._interval()
 
     def _interval(self) -> float:
         return float(max(self._config.features.retry_interval_seconds, 1))
 
-    async def _drain(self, outbox: Outbox) -> _Drain:
-        """Resends the outbox oldest first, in pipelined batches (one message while the route
-        is missing), until it is empty or the broker stops taking messages."""
+    async def _drain(self, outbox: Outbox) -> tuple[_Drain, list[PublishFailure]]:
+        """Resends the outbox oldest first, in pipelined batches (one message, a probe, while
+        the exchange is missing), until the end, a missing exchange or a broken link.
+        Refused messages (returned, nacked) stay, and later ones go on."""
         self.stats.resend_rounds += 1
-        after = sent = refused = 0
+        after = sent = 0
+        refused: list[PublishFailure] = []
         end = _Drain.DONE
         while True:
             copies = self._copies
@@ -457,11 +493,11 @@ class Publisher:
             if copies is None:
                 end = _Drain.BROKEN
                 break
-            probing = self._route is not None
-            batch = await outbox.oldest(after, 1 if probing else self._resend_batch)
+            probe = self._route
+            batch = await outbox.oldest(after, 1 if probe else self._resend_batch)
             if not batch:
                 break
-            if probing:
+            if probe:
                 self.stats.route_probes += 1
             results = await asyncio.gather(
                 *(
@@ -477,28 +513,30 @@ class Publisher:
                 return_exceptions=True,
             )
             confirmed: list[int] = []
-            route: PublishFailure | None = None
+            missing: PublishFailure | None = None
             broken: PublishFailure | None = None
             for stored, result in zip(batch, results, strict=True):
                 if result is None:
                     confirmed.append(stored.seq)
-                elif isinstance(result, PublishFailure):
-                    if result.kind.route_missing:
-                        route = route or result
-                    elif result.kind is FailureKind.NACKED:
-                        refused += 1
-                        log.warning("outbox message %s refused (%s)", stored.seq, result)
-                    else:
-                        broken = broken or result
-                elif isinstance(result, BaseException):
+                elif not isinstance(result, PublishFailure):
                     raise result
+                elif result.kind is FailureKind.NO_EXCHANGE:
+                    missing = missing or result
+                elif result.kind in (FailureKind.UNROUTABLE, FailureKind.NACKED):
+                    refused.append(result)
+                else:
+                    broken = broken or result
             if confirmed:
                 self.stats.resent += len(confirmed)
                 await outbox.remove(confirmed)
                 sent += len(confirmed)
-                self._route_is_back(batch[0].entry.exchange)
-            if route is not None:
-                self._route_missing(route, probe=True)
+            if probe is not None and (confirmed or refused):
+                self._route_is_back(probe.exchange)  # the exchange exists (maybe unbound)
+            if missing is not None:
+                if self._route is None:
+                    self._exchange_missing(missing)
+                else:
+                    self._probe_failed(self._route)
                 end = _Drain.ROUTE_MISSING
                 break
             if broken is not None:
@@ -508,11 +546,9 @@ class Publisher:
                 end = _Drain.BROKEN
                 break
             after = batch[-1].seq
-        if end is _Drain.DONE and refused:
-            end = _Drain.REFUSED
         if sent:
             log.info("resent %d outbox messages (%d left)", sent, len(outbox))
-        return end
+        return end, refused
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
