@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import os
 import subprocess
@@ -243,13 +244,14 @@ async def amqp(vhost: str) -> AsyncIterator[Amqp]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool] | bool], *, timeout: float, what: str
+    check: Callable[[], Awaitable[object] | object], *, timeout: float, what: str
 ) -> float:
-    """Waits until ``check()`` is true; returns the seconds it took."""
+    """Waits until ``check()`` (awaited if it returns an awaitable) is truthy; returns the
+    seconds it took."""
     started = time.monotonic()
     while True:
         result = check()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return time.monotonic() - started
