@@ -87,7 +87,10 @@ fn waited(message: &Message) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // lapin logs every channel the broker closes at ERROR and every returned message at
+            // WARN (with its body); the client reports both itself, once per outage.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,lapin=off".into()),
         )
         // Colour codes only on a terminal, not in a piped or captured log.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))

@@ -61,7 +61,10 @@ fn args() -> Result<Args, String> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            // lapin logs every channel the broker closes at ERROR and every returned message at
+            // WARN (with its body); the client reports both itself, once per outage.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,lapin=off".into()),
         )
         // Colour codes only on a terminal, not in a piped or captured log.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
@@ -93,7 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Outcome::Queued { message_id } => {
                 println!(
-                    "producer: saved  {message_id}  {text:?} (broker unavailable; in the outbox)"
+                    "producer: saved  {message_id}  {text:?} (not confirmed yet: in the outbox, resent automatically)"
                 );
             }
         }

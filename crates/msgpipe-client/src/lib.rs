@@ -62,6 +62,14 @@
 //!   `retry_interval_seconds` while messages remain, all while `retry_pending` is on.
 //!   `retry_pending: false` parks the outbox: its messages wait on disk, and fresh publishes go
 //!   straight to the broker rather than queueing behind them.
+//! - Started before its pipeline: when the broker is up but the exchange does not exist (the
+//!   broker closes the channel with 404) or returns the message unroutable, the publisher says
+//!   so once at warn ("exchange notes does not exist in vhost v: is the pipeline applied?"),
+//!   keeps its connection (only the channel is reopened), and resends on a short backoff
+//!   ([`PublisherOptions::route_retry`], 250 ms doubling to 3 s) instead of the resend
+//!   interval, so the outbox is delivered within about 3 s of the route appearing. lapin itself
+//!   logs each channel the broker closes at ERROR and each returned message at WARN; the
+//!   client reports both in its own words, so applications may filter `lapin=off`.
 //! - Ordering: the outbox is resent oldest first, and while it holds anything (and
 //!   `retry_pending` is on) new messages queue behind it, so a single publisher's messages reach
 //!   the broker in publish order, except around a message the broker refuses (returned or

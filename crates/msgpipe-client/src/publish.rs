@@ -16,6 +16,12 @@ pub enum PublishFailure {
     #[error("the channel refused the publish: {0}")]
     /// The channel failed (closed, or the connection is gone).
     Channel(String),
+    #[error("exchange {exchange} does not exist (404 NOT_FOUND; the broker closed the channel)")]
+    /// The exchange does not exist: the broker closed the channel (its connection stays up).
+    ExchangeMissing {
+        /// Exchange of the publish.
+        exchange: String,
+    },
     #[error("the broker nacked the message")]
     /// The broker nacked the message (e.g. a queue refused it: `overflow: reject-publish`).
     Nacked,
@@ -40,10 +46,33 @@ impl PublishFailure {
     pub fn breaks_channel(&self) -> bool {
         matches!(
             self,
-            Self::Channel(_) | Self::Timeout(_) | Self::NotConfirmed
+            Self::Channel(_) | Self::ExchangeMissing { .. } | Self::Timeout(_) | Self::NotConfirmed
         )
     }
+
+    /// True when the broker is up but has no route for the message yet: its exchange is
+    /// missing, or no queue is bound for its routing key (typically: the pipeline is not
+    /// applied yet, or is being applied).
+    pub fn route_missing(&self) -> bool {
+        matches!(self, Self::ExchangeMissing { .. } | Self::Returned { .. })
+    }
+
+    /// The failure a lapin error stands for, told apart by its AMQP reply code: 404 NOT_FOUND
+    /// on a publish means the exchange does not exist.
+    fn from_channel_error(error: &lapin::Error, exchange: &str) -> Self {
+        match error.kind() {
+            lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == NOT_FOUND => {
+                Self::ExchangeMissing {
+                    exchange: exchange.to_string(),
+                }
+            }
+            _ => Self::Channel(error.to_string()),
+        }
+    }
 }
+
+/// AMQP reply code 404 (AMQP 0-9-1 §1.9).
+const NOT_FOUND: u16 = 404;
 
 /// Publishes with `mandatory` on a confirm channel and waits for the confirm.
 pub async fn publish_confirmed(
@@ -88,7 +117,7 @@ pub async fn start_publish(
             properties,
         )
         .await
-        .map_err(|e| PublishFailure::Channel(e.to_string()))
+        .map_err(|e| PublishFailure::from_channel_error(&e, exchange))
 }
 
 /// Waits for one confirm: ack and not returned is success.
@@ -101,7 +130,7 @@ pub async fn await_confirm(
     let confirmation = tokio::time::timeout(timeout, confirm)
         .await
         .map_err(|_| PublishFailure::Timeout(timeout))?
-        .map_err(|e| PublishFailure::Channel(e.to_string()))?;
+        .map_err(|e| PublishFailure::from_channel_error(&e, exchange))?;
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(PublishFailure::Returned {

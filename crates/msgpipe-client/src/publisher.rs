@@ -22,6 +22,7 @@
 //! flag back on resends the parked messages at once, oldest first.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -111,6 +112,12 @@ pub struct PublisherOptions {
     pub connect_timeout: Duration,
     /// Waits between reconnect attempts. Default: [`Backoff::default`] (200 ms doubling to 30 s).
     pub reconnect: Backoff,
+    /// Waits between resends while the broker is up but has no route for the outbox's
+    /// messages yet (the exchange does not exist, or returns them unroutable): typically a
+    /// publisher that started before its pipeline was applied. Default: 250 ms doubling to 3 s,
+    /// so the outbox is delivered within about 3 s of the route appearing at the cost of one
+    /// probe publish per 3 s while it is missing.
+    pub route_retry: Backoff,
     /// Messages resent per pipelined batch. Default: 256.
     pub resend_batch: usize,
     /// Longest random delay before the resend that follows a (re)connection, so that a fleet of
@@ -131,6 +138,10 @@ impl PublisherOptions {
             confirm_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
+            route_retry: Backoff {
+                initial: Duration::from_millis(250),
+                max: Duration::from_secs(3),
+            },
             resend_batch: 256,
             resend_jitter: Duration::from_millis(500),
             connection_name: "msgpipe-publisher".into(),
@@ -148,6 +159,7 @@ impl std::fmt::Debug for PublisherOptions {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect", &self.reconnect)
+            .field("route_retry", &self.route_retry)
             .field("resend_batch", &self.resend_batch)
             .field("resend_jitter", &self.resend_jitter)
             .field("connection_name", &self.connection_name)
@@ -168,6 +180,9 @@ pub struct PublisherStats {
     pub resend_rounds: u64,
     /// Connections made (1 + reconnects).
     pub connections: u64,
+    /// Confirm channels reopened on a live connection (the broker closes the channel of a
+    /// publish to a missing exchange; the connection stays).
+    pub channels_reopened: u64,
     /// Messages in the outbox now.
     pub outbox_messages: u64,
     /// Encoded bytes in the outbox now.
@@ -181,6 +196,7 @@ struct Counters {
     resent: AtomicU64,
     resend_rounds: AtomicU64,
     connections: AtomicU64,
+    channels_reopened: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -231,10 +247,80 @@ impl Link {
 #[derive(Debug)]
 struct Shared {
     options: PublisherOptions,
+    /// The vhost of the URI, for messages about a missing route.
+    vhost: String,
     config: LiveConfig,
     outbox: Outbox,
     link: Link,
+    route: RouteWatch,
     counters: Counters,
+}
+
+/// Since when the broker has had no route for this publisher's messages, and the wake-up of the
+/// resender when a fresh publish finds that out.
+#[derive(Debug, Default)]
+struct RouteWatch {
+    missing_since: Mutex<Option<Instant>>,
+    lost: Notify,
+}
+
+impl RouteWatch {
+    fn is_missing(&self) -> bool {
+        self.missing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Records a publish the broker had no route for. The first of an outage says so, once,
+    /// at warn; the resender then retries on the short `route_retry` backoff.
+    fn missing(&self, failure: &PublishFailure, vhost: &str, outbox: u64) {
+        let first = {
+            let mut since = self.missing_since.lock().unwrap_or_else(|p| p.into_inner());
+            let first = since.is_none();
+            since.get_or_insert_with(Instant::now);
+            first
+        };
+        if first {
+            match failure {
+                PublishFailure::Returned {
+                    exchange,
+                    routing_key,
+                } => tracing::warn!(
+                    outbox,
+                    "exchange {exchange} in vhost {vhost} routes nothing for routing key \
+                     {routing_key:?} (messages returned): is the pipeline applied? Messages \
+                     wait in the outbox and are resent as soon as a queue is bound"
+                ),
+                _ => tracing::warn!(
+                    outbox,
+                    "{}: is the pipeline applied? Messages wait in the outbox and are resent \
+                     as soon as it appears",
+                    match failure {
+                        PublishFailure::ExchangeMissing { exchange } =>
+                            format!("exchange {exchange} does not exist in vhost {vhost}"),
+                        other => other.to_string(),
+                    }
+                ),
+            }
+        }
+        self.lost.notify_one();
+    }
+
+    /// Records a publish the broker routed: ends an outage, saying how long it lasted.
+    fn found(&self) {
+        let since = self
+            .missing_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(since) = since {
+            tracing::info!(
+                missing_ms = since.elapsed().as_millis() as u64,
+                "the broker routes this publisher's messages again"
+            );
+        }
+    }
 }
 
 /// Stops the background tasks when the last [`Publisher`] clone goes away.
@@ -277,11 +363,16 @@ impl Publisher {
                 "outbox holds messages from an earlier run"
             );
         }
+        let vhost = lapin::uri::AMQPUri::from_str(&options.uri)
+            .map(|uri| uri.vhost)
+            .unwrap_or_default();
         let shared = Arc::new(Shared {
             options,
+            vhost,
             config,
             outbox,
             link: Link::new(),
+            route: RouteWatch::default(),
             counters: Counters::default(),
         });
         let first = open_link(&shared.options).await;
@@ -351,6 +442,7 @@ impl Publisher {
             match sent {
                 Ok(()) => {
                     bump(&shared.counters.confirmed, 1);
+                    shared.route.found();
                     return Ok(Outcome::Confirmed { message_id });
                 }
                 Err(failure) => note_failure(shared, &failure, &message_id),
@@ -387,6 +479,7 @@ impl Publisher {
             resent: get(&c.resent),
             resend_rounds: get(&c.resend_rounds),
             connections: get(&c.connections),
+            channels_reopened: get(&c.channels_reopened),
             outbox_messages: self.shared.outbox.len(),
             outbox_bytes: self.shared.outbox.bytes(),
         }
@@ -425,6 +518,12 @@ fn note_failure(shared: &Shared, failure: &PublishFailure, message_id: &str) {
     if failure.breaks_channel() {
         shared.link.mark_broken();
     }
+    if failure.route_missing() {
+        // Counted before this message is appended: the outbox it waits in.
+        shared
+            .route
+            .missing(failure, &shared.vhost, shared.outbox.len() + 1);
+    }
 }
 
 /// A connection and a confirm channel on it.
@@ -436,6 +535,20 @@ async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), 
         options.ca_file.as_deref(),
     )
     .await?;
+    match open_confirm_channel(&connection, options.connect_timeout).await {
+        Ok(channel) => Ok((connection, channel)),
+        Err(reason) => {
+            connection::close(&connection).await;
+            Err(reason)
+        }
+    }
+}
+
+/// A confirm channel on `connection`, within `timeout`.
+async fn open_confirm_channel(
+    connection: &Connection,
+    timeout: Duration,
+) -> Result<Channel, String> {
     let channel = async {
         let channel = connection.create_channel().await?;
         channel
@@ -443,16 +556,10 @@ async fn open_link(options: &PublisherOptions) -> Result<(Connection, Channel), 
             .await?;
         Ok::<_, lapin::Error>(channel)
     };
-    match tokio::time::timeout(options.connect_timeout, channel).await {
-        Ok(Ok(channel)) => Ok((connection, channel)),
-        Ok(Err(error)) => {
-            connection::close(&connection).await;
-            Err(format!("cannot open a confirm channel: {error}"))
-        }
-        Err(_) => {
-            connection::close(&connection).await;
-            Err("cannot open a confirm channel: no answer in time".into())
-        }
+    match tokio::time::timeout(timeout, channel).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(error)) => Err(format!("cannot open a confirm channel: {error}")),
+        Err(_) => Err("cannot open a confirm channel: no answer in time".into()),
     }
 }
 
@@ -494,16 +601,49 @@ async fn maintain_link(
         }
         backoff.reset();
         bump(&shared.counters.connections, 1);
-        shared.link.broken.store(false, Ordering::Release);
-        shared.link.set(Some(channel.clone()));
-        let stopping = watch_link(&shared, &mut stop, &connection, &channel).await;
-        shared.link.set(None);
+        let stopping = serve_connection(&shared, &mut stop, &connection, channel).await;
         connection::close(&connection).await;
         if stopping {
             return;
         }
         tracing::warn!("publisher lost its broker connection; reconnecting");
         down_since = Some(Instant::now());
+    }
+}
+
+/// Serves publishes on one connection until it is unusable (true: because of shutdown). A
+/// channel the broker closed (a publish to a missing exchange) is replaced by a new one on the
+/// same connection, quietly: reconnecting would only repeat it, and the resender paces the
+/// publishes that provoke it.
+async fn serve_connection(
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    connection: &Connection,
+    mut channel: Channel,
+) -> bool {
+    loop {
+        shared.link.broken.store(false, Ordering::Release);
+        shared.link.set(Some(channel.clone()));
+        let stopping = watch_link(shared, stop, connection, &channel).await;
+        shared.link.set(None);
+        if stopping {
+            return true;
+        }
+        if !connection.status().connected() || channel.status().connected() {
+            // The connection is gone, or the channel is open but stopped answering (a confirm
+            // timed out): only a new connection helps.
+            return false;
+        }
+        match open_confirm_channel(connection, shared.options.connect_timeout).await {
+            Ok(fresh) => {
+                bump(&shared.counters.channels_reopened, 1);
+                channel = fresh;
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "cannot reopen the confirm channel; reconnecting");
+                return false;
+            }
+        }
     }
 }
 
@@ -530,7 +670,10 @@ async fn watch_link(
 /// Resends the outbox while `retry_pending` is on: right after the link comes (back) up or the
 /// flag is switched on (after a random delay of up to `resend_jitter`, so a fleet of
 /// publishers does not stampede a broker that just came back), then every
-/// `retry_interval_seconds` while messages remain.
+/// `retry_interval_seconds` while messages remain. While the broker is up but has no route for
+/// them (the pipeline is not applied yet), it retries on the short, growing `route_retry`
+/// backoff instead, and a link coming up does not cut that wait short: the probe that found the
+/// exchange missing is what closed the channel.
 async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut link_up = shared.link.generation.subscribe();
     // An outbox left by an earlier run drains as soon as the first link is up.
@@ -547,6 +690,7 @@ async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .into(),
         )
     };
+    let mut route_backoff = BackoffState::new(shared.options.route_retry);
     let mut next_round = Instant::now() + interval(&shared);
     loop {
         let soon = tokio::select! {
@@ -556,7 +700,15 @@ async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 if changed.is_err() {
                     return;
                 }
+                if shared.route.is_missing() {
+                    continue;
+                }
                 true
+            }
+            () = shared.route.lost.notified() => {
+                // A fresh publish found no route: probe again soon, not at the next interval.
+                next_round = next_round.min(Instant::now() + route_backoff.next_wait());
+                continue;
             }
             changed = flags.changed(), if flags_alive => {
                 // A fixed configuration never changes: stop listening, keep the interval.
@@ -576,7 +728,13 @@ async fn resend_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         resend_until_refused(&shared).await;
-        next_round = Instant::now() + interval(&shared);
+        next_round = Instant::now()
+            + if shared.route.is_missing() && !shared.outbox.is_empty() {
+                route_backoff.next_wait()
+            } else {
+                route_backoff.reset();
+                interval(&shared)
+            };
     }
 }
 
@@ -714,17 +872,33 @@ async fn resend_batch(
         }
     }
     let mut confirmed = Vec::with_capacity(pending.len());
+    let mut no_route = None;
     for (seq, entry, confirm) in pending {
         let left = deadline.saturating_duration_since(Instant::now());
         match await_confirm(confirm, &entry.exchange, &entry.routing_key, left).await {
             Ok(()) => confirmed.push(seq),
+            // A missing exchange also closed the channel: it counts as broken.
             Err(failure) if failure.breaks_channel() => {
                 broken.get_or_insert(failure);
+            }
+            Err(failure) if failure.route_missing() => {
+                tracing::debug!(seq, %failure, "outbox message not routed; kept for the next try");
+                no_route.get_or_insert(failure);
             }
             Err(failure) => {
                 tracing::warn!(seq, %failure, "outbox message refused by the broker; kept for the next round");
             }
         }
+    }
+    match no_route
+        .as_ref()
+        .or(broken.as_ref().filter(|f| f.route_missing()))
+    {
+        Some(failure) => shared
+            .route
+            .missing(failure, &shared.vhost, shared.outbox.len()),
+        None if !confirmed.is_empty() => shared.route.found(),
+        None => {}
     }
     (confirmed, broken)
 }
