@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { before, describe, test } from 'node:test';
 
-import { Consumer, Headers, LiveConfig, type Message, PermanentError, Publisher, RetryableError } from '../src/index.js';
+import { Consumer, type ConsumerOptions, Headers, LiveConfig, type Message, PermanentError, Publisher, RetryableError } from '../src/index.js';
 import { MemoryLogger, Peek, TestVhost, ensureBroker, eventually, mgmt } from './support.js';
 
 interface Seen {
@@ -14,21 +14,27 @@ interface Seen {
 }
 
 /** A vhost with the pipeline applied, a publisher, and a way to look at queues. */
-async function setup(prefix: string, spec: Parameters<TestVhost['writePipeline']>[0] = {}) {
+async function setup(ctx: { after(fn: () => unknown): void }, prefix: string, spec: Parameters<TestVhost['writePipeline']>[0] = {}) {
   const vhost = await TestVhost.create(prefix);
+  const consumers: Consumer[] = [];
   await vhost.writePipeline(spec);
   await vhost.apply();
   const config = LiveConfig.watch(vhost.configPath, { pollMs: 100 });
   const logger = new MemoryLogger();
   const publisher = await Publisher.start({ uri: vhost.uri, outboxPath: `${vhost.dir}/outbox.db`, config, logger });
   const peek = await Peek.open(vhost.uri);
-  return {
+  const t = {
     vhost,
     config,
     logger,
     publisher,
     peek,
-    async close(...consumers: Consumer[]) {
+    consumer(options: Omit<ConsumerOptions, 'uri' | 'config' | 'logger'> = {}): Consumer {
+      const consumer = new Consumer({ uri: vhost.uri, config, logger, ...options });
+      consumers.push(consumer);
+      return consumer;
+    },
+    async close() {
       await Promise.all(consumers.map((c) => c.stop()));
       await publisher.close();
       await peek.close();
@@ -36,6 +42,8 @@ async function setup(prefix: string, spec: Parameters<TestVhost['writePipeline']
       await vhost.close();
     },
   };
+  ctx.after(() => t.close());
+  return t;
 }
 
 function record(seen: Seen[], message: Message): void {
@@ -45,10 +53,10 @@ function record(seen: Seen[], message: Message): void {
 describe('consumer', { concurrency: true }, () => {
   before(() => ensureBroker());
 
-  test('a retryable failure goes to its tier with the protocol headers and comes back at the next attempt', async () => {
-    const t = await setup('retry');
+  test('a retryable failure goes to its tier with the protocol headers and comes back at the next attempt', async (ctx) => {
+    const t = await setup(ctx, 'retry');
     const seen: Seen[] = [];
-    const consumer = new Consumer({ uri: t.vhost.uri, config: t.config, logger: t.logger });
+    const consumer = t.consumer();
     const running = consumer.run((message) => {
       record(seen, message);
       if (message.attempt === 1) throw new RetryableError('db timeout');
@@ -78,13 +86,13 @@ describe('consumer', { concurrency: true }, () => {
     assert.deepEqual(consumer.stats().retried, 1);
     assert.deepEqual(consumer.stats().acked, 1);
     assert.equal(await t.peek.depth('notes_dlq'), 0);
-    await t.close();
+    
   });
 
-  test('the last failed attempt dead-letters with the reason headers; a permanent failure does so at once', async () => {
-    const t = await setup('dlq', { maxAttempts: 3 });
+  test('the last failed attempt dead-letters with the reason headers; a permanent failure does so at once', async (ctx) => {
+    const t = await setup(ctx, 'dlq', { maxAttempts: 3 });
     const seen: Seen[] = [];
-    const consumer = new Consumer({ uri: t.vhost.uri, config: t.config, logger: t.logger });
+    const consumer = t.consumer();
     void consumer.run((message) => {
       record(seen, message);
       if (message.text() === 'bad') throw new PermanentError('malformed note');
@@ -127,18 +135,15 @@ describe('consumer', { concurrency: true }, () => {
     );
     assert.equal(await t.peek.depth('notes_queue'), 0);
     assert.equal(consumer.stats().deadLettered, 2);
-    await t.close(consumer);
+    
   });
 
-  test('a copy that cannot be placed is given back with reject, which the quorum delivery-limit counts (4.3 ignores nack)', async () => {
-    const t = await setup('giveback', { maxAttempts: 3 });
+  test('a copy that cannot be placed is given back with reject, which the quorum delivery-limit counts (4.3 ignores nack)', async (ctx) => {
+    const t = await setup(ctx, 'giveback', { maxAttempts: 3 });
     // The retry exchange disappears: every copy is answered by a 404 channel close.
     await mgmt('DELETE', t.vhost.path('exchanges', 'notes_queue.retry'));
     const seen: Seen[] = [];
-    const consumer = new Consumer({
-      uri: t.vhost.uri,
-      config: t.config,
-      logger: t.logger,
+    const consumer = t.consumer({
       giveBackBackoff: { initialMs: 100, maxMs: 400 },
     });
     void consumer.run((message) => {
@@ -168,13 +173,13 @@ describe('consumer', { concurrency: true }, () => {
     );
     assert.equal(consumer.stats().acked + consumer.stats().retried, 0);
     assert.ok(consumer.stats().givenBack >= 3);
-    await t.close(consumer);
+    
   });
 
-  test('stop() lets the handler in flight finish and acks it; nothing is redelivered', async () => {
-    const t = await setup('shutdown');
+  test('stop() lets the handler in flight finish and acks it; nothing is redelivered', async (ctx) => {
+    const t = await setup(ctx, 'shutdown');
     let finished = 0;
-    const consumer = new Consumer({ uri: t.vhost.uri, config: t.config, logger: t.logger });
+    const consumer = t.consumer();
     let started!: () => void;
     const handlerStarted = new Promise<void>((r) => (started = r));
     const running = consumer.run(async () => {
@@ -192,13 +197,13 @@ describe('consumer', { concurrency: true }, () => {
     assert.ok(Date.now() - stopping >= 400);
     assert.equal(consumer.stats().acked, 1);
     await eventually('the queue to be empty', 5_000, async () => (await t.peek.depth('notes_queue')) === 0);
-    await t.close();
+    
   });
 
-  test('re-subscribes after the connection is closed and after its queue is deleted, without a hot loop', async () => {
-    const t = await setup('reconnect');
+  test('re-subscribes after the connection is closed and after its queue is deleted, without a hot loop', async (ctx) => {
+    const t = await setup(ctx, 'reconnect');
     const bodies: string[] = [];
-    const consumer = new Consumer({ uri: t.vhost.uri, config: t.config, logger: t.logger, connectionName: `c-${t.vhost.name}` });
+    const consumer = t.consumer({ connectionName: `c-${t.vhost.name}` });
     void consumer.run((message) => {
       bodies.push(message.text());
     });
@@ -231,6 +236,6 @@ describe('consumer', { concurrency: true }, () => {
       await new Promise((r) => setTimeout(r, 300));
       return bodies.includes('three');
     });
-    await t.close(consumer);
+    
   });
 });

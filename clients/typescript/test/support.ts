@@ -227,3 +227,18 @@ export class MemoryLogger implements Logger {
 export function cleanupDir(dir: string): void {
   rmSync(dir, { recursive: true, force: true });
 }
+
+/** Removes every binding from `exchange` to `queue` (msgpipe's carry a marker argument). */
+export async function unbind(vhost: TestVhost, exchange: string, queue: string): Promise<void> {
+  const v = encodeURIComponent(vhost.name);
+  const path = `/bindings/${v}/e/${encodeURIComponent(exchange)}/q/${encodeURIComponent(queue)}`;
+  const bindings = (await mgmt('GET', path, undefined, vhost.port)) as Array<{ properties_key: string }>;
+  for (const b of bindings) await mgmt('DELETE', `${path}/${encodeURIComponent(b.properties_key)}`, undefined, vhost.port);
+}
+
+/** Closes things when a test ends, whether it passed or not. */
+export function cleanup(t: { after(fn: () => unknown): void }, ...closers: Array<{ close(): unknown }>): void {
+  t.after(async () => {
+    for (const c of closers) await c.close();
+  });
+}
