@@ -306,6 +306,7 @@ class Publisher:
         except OutboxError as error:
             raise PublishError(f"the broker did not take the message, and {error}") from error
         self.stats.queued += 1
+        self._wake_resender()  # it decides whether now is the time (link, flags, backoffs)
         return Published(properties.message_id, Outcome.QUEUED)
 
     # The link: one connection, reconnected with capped backoff.
@@ -371,7 +372,6 @@ class Publisher:
             self._exchange_missing(failure)
         elif failure.kind is FailureKind.TIMEOUT:
             copies.drop()
-        self._wake_resender()
 
     def _exchange_missing(self, failure: PublishFailure) -> None:
         """Says so once (until the route is back), and probes on a backoff from now on."""
