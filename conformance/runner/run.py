@@ -15,6 +15,7 @@ Standard library only (Python 3.11).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import fnmatch
 import json
 import subprocess
@@ -179,14 +180,28 @@ def main() -> int:
     parser.add_argument("--broken", choices=BROKEN_MODES,
                         help="run the Rust shim with a deliberately wrong consumer")
     parser.add_argument("--self-test", action="store_true", help="check the kit itself")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--node", help="test-broker.sh node name (default: per language, "
+                        "shims.json; msgpipe-conformance)")
+    parser.add_argument("--port", type=int, help="its AMQP port (management: port + 10000)")
     args = parser.parse_args()
     if args.broken and args.lang != "rust":
         parser.error("--broken applies to the Rust shim only")
     lang = "rust" if args.self_test else args.lang
     config = shim_config(lang)
     ensure_built(config)
-    node = Node()
+    node = Node(**config.get("node", {}))
+    if args.node:
+        node.name = args.node
+    if args.port:
+        node.port = args.port
+    # One run per node at a time: cases restart the node and reuse vhost names.
+    lock = open(Path(tempfile.gettempdir()) / f"msgpipe-conformance-{node.port}.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"conformance: another run uses the node on port {node.port}; waiting for it",
+              flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         version = node.ensure()
     except BrokerError as error:
