@@ -170,7 +170,9 @@ spec:
     backoff: {{initialDelay: {initial_delay}, multiplier: 2, maxDelay: 1s}}
   deadLetter: {{exchange: notes_dlx, queue: notes_dlq}}
   alerts: {{enabled: false}}
-  clientFlags: {{retryPending: {str(retry_pending).lower()}, retryIntervalSeconds: {retry_interval_seconds}}}
+  clientFlags:
+    retryPending: {str(retry_pending).lower()}
+    retryIntervalSeconds: {retry_interval_seconds}
 """
         )
         rendered = subprocess.run(  # noqa: S603
@@ -244,7 +246,7 @@ async def amqp(vhost: str) -> AsyncIterator[Amqp]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[object] | object], *, timeout: float, what: str
+    check: Callable[[], Awaitable[object] | object], *, within: float, what: str
 ) -> float:
     """Waits until ``check()`` (awaited if it returns an awaitable) is truthy; returns the
     seconds it took."""
@@ -255,6 +257,6 @@ async def eventually(
             result = await result
         if result:
             return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
+        if time.monotonic() - started > within:
+            raise AssertionError(f"not within {within} s: {what}")
         await asyncio.sleep(0.05)

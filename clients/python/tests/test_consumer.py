@@ -29,7 +29,7 @@ async def test_success_acks(pipeline: Pipeline, amqp: Amqp) -> None:
         seen.append((message.message_id, message.attempt, message.body))
 
     async with Consumer(pipeline.uri, pipeline.config, handle) as consumer:
-        await eventually(lambda: consumer.stats.acked == 3, timeout=10, what="3 acks")
+        await eventually(lambda: consumer.stats.acked == 3, within=10, what="3 acks")
     assert sorted(seen) == [(f"m-{i}", 1, f"note {i}".encode()) for i in range(3)]
     assert await amqp.depth("notes_queue") == 0
 
@@ -48,7 +48,7 @@ async def test_a_retryable_failure_goes_through_its_tier_with_the_failure_header
             raise RetryableError("db timeout")
 
     async with Consumer(pipeline.uri, pipeline.config, handle) as consumer:
-        await eventually(lambda: consumer.stats.acked == 1, timeout=10, what="the retry handled")
+        await eventually(lambda: consumer.stats.acked == 1, within=10, what="the retry handled")
         assert consumer.stats.retried == 1
     first, second = seen
     assert (first.attempt, second.attempt) == (1, 2)
@@ -80,7 +80,7 @@ async def test_the_last_failure_dead_letters_with_the_reason_headers(
         raise RetryableError(f"failure {message.attempt}")
 
     async with Consumer(pipeline.uri, pipeline.config, handle) as consumer:
-        await eventually(lambda: consumer.stats.dead_lettered == 1, timeout=10, what="dead letter")
+        await eventually(lambda: consumer.stats.dead_lettered == 1, within=10, what="dead letter")
         assert consumer.stats.retried == 2
     assert attempts == [1, 2, 3]
     (letter,) = await amqp.drain("notes_dlq")
@@ -109,7 +109,7 @@ async def test_a_permanent_failure_goes_straight_to_the_dlq(pipeline: Pipeline, 
         raise PermanentError("cannot parse")
 
     async with Consumer(pipeline.uri, pipeline.config, handle) as consumer:
-        await eventually(lambda: consumer.stats.dead_lettered == 1, timeout=10, what="dead letter")
+        await eventually(lambda: consumer.stats.dead_lettered == 1, within=10, what="dead letter")
     assert calls == 1
     (letter,) = await amqp.drain("notes_dlq")
     assert header(letter, headers.REASON) == headers.REASON_PERMANENT
@@ -130,7 +130,7 @@ async def test_an_unexpected_exception_is_a_retryable_failure(
             raise ZeroDivisionError("boom")
 
     async with Consumer(pipeline.uri, pipeline.config, handle) as consumer:
-        await eventually(lambda: consumer.stats.acked == 1, timeout=10, what="handled on retry")
+        await eventually(lambda: consumer.stats.acked == 1, within=10, what="handled on retry")
         assert consumer.stats.retried == 1
     assert seen[1].attempt == 2
     assert seen[1].headers[headers.ERROR] == "ZeroDivisionError: boom"
@@ -161,7 +161,7 @@ async def test_a_message_that_cannot_be_moved_is_given_back_by_reject_until_the_
     async with Consumer(
         pipeline.uri, pipeline.config, handle, give_back=Backoff(0.2, 1.0)
     ) as consumer:
-        await eventually(lambda: amqp.depth("notes_dlq"), timeout=40, what="dead-lettered")
+        await eventually(lambda: amqp.depth("notes_dlq"), within=40, what="dead-lettered")
         stats = consumer.stats
     wall, cpu = time.monotonic() - started, cpu_seconds() - cpu_before
     (letter,) = await amqp.drain("notes_dlq")
@@ -216,18 +216,18 @@ async def test_the_consumer_comes_back_after_a_lost_connection_and_a_cancelled_c
         # The broker closes the connection (as on a node restart or a network cut).
         await eventually(
             lambda: asyncio.to_thread(close_connections, pipeline.vhost, "msgpipe-consumer"),
-            timeout=10,
+            within=10,
             what="the consumer's connection listed",
         )
-        await eventually(lambda: consumer.stats.connections == 2, timeout=10, what="reconnected")
+        await eventually(lambda: consumer.stats.connections == 2, within=10, what="reconnected")
         await amqp.publish(b"after reconnect", message_id="a-1")
-        await eventually(lambda: handled == ["a-1"], timeout=10, what="handled after reconnect")
+        await eventually(lambda: handled == ["a-1"], within=10, what="handled after reconnect")
 
         # The queue is deleted: the broker cancels the consumer, which retries (with backoff)
         # until the pipeline is applied again.
         await amqp.channel.queue_delete("notes_queue")
-        await eventually(lambda: not consumer.consuming, timeout=10, what="cancel noticed")
+        await eventually(lambda: not consumer.consuming, within=10, what="cancel noticed")
         await pipeline.apply_async()
         await amqp.publish(b"after cancel", message_id="a-2")
-        await eventually(lambda: handled == ["a-1", "a-2"], timeout=20, what="handled after cancel")
+        await eventually(lambda: handled == ["a-1", "a-2"], within=20, what="handled after cancel")
         assert consumer.stats.connections == 3

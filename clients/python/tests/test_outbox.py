@@ -60,7 +60,11 @@ async def test_a_full_outbox_refuses_with_a_typed_error_and_frees_space_on_remov
         await outbox.append(entry(3))
         with pytest.raises(OutboxFullError):
             await outbox.append(entry(4, size=6000))
-        assert [s.entry.properties.message_id for s in await outbox.oldest()] == ["m-1", "m-2", "m-3"]
+        assert [s.entry.properties.message_id for s in await outbox.oldest()] == [
+            "m-1",
+            "m-2",
+            "m-3",
+        ]
 
 
 async def test_header_values_of_every_amqp_type_round_trip(tmp_path: Path) -> None:
@@ -76,7 +80,9 @@ async def test_header_values_of_every_amqp_type_round_trip(tmp_path: Path) -> No
         "table": {"nested": [1, "two", None]},
         "none": None,
     }
-    original = OutboxEntry("x", "k", Properties(message_id="m", headers=headers, expiration="500"), b"")
+    original = OutboxEntry(
+        "x", "k", Properties(message_id="m", headers=headers, expiration="500"), b""
+    )
     async with await Outbox.open(tmp_path / "o.sqlite3") as outbox:
         await outbox.append(original)
         (stored,) = await outbox.oldest()

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -37,14 +35,17 @@ async def test_the_first_publish_is_confirmed_with_a_time_ordered_id(
     pipeline: Pipeline, amqp: Amqp, tmp_path: Path
 ) -> None:
     async with Publisher(pipeline.uri, pipeline.config, tmp_path / "outbox") as publisher:
-        first = await publisher.publish(b"hello", headers={"tenant": "t"}, content_type="text/plain")
+        first = await publisher.publish(
+            b"hello", headers={"tenant": "t"}, content_type="text/plain"
+        )
         second = await publisher.publish(b"again", message_id="mine")
-        assert first.outcome is Outcome.CONFIRMED and second.confirmed
+        assert first.outcome is Outcome.CONFIRMED
+        assert second.confirmed
         assert publisher.outbox_size == 0
     (one, two) = await amqp.drain("notes_queue")
     assert uuid.UUID(first.message_id).version == 7
     assert (one.message_id, two.message_id) == (first.message_id, "mine")
-    assert one.delivery_mode == 2 and one.content_type == "text/plain"
+    assert (one.delivery_mode, one.content_type) == (2, "text/plain")
     assert one.headers == {"tenant": "t"}
 
 
@@ -65,7 +66,7 @@ async def test_a_publisher_started_before_its_pipeline_delivers_within_seconds_o
         applied = time.monotonic()
         await pipeline.apply_async()
         took = await eventually(
-            lambda: publisher.outbox_size == 0, timeout=10, what="the outbox delivered"
+            lambda: publisher.outbox_size == 0, within=10, what="the outbox delivered"
         )
         delivered_after = time.monotonic() - applied
         late = await publisher.publish(b"late", message_id="e-3")
@@ -73,7 +74,7 @@ async def test_a_publisher_started_before_its_pipeline_delivers_within_seconds_o
         assert publisher.stats.connections == 1, "a 404 reopens the channel, not the connection"
         await eventually(  # the management API lists connections after a stats interval
             lambda: asyncio.to_thread(publisher_connections, pipeline.vhost),
-            timeout=5,
+            within=5,
             what="the publisher's connection listed",
         )
         assert await asyncio.to_thread(publisher_connections, pipeline.vhost) == 1
@@ -100,7 +101,7 @@ async def test_returned_messages_wait_in_the_outbox_until_a_queue_is_bound(
         assert (await publisher.publish(b"r", message_id="u-1")).queued
         await asyncio.sleep(2)
         await pipeline.apply_async()
-        await eventually(lambda: publisher.outbox_size == 0, timeout=5, what="resent")
+        await eventually(lambda: publisher.outbox_size == 0, within=5, what="resent")
     assert await ids_in(amqp, "notes_queue") == ["u-0", "u-1"]
     returned = [r for r in caplog.records if "routes key 'notes' to no queue" in r.getMessage()]
     assert len(returned) == 1
@@ -128,29 +129,32 @@ async def test_queued_messages_survive_kill_9_and_are_sent_in_order_on_the_next_
     script = tmp_path / "publisher.py"
     script.write_text(KILLED_PUBLISHER)
     unreachable = "amqp://guest:guest@127.0.0.1:1/%2f"
-    child = subprocess.Popen(  # noqa: S603
-        [sys.executable, str(script), unreachable, str(pipeline.config_path), str(outbox)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        unreachable,
+        str(pipeline.config_path),
+        str(outbox),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     assert child.stdout is not None
     reported: list[str] = []
     while len(reported) < 40:
-        line = await asyncio.to_thread(child.stdout.readline)
+        line = await child.stdout.readline()
         assert line, "the publisher died early"
-        message_id, outcome = line.split()
+        message_id, outcome = line.decode().split()
         assert outcome == "queued"
         reported.append(message_id)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    child.send_signal(signal.SIGKILL)  # mid-stream: more publishes are in flight
+    assert await child.wait() == -signal.SIGKILL
 
     async with Publisher(pipeline.uri, pipeline.config, outbox) as publisher:
         assert publisher.stats.outbox_at_start >= 40
-        await eventually(lambda: publisher.outbox_size == 0, timeout=10, what="outbox sent")
+        await eventually(lambda: publisher.outbox_size == 0, within=10, what="outbox sent")
     sent = await ids_in(amqp, "notes_queue")
     assert sent[:40] == reported, "every message reported queued survived, in order"
-    assert sent == sorted(sent)
+    assert sent == sorted(str(i) for i in sent), "in publish order"
     assert len(sent) == len(set(sent))
 
 
@@ -163,13 +167,12 @@ async def test_the_outbox_drains_after_a_broker_restart(
         await asyncio.to_thread(broker_script, "stop")
         try:
             outcomes = [
-                (await publisher.publish(b"down", message_id=f"b-{i}")).outcome
-                for i in range(1, 6)
+                (await publisher.publish(b"down", message_id=f"b-{i}")).outcome for i in range(1, 6)
             ]
         finally:
             await asyncio.to_thread(broker_script, "ensure")
         assert outcomes == [Outcome.QUEUED] * 5
-        await eventually(lambda: publisher.outbox_size == 0, timeout=30, what="outbox drained")
+        await eventually(lambda: publisher.outbox_size == 0, within=30, what="outbox drained")
         assert publisher.stats.connections == 2
         assert (await publisher.publish(b"after", message_id="b-6")).confirmed
     import aio_pika
@@ -201,7 +204,7 @@ async def test_retry_pending_off_parks_the_outbox_and_on_resends_it(
 
         pipeline.write_features(retry_pending=True, retry_interval_seconds=30)
         took = await eventually(
-            lambda: publisher.outbox_size == 0, timeout=5, what="resent once switched on"
+            lambda: publisher.outbox_size == 0, within=5, what="resent once switched on"
         )
         assert took < 2
         assert live.features.retry_interval_seconds == 30
@@ -226,10 +229,14 @@ async def test_a_copy_keeps_its_id_across_the_outbox(pipeline: Pipeline, tmp_pat
     import aio_pika
 
     async with Publisher(pipeline.uri, pipeline.config, tmp_path / "o") as publisher:
-        await eventually(lambda: publisher.outbox_size == 0, timeout=10, what="resent")
+        await eventually(lambda: publisher.outbox_size == 0, within=10, what="resent")
     connection = await aio_pika.connect(pipeline.uri)
     async with connection:
         (message,) = await Amqp(connection, await connection.channel()).drain("notes_queue")
-    assert (message.message_id, message.body, message.correlation_id) == ("keep-1", b"\x00binary", "c")
+    assert (message.message_id, message.body, message.correlation_id) == (
+        "keep-1",
+        b"\x00binary",
+        "c",
+    )
     assert message.headers == {"n": 5, headers.REPLAY_COUNT: 1}
     assert (message.expiration, message.priority, message.delivery_mode) == (600.0, 2, 2)

@@ -27,7 +27,9 @@ from msgpipe.retry import (
 from tests.test_config import notes
 
 
-def config(max_attempts: int = 5, delays: tuple[int, ...] = (1000, 2000, 4000, 8000)) -> PipelineConfig:
+def config(
+    max_attempts: int = 5, delays: tuple[int, ...] = (1000, 2000, 4000, 8000)
+) -> PipelineConfig:
     tiers = [
         {
             "index": i,
@@ -46,8 +48,12 @@ def config(max_attempts: int = 5, delays: tuple[int, ...] = (1000, 2000, 4000, 8
 
 def test_a_failure_at_attempt_k_goes_to_tier_k_until_the_last_attempt() -> None:
     pipeline = config()
-    assert destination(pipeline, 1, FailureKind.RETRYABLE) == Retry("notes_queue.retry", "1", 1, 1.0)
-    assert destination(pipeline, 4, FailureKind.RETRYABLE) == Retry("notes_queue.retry", "4", 4, 8.0)
+    assert destination(pipeline, 1, FailureKind.RETRYABLE) == Retry(
+        "notes_queue.retry", "1", 1, 1.0
+    )
+    assert destination(pipeline, 4, FailureKind.RETRYABLE) == Retry(
+        "notes_queue.retry", "4", 4, 8.0
+    )
     for attempt in (5, 6, 2**32):
         assert destination(pipeline, attempt, FailureKind.RETRYABLE) == DeadLetter(
             "notes_dlq_exchange", headers.REASON_EXHAUSTED
@@ -68,7 +74,9 @@ def test_capped_attempts_share_the_last_tier_and_permanent_failures_skip_retries
     ("value", "count"),
     [(None, 0), (3, 3), (" 3 ", 3), (b"3", 3), (-4, 0), ("x", 0), (True, 0), (2**70, 2**32 - 1)],
 )
-def test_retry_count_reads_any_integer_and_digits_and_defaults_to_zero(value: Any, count: int) -> None:
+def test_retry_count_reads_any_integer_and_digits_and_defaults_to_zero(
+    value: Any, count: int
+) -> None:
     table = {} if value is None else {headers.RETRY_COUNT: value}
     assert retry_count(table) == count
 
@@ -134,7 +142,11 @@ def test_dead_letter_headers_say_why_and_route_by_the_original_key() -> None:
         delivery_routing_key="notes",
         dest=destination(pipeline, 1, FailureKind.PERMANENT),
     )
-    assert (permanent[headers.REASON], permanent[headers.ATTEMPTS], permanent[headers.RETRY_COUNT]) == (
+    assert (
+        permanent[headers.REASON],
+        permanent[headers.ATTEMPTS],
+        permanent[headers.RETRY_COUNT],
+    ) == (
         headers.REASON_PERMANENT,
         1,
         0,
@@ -180,7 +192,13 @@ def test_copies_are_persistent_lose_their_expiration_and_keep_everything_else() 
     assert copy.expiration is None
     assert copy.delivery_mode == 2
     assert copy.headers[headers.ORIGINAL_EXPIRATION] == "60000"
-    assert (copy.message_id, copy.content_type, copy.correlation_id, copy.priority, copy.app_id) == (
+    assert (
+        copy.message_id,
+        copy.content_type,
+        copy.correlation_id,
+        copy.priority,
+        copy.app_id,
+    ) == (
         "m-1",
         "text/plain",
         "c-1",
