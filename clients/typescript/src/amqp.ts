@@ -161,7 +161,6 @@ export class ConfirmedChannel {
     if (this.#drain !== undefined) await this.#drain;
     if (this.#closed) throw this.#closeFailure();
     return new Promise<void>((resolve, reject) => {
-      let timer: NodeJS.Timeout | undefined;
       const pending: Pending = {
         messageId: options.messageId,
         exchange,
@@ -178,7 +177,7 @@ export class ConfirmedChannel {
         },
       };
       this.#pending.add(pending);
-      timer = setTimeout(
+      const timer = setTimeout(
         () => pending.reject(new PublishFailure('timeout', `no confirm within ${timeoutMs / 1000}s`)),
         timeoutMs,
       );
@@ -190,7 +189,7 @@ export class ConfirmedChannel {
             pending.reject(new PublishFailure('returned', `unroutable: exchange ${exchange} has no binding for routing key ${routingKey} (returned)`));
           } else if (err === null || err === undefined) {
             pending.resolve();
-          } else if (this.#closed || String((err as Error).message ?? '') === 'channel closed') {
+          } else if (this.#closed || (err as Error).message === 'channel closed') {
             pending.reject(this.#closeFailure());
           } else {
             pending.reject(new PublishFailure('nacked', 'the broker nacked the message'));

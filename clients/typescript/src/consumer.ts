@@ -62,7 +62,8 @@ export class Message {
     return this.#delivery.content.toString('utf8');
   }
 
-  /** The body parsed as JSON. */
+  /** The body parsed as JSON (not validated: check it, and throw a PermanentError when it is wrong). */
+  // eslint-disable-next-line @typescript-eslint/no-unnecessary-type-parameters -- the usual shape of a typed JSON accessor
   json<T = unknown>(): T {
     return JSON.parse(this.text()) as T;
   }
@@ -72,7 +73,7 @@ export class Message {
   }
 
   get headers(): HeaderTable {
-    return (this.#delivery.properties.headers ?? {}) as HeaderTable;
+    return this.#delivery.properties.headers ?? {};
   }
 
   /** A header as text (e.g. `Headers.ERROR`), when it is one. */
@@ -257,6 +258,11 @@ export class Consumer {
     await this.#runPromise;
   }
 
+  /** A call, not a property read: TypeScript would narrow a property across awaits. */
+  #stopped(): boolean {
+    return this.#stop.signal.aborted;
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
     await this.stop();
   }
@@ -275,7 +281,7 @@ export class Consumer {
       } catch (error) {
         reason = describe(error);
       }
-      if (signal.aborted) {
+      if (this.#stopped()) {
         await closeQuietly(model);
         break;
       }

@@ -72,7 +72,7 @@ function encodeOptions(options: Options.Publish): string {
 function decodeOptions(text: string): Options.Publish & { messageId: string } {
   return JSON.parse(text, (_key, value: unknown) => {
     if (typeof value === 'object' && value !== null && '$buffer' in value) {
-      const encoded = (value as { $buffer: unknown }).$buffer;
+      const encoded = value.$buffer;
       if (typeof encoded === 'string') return Buffer.from(encoded, 'base64');
     }
     return value;

@@ -297,6 +297,11 @@ export class Publisher {
     if (this.#ownsConfig) this.#config.close();
   }
 
+  /** A call, not a property read: TypeScript would narrow a property across awaits. */
+  #stopped(): boolean {
+    return this.#stop.signal.aborted;
+  }
+
   async [Symbol.asyncDispose](): Promise<void> {
     await this.close();
   }
@@ -334,7 +339,7 @@ export class Publisher {
           await sleep(backoff.nextWait(), signal);
           continue;
         }
-        if (signal.aborted) break;
+        if (this.#stopped()) break;
         if (downSince !== undefined) {
           this.#logger.info('publisher reconnected', { down_ms: Date.now() - downSince });
           downSince = undefined;
@@ -348,7 +353,7 @@ export class Publisher {
         model.once('close', () => resolve());
         signal.addEventListener('abort', () => resolve(), { once: true });
       });
-      if (signal.aborted) break;
+      if (this.#stopped()) break;
       if (this.#model === model) {
         this.#model = undefined;
         this.#channel = undefined;
@@ -497,7 +502,7 @@ export class Publisher {
       this.#intervalFrom = undefined;
       if (!this.#config.features.retry_pending || this.#outbox.isEmpty) continue; // parked or empty: wait for an event
       const result = await this.#resendRounds();
-      if (signal.aborted) break;
+      if (this.#stopped()) break;
       if (result === 'refused') {
         if (this.#dueAt === Number.POSITIVE_INFINITY) this.#planProbe();
       } else if (result === 'unreachable') {
