@@ -109,7 +109,7 @@ async def test_a_flag_flipped_by_a_symlink_swap_is_seen_and_a_bad_file_is_ignore
     path = tmp_path / "pipeline.json"
     path.symlink_to("..data/pipeline.json")
     changes: list[tuple[bool, bool]] = []
-    async with await LiveConfig.watch(path, poll_interval=0.02) as live:
+    async with LiveConfig.watch(path, poll_interval=0.02) as live:
         live.add_listener(
             lambda old, new: changes.append(
                 (old.features.retry_pending, new.features.retry_pending)

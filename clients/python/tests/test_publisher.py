@@ -190,7 +190,7 @@ async def test_retry_pending_off_parks_the_outbox_and_on_resends_it(
 
     pipeline = make_pipeline(apply=False, retry_pending=False, retry_interval_seconds=1)
     async with (
-        await LiveConfig.watch(pipeline.config_path, poll_interval=0.1) as live,
+        LiveConfig.watch(pipeline.config_path, poll_interval=0.1) as live,
         Publisher(pipeline.uri, live, tmp_path / "outbox") as publisher,
     ):
         parked = await publisher.publish(b"parked", message_id="f-0")

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from .config import ConfigError, Features, PipelineConfig, config_path_from_env
 
@@ -50,20 +50,31 @@ class LiveConfig:
         return cls(config)
 
     @classmethod
-    async def watch(
+    def watch(
         cls,
         path: str | os.PathLike[str] | None = None,
         *,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-    ) -> LiveConfig:
+    ) -> _Watch:
         """Reads ``path`` (default: ``$MSGPIPE_PIPELINE_CONFIG``) now, failing with
         :class:`~msgpipe.ConfigError` if it is missing or invalid, and re-reads it every
-        ``poll_interval`` seconds until :meth:`aclose`."""
-        file = Path(path) if path is not None else config_path_from_env()
+        ``poll_interval`` seconds until :meth:`aclose`. Await it, or use it as an async
+        context manager that stops the polling on exit::
+
+            config = await LiveConfig.watch("/etc/msgpipe/pipeline.json")
+            async with LiveConfig.watch() as config:
+                ...
+        """
+        file = Path(path) if path is not None else None
+        return _Watch(cls, file, max(poll_interval, 0.01))
+
+    @classmethod
+    async def _start(cls, path: Path | None, poll_interval: float) -> LiveConfig:
+        file = path if path is not None else config_path_from_env()
         text = await asyncio.to_thread(_read, file)
         live = cls(PipelineConfig.from_json(text, str(file)))
         live._task = asyncio.create_task(
-            live._poll(file, text, max(poll_interval, 0.01)), name="msgpipe-config-watch"
+            live._poll(file, text, poll_interval), name="msgpipe-config-watch"
         )
         return live
 
@@ -136,6 +147,32 @@ class LiveConfig:
                 log.warning("ignoring the new pipeline.json, keeping the last good one: %s", error)
                 continue
             self.replace(config)
+
+
+class _Watch:
+    """What :meth:`LiveConfig.watch` returns: awaitable, and an async context manager."""
+
+    def __init__(self, cls: type[LiveConfig], path: Path | None, poll_interval: float) -> None:
+        self._cls = cls
+        self._path = path
+        self._poll_interval = poll_interval
+        self._live: LiveConfig | None = None
+
+    def __await__(self) -> Generator[Any, None, LiveConfig]:
+        return self._cls._start(self._path, self._poll_interval).__await__()
+
+    async def __aenter__(self) -> LiveConfig:
+        self._live = await self
+        return self._live
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            await self._live.aclose()
 
 
 def _read(file: Path) -> str:

@@ -11,16 +11,21 @@ outbox only after its resend is confirmed.
 When the outbox is resent, oldest first (``retry_pending`` and ``retry_interval_seconds`` are
 read live from ``pipeline.json``):
 
-- as soon as the link comes (back) up, after a random pause of at most ``resend_jitter``
-  (so a fleet of publishers does not stampede a broker that just came back), and when
-  ``retry_pending`` is switched on;
-- every ``retry_interval_seconds`` while messages remain;
-- **while the pipeline's route is missing** (the exchange does not exist yet, or routes the
-  message to no queue), on a short backoff of its own (``route_retry``: 0.5 s doubling to
-  4 s): one message is tried per step, so the outbox is delivered within seconds of
-  ``msgpipe apply`` (or the operator) creating the topology. That is logged once, at warning
-  level, when it starts. A missing exchange closes the channel, not the connection: only the
-  channel is reopened, never the connection.
+- when the publisher starts and as soon as the link comes (back) up, after a random pause of
+  at most ``resend_jitter`` (so a fleet of publishers does not stampede a broker that just came
+  back), and when ``retry_pending`` is switched on;
+- every ``retry_interval_seconds`` while messages remain after a round that could not reach
+  the broker;
+- **while the exchange is missing** (a publisher started before its pipeline exists): the
+  broker answers a publish with a channel close (404). That is said once, at warning level;
+  the connection is kept (only the channel is reopened) and the oldest message is resent as a
+  probe on a backoff of its own (``route_retry``: 0.5 s doubling to 4 s, no log line per
+  probe). Once a probe goes through the whole outbox follows, so it is delivered within
+  seconds of ``msgpipe apply`` (or the operator) creating the topology;
+- messages the broker returns (no queue bound for the key) or nacks (a queue refused it) stay
+  in the outbox while later ones go on, and are retried on a backoff (``refused_retry``:
+  0.5 s doubling to 30 s, starting over after a round without refusals), logged once per
+  streak.
 
 ``retry_pending: false`` parks the outbox, not the publisher: its messages wait on disk, and
 fresh publishes go straight to the broker instead of queueing behind messages that will not
