@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import time
 
@@ -204,7 +205,7 @@ def close_connections(vhost: str, name: str) -> int:
 
 
 async def test_the_consumer_comes_back_after_a_lost_connection_and_a_cancelled_consumer(
-    pipeline: Pipeline, amqp: Amqp
+    pipeline: Pipeline, amqp: Amqp, caplog: pytest.LogCaptureFixture
 ) -> None:
     handled: list[str | None] = []
 
@@ -225,8 +226,14 @@ async def test_the_consumer_comes_back_after_a_lost_connection_and_a_cancelled_c
 
         # The queue is deleted: the broker cancels the consumer, which retries (with backoff)
         # until the pipeline is applied again.
+        caplog.set_level(logging.WARNING, logger="msgpipe.consumer")
+        caplog.clear()
         await amqp.channel.queue_delete("notes_queue")
         await eventually(lambda: not consumer.consuming, within=10, what="cancel noticed")
+        await asyncio.sleep(3)  # the queue is missing: every session dies at once
+        retries = [r for r in caplog.records if "lost its broker connection" in r.getMessage()]
+        # 0.2 + 0.4 + 0.8 + 1.6 s: the backoff keeps growing, no reconnect loop.
+        assert 2 <= len(retries) <= 6, [r.getMessage() for r in retries]
         await pipeline.apply_async()
         await amqp.publish(b"after cancel", message_id="a-2")
         await eventually(lambda: handled == ["a-1", "a-2"], within=20, what="handled after cancel")

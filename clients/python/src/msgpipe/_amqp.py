@@ -166,7 +166,7 @@ async def connect(
             )
     except TimeoutError:
         raise ConnectError(f"cannot connect: no answer within {within:g} s") from None
-    except (OSError, aiormq.exceptions.AMQPError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever it was, the caller retries
         raise ConnectError(f"cannot connect: {redact(describe(error), uri)}") from None
 
 

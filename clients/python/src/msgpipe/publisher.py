@@ -466,7 +466,11 @@ class Publisher:
             if self._soon:
                 self._soon = False
                 await self._sleep_unless_stopping(random.uniform(0, self._resend_jitter))  # noqa: S311
-            end, refused = await self._drain(outbox)
+            try:
+                end, refused = await self._drain(outbox)
+            except Exception:  # the outbox stays; the next round tries again
+                log.exception("resend round failed")
+                end, refused = _Drain.BROKEN, []
             now = loop.time()
             refused_until = 0.0
             if end is _Drain.ROUTE_MISSING and self._route is not None:
