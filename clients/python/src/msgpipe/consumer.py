@@ -287,7 +287,7 @@ class Consumer:
             if healthy or self.stats.settled > settled_before:
                 steps.reset()
             wait = steps.next()
-            log.warning("consumer lost its broker connection (%s); retry in %.1f s", reason, wait)
+            log.warning("consumer session ended (%s); reconnecting in %.1f s", reason, wait)
             await self._sleep_unless_stopping(wait)
         await self._wait_for_handlers()
         return self.stats

@@ -237,7 +237,7 @@ class Publisher:
         self._remove_listener = self._config.add_listener(self._on_config_change)
         self._tasks = [
             asyncio.create_task(self._maintain_link(first), name="msgpipe-publisher-link"),
-            asyncio.create_task(self._resend_loop(), name="msgpipe-publisher-resend"),
+            asyncio.create_task(self._resend_loop(self._outbox), name="msgpipe-publisher-resend"),
         ]
         return self
 
@@ -290,9 +290,10 @@ class Publisher:
         config = self._config.current
         exchange = config.exchange if exchange is None else exchange
         routing_key = config.routing_key if routing_key is None else routing_key
-        properties = _stamp(properties or Properties(), message_id, headers, content_type)
+        properties, message_id = _stamp(
+            properties or Properties(), message_id, headers, content_type
+        )
         _check(exchange, routing_key, properties)
-        assert properties.message_id is not None  # noqa: S101 - _stamp sets it
         behind_outbox = len(outbox) > 0 and self._config.features.retry_pending
         copies = self._copies
         if not behind_outbox and copies is not None:
@@ -305,14 +306,14 @@ class Publisher:
             else:
                 self.stats.confirmed += 1
                 self._route_is_back(exchange)
-                return Published(properties.message_id, Outcome.CONFIRMED)
+                return Published(message_id, Outcome.CONFIRMED)
         try:
             await outbox.append(OutboxEntry(exchange, routing_key, properties, body))
         except OutboxError as error:
             raise PublishError(f"the broker did not take the message, and {error}") from error
         self.stats.queued += 1
         self._wake_resender()  # it decides whether now is the time (link, flags, backoffs)
-        return Published(properties.message_id, Outcome.QUEUED)
+        return Published(message_id, Outcome.QUEUED)
 
     # The link: one connection, reconnected with capped backoff.
 
@@ -442,9 +443,7 @@ class Publisher:
         elif new.features != old.features:
             self._wake_resender()
 
-    async def _resend_loop(self) -> None:
-        outbox = self._outbox
-        assert outbox is not None  # noqa: S101 - started
+    async def _resend_loop(self, outbox: Outbox) -> None:
         loop = asyncio.get_running_loop()
         due = loop.time() + self._interval()
         refused_until = 0.0
@@ -582,19 +581,20 @@ def _stamp(
     message_id: str | None,
     headers: Mapping[str, Any] | None,
     content_type: str | None,
-) -> Properties:
+) -> tuple[Properties, str]:
+    """The properties to send, with a message id (the caller's, or a new UUID v7) and
+    persistence unless the caller chose otherwise; and that id."""
     changes: dict[str, Any] = {}
-    if message_id is not None:
+    message_id = message_id or properties.message_id or str(uuid7())
+    if message_id != properties.message_id:
         changes["message_id"] = message_id
-    elif properties.message_id is None:
-        changes["message_id"] = str(uuid7())
     if headers is not None:
         changes["headers"] = dict(headers)
     if content_type is not None:
         changes["content_type"] = content_type
     if properties.delivery_mode is None:
         changes["delivery_mode"] = PERSISTENT
-    return properties.with_changes(**changes) if changes else properties
+    return (properties.with_changes(**changes) if changes else properties), message_id
 
 
 def _check(exchange: str, routing_key: str, properties: Properties) -> None:
