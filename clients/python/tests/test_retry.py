@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import pamqp.decode
 import pamqp.encode
 import pytest
 
@@ -167,6 +168,15 @@ def test_counts_go_on_the_wire_as_amqp_long_long() -> None:
     assert encoded.endswith(b"l" + (2).to_bytes(8, "big"))
     # Plain integers of users' own headers keep pamqp's own encoding.
     assert pamqp.encode.field_table({"n": 2}).endswith(b"b\x02")
+
+
+def test_a_header_pamqp_decodes_to_bytes_can_be_written_back() -> None:
+    raw = b"\xff\xfe not utf-8"
+    wire = b"S" + len(raw).to_bytes(4, "big") + raw
+    table = len(b"\x01k" + wire).to_bytes(4, "big") + b"\x01k" + wire
+    _, decoded = pamqp.decode.field_table(table)
+    assert decoded == {"k": raw}
+    assert pamqp.encode.field_table(decoded) == table
 
 
 def test_long_errors_are_cut_at_a_character_boundary() -> None:

@@ -53,19 +53,24 @@ class Int64(int):
     smallest integer type for a plain ``int``.)"""
 
 
-def _encode_int64_as_long_long() -> None:
-    """Teaches pamqp's table encoder :class:`Int64`; every other value encodes as before."""
+def _teach_pamqp_table_values() -> None:
+    """Wraps pamqp's table encoder for two values it cannot write as msgpipe needs:
+    :class:`Int64` (as ``l``), and ``bytes``, which is what pamqp itself decodes a long-string
+    header that is not UTF-8 into, and then refuses to encode (so a copy of such a message
+    could never be published). Every other value encodes as before."""
     original = pamqp_encode.encode_table_value
 
     def encode_table_value(value: Any) -> bytes:
         if type(value) is Int64:
             return b"l" + pamqp_encode.long_long_int(int(value))
+        if type(value) is bytes:
+            return b"S" + len(value).to_bytes(4, "big") + value
         return original(value)
 
     pamqp_encode.encode_table_value = encode_table_value
 
 
-_encode_int64_as_long_long()
+_teach_pamqp_table_values()
 
 
 @dataclass(frozen=True, slots=True)
