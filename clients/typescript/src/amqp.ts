@@ -40,6 +40,8 @@ export class PublishFailure extends Error {
 export async function openConnection(uri: string, name: string, timeoutMs: number): Promise<ChannelModel> {
   const attempt = connect(uri, {
     timeout: timeoutMs,
+    // Acks, confirms and small publishes must not wait for Nagle's algorithm (as the broker's own sockets).
+    noDelay: true,
     clientProperties: { connection_name: name, product: '@msgpipe/client' },
   });
   let model: ChannelModel;
@@ -82,6 +84,9 @@ interface Pending {
   readonly messageId: string;
   readonly exchange: string;
   readonly routingKey: string;
+  /** When the confirm is overdue (ms since the epoch). */
+  readonly deadline: number;
+  readonly timeoutMs: number;
   resolve(): void;
   reject(failure: PublishFailure): void;
 }
@@ -102,6 +107,7 @@ export class ConfirmedChannel {
   #closeError: (Error & { code?: number }) | undefined;
   #closed = false;
   #drain: Promise<void> | undefined;
+  #sweep: NodeJS.Timeout | undefined;
   readonly #onClose: Array<(error: (Error & { code?: number }) | undefined) => void> = [];
 
   private constructor(channel: ConfirmChannel) {
@@ -115,13 +121,12 @@ export class ConfirmedChannel {
     });
     channel.on('close', () => {
       this.#closed = true;
+      clearInterval(this.#sweep);
+      this.#sweep = undefined;
       const failure = this.#closeFailure();
       for (const pending of this.#pending) pending.reject(failure);
       this.#pending.clear();
       for (const listener of this.#onClose) listener(this.#closeError);
-    });
-    channel.on('drain', () => {
-      this.#drain = undefined;
     });
   }
 
@@ -151,60 +156,51 @@ export class ConfirmedChannel {
    * Publishes with `mandatory` and waits for the confirm (at most `timeoutMs`). `options.messageId`
    * must be set.
    */
-  async publish(
-    exchange: string,
-    routingKey: string,
-    body: Buffer,
-    options: Options.Publish & { messageId: string },
-    timeoutMs: number,
-  ): Promise<void> {
-    if (this.#drain !== undefined) await this.#drain;
-    if (this.#closed) throw this.#closeFailure();
+  publish(exchange: string, routingKey: string, body: Buffer, options: Options.Publish & { messageId: string }, timeoutMs: number): Promise<void> {
+    if (this.#drain !== undefined) {
+      // The socket buffer is full: wait for it to drain, keeping publish order.
+      const drained = this.#drain;
+      return drained.then(() => this.publish(exchange, routingKey, body, options, timeoutMs));
+    }
+    if (this.#closed) return Promise.reject(this.#closeFailure());
     return new Promise<void>((resolve, reject) => {
       const pending: Pending = {
         messageId: options.messageId,
         exchange,
         routingKey,
-        resolve: () => {
-          clearTimeout(timer);
-          this.#pending.delete(pending);
-          resolve();
-        },
-        reject: (failure) => {
-          clearTimeout(timer);
-          this.#pending.delete(pending);
-          reject(failure);
-        },
+        deadline: Date.now() + timeoutMs,
+        timeoutMs,
+        resolve,
+        reject,
       };
       this.#pending.add(pending);
-      const timer = setTimeout(
-        () => pending.reject(new PublishFailure('timeout', `no confirm within ${timeoutMs / 1000}s`)),
-        timeoutMs,
-      );
+      this.#armSweep(timeoutMs);
       let writable: boolean;
       try {
         writable = this.#channel.publish(exchange, routingKey, body, { ...options, mandatory: true }, (err: unknown) => {
-          if (!this.#pending.has(pending)) return; // timed out, or failed by the close handler
+          if (!this.#pending.delete(pending)) return; // timed out, or failed by the close handler
           if (this.#takeReturn(options.messageId)) {
-            pending.reject(new PublishFailure('returned', `unroutable: exchange ${exchange} has no binding for routing key ${routingKey} (returned)`));
+            reject(new PublishFailure('returned', `unroutable: exchange ${exchange} has no binding for routing key ${routingKey} (returned)`));
           } else if (err === null || err === undefined) {
-            pending.resolve();
+            resolve();
           } else if (this.#closed || (err as Error).message === 'channel closed') {
-            pending.reject(this.#closeFailure());
+            reject(this.#closeFailure());
           } else {
-            pending.reject(new PublishFailure('nacked', 'the broker nacked the message'));
+            reject(new PublishFailure('nacked', 'the broker nacked the message'));
           }
         });
       } catch (error) {
         // amqplib throws at once on a closed channel, and on a frame it cannot encode.
-        pending.reject(this.#closed ? this.#closeFailure() : new PublishFailure('closed', describe(error)));
+        this.#pending.delete(pending);
+        reject(this.#closed ? this.#closeFailure() : new PublishFailure('closed', describe(error)));
         return;
       }
-      if (!writable && this.#drain === undefined) {
-        this.#drain = new Promise<void>((done) => {
+      if (!writable) {
+        this.#drain ??= new Promise<void>((done) => {
           const finish = (): void => {
             this.#channel.off('drain', finish);
             this.#channel.off('close', finish);
+            this.#drain = undefined;
             done();
           };
           this.#channel.on('drain', finish);
@@ -212,6 +208,27 @@ export class ConfirmedChannel {
         });
       }
     });
+  }
+
+  /**
+   * One timer for all confirm deadlines (not one per message): pending publishes are kept in
+   * publish order, so the sweep stops at the first one still in time.
+   */
+  #armSweep(timeoutMs: number): void {
+    if (this.#sweep !== undefined) return;
+    const every = Math.max(10, Math.min(250, Math.floor(timeoutMs / 10)));
+    this.#sweep = setInterval(() => {
+      const now = Date.now();
+      for (const pending of this.#pending) {
+        if (pending.deadline > now) break;
+        this.#pending.delete(pending);
+        pending.reject(new PublishFailure('timeout', `no confirm within ${pending.timeoutMs / 1000}s`));
+      }
+      if (this.#pending.size === 0) {
+        clearInterval(this.#sweep);
+        this.#sweep = undefined;
+      }
+    }, every);
   }
 
   #takeReturn(messageId: string): boolean {

@@ -154,7 +154,9 @@ export class Publisher {
   /** When set, the next round is due `retry_interval_seconds` after this (read live, F-2). */
   #intervalFrom: number | undefined;
   #wake: (() => void) | undefined;
-  readonly #inFlight = new Set<Promise<unknown>>();
+  /** Publishes in progress, and who waits for them to end (close). */
+  #inFlight = 0;
+  #quiet: Array<() => void> = [];
   #tasks: Promise<void>[] = [];
   #closed = false;
 
@@ -215,9 +217,13 @@ export class Publisher {
    * store failed): the caller still owns the message.
    */
   publishTo(exchange: string, routingKey: string, body: Buffer | Uint8Array | string, options: PublishOptions = {}): Promise<PublishResult> {
+    this.#inFlight += 1;
+    const done = (): void => {
+      this.#inFlight -= 1;
+      if (this.#inFlight === 0) for (const resolve of this.#quiet.splice(0)) resolve();
+    };
     const task = this.#publish(exchange, routingKey, body, options);
-    this.#inFlight.add(task);
-    void task.finally(() => this.#inFlight.delete(task)).catch(() => undefined);
+    task.then(done, done);
     return task;
   }
 
@@ -241,7 +247,8 @@ export class Publisher {
     const routeDown = this.#missing !== undefined && (retryPending || Date.now() < this.#missing.nextProbeAt);
     if (!behindOutbox && !routeDown) {
       const probing = this.#missing !== undefined;
-      const channel = await this.#usableChannel();
+      const ready = this.#channel;
+      const channel = ready !== undefined && !ready.closed ? ready : await this.#usableChannel();
       if (channel !== undefined) {
         try {
           await channel.publish(exchange, routingKey, content, publishOptions, this.#confirmTimeoutMs);
@@ -285,7 +292,7 @@ export class Publisher {
     this.#closed = true;
     this.#config.off('features', this.#onFeatures);
     // Publishes in flight end confirmed or queued before the outbox closes.
-    await Promise.allSettled([...this.#inFlight]);
+    if (this.#inFlight > 0) await new Promise<void>((resolve) => this.#quiet.push(resolve));
     this.#stop.abort();
     this.#wake?.();
     await Promise.allSettled(this.#tasks);
