@@ -28,7 +28,13 @@ find_python() {
 if [ ! -x "$VENV/bin/python" ]; then
   "$(find_python)" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$HERE[test]"
+# An editable install: source changes need no reinstall; a changed pyproject.toml does.
+STAMP=$VENV/.msgpipe-pyproject.sha256
+WANT=$(sha256sum "$HERE/pyproject.toml" | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$HERE[test]"
+  echo "$WANT" > "$STAMP"
+fi
 
 if [ -z "${MSGPIPE_BIN:-}" ] && [ ! -x "$REPO/target/debug/msgpipe" ]; then
   (cd "$REPO" && cargo build --quiet --bin msgpipe)

@@ -151,10 +151,13 @@ async def test_queued_messages_survive_kill_9_and_are_sent_in_order_on_the_next_
 
     async with Publisher(pipeline.uri, pipeline.config, outbox) as publisher:
         assert publisher.stats.outbox_at_start >= 40
+        newest = await publisher.publish(b"after the restart", message_id="z-after")
+        assert newest.queued, "a new message queues behind a non-empty outbox"
         await eventually(lambda: publisher.outbox_size == 0, within=10, what="outbox sent")
     sent = await ids_in(amqp, "notes_queue")
     assert sent[:40] == reported, "every message reported queued survived, in order"
-    assert sent == sorted(str(i) for i in sent), "in publish order"
+    assert sent == sorted(str(i) for i in sent), "in publish order, the new one last"
+    assert sent[-1] == "z-after"
     assert len(sent) == len(set(sent))
 
 
