@@ -3,6 +3,8 @@
 # against a real RabbitMQ 4.3 node (scripts/test-broker.sh ensure msgpipe-python 5701) with
 # pipelines provisioned by target/debug/msgpipe apply. Exits non-zero on any failure.
 #   clients/python/run-tests.sh [pytest args...]
+#   clients/python/run-tests.sh --setup     # only create the venv and install (for the
+#                                           # conformance shim: .venv/bin/python -m msgpipe._shim)
 # Creates clients/python/.venv (Python >= 3.11) on first use and installs the package with its
 # test extras from PyPI. Builds target/debug/msgpipe only if it is missing (MSGPIPE_BIN
 # points the tests at another binary).
@@ -34,6 +36,10 @@ WANT=$(sha256sum "$HERE/pyproject.toml" | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --editable "$HERE[test]"
   echo "$WANT" > "$STAMP"
+fi
+
+if [ "${1:-}" = "--setup" ]; then
+  exit 0
 fi
 
 if [ -z "${MSGPIPE_BIN:-}" ] && [ ! -x "$REPO/target/debug/msgpipe" ]; then
