@@ -10,6 +10,8 @@
 See the README for usage and the delivery guarantees.
 """
 
+import logging
+
 from . import headers
 from ._amqp import FailureKind, Properties, PublishFailure
 from .backoff import Backoff
@@ -75,3 +77,6 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# A library leaves logging to the application: without its configuration, nothing is printed.
+logging.getLogger("msgpipe").addHandler(logging.NullHandler())
