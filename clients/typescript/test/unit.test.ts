@@ -5,7 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 
-import { ConfigError, Headers, LiveConfig, type PipelineConfig, parsePipelineConfig, redactUri, retryCount, silentLogger, tierForAttempt, uuidv7 } from '../src/index.js';
+import { inspect } from 'node:util';
+
+import { ConfigError, Consumer, Headers, LiveConfig, Publisher, type PipelineConfig, parsePipelineConfig, redactUri, retryCount, silentLogger, tierForAttempt, uuidv7 } from '../src/index.js';
 import { Outbox, OutboxFullError } from '../src/outbox.js';
 import { copyOptions, destinationFor, failureHeaders, truncateUtf8 } from '../src/retry.js';
 
@@ -210,6 +212,31 @@ describe('ids and logs', () => {
     ] as const) {
       assert.equal(redactUri(uri), shown);
     }
+  });
+});
+
+describe('offline', () => {
+  test('a publisher with no broker starts offline and queues; no output shows the password (P-3, L-1)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'msgpipe-offline-'));
+    const lines: string[] = [];
+    const keep = (message: string, fields?: object): void => {
+      lines.push(`${message} ${JSON.stringify(fields ?? {})}`);
+    };
+    const logger = { debug: keep, info: keep, warn: keep, error: keep };
+    // Port 9 (discard): nothing listens.
+    const uri = 'amqp://notes:s3cr3t-Pa55word@127.0.0.1:9/%2f';
+    const publisher = await Publisher.start({ uri, config: config(), outboxPath: join(dir, 'outbox.db'), logger, connectTimeoutMs: 500 });
+    const result = await publisher.publish('kept');
+    assert.equal(result.outcome, 'queued');
+    assert.equal(publisher.outboxSize, 1);
+    const consumer = new Consumer({ uri, config: config(), logger });
+    for (const shown of [inspect(publisher, { showHidden: true, depth: 9 }), inspect(consumer, { showHidden: true, depth: 9 }), ...lines]) {
+      assert.ok(!shown.includes('s3cr3t'), shown);
+    }
+    assert.ok(lines.some((l) => l.includes('publisher starts offline')));
+    await publisher.close();
+    await consumer.stop();
+    rmSync(dir, { recursive: true, force: true });
   });
 });
 
