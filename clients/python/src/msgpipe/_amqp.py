@@ -23,6 +23,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import aio_pika
@@ -122,7 +123,7 @@ class Properties:
         """The properties of a delivered message, as they came."""
         return cls(
             message_id=properties.message_id,
-            headers=dict(properties.headers or {}),
+            headers=MappingProxyType(dict(properties.headers or {})),  # read-only for handlers
             content_type=properties.content_type,
             content_encoding=properties.content_encoding,
             delivery_mode=properties.delivery_mode,
