@@ -13,6 +13,7 @@ import base64
 import inspect
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
@@ -60,19 +61,78 @@ def mgmt(method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = ()) 
     return json.loads(text) if text else None
 
 
+TLS_PORT = PORT + 1
+CERTS = Path(os.environ.get("MSGPIPE_TEST_BROKER_DIR", "/tmp")) / NODE / "certs"  # noqa: S108
+"""A CA and a server certificate for 127.0.0.1 (made with openssl), in the node's data
+directory, which test-broker.sh hands to the rabbitmq user when the node starts."""
+
+
+def tls_conf() -> str:
+    return "\n".join(
+        [
+            f"listeners.ssl.default = 127.0.0.1:{TLS_PORT}",
+            f"ssl_options.cacertfile = {CERTS / 'ca.crt'}",
+            f"ssl_options.certfile = {CERTS / 'server.crt'}",
+            f"ssl_options.keyfile = {CERTS / 'server.key'}",
+            "ssl_options.verify = verify_none",
+            "ssl_options.fail_if_no_peer_cert = false",
+        ]
+    )
+
+
 def broker_script(command: str) -> None:
+    """``scripts/test-broker.sh COMMAND`` for the node, with its TLS listener."""
     subprocess.run(  # noqa: S603
         [str(BROKER_SCRIPT), command, NODE, str(PORT)],
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=300,
+        env=dict(os.environ, MSGPIPE_TEST_BROKER_EXTRA_CONF=tls_conf()),
     )
+
+
+def make_certificates() -> None:
+    """A self-signed CA, and a server certificate it signs for 127.0.0.1 and localhost."""
+    CERTS.mkdir(parents=True, exist_ok=True)
+    (CERTS / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+    )
+    for command in (
+        "req -x509 -newkey rsa:2048 -nodes -days 3650 -keyout ca.key -out ca.crt"
+        " -subj /CN=msgpipe-python-test-CA -addext basicConstraints=critical,CA:TRUE"
+        " -addext keyUsage=critical,keyCertSign,cRLSign",
+        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
+        "x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650"
+        " -extfile server.ext -out server.crt",
+    ):
+        subprocess.run(  # noqa: S603
+            ["openssl", *command.split()],  # noqa: S607 - the Debian package openssl
+            cwd=CERTS,
+            check=True,
+            capture_output=True,
+        )
+
+
+def tls_listening() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", TLS_PORT), timeout=2).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session")
 def broker() -> str:
-    """Starts (or finds running) the RabbitMQ node; returns its management URL."""
+    """Starts (or finds running) the RabbitMQ node, with a TLS listener on port + 1; returns
+    its management URL."""
+    if not (CERTS / "server.crt").exists():
+        broker_script("stop")  # the next start hands the new files to the rabbitmq user
+        make_certificates()
     broker_script("ensure")
+    if not tls_listening():  # a node started without the TLS listener
+        broker_script("stop")
+        broker_script("ensure")
     version = mgmt("GET", "/overview")["rabbitmq_version"]
     assert version.startswith("4.3"), f"the test node runs RabbitMQ {version}, not 4.3"
     assert MSGPIPE.exists(), f"{MSGPIPE} is missing: run `cargo build --bin msgpipe`"

@@ -14,7 +14,7 @@ import pytest
 
 from msgpipe import Outcome, Publisher, headers
 
-from .conftest import Amqp, MakePipeline, Pipeline, broker_script, eventually, mgmt, quote
+from .conftest import PORT, Amqp, MakePipeline, Pipeline, broker_script, eventually, mgmt, quote
 
 pytestmark = pytest.mark.broker
 
@@ -243,3 +243,50 @@ async def test_a_copy_keeps_its_id_across_the_outbox(pipeline: Pipeline, tmp_pat
     )
     assert message.headers == {"n": 5, headers.REPLAY_COUNT: 1}
     assert (message.expiration, message.priority, message.delivery_mode) == (600.0, 2, 2)
+
+
+async def test_idle_clients_do_not_spin(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A connected consumer and publisher, and an offline publisher with a non-empty outbox,
+    wait on events and timers: next to no CPU while nothing happens."""
+    import resource
+
+    from msgpipe import Consumer, Message
+
+    async def handle(message: Message) -> None:
+        return None
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    offline = Publisher(
+        "amqp://guest:guest@127.0.0.1:1/%2f", pipeline.config, tmp_path / "o1", connect_timeout=0.3
+    )
+    async with (
+        Consumer(pipeline.uri, pipeline.config, handle) as consumer,
+        Publisher(pipeline.uri, pipeline.config, tmp_path / "o2") as publisher,
+        offline,
+    ):
+        await consumer.wait_consuming()
+        assert (await publisher.publish(b"x")).confirmed
+        assert (await offline.publish(b"y")).queued
+        before = cpu()
+        await asyncio.sleep(2)
+        used = cpu() - before
+    assert used < 0.2, f"{used:.2f} s of CPU in 2 s of idling"
+
+
+async def test_amqps_with_the_ca_file_is_confirmed_and_without_it_stays_offline(
+    pipeline: Pipeline, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from .conftest import CERTS, TLS_PORT
+
+    uri = pipeline.uri.replace("amqp://", "amqps://").replace(f":{PORT}/", f":{TLS_PORT}/")
+    ca = str(CERTS / "ca.crt")
+    async with Publisher(uri, pipeline.config, tmp_path / "a", ca_file=ca) as trusted:
+        assert (await trusted.publish(b"over tls")).confirmed
+    caplog.set_level(logging.WARNING, logger="msgpipe")
+    async with Publisher(uri, pipeline.config, tmp_path / "b", connect_timeout=2) as untrusted:
+        assert not untrusted.connected
+        assert (await untrusted.publish(b"kept")).queued
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
