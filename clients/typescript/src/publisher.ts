@@ -154,6 +154,8 @@ export class Publisher {
   /** When set, the next round is due `retry_interval_seconds` after this (read live, F-2). */
   #intervalFrom: number | undefined;
   #wake: (() => void) | undefined;
+  /** The flag as last seen, to tell a switch-on (resend at once) from other changes. */
+  #retryPending: boolean;
   /** Publishes in progress, and who waits for them to end (close). */
   #inFlight = 0;
   #quiet: Array<() => void> = [];
@@ -174,6 +176,7 @@ export class Publisher {
     this.#resendJitterMs = options.resendJitterMs ?? 500;
     this.#connectionName = options.connectionName ?? 'msgpipe-publisher';
     this.#vhost = vhostOf(options.uri);
+    this.#retryPending = this.#config.features.retry_pending;
   }
 
   /**
@@ -452,7 +455,10 @@ export class Publisher {
   // --- resending ------------------------------------------------------------------------------
 
   readonly #onFeatures = (): void => {
-    if (this.#config.features.retry_pending && !this.#outbox.isEmpty) {
+    const retryPending = this.#config.features.retry_pending;
+    const switchedOn = retryPending && !this.#retryPending;
+    this.#retryPending = retryPending;
+    if (switchedOn && !this.#outbox.isEmpty) {
       this.#planRound(Date.now() + Math.random() * this.#resendJitterMs); // P-6 (c)
     } else {
       this.#wake?.(); // a changed interval applies from the next round (F-2)

@@ -240,6 +240,35 @@ describe('offline', () => {
   });
 });
 
+describe('flags', () => {
+  test('retry_interval_seconds is read live: a longer interval slows the resend rounds without a restart (F-2)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'msgpipe-interval-'));
+    const path = join(dir, 'pipeline.json');
+    writeFileSync(path, JSON.stringify(notes({ features: { retry_pending: true, retry_interval_seconds: 1 } })));
+    const live = LiveConfig.watch(path, { pollMs: 50, logger: silentLogger });
+    const publisher = await Publisher.start({
+      uri: 'amqp://guest:guest@127.0.0.1:9/%2f', // nothing listens: every round finds the broker unreachable
+      config: live,
+      outboxPath: join(dir, 'outbox.db'),
+      logger: silentLogger,
+      connectTimeoutMs: 200,
+    });
+    assert.equal((await publisher.publish('waiting')).outcome, 'queued');
+    await new Promise((r) => setTimeout(r, 3_300));
+    const fast = publisher.stats().resendRounds;
+    assert.ok(fast >= 2 && fast <= 4, `rounds at a 1 s interval in 3.3 s: ${fast}`);
+    writeFileSync(path, JSON.stringify(notes({ features: { retry_pending: true, retry_interval_seconds: 60 } })));
+    await new Promise((r) => setTimeout(r, 1_100)); // the reload, and a round of the old plan
+    const before = publisher.stats().resendRounds;
+    await new Promise((r) => setTimeout(r, 2_500));
+    assert.equal(publisher.stats().resendRounds, before, 'no round at the old 1 s pace');
+    assert.equal(publisher.outboxSize, 1);
+    await publisher.close();
+    live.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+});
+
 describe('outbox', () => {
   test('keeps publish order across reopen, removes by position, refuses past its limits, and locks its file', async () => {
     const dir = mkdtempSync(join(tmpdir(), 'msgpipe-outbox-'));
