@@ -290,9 +290,7 @@ class Publisher:
         config = self._config.current
         exchange = config.exchange if exchange is None else exchange
         routing_key = config.routing_key if routing_key is None else routing_key
-        properties, message_id = _stamp(
-            properties or Properties(), message_id, headers, content_type
-        )
+        properties, message_id = _stamp(properties, message_id, headers, content_type)
         _check(exchange, routing_key, properties)
         behind_outbox = len(outbox) > 0 and self._config.features.retry_pending
         copies = self._copies
@@ -577,13 +575,22 @@ def _vhost_of(uri: str) -> str:
 
 
 def _stamp(
-    properties: Properties,
+    properties: Properties | None,
     message_id: str | None,
     headers: Mapping[str, Any] | None,
     content_type: str | None,
 ) -> tuple[Properties, str]:
     """The properties to send, with a message id (the caller's, or a new UUID v7) and
     persistence unless the caller chose otherwise; and that id."""
+    if properties is None:  # the common case, without dataclasses.replace
+        message_id = message_id or str(uuid7())
+        stamped = Properties(
+            message_id=message_id,
+            headers=dict(headers) if headers else {},
+            content_type=content_type,
+            delivery_mode=PERSISTENT,
+        )
+        return stamped, message_id
     changes: dict[str, Any] = {}
     message_id = message_id or properties.message_id or str(uuid7())
     if message_id != properties.message_id:
@@ -603,7 +610,7 @@ def _check(exchange: str, routing_key: str, properties: Properties) -> None:
         ("routing key", routing_key),
         ("message id", properties.message_id or ""),
     ):
-        if len(value.encode()) > _MAX_NAME_BYTES:
+        if len(value) * 4 > _MAX_NAME_BYTES and len(value.encode()) > _MAX_NAME_BYTES:
             raise PublishError(f"the {what} is longer than {_MAX_NAME_BYTES} bytes")
     if properties.expiration is not None and not properties.expiration.isdigit():
         raise PublishError("expiration must be a whole number of milliseconds, as text")
