@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { before, describe, test } from 'node:test';
 
 import { LiveConfig, Publisher, type PublishResult } from '../src/index.js';
-import { MemoryLogger, Peek, TestVhost, brokerScript, cleanup, ensureBroker, eventually, unbind } from './support.js';
+import { BROKER_NAME, BROKER_PORT, MemoryLogger, Peek, TestVhost, brokerScript, cleanup, ensureBroker, eventually, unbind } from './support.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -158,8 +158,8 @@ describe('publisher', { concurrency: true }, () => {
 
   test('the outbox drains after a broker restart', async (t) => {
     // A node of this test's own: restarting the shared one would disturb the other tests.
-    const name = 'msgpipe-typescript-restart';
-    const port = 5704;
+    const name = `${BROKER_NAME}-restart`;
+    const port = BROKER_PORT + 1;
     await ensureBroker(name, port);
     const vhost = await TestVhost.create('restart', port);
     cleanup(t, vhost);
