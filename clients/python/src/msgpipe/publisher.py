@@ -344,8 +344,8 @@ class Publisher:
                 self._install(connection)
                 if down:
                     log.info("publisher connected")
-            steps.reset()
             down = False
+            connected_at = asyncio.get_running_loop().time()
             lost = asyncio.Event()
             connection.close_callbacks.add(_setter(lost))
             if not connection.connected.is_set():  # closed before the callback was in place
@@ -364,9 +364,16 @@ class Publisher:
                 async with asyncio.timeout(2):
                     await connection.close()
             connection = None
-            if not self._stopping.is_set():
-                log.warning("publisher lost its broker connection; reconnecting")
-                down = True
+            if self._stopping.is_set():
+                return
+            log.warning("publisher lost its broker connection; reconnecting")
+            down = True
+            # A connection that lasted starts the backoff over; one that died young (a flapping
+            # broker, a vhost that refuses us) keeps it growing: no reconnect loop.
+            if asyncio.get_running_loop().time() - connected_at >= self._reconnect.maximum:
+                steps.reset()
+            else:
+                await self._sleep_unless_stopping(steps.next())
 
     # Failures: a missing exchange (probed) and refused messages (retried on a backoff).
 
