@@ -204,8 +204,14 @@ fn every_conformance_case_pipeline_json_matches_the_schema() {
         let case: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read case"))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut pipeline = case["pipeline"].clone();
-        // The runner supplies the broker reference the same way.
+        // What the runner fills in (conformance/runner/case.py, CaseRun::manifest).
+        pipeline["apiVersion"] = "msgpipe.io/v1alpha1".into();
+        pipeline["kind"] = "MessagePipeline".into();
+        pipeline["metadata"]["namespace"] = "conformance".into();
         pipeline["spec"]["broker"] = serde_json::json!({"secretRef": {"name": "conformance"}});
+        if pipeline["spec"].get("alerts").is_none() {
+            pipeline["spec"]["alerts"] = serde_json::json!({"enabled": false});
+        }
         for (origin, json) in pipeline_jsons(&pipeline.to_string(), &path.display().to_string()) {
             assert_valid(&origin, &json);
             checked += 1;
@@ -218,7 +224,7 @@ fn every_conformance_case_pipeline_json_matches_the_schema() {
 fn one_attempt_pipelines_have_no_tiers_and_capped_delays_share_the_last_tier() {
     let manifest = |max_attempts: u32| {
         format!(
-            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{name: p, namespace: n}}\n\
+            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{name: p, namespace: ns}}\n\
              spec:\n  broker: {{secretRef: {{name: s}}}}\n  retry:\n    maxAttempts: {max_attempts}\n\
              \x20   backoff: {{initialDelay: 200ms, multiplier: 2, maxDelay: 400ms}}\n"
         )

@@ -148,7 +148,8 @@ def self_test(node: Node, workroot: Path) -> int:
             problems.append("jsonschema rejects a rendered pipeline.json")
     if not schema.problems(broken) or (validator and not list(validator.iter_errors(broken))):
         problems.append("a broken pipeline.json passed the schema")
-    print(f"self-test: {len(configs)} rendered pipeline.json files checked against the schema")
+    print(f"self-test: {len(configs)} rendered pipeline.json files checked against the schema "
+          f"({'stdlib validator and jsonschema' if validator else 'stdlib validator'})")
     # 2. Known-failure bookkeeping.
     fake = Outcome("x", 0, [], workroot)
     if verdict(fake, {"x"}) != "STALE" or verdict(fake, set()) != "PASS":
