@@ -161,6 +161,8 @@ export class Publisher {
   #quiet: Array<() => void> = [];
   #tasks: Promise<void>[] = [];
   #closed = false;
+  /** The broker blocked this connection (connection.blocked). */
+  #blocked = false;
 
   private constructor(options: PublisherOptions, outbox: Outbox) {
     this.#uri = options.uri;
@@ -248,7 +250,7 @@ export class Publisher {
     const behindOutbox = !this.#outbox.isEmpty && retryPending;
     // While the route is known missing, only a parked publisher tries, once per backoff step.
     const routeDown = this.#missing !== undefined && (retryPending || Date.now() < this.#missing.nextProbeAt);
-    if (!behindOutbox && !routeDown) {
+    if (!behindOutbox && !routeDown && !this.#blocked) {
       const probing = this.#missing !== undefined;
       const ready = this.#channel;
       const channel = ready !== undefined && !ready.closed ? ready : await this.#usableChannel();
@@ -329,7 +331,21 @@ export class Publisher {
     }
     this.#model = model;
     this.#channel = channel;
+    this.#blocked = false;
     this.#stats.connections += 1;
+    // A broker in a resource alarm (memory, disk) blocks publishers: queue without waiting for
+    // confirm timeouts (which would tear the connection down), resend once it unblocks.
+    model.on('blocked', (reason: string) => {
+      if (this.#model !== model) return;
+      this.#blocked = true;
+      this.#logger.warn('the broker blocks publishers (resource alarm); queueing to the outbox', { reason });
+    });
+    model.on('unblocked', () => {
+      if (this.#model !== model) return;
+      this.#blocked = false;
+      this.#logger.info('the broker takes publishes again');
+      this.#planRound(Date.now() + Math.random() * this.#resendJitterMs);
+    });
   }
 
   /** Keeps one connection up, reconnecting with capped backoff (P-9): one warn when it goes down, one info when it is back. */
@@ -411,7 +427,9 @@ export class Publisher {
         this.#routeMissing(error.kind, exchange, routingKey, probing);
         break;
       case 'timeout':
-        // A connection that just died may never answer: reconnect (P-9).
+        // A blocked connection (resource alarm) explains the silence: keep it. Otherwise a
+        // connection that just died may never answer: reconnect (P-9).
+        if (this.#blocked) break;
         this.#logger.debug('no confirm in time; reconnecting', { exchange });
         void closeQuietly(this.#model);
         break;
@@ -537,6 +555,7 @@ export class Publisher {
     for (;;) {
       if (this.#stop.signal.aborted) return 'unreachable';
       if (!this.#config.features.retry_pending) return 'parked';
+      if (this.#blocked) return 'unreachable';
       const channel = await this.#usableChannel();
       if (channel === undefined) return 'unreachable';
       const probing = this.#missing !== undefined;

@@ -156,7 +156,7 @@ describe('publisher', { concurrency: true }, () => {
     await vhost.close();
   });
 
-  test('the outbox drains after a broker restart', async (t) => {
+  test('the outbox drains after a broker restart and after a resource alarm', async (t) => {
     // A node of this test's own: restarting the shared one would disturb the other tests.
     const name = `${BROKER_NAME}-restart`;
     const port = BROKER_PORT + 1;
@@ -183,6 +183,25 @@ describe('publisher', { concurrency: true }, () => {
     assert.deepEqual(await bodiesIn(peek, 'notes_queue'), ['before', 'down-1', 'down-2', 'down-3']);
     assert.equal(logger.at('warn').filter((l) => l.message.includes('lost its broker connection')).length, 1, 'one warn per outage');
     assert.equal(publisher.outboxSize, 0);
+
+    // A memory alarm blocks publishers: queued at once, no reconnect, resent once it clears.
+    const connections = publisher.stats().connections;
+    await brokerScript('ctl', name, port, ['set_vm_memory_high_watermark', 'absolute', '1MB']);
+    try {
+      // The broker blocks a connection when it next publishes: this one waits for its confirm.
+      const first = await publisher.publish('alarm-1');
+      await eventually('connection.blocked', 10_000, () => logger.lines.some((l) => l.message.includes('blocks publishers')));
+      const started = Date.now();
+      assert.equal((await publisher.publish('alarm-2')).outcome, 'queued');
+      assert.ok(Date.now() - started < 1_000, 'queued without waiting for a confirm timeout');
+      assert.ok(['confirmed', 'queued'].includes(first.outcome));
+    } finally {
+      await brokerScript('ctl', name, port, ['set_vm_memory_high_watermark', '0.4']);
+    }
+    await eventually('the alarm messages', 20_000, async () => (await peek.depth('notes_queue')) >= 2);
+    // alarm-1 may be there twice: its confirm did not come in time, so it was also queued (D-2).
+    assert.deepEqual([...new Set(await bodiesIn(peek, 'notes_queue'))], ['alarm-1', 'alarm-2']);
+    assert.equal(publisher.stats().connections, connections, 'a blocked connection is kept');
     await publisher.close();
     await peek.close();
     await vhost.close();

@@ -34,8 +34,8 @@ export async function ensureBroker(name = BROKER_NAME, port = BROKER_PORT): Prom
   return ensured;
 }
 
-export async function brokerScript(command: string, name: string, port: number): Promise<void> {
-  await run(join(REPO, 'scripts/test-broker.sh'), [command, name, String(port)], { timeout: 300_000 });
+export async function brokerScript(command: string, name: string, port: number, args: string[] = []): Promise<void> {
+  await run(join(REPO, 'scripts/test-broker.sh'), [command, name, String(port), ...args], { timeout: 300_000 });
 }
 
 /** A management API call; returns the parsed body (or undefined). */
