@@ -269,17 +269,28 @@ class ConfirmChannel:
     ) -> None:
         """Publishes with ``mandatory`` and waits for the confirm; raises :class:`PublishFailure`
         unless the broker acked the message and did not return it."""
+        amqp_properties = properties.to_amqp()
         try:
             async with asyncio.timeout(within):
-                channel = await self.channel()
-                underlay = await channel.get_underlay_channel()
-                await underlay.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties.to_amqp(),
-                    mandatory=True,
-                )
+                for last_try in (False, True):
+                    channel = await self.channel()
+                    underlay = await channel.get_underlay_channel()
+                    try:
+                        await underlay.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=amqp_properties,
+                            mandatory=True,
+                        )
+                    except aiormq.exceptions.ChannelInvalidStateError:
+                        # The channel was closed before this publish went out (another
+                        # publish on it hit a missing exchange, say): the broker never saw
+                        # it, so one more try on a fresh channel cannot make a duplicate.
+                        if last_try:
+                            raise
+                    else:
+                        return
         except asyncio.CancelledError:
             raise
         except Exception as error:
