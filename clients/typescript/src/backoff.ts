@@ -12,11 +12,18 @@ export const RECONNECT_BACKOFF: BackoffPolicy = { initialMs: 200, maxMs: 30_000 
 /** Give-back pauses (C-9) and route probes (P-10, P-11): 500 ms doubling to 30 s. */
 export const SHORT_BACKOFF: BackoffPolicy = { initialMs: 500, maxMs: 30_000 };
 
-/** The waits of one outage: initial, doubled each time up to max, ±20 % jitter. */
+/**
+ * The waits of one outage: initial, doubled each time up to max, with jitter: ±20 % by
+ * default, or `'down'` (-20 % to 0) where a wait must never exceed its step, as for the probes
+ * of a missing route (delivery within one step of the route appearing, P-10).
+ */
 export class Backoff {
   #next: number;
 
-  constructor(readonly policy: BackoffPolicy) {
+  constructor(
+    readonly policy: BackoffPolicy,
+    readonly jitter: 'both' | 'down' = 'both',
+  ) {
     this.#next = policy.initialMs;
   }
 
@@ -24,15 +31,11 @@ export class Backoff {
     this.#next = this.policy.initialMs;
   }
 
-  /** True when the next wait is the first of a series. */
-  get atStart(): boolean {
-    return this.#next === this.policy.initialMs;
-  }
-
   nextWait(): number {
     const base = Math.min(this.#next, this.policy.maxMs);
     this.#next = Math.min(base * 2, this.policy.maxMs);
-    return Math.round(base * (0.8 + Math.random() * 0.4));
+    const spread = this.jitter === 'both' ? 0.4 : 0.2;
+    return Math.round(base * (0.8 + Math.random() * spread));
   }
 }
 

@@ -173,7 +173,7 @@ export class Publisher {
     this.#confirmTimeoutMs = options.confirmTimeoutMs ?? 5_000;
     this.#connectTimeoutMs = options.connectTimeoutMs ?? 5_000;
     this.#reconnect = options.reconnect ?? RECONNECT_BACKOFF;
-    this.#routeBackoff = new Backoff(options.routeBackoff ?? SHORT_BACKOFF);
+    this.#routeBackoff = new Backoff(options.routeBackoff ?? SHORT_BACKOFF, 'down');
     this.#resendBatch = Math.max(1, options.resendBatch ?? 256);
     this.#resendJitterMs = options.resendJitterMs ?? 500;
     this.#connectionName = options.connectionName ?? 'msgpipe-publisher';

@@ -8,6 +8,7 @@ import { describe, test } from 'node:test';
 import { inspect } from 'node:util';
 
 import { ConfigError, Consumer, Headers, LiveConfig, Publisher, type PipelineConfig, parsePipelineConfig, redactUri, retryCount, silentLogger, tierForAttempt, uuidv7 } from '../src/index.js';
+import { Backoff, SHORT_BACKOFF } from '../src/backoff.js';
 import { Outbox, OutboxFullError } from '../src/outbox.js';
 import { copyOptions, destinationFor, failureHeaders, truncateUtf8 } from '../src/retry.js';
 
@@ -190,6 +191,24 @@ describe('retry protocol', () => {
     const fresh = copyOptions({ ...props, messageId: undefined, expiration: undefined }, {});
     assert.match(fresh.messageId, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
     assert.equal(fresh.headers[Headers.ORIGINAL_EXPIRATION], undefined);
+  });
+});
+
+describe('backoff', () => {
+  test('doubles to the cap with ±20 % jitter; route probes never wait longer than their step', () => {
+    const steps = [500, 1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000];
+    for (let run = 0; run < 200; run += 1) {
+      const both = new Backoff(SHORT_BACKOFF);
+      const down = new Backoff(SHORT_BACKOFF, 'down');
+      for (const step of steps) {
+        const b = both.nextWait();
+        const d = down.nextWait();
+        assert.ok(b >= step * 0.8 && b <= step * 1.2, `${b} for ${step}`);
+        assert.ok(d >= step * 0.8 && d <= step, `${d} for ${step}`);
+      }
+      both.reset();
+      assert.ok(both.nextWait() <= 600);
+    }
   });
 });
 
