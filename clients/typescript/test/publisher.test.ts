@@ -88,6 +88,37 @@ describe('publisher', { concurrency: true }, () => {
     await vhost.close();
   });
 
+  test('messages a full queue nacks are kept and resent on the short backoff once it has room (P-11)', async (t) => {
+    const vhost = await TestVhost.create('nacked');
+    cleanup(t, vhost);
+    await vhost.writePipeline({ maxLength: 2, retryIntervalSeconds: 120 });
+    await vhost.apply();
+    const logger = new MemoryLogger();
+    const publisher = await Publisher.start({ uri: vhost.uri, outboxPath: join(vhost.dir, 'outbox.db'), config: LiveConfig.watch(vhost.configPath), logger });
+    cleanup(t, publisher);
+    // Quorum queues enforce max-length loosely: one or two past the limit may still get in.
+    const bodies = ['m0', 'm1', 'm2', 'm3', 'm4', 'm5'];
+    const outcomes: string[] = [];
+    for (const body of bodies) outcomes.push((await publisher.publish(body)).outcome);
+    const firstQueued = outcomes.indexOf('queued');
+    assert.ok(firstQueued >= 2 && firstQueued <= 4, outcomes.join(','));
+    assert.ok(outcomes.slice(firstQueued).every((o) => o === 'queued'), `the rest queue behind: ${outcomes.join(',')}`);
+    assert.equal(logger.at('warn').length, 1);
+    assert.match(logger.at('warn')[0]?.message ?? '', /nacked/);
+    const peek = await Peek.open(vhost.uri);
+    cleanup(t, peek);
+    // A consumer makes room; the kept messages come on the short probe backoff, not after
+    // retry_interval_seconds (120 s).
+    const received: string[] = [];
+    await eventually('every message', 10_000, async () => {
+      received.push(...(await bodiesIn(peek, 'notes_queue')));
+      return received.length >= bodies.length;
+    });
+    assert.deepEqual(received, bodies, 'in publish order');
+    assert.equal(publisher.outboxSize, 0);
+    assert.equal(logger.at('warn').length, 1);
+  });
+
   test('queued messages survive SIGKILL of the publishing process and are delivered by the next one', async (t) => {
     const vhost = await TestVhost.create('sigkill');
     cleanup(t, vhost);

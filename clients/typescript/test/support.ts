@@ -62,6 +62,8 @@ export interface PipelineSpec {
   queueType?: 'quorum' | 'classic';
   retryPending?: boolean;
   retryIntervalSeconds?: number;
+  /** Work queue max length (the operator sets `overflow: reject-publish`: a full queue nacks). */
+  maxLength?: number;
 }
 
 /** A vhost for one test, deleted by `close()`, with a pipeline manifest for it. */
@@ -105,7 +107,7 @@ kind: MessagePipeline
 metadata: {name: notes, namespace: ts-test}
 spec:
   broker: {secretRef: {name: rabbitmq}, vhost: "${this.name}"}
-  queue: {name: notes_queue, type: ${spec.queueType ?? 'quorum'}, exchange: notes, routingKey: notes}
+  queue: {name: notes_queue, type: ${spec.queueType ?? 'quorum'}, exchange: notes, routingKey: notes${spec.maxLength === undefined ? '' : `, maxLength: ${spec.maxLength}`}}
   retry: {maxAttempts: ${spec.maxAttempts ?? 3}, backoff: {initialDelay: ${spec.initialDelay ?? '200ms'}, multiplier: 2, maxDelay: ${spec.maxDelay ?? '1s'}}}
   deadLetter: {exchange: notes_dlx, queue: notes_dlq}
   alerts: {enabled: false}
