@@ -213,8 +213,13 @@ class CaseRun:
         shim = self.shim(step)
         shim.send({"op": "consume", "script": step.get("script", {}),
                    "default": step.get("default", ["ok"])})
-        if shim.wait_event(lambda e: e.get("event") == "consuming", 30) is None:
-            raise CaseAbort(step.get("rule", "C-14"), "no `consuming` event")
+        answer = shim.wait_event(lambda e: e.get("event") in ("consuming", "error"), 30)
+        if step.get("expect_error"):
+            if answer is None or answer.data.get("event") != "error":
+                self.fail(step.get("rule", "J-2"), "the consumer started; expected an `error` event")
+        elif answer is None or answer.data.get("event") != "consuming":
+            detail = f": {answer.data.get('message')}" if answer else ""
+            raise CaseAbort(step.get("rule", "C-14"), f"no `consuming` event{detail}")
 
     def do_publish_raw(self, step: dict) -> None:
         """Publishes through the management API, as another client would (no id when the
