@@ -3,6 +3,9 @@
  * connection name, errors that never quote the URI) and the confirmed, mandatory publish that
  * both rely on (C-8, P-1): success means the broker acked the message *and* did not return it.
  */
+import { readFile } from 'node:fs/promises';
+import { rootCertificates } from 'node:tls';
+
 import { connect, type ChannelModel, type ConfirmChannel, type Message as AmqpMessage, type Options } from 'amqplib';
 
 import { withTimeout } from './backoff.js';
@@ -37,8 +40,30 @@ export class PublishFailure extends Error {
 }
 
 /** Opens a connection within `timeoutMs`. Errors are described without the URI (L-1). */
-export async function openConnection(uri: string, name: string, timeoutMs: number): Promise<ChannelModel> {
+/** Environment variable naming a PEM file of CA certificates to trust for `amqps` URIs (as the Rust client). */
+export const CA_FILE_ENV = 'MSGPIPE_CA_FILE';
+
+/** The CA file to use: the option, else `MSGPIPE_CA_FILE` when set. */
+export function caFileFrom(option: string | undefined): string | undefined {
+  const fromEnv = process.env[CA_FILE_ENV];
+  return option ?? (fromEnv === undefined || fromEnv === '' ? undefined : fromEnv);
+}
+
+/**
+ * Opens a connection within `timeoutMs`. Errors are described without the URI (L-1).
+ * `caFile`: PEM certificates trusted for `amqps` besides Node's default CAs.
+ */
+export async function openConnection(uri: string, name: string, timeoutMs: number, caFile?: string): Promise<ChannelModel> {
+  let ca: Buffer | undefined;
+  if (caFile !== undefined) {
+    try {
+      ca = await readFile(caFile);
+    } catch (error) {
+      throw new Error(`cannot read the CA file ${caFile}: ${describe(error)}`, { cause: error });
+    }
+  }
   const attempt = connect(uri, {
+    ...(ca === undefined ? {} : { ca: [ca, ...rootCertificates.map((pem) => Buffer.from(pem))] }),
     timeout: timeoutMs,
     // Acks, confirms and small publishes must not wait for Nagle's algorithm (as the broker's own sockets).
     noDelay: true,

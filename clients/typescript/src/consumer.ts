@@ -12,7 +12,7 @@
  */
 import type { Channel, ChannelModel, ConsumeMessage, MessageProperties } from 'amqplib';
 
-import { ConfirmedChannel, closeQuietly, describe, openConnection } from './amqp.js';
+import { ConfirmedChannel, caFileFrom, closeQuietly, describe, openConnection } from './amqp.js';
 import { Backoff, type BackoffPolicy, RECONNECT_BACKOFF, SHORT_BACKOFF, nthWait, sleep, withTimeout } from './backoff.js';
 import type { PipelineConfig } from './config.js';
 import { Headers } from './headers.js';
@@ -144,6 +144,11 @@ export interface ConsumerOptions {
   reconnect?: BackoffPolicy;
   /** Pause before a give-back; doubles with each give-back in a row. Default 500 ms to 30 s. */
   giveBackBackoff?: BackoffPolicy;
+  /**
+   * PEM file of the CA that signed the broker's certificate, for `amqps` URIs whose CA is not
+   * one Node trusts by default. Default: the file named by `MSGPIPE_CA_FILE`, if set.
+   */
+  caFile?: string;
   /** Shown in the broker's connection list. Default `msgpipe-consumer`. */
   connectionName?: string;
 }
@@ -196,6 +201,7 @@ export class Consumer {
   readonly #reconnect: BackoffPolicy;
   readonly #giveBack: BackoffPolicy;
   readonly #connectionName: string;
+  readonly #caFile: string | undefined;
   readonly #stop = new AbortController();
   readonly #stats: ConsumerStats = { delivered: 0, acked: 0, retried: 0, deadLettered: 0, givenBack: 0, connections: 0 };
   #giveBacksInARow = 0;
@@ -223,6 +229,7 @@ export class Consumer {
     this.#connectTimeoutMs = options.connectTimeoutMs ?? 10_000;
     this.#reconnect = options.reconnect ?? RECONNECT_BACKOFF;
     this.#giveBack = options.giveBackBackoff ?? SHORT_BACKOFF;
+    this.#caFile = caFileFrom(options.caFile);
     this.#connectionName = options.connectionName ?? 'msgpipe-consumer';
     let resolve = (): void => undefined;
     const promise = new Promise<void>((r) => {
@@ -276,7 +283,7 @@ export class Consumer {
       let reason: string;
       let model: ChannelModel | undefined;
       try {
-        model = await openConnection(this.#uri, this.#connectionName, this.#connectTimeoutMs);
+        model = await openConnection(this.#uri, this.#connectionName, this.#connectTimeoutMs, this.#caFile);
         reason = await this.#session(model, handler);
       } catch (error) {
         reason = describe(error);

@@ -25,3 +25,4 @@ export { type Destination, type FailureKind, MAX_ERROR_BYTES, retryCount } from 
 export { type BackoffPolicy, RECONNECT_BACKOFF, SHORT_BACKOFF } from './backoff.js';
 export { type LogFields, type Logger, consoleLogger, redactUri, silentLogger } from './logger.js';
 export { uuidv7 } from './uuid.js';
+export { CA_FILE_ENV } from './amqp.js';

@@ -22,7 +22,7 @@
  */
 import type { ChannelModel, Options } from 'amqplib';
 
-import { ConfirmedChannel, PublishFailure, closeQuietly, describe, openConnection, vhostOf } from './amqp.js';
+import { ConfirmedChannel, caFileFrom, PublishFailure, closeQuietly, describe, openConnection, vhostOf } from './amqp.js';
 import { Backoff, type BackoffPolicy, RECONNECT_BACKOFF, SHORT_BACKOFF, sleep } from './backoff.js';
 import type { PipelineConfig } from './config.js';
 import { LiveConfig } from './live.js';
@@ -80,6 +80,11 @@ export interface PublisherOptions {
   resendBatch?: number;
   /** Longest random delay before the resend that follows a reconnection. Default 500 ms. */
   resendJitterMs?: number;
+  /**
+   * PEM file of the CA that signed the broker's certificate, for `amqps` URIs whose CA is not
+   * one Node trusts by default. Default: the file named by `MSGPIPE_CA_FILE`, if set.
+   */
+  caFile?: string;
   /** Shown in the broker's connection list. Default `msgpipe-publisher`. */
   connectionName?: string;
 }
@@ -139,6 +144,7 @@ export class Publisher {
   readonly #resendBatch: number;
   readonly #resendJitterMs: number;
   readonly #connectionName: string;
+  readonly #caFile: string | undefined;
   readonly #vhost: string;
   readonly #stop = new AbortController();
   readonly #stats = { confirmed: 0, queued: 0, resent: 0, resendRounds: 0, connections: 0 };
@@ -176,6 +182,7 @@ export class Publisher {
     this.#routeBackoff = new Backoff(options.routeBackoff ?? SHORT_BACKOFF, 'down');
     this.#resendBatch = Math.max(1, options.resendBatch ?? 256);
     this.#resendJitterMs = options.resendJitterMs ?? 500;
+    this.#caFile = caFileFrom(options.caFile);
     this.#connectionName = options.connectionName ?? 'msgpipe-publisher';
     this.#vhost = vhostOf(options.uri);
     this.#retryPending = this.#config.features.retry_pending;
@@ -321,7 +328,7 @@ export class Publisher {
   // --- the link -------------------------------------------------------------------------------
 
   async #connect(): Promise<void> {
-    const model = await openConnection(this.#uri, this.#connectionName, this.#connectTimeoutMs);
+    const model = await openConnection(this.#uri, this.#connectionName, this.#connectTimeoutMs, this.#caFile);
     let channel: ConfirmedChannel;
     try {
       channel = await ConfirmedChannel.open(model, this.#connectTimeoutMs);
