@@ -58,6 +58,10 @@ def compare(value, expectation: dict, what: str) -> list[str]:
         problems.append(f"{what} is {value!r}, expected {expectation['equals']!r}")
     if "not_equals" in expectation and value == expectation["not_equals"]:
         problems.append(f"{what} is {value!r}, expected anything else")
+    if "contains" in expectation and (not isinstance(value, str)
+                                      or expectation["contains"] not in value):
+        problems.append(f"{what} is {value!r}, expected it to contain "
+                        f"{expectation['contains']!r}")
     if "format" in expectation and not matches_format(value, expectation["format"]):
         problems.append(f"{what} is {value!r}, expected a {expectation['format']} value")
     return problems
