@@ -401,9 +401,20 @@ def run_case(case: dict, node: Node, shim_command: list[str], workroot: Path,
     if not any(f.rule in ("SETUP", "RUNNER", "CASE") for f in run.failures):
         for rule, message in evaluate(run, case.get("expect", [])):
             run.fail(rule, message)
+    leaked = credential_leaks(run)
+    if leaked:
+        run.fail("L-1", f"the shim printed its URI's password {leaked} times (first: {leaked[0]})")
     if not run.failures:
         node.delete_vhost(run.vhost)
     return Outcome(case["name"], time.monotonic() - started, run.failures, run.workdir)
+
+
+def credential_leaks(run: CaseRun) -> list[str]:
+    """Every case also checks L-1: no log line or event shows the URI's password."""
+    secret = f":{run.node.password}@"
+    texts = [line.text for line in run.journal.logs]
+    texts += [json.dumps(record.data) for record in run.journal.events]
+    return [text[:120] for text in texts if secret in text]
 
 
 def load_cases(directory: Path) -> list[dict]:

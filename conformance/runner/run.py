@@ -27,7 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from broker import REPO, BrokerError, Node  # noqa: E402
-from case import Outcome, load_cases, msgpipe_binary, run_case  # noqa: E402
+from case import (CaseRun, Outcome, credential_leaks, load_cases, msgpipe_binary,  # noqa: E402
+                  run_case)
+from shim import LogLine  # noqa: E402
 import schema  # noqa: E402
 
 KIT = REPO / "conformance"
@@ -154,6 +156,11 @@ def self_test(node: Node, workroot: Path) -> int:
     fake = Outcome("x", 0, [], workroot)
     if verdict(fake, {"x"}) != "STALE" or verdict(fake, set()) != "PASS":
         problems.append("a listed case that passes is not reported stale")
+    # A password in a shim's output is caught (L-1).
+    leaky = CaseRun({"name": "x", "steps": []}, node, [], workroot)
+    leaky.journal.add_log(LogLine(0, "a", f"cannot connect to {node.amqp_uri('v')}", "warn"))
+    if not credential_leaks(leaky):
+        problems.append("a URI with its password in a log line was not caught")
     # 3. Broken consumers must be caught, naming the rule.
     cases = load_cases(KIT / "cases")
     command = shim_config("rust")["command"]
