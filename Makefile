@@ -83,7 +83,8 @@ bench-scale: setup ## first sync, resync and spec-change latency at 200/500/1,00
 crds: ## regenerate crds/ from the Rust types
 	$(CARGO) run --quiet -- crd > crds/messagepipelines.msgpipe.io.yaml
 	$(CARGO) run --quiet -- crd --kind deadletterreplay > crds/deadletterreplays.msgpipe.io.yaml
-	cp crds/messagepipelines.msgpipe.io.yaml crds/deadletterreplays.msgpipe.io.yaml charts/msgpipe-operator/crds/
+	$(CARGO) run --quiet -- crd --kind messagebroker > crds/messagebrokers.msgpipe.io.yaml
+	cp crds/messagepipelines.msgpipe.io.yaml crds/deadletterreplays.msgpipe.io.yaml crds/messagebrokers.msgpipe.io.yaml charts/msgpipe-operator/crds/
 
 clean:
 	$(CARGO) clean

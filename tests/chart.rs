@@ -15,7 +15,7 @@ use std::sync::{Once, OnceLock};
 
 // The operator's Kubernetes API calls are listed once, in src/k8s/rbac.rs: the chart must
 // grant exactly those, no more and no less.
-use msgpipe::k8s::rbac::{ApiCall, LEASE_CALLS, PIPELINE_CALLS};
+use msgpipe::k8s::rbac::{ApiCall, BrokerModes, LEASE_CALLS, Scope, TENANT_SECRET_CALLS, grants};
 use serde_json::Value;
 use support::{output_text, repo_path};
 
@@ -129,6 +129,61 @@ fn named<'a>(objects: &'a [Value], kind: &str, namespace: &str, name: &str) -> &
                 && o["metadata"]["namespace"] == namespace
         })
         .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} in {:?}", kinds(objects)))
+}
+
+/// The cluster-scoped object `kind/name`.
+fn cluster_named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {:?}", kinds(objects)))
+}
+
+/// Every (Cluster)Role the chart rendered, by (kind, namespace, name), with its grants.
+fn rendered_roles(objects: &[Value]) -> BTreeMap<(String, String, String), BTreeSet<Grant>> {
+    objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+        .map(|o| {
+            let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+            (
+                (
+                    text(&o["kind"]),
+                    text(&o["metadata"]["namespace"]),
+                    text(&o["metadata"]["name"]),
+                ),
+                granted(o),
+            )
+        })
+        .collect()
+}
+
+/// The (Cluster)Roles an installation in `modes` must have, from src/k8s/rbac.rs: pipeline
+/// calls in a ClusterRole (or a Role per watched namespace), MessageBroker calls in their own
+/// ClusterRole, the brokers' Secrets in a Role of the release namespace. Leases aside.
+fn expected_roles(
+    modes: BrokerModes,
+    watch: &[&str],
+) -> BTreeMap<(String, String, String), BTreeSet<Grant>> {
+    let mut roles: BTreeMap<(String, String, String), BTreeSet<Grant>> = BTreeMap::new();
+    for (scope, calls) in grants(modes) {
+        let homes: Vec<(&str, &str, String)> = match scope {
+            Scope::Pipelines if watch.is_empty() => vec![("ClusterRole", "", FULLNAME.into())],
+            Scope::Pipelines => watch
+                .iter()
+                .map(|ns| ("Role", *ns, FULLNAME.into()))
+                .collect(),
+            Scope::Cluster => vec![("ClusterRole", "", format!("{FULLNAME}-brokers"))],
+            Scope::Own => vec![("Role", NAMESPACE, format!("{FULLNAME}-broker-secrets"))],
+        };
+        for (kind, namespace, name) in homes {
+            roles
+                .entry((kind.into(), namespace.into(), name))
+                .or_default()
+                .extend(expected(calls, None));
+        }
+    }
+    roles
 }
 
 fn operator_container(objects: &[Value]) -> &Value {
@@ -338,7 +393,7 @@ fn default_install_is_cluster_wide_single_replica_without_leader_election() {
         FULLNAME
     );
     assert_binds_operator(
-        only(&objects, "ClusterRoleBinding"),
+        cluster_named(&objects, "ClusterRoleBinding", FULLNAME),
         "ClusterRole",
         FULLNAME,
     );
@@ -397,25 +452,51 @@ fn operator_pod_runs_non_root_read_only_with_health_probes() {
 #[test]
 fn rbac_grants_exactly_the_operators_api_calls() {
     let Some(helm) = helm() else { return };
+    let both = BrokerModes {
+        secret_refs: true,
+        message_brokers: true,
+    };
     let cluster_wide = render(&helm, &[]);
-    assert_eq!(
-        granted(only(&cluster_wide, "ClusterRole")),
-        expected(PIPELINE_CALLS, None)
-    );
+    assert_eq!(rendered_roles(&cluster_wide), expected_roles(both, &[]));
     assert!(
-        of_kind(&cluster_wide, "Role").is_empty(),
+        of_kind(&cluster_wide, "Role")
+            .iter()
+            .all(|r| r["metadata"]["name"] != format!("{FULLNAME}-leader-election")),
         "no Lease Role without leader election"
     );
+    assert_binds_operator(
+        cluster_named(
+            &cluster_wide,
+            "ClusterRoleBinding",
+            &format!("{FULLNAME}-brokers"),
+        ),
+        "ClusterRole",
+        &format!("{FULLNAME}-brokers"),
+    );
 
+    // Namespaced mode: MessageBrokers are off by default (no cluster-scoped RBAC).
     let namespaced = render(&helm, &["--set", "watchNamespaces={a,b}"]);
-    for namespace in ["a", "b"] {
-        let role = named(&namespaced, "Role", namespace, FULLNAME);
-        assert_eq!(
-            granted(role),
-            expected(PIPELINE_CALLS, None),
-            "Role in {namespace}"
-        );
-    }
+    let tenant_secrets_only = BrokerModes {
+        secret_refs: true,
+        message_brokers: false,
+    };
+    assert_eq!(
+        rendered_roles(&namespaced),
+        expected_roles(tenant_secrets_only, &["a", "b"])
+    );
+    let namespaced_brokers = render(
+        &helm,
+        &[
+            "--set",
+            "watchNamespaces={a,b}",
+            "--set",
+            "brokers.messageBrokers=true",
+        ],
+    );
+    assert_eq!(
+        rendered_roles(&namespaced_brokers),
+        expected_roles(both, &["a", "b"])
+    );
 
     let leader = render(&helm, &["--set", "replicas=3"]);
     let lease_role = named(
@@ -426,10 +507,64 @@ fn rbac_grants_exactly_the_operators_api_calls() {
     );
     assert_eq!(granted(lease_role), lease_grants(FULLNAME));
     assert_eq!(
-        granted(only(&leader, "ClusterRole")),
-        expected(PIPELINE_CALLS, None),
+        granted(cluster_named(&leader, "ClusterRole", FULLNAME)),
+        granted(cluster_named(&cluster_wide, "ClusterRole", FULLNAME)),
         "leader election adds no cluster-wide rule"
     );
+}
+
+#[test]
+fn message_brokers_only_mode_grants_no_secret_outside_the_release_namespace() {
+    let Some(helm) = helm() else { return };
+    let modes = BrokerModes {
+        secret_refs: false,
+        message_brokers: true,
+    };
+    for extra in [&[][..], &["--set", "watchNamespaces={a,b}"][..]] {
+        let mut args = vec!["--set", "brokers.secretRefs=false"];
+        args.extend_from_slice(extra);
+        if !extra.is_empty() {
+            args.extend(["--set", "brokers.messageBrokers=true"]);
+        }
+        let objects = render(&helm, &args);
+        let roles = rendered_roles(&objects);
+        let watch: &[&str] = if extra.is_empty() { &[] } else { &["a", "b"] };
+        assert_eq!(roles, expected_roles(modes, watch), "{args:?}");
+        for ((kind, namespace, name), grants) in &roles {
+            let reads_secrets = grants
+                .iter()
+                .any(|(group, resource, _, _)| group.is_empty() && resource == "secrets");
+            assert!(
+                !reads_secrets || (kind == "Role" && namespace == NAMESPACE),
+                "{kind} {namespace}/{name} grants Secrets outside {NAMESPACE}: {grants:?}"
+            );
+        }
+        let env = env(&objects);
+        assert_eq!(env["MSGPIPE_SECRET_REFS"], "false");
+        assert_eq!(env["MSGPIPE_MESSAGE_BROKERS"], "true");
+        assert_eq!(env["MSGPIPE_OPERATOR_NAMESPACE"], NAMESPACE);
+    }
+    // The tenant-Secret grant is exactly TENANT_SECRET_CALLS, which this mode drops.
+    assert!(
+        TENANT_SECRET_CALLS
+            .iter()
+            .all(|c| c.resource == "secrets" && c.group.is_empty())
+    );
+    let none = run_helm(
+        &helm,
+        &[
+            "template",
+            RELEASE,
+            CHART_DIR,
+            "--namespace",
+            NAMESPACE,
+            "--set",
+            "brokers.secretRefs=false",
+            "--set",
+            "brokers.messageBrokers=false",
+        ],
+    );
+    assert!(!none.status.success(), "both modes off must be refused");
 }
 
 #[test]
@@ -442,7 +577,7 @@ fn disabling_alerts_is_allowed_to_delete_the_prometheus_rule_in_every_mode() {
         None,
     );
     let cluster_wide = render(&helm, &[]);
-    assert!(granted(only(&cluster_wide, "ClusterRole")).contains(&delete_rule));
+    assert!(granted(cluster_named(&cluster_wide, "ClusterRole", FULLNAME)).contains(&delete_rule));
     let namespaced = render(&helm, &["--set", "watchNamespaces={a}"]);
     assert!(granted(named(&namespaced, "Role", "a", FULLNAME)).contains(&delete_rule));
 }
@@ -582,9 +717,10 @@ fn values_schema_rejects_bad_values() {
 
 #[test]
 fn chart_crds_are_the_committed_crds_byte_for_byte() {
-    const CRDS: [&str; 2] = [
+    const CRDS: [&str; 3] = [
         "messagepipelines.msgpipe.io",
         "deadletterreplays.msgpipe.io",
+        "messagebrokers.msgpipe.io",
     ];
     for crd in CRDS {
         let committed =

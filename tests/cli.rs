@@ -56,6 +56,21 @@ fn committed_replay_crd_matches_the_types() {
 }
 
 #[test]
+fn committed_broker_crd_matches_the_types() {
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/messagebrokers.msgpipe.io.yaml"),
+    )
+    .expect("crds/messagebrokers.msgpipe.io.yaml is committed");
+    let generated = stdout(&msgpipe(&["crd", "--kind", "messagebroker"]));
+    assert!(
+        committed == generated,
+        "crds/messagebrokers.msgpipe.io.yaml is stale: run `make crds` and commit the result"
+    );
+    assert!(generated.contains("scope: Cluster"), "cluster-scoped");
+    assert!(generated.contains("- mbroker"), "short name mbroker");
+}
+
+#[test]
 fn replay_as_resource_prints_the_dead_letter_replay_the_operator_runs() {
     let yaml = stdout(&msgpipe(&[
         "dlq",

@@ -243,7 +243,15 @@ mod tests {
             "status": {"observedGeneration": 1}
         });
         let pipeline = decode_stored(object).expect("decodes");
-        assert_eq!(pipeline.spec.broker.secret_ref.name, "s");
+        assert_eq!(
+            pipeline
+                .spec
+                .broker
+                .secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            Some("s")
+        );
     }
 
     #[test]

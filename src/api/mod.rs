@@ -1,6 +1,7 @@
 //! The `MessagePipeline` API (group `msgpipe.io`, version `v1alpha1`): types, CRD, loading
 //! and validation. Everything the user writes, nothing the operator decides.
 
+pub mod broker;
 pub mod duration;
 pub mod load;
 pub mod notify;
@@ -12,6 +13,7 @@ pub mod validate;
 
 use kube::CustomResourceExt;
 
+pub use broker::{MessageBroker, MessageBrokerSpec, MessageBrokerStatus};
 pub use duration::{DURATION_PATTERN, Duration, ParseDurationError};
 pub use reason::Reason;
 pub use replay::{
@@ -28,6 +30,11 @@ pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
 /// The DeadLetterReplay CustomResourceDefinition as YAML, as committed under `crds/`.
 pub fn replay_crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
     crd_text::<DeadLetterReplay>()
+}
+
+/// The MessageBroker CustomResourceDefinition as YAML, as committed under `crds/`.
+pub fn broker_crd_yaml() -> Result<String, serde_saphyr::ser::Error> {
+    crd_text::<MessageBroker>()
 }
 
 fn crd_text<K: CustomResourceExt>() -> Result<String, serde_saphyr::ser::Error> {

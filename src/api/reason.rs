@@ -17,6 +17,15 @@ pub enum Reason {
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
     InvalidBrokerSecret,
+    /// `spec.broker.brokerRef` names a MessageBroker that does not exist.
+    BrokerNotFound,
+    /// The MessageBroker does not admit the pipeline's namespace (its namespace selector).
+    BrokerNotAdmitted,
+    /// The MessageBroker does not grant the pipeline's namespace the vhost it asks for.
+    VhostNotGranted,
+    /// `spec.broker.secretRef` while the operator is installed without tenant Secret access
+    /// (`brokers.secretRefs: false`), or `brokerRef` while MessageBrokers are switched off.
+    BrokerModeDisabled,
     /// The broker cannot be reached, or did not answer in time.
     BrokerUnreachable,
     /// The broker refused the Secret's credentials.
@@ -78,12 +87,16 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 36] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
+        Reason::BrokerNotFound,
+        Reason::BrokerNotAdmitted,
+        Reason::VhostNotGranted,
+        Reason::BrokerModeDisabled,
         Reason::BrokerUnreachable,
         Reason::BrokerAuthenticationFailed,
         Reason::VhostNotFound,
@@ -121,6 +134,10 @@ impl Reason {
             Reason::ImmutableFieldChanged => "ImmutableFieldChanged",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
+            Reason::BrokerNotFound => "BrokerNotFound",
+            Reason::BrokerNotAdmitted => "BrokerNotAdmitted",
+            Reason::VhostNotGranted => "VhostNotGranted",
+            Reason::BrokerModeDisabled => "BrokerModeDisabled",
             Reason::BrokerUnreachable => "BrokerUnreachable",
             Reason::BrokerAuthenticationFailed => "BrokerAuthenticationFailed",
             Reason::VhostNotFound => "VhostNotFound",

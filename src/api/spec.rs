@@ -159,17 +159,39 @@ pub struct MessagePipelineSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-/// Connection to the broker.
+/// Connection to the broker: a MessageBroker the platform team shares (`brokerRef`), or a
+/// Secret of this namespace (`secretRef`); exactly one.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretRef) != has(self.brokerRef)",
+    "message": "set exactly one of secretRef (a Secret of this namespace) and brokerRef (a MessageBroker)"
+}]))]
 pub struct BrokerSpec {
     /// Secret in the same namespace with key `uri` (amqp[s]://user:pass@host:port/vhost,
-    /// required), and optionally `managementUri` (http[s]://host:15672) and `ca.crt`.
-    pub secret_ref: SecretRef,
-    /// Virtual host to use; overrides the vhost in the Secret's uri. Default: the uri's vhost, else "/".
+    /// required), and optionally `managementUri` (http[s]://host:15672) and `ca.crt`. The
+    /// operator may be installed without permission to read tenant Secrets (chart value
+    /// `brokers.secretRefs: false`): then only `brokerRef` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// A cluster-scoped MessageBroker that admits this namespace. The vhost defaults to the
+    /// one the broker grants this namespace; `vhost` may name another it grants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_ref: Option<BrokerRef>,
+    /// Virtual host to use; overrides the vhost in the Secret's uri (with `brokerRef`: one the
+    /// broker grants this namespace). Default: the uri's vhost, else "/" (with `brokerRef`:
+    /// the namespace's own vhost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = RABBIT_NAME_MAX_BYTES))]
     pub vhost: Option<String>,
+}
+
+/// Reference to a cluster-scoped MessageBroker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct BrokerRef {
+    /// Name of the MessageBroker.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Reference to a Secret in the pipeline's namespace.
@@ -643,9 +665,35 @@ mod admission_tests {
             }
         }
         // amq. and control characters on 4 names, 249 bytes, type, 3 backoff, 1 retention, 4 spec,
-        // one channel per notify receiver.
-        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4 + 1);
+        // one channel per notify receiver, one broker reference.
+        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4 + 1 + 1);
         assert!(cel(&object(json!({})), None).is_empty());
+    }
+
+    #[test]
+    fn a_pipeline_names_exactly_one_of_a_secret_and_a_message_broker() {
+        let with_broker = |broker: Value| {
+            let mut pipeline = object(json!({}));
+            pipeline["spec"]["broker"] = broker;
+            pipeline
+        };
+        let broker_ref = with_broker(json!({"brokerRef": {"name": "shared"}}));
+        assert!(cel(&broker_ref, None).is_empty());
+        assert!(operator_accepts(&broker_ref));
+        for wrong in [
+            json!({"brokerRef": {"name": "shared"}, "secretRef": {"name": "s"}}),
+            json!({"vhost": "a"}),
+        ] {
+            let object = with_broker(wrong);
+            let errors = cel(&object, None);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.contains("set exactly one of secretRef")),
+                "{errors:?}"
+            );
+            assert!(!operator_accepts(&object), "msgpipe refuses it too");
+        }
     }
 
     #[test]

@@ -166,8 +166,21 @@ fn validate_metadata(findings: &mut Findings, pipeline: &MessagePipeline) {
 }
 
 fn validate_broker(findings: &mut Findings, broker: &BrokerSpec) {
-    if let Some(problem) = dns_subdomain_problem(&broker.secret_ref.name, 253) {
-        findings.fail("spec.broker.secretRef.name", problem);
+    match (&broker.secret_ref, &broker.broker_ref) {
+        (Some(secret), None) => {
+            if let Some(problem) = dns_subdomain_problem(&secret.name, 253) {
+                findings.fail("spec.broker.secretRef.name", problem);
+            }
+        }
+        (None, Some(broker_ref)) => {
+            if let Some(problem) = dns_subdomain_problem(&broker_ref.name, 253) {
+                findings.fail("spec.broker.brokerRef.name", problem);
+            }
+        }
+        _ => findings.fail(
+            "spec.broker",
+            "set exactly one of secretRef (a Secret of this namespace) and brokerRef (a MessageBroker)".to_string(),
+        ),
     }
     if let Some(vhost) = &broker.vhost
         && (vhost.is_empty() || vhost.len() > RABBIT_NAME_MAX_BYTES)

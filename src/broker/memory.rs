@@ -75,6 +75,22 @@ impl MemoryBroker {
     }
 
     /// The current state of `vhost`.
+    /// Adds `vhost` (RabbitMQ 4) unless it exists; true when it was added.
+    pub fn create_vhost(&self, vhost: &str) -> bool {
+        let mut vhosts = lock(&self.vhosts);
+        if vhosts.contains_key(vhost) {
+            return false;
+        }
+        vhosts.insert(
+            vhost.into(),
+            LiveVhost {
+                server_major: 4,
+                ..LiveVhost::default()
+            },
+        );
+        true
+    }
+
     pub fn vhost(&self, vhost: &str) -> Option<LiveVhost> {
         lock(&self.vhosts).get(vhost).cloned()
     }

@@ -182,6 +182,54 @@ impl RabbitBroker {
             .copied()
     }
 
+    /// The server's version and the plugins enabled on its nodes (for a MessageBroker's
+    /// status); the plugin list needs the `monitoring` tag, and without it comes back empty.
+    pub async fn server_info(&self) -> Result<(String, Vec<String>), BrokerError> {
+        let version = self
+            .http_call("read the server version", None, self.http.server_version())
+            .await?;
+        let plugins = self
+            .http_call(
+                "list the enabled plugins",
+                None,
+                self.http.list_all_cluster_plugins(),
+            )
+            .await
+            .map(|list| list.0)
+            .unwrap_or_default();
+        Ok((version, plugins))
+    }
+
+    /// Creates `vhost` if it does not exist and grants the endpoint's user every permission
+    /// on it (a MessageBroker with `createVhosts`). True when it was created.
+    pub async fn create_vhost(&self, vhost: &str) -> Result<bool, BrokerError> {
+        let exists = self
+            .http_call("read the vhost", None, self.http.get_vhost(vhost))
+            .await
+            .is_ok();
+        if exists {
+            return Ok(false);
+        }
+        let params = rabbitmq_http_client::requests::VirtualHostParams::named(vhost);
+        self.http_call("create the vhost", None, self.http.create_vhost(&params))
+            .await?;
+        let user = self.endpoint.username();
+        let permissions = rabbitmq_http_client::requests::Permissions {
+            user: &user,
+            vhost,
+            configure: ".*",
+            read: ".*",
+            write: ".*",
+        };
+        self.http_call(
+            "grant the broker user permissions on the new vhost",
+            Some(vhost),
+            self.http.declare_permissions(&permissions),
+        )
+        .await?;
+        Ok(true)
+    }
+
     /// The vhost's AMQP connection, (re)connecting when there is none or it is gone.
     async fn vhost_connection(&self, vhost: &str) -> Result<Arc<VhostConnection>, BrokerError> {
         let mut connections = self.amqp.lock().await;

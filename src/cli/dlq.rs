@@ -120,6 +120,15 @@ pub struct PipelineArgs {
     /// With --name: its namespace (default: the kubeconfig context's namespace).
     #[arg(short = 'n', long, value_name = "NS", requires = "name")]
     pub namespace: Option<String>,
+    /// With --name, for a pipeline that names a MessageBroker (spec.broker.brokerRef): the
+    /// operator's namespace, where the broker's Secret is (reading it needs that permission).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "MSGPIPE_OPERATOR_NAMESPACE",
+        default_value = "msgpipe-system"
+    )]
+    pub operator_namespace: String,
     #[command(flatten)]
     pub broker: BrokerArgs,
 }
@@ -938,7 +947,23 @@ async fn from_cluster(
     if broker.uri.is_some() || broker.secret_file.is_some() {
         return Ok((pipeline, broker.endpoint()?, source));
     }
-    let secret_name = &pipeline.spec.broker.secret_ref.name;
+    let Some(secret_ref) = &pipeline.spec.broker.secret_ref else {
+        // A MessageBroker's credentials live in the operator's namespace: read them as the
+        // operator does, if this user may.
+        let access = crate::k8s::BrokerAccess {
+            operator_namespace: args.operator_namespace.clone(),
+            ..crate::k8s::BrokerAccess::default()
+        };
+        let resolved = tokio::time::timeout(
+            timeout,
+            crate::k8s::resolve_broker(&client, &access, &pipeline),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("cannot read the MessageBroker of {source}: no answer from the Kubernetes API within {}s", timeout.as_secs()))?
+        .with_context(|| format!("the broker of {source} (spec.broker.brokerRef)"))?;
+        return Ok((pipeline, resolved.endpoint, source));
+    };
+    let secret_name = &secret_ref.name;
     let secret_label = format!("broker Secret {namespace}/{secret_name}");
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client, &namespace);
     let secret = with_timeout(

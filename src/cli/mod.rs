@@ -53,6 +53,7 @@ pub enum CrdKind {
     #[default]
     Messagepipeline,
     Deadletterreplay,
+    Messagebroker,
 }
 
 /// How data is printed.
@@ -70,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let yaml = match args.kind {
                 CrdKind::Messagepipeline => crate::api::crd_yaml(),
                 CrdKind::Deadletterreplay => crate::api::replay_crd_yaml(),
+                CrdKind::Messagebroker => crate::api::broker_crd_yaml(),
             };
             print!("{}", yaml.context("cannot encode the CRD")?);
             Ok(())

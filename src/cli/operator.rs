@@ -53,12 +53,33 @@ pub struct OperatorArgs {
     /// Log format.
     #[arg(long, env = "MSGPIPE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Accept `spec.broker.secretRef` (a Secret of the pipeline's namespace): the operator
+    /// then reads Secrets in every watched namespace. Platform teams that hand out brokers
+    /// only as MessageBrokers set false (chart value brokers.secretRefs).
+    #[arg(long, env = "MSGPIPE_SECRET_REFS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub secret_refs: bool,
+    /// Accept `spec.broker.brokerRef` (a cluster-scoped MessageBroker; chart value
+    /// brokers.messageBrokers).
+    #[arg(long, env = "MSGPIPE_MESSAGE_BROKERS", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub message_brokers: bool,
+    /// The operator's own namespace, where MessageBrokers' Secrets live (default:
+    /// $POD_NAMESPACE, else "default").
+    #[arg(long, env = "MSGPIPE_OPERATOR_NAMESPACE")]
+    pub operator_namespace: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     text.parse::<SpecDuration>()
         .map(SpecDuration::as_std)
         .map_err(|e| e.to_string())
+}
+
+/// `flag`, else $POD_NAMESPACE (the chart sets it from the downward API), else "default".
+fn own_namespace(flag: Option<&String>) -> String {
+    flag.cloned()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
 
 pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
@@ -85,23 +106,31 @@ pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
         policy_quiet: crate::controller::POLICY_QUIET,
         cleanup_timeout: args.cleanup_timeout,
         identity,
+        brokers: crate::k8s::BrokerAccess {
+            secret_refs: args.secret_refs,
+            message_brokers: args.message_brokers,
+            operator_namespace: own_namespace(args.operator_namespace.as_ref()),
+        },
     };
     let options = RunOptions {
         listen: args.listen,
         leader_election: args.leader_election,
         lease_name: args.lease_name.clone(),
-        lease_namespace: args
-            .lease_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        lease_namespace: own_namespace(args.lease_namespace.as_ref()),
     };
+    if !config.brokers.secret_refs && !config.brokers.message_brokers {
+        anyhow::bail!(
+            "--secret-refs=false and --message-brokers=false leave pipelines no way to name a broker; enable one"
+        );
+    }
     tracing::info!(
         namespaces = ?config.namespaces,
         resync_seconds = config.resync.as_secs(),
         concurrency = config.concurrency,
         leader_election = options.leader_election,
+        secret_refs = config.brokers.secret_refs,
+        message_brokers = config.brokers.message_brokers,
+        operator_namespace = %config.brokers.operator_namespace,
         "starting msgpipe operator"
     );
     super::runtime()?

@@ -133,16 +133,27 @@ impl PolicyBurst {
 pub trait PooledBroker: BrokerApi + 'static {
     /// Closes its connections (idle eviction, shutdown).
     fn close(&self) -> impl Future<Output = ()> + Send;
+    /// Creates a vhost the operator may create (a MessageBroker's `createVhosts`) and gives
+    /// its own user every permission there; true when it was created.
+    fn create_vhost(&self, vhost: &str) -> impl Future<Output = Result<bool, BrokerError>> + Send;
 }
 
 impl PooledBroker for RabbitBroker {
     fn close(&self) -> impl Future<Output = ()> + Send {
         RabbitBroker::close(self)
     }
+
+    fn create_vhost(&self, vhost: &str) -> impl Future<Output = Result<bool, BrokerError>> + Send {
+        RabbitBroker::create_vhost(self, vhost)
+    }
 }
 
 impl PooledBroker for MemoryBroker {
     async fn close(&self) {}
+
+    async fn create_vhost(&self, vhost: &str) -> Result<bool, BrokerError> {
+        Ok(MemoryBroker::create_vhost(self, vhost))
+    }
 }
 
 /// Makes the client of an endpoint (no IO: clients connect on first use).

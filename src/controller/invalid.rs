@@ -30,7 +30,7 @@ use crate::api::reason::one_line;
 use crate::api::validate::FieldError;
 use crate::api::{
     AlertsSpec, BrokerSpec, ClientFlags, DeadLetterSpec, DeletionPolicy, MessagePipeline,
-    MessagePipelineSpec, MessagePipelineStatus, QueueSpec, Reason, RetrySpec, SecretRef,
+    MessagePipelineSpec, MessagePipelineStatus, QueueSpec, Reason, RetrySpec,
 };
 use crate::k8s::{FIELD_MANAGER, KubeError};
 
@@ -111,9 +111,8 @@ pub(crate) fn split(
 fn placeholder(object: &DynamicObject) -> MessagePipeline {
     let spec = MessagePipelineSpec {
         broker: BrokerSpec {
-            secret_ref: SecretRef {
-                name: String::new(),
-            },
+            secret_ref: None,
+            broker_ref: None,
             vhost: None,
         },
         queue: QueueSpec::default(),
@@ -298,7 +297,15 @@ mod tests {
         else {
             panic!("a good object stays");
         };
-        assert_eq!(pipeline.spec.broker.secret_ref.name, "s");
+        assert_eq!(
+            pipeline
+                .spec
+                .broker
+                .secret_ref
+                .as_ref()
+                .map(|s| s.name.as_str()),
+            Some("s")
+        );
         assert!(rx.try_recv().is_err(), "nothing reported");
     }
 

@@ -9,6 +9,7 @@
 //! Pipelines are watched untyped and decoded one by one ([`invalid`]): an object the API
 //! server admitted but msgpipe cannot read is reported on its own and never stops the others.
 
+mod broker_status;
 mod brokers;
 pub mod heap;
 mod invalid;
@@ -46,7 +47,7 @@ pub use reconcile::{BUSY_RETRY, FINALIZER, reconcile};
 
 use crate::api::reason::one_line;
 use crate::api::validate::InvalidSpec;
-use crate::api::{MessagePipeline, Reason};
+use crate::api::{MessageBroker, MessagePipeline, Reason};
 use crate::broker::{BrokerError, RabbitBroker};
 use crate::plan::MANAGED_BY_LABEL;
 
@@ -97,12 +98,19 @@ fn finalizer_message(error: &finalizer::Error<Error>) -> String {
 /// What a person reads about `error` on a condition or an event: its reason and one line
 /// of at most 1 KiB (see [`one_line`]), never a `Debug` dump or a credential.
 pub fn describe(error: &Error) -> (Reason, String) {
+    use crate::api::broker::Refusal;
     use crate::k8s::KubeError;
     let reason = match error.inner() {
         Error::InvalidSpec(_) => Reason::InvalidSpec,
         Error::Broker(e) => e.condition_reason(),
         Error::Kube(KubeError::SecretMissing { .. }) => Reason::SecretMissing,
         Error::Kube(KubeError::SecretInvalid { .. }) => Reason::InvalidBrokerSecret,
+        Error::Kube(KubeError::BrokerMissing { .. }) => Reason::BrokerNotFound,
+        Error::Kube(KubeError::BrokerRefused(Refusal::VhostNotGranted { .. })) => {
+            Reason::VhostNotGranted
+        }
+        Error::Kube(KubeError::BrokerRefused(_)) => Reason::BrokerNotAdmitted,
+        Error::Kube(KubeError::BrokerModeDisabled { .. }) => Reason::BrokerModeDisabled,
         Error::Kube(KubeError::Api { .. }) | Error::Finalizer(_) => Reason::KubernetesAPIFailed,
     };
     (reason, one_line(&error.to_string()))
@@ -126,6 +134,8 @@ pub struct OperatorConfig {
     pub cleanup_timeout: Duration,
     /// Name reported on events (reportingInstance).
     pub identity: String,
+    /// Which broker references pipelines may use, and the operator's namespace.
+    pub brokers: crate::k8s::BrokerAccess,
 }
 
 impl Default for OperatorConfig {
@@ -138,6 +148,7 @@ impl Default for OperatorConfig {
             policy_quiet: POLICY_QUIET,
             cleanup_timeout: Duration::from_secs(600),
             identity: "msgpipe".into(),
+            brokers: crate::k8s::BrokerAccess::default(),
         }
     }
 }
@@ -352,32 +363,61 @@ pub async fn run_controller(
         .default_backoff()
         .touched_objects()
         .predicate_filter(pipeline_trigger, Default::default());
-    let store = reader.clone();
-    // Secrets: metadata only (never their data in memory); a change re-reconciles the
-    // pipelines that name the Secret.
-    let secrets = watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, ns),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
     let config_maps = scoped::<ConfigMap>(&client, ns);
     let managed = format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1);
     let config = controller::Config::default()
         .concurrency(ctx.config.concurrency)
         .debounce(Duration::from_millis(200));
-    let controller = Controller::for_stream(trigger, reader)
-        .owns(config_maps, watcher::Config::default().labels(&managed))
-        .watches_stream(secrets, move |secret| {
-            let namespace = secret.namespace();
-            let name = secret.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|p| p.namespace() == namespace && p.spec.broker.secret_ref.name == name)
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect::<Vec<_>>()
-        })
+    let mut controller = Controller::for_stream(trigger, reader.clone())
+        .owns(config_maps, watcher::Config::default().labels(&managed));
+    let access = &ctx.config.brokers;
+    let brokers = access
+        .message_brokers
+        .then(reflector::store::<MessageBroker>);
+    // Secrets: metadata only (never their data in memory). Tenant Secrets are watched only
+    // when pipelines may name them; the operator's own namespace (MessageBrokers' Secrets)
+    // on its own watch unless the tenant watch already covers every namespace.
+    let mut secret_scopes = Vec::new();
+    if access.secret_refs {
+        secret_scopes.push(scoped::<PartialObjectMeta<Secret>>(&client, ns));
+    }
+    if access.message_brokers && !(access.secret_refs && ns.is_none()) {
+        secret_scopes.push(Api::namespaced(client.clone(), &access.operator_namespace));
+    }
+    for scope in secret_scopes {
+        let secrets = watcher(scope, watcher::Config::default())
+            .default_backoff()
+            .touched_objects();
+        let (pipelines, brokers) = (reader.clone(), brokers.as_ref().map(|(r, _)| r.clone()));
+        let own_namespace = access.operator_namespace.clone();
+        controller = controller.watches_stream(secrets, move |secret| {
+            pipelines_using_secret(&pipelines, brokers.as_ref(), &own_namespace, &secret)
+        });
+    }
+    if let Some((_, writer)) = brokers {
+        // A MessageBroker changed (endpoint, Secret, tenants): its pipelines look again.
+        let changes = reflector(
+            writer,
+            watcher(
+                Api::<MessageBroker>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects();
+        let pipelines = reader.clone();
+        controller = controller.watches_stream(changes, move |broker| {
+            let name = broker.name_any();
+            pipelines_where(&pipelines, |p| {
+                p.spec
+                    .broker
+                    .broker_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
+            })
+        });
+    }
+    let controller = controller
         .with_config(config)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -389,6 +429,56 @@ pub async fn run_controller(
         });
     // The controller owns the last strong sender: when it stops, the reporter stops too.
     futures_util::future::join(controller, report_invalid).await;
+}
+
+/// The pipelines in `store` for which `keep` holds, as controller triggers.
+fn pipelines_where(
+    store: &reflector::Store<MessagePipeline>,
+    keep: impl Fn(&MessagePipeline) -> bool,
+) -> Vec<ObjectRef<MessagePipeline>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|p| keep(p))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// The pipelines a changed Secret concerns: those of its namespace that name it
+/// (`secretRef`), and, for a Secret of the operator's namespace, those that name a
+/// MessageBroker whose credentials it holds (a rotation reconnects them within seconds).
+fn pipelines_using_secret(
+    pipelines: &reflector::Store<MessagePipeline>,
+    brokers: Option<&reflector::Store<MessageBroker>>,
+    own_namespace: &str,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<MessagePipeline>> {
+    let namespace = secret.namespace();
+    let name = secret.name_any();
+    let using: Vec<String> = match brokers {
+        Some(brokers) if namespace.as_deref() == Some(own_namespace) => brokers
+            .state()
+            .into_iter()
+            .filter(|b| b.spec.secret_ref.name == name)
+            .map(|b| b.name_any())
+            .collect(),
+        _ => Vec::new(),
+    };
+    pipelines_where(pipelines, |p| {
+        let names_secret = p.namespace() == namespace
+            && p.spec
+                .broker
+                .secret_ref
+                .as_ref()
+                .is_some_and(|s| s.name == name);
+        let names_broker = p
+            .spec
+            .broker
+            .broker_ref
+            .as_ref()
+            .is_some_and(|r| using.contains(&r.name));
+        names_secret || names_broker
+    })
 }
 
 /// Flags of `msgpipe operator` beyond [`OperatorConfig`].
@@ -441,6 +531,7 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
         ctx.metrics.clone(),
         replay::ReplaySettings {
             broker_timeout: config.broker_timeout,
+            brokers: config.brokers.clone(),
             ..replay::ReplaySettings::default()
         },
         &config.identity,
@@ -460,7 +551,14 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
             stopped(stop_rx.clone()),
         ))
     });
-    futures_util::future::join_all(controllers.chain(replay_controllers)).await;
+    let broker_status = config.brokers.message_brokers.then(|| {
+        futures_util::FutureExt::boxed(broker_status::run_broker_status(
+            ctx.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    futures_util::future::join_all(controllers.chain(replay_controllers).chain(broker_status))
+        .await;
     ctx.brokers.close().await;
     if let Some(lease) = leadership {
         lease.release().await;

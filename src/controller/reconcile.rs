@@ -95,14 +95,12 @@ async fn converge<B: PooledBroker>(
     if let Err(invalid) = plan::plan(pipeline, None) {
         return report_invalid_spec(pipeline, api, invalid, ctx).await;
     }
-    let secret = &pipeline.spec.broker.secret_ref.name;
-    let endpoint = k8s::broker_endpoint(
-        &ctx.client,
-        &pipeline.namespace().unwrap_or_default(),
-        secret,
-    )
-    .await;
-    let uri_vhost = endpoint.as_ref().ok().map(|e| e.uri_vhost());
+    // A refused brokerRef (namespace not admitted, vhost not granted) ends here: the broker
+    // is never called, and BrokerReady says which rule refused it.
+    let resolved = k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline).await;
+    let uri_vhost = resolved.as_ref().ok().map(|r| r.vhost.clone());
+    let create_vhost = resolved.as_ref().is_ok_and(|r| r.create_vhost);
+    let endpoint = resolved.map(|r| r.endpoint);
     let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
     let config_map = k8s::read_client_config(&ctx.client, &desired).await?;
     let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
@@ -122,7 +120,9 @@ async fn converge<B: PooledBroker>(
     }
     let outcome = match (endpoint, gate) {
         (Ok(_), Gate::Down(error)) => broker_failed(pipeline, Error::Broker(error), ctx).await,
-        (Ok(endpoint), _) => converge_broker(pipeline, &desired, &endpoint, ctx).await,
+        (Ok(endpoint), _) => {
+            converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await
+        }
         (Err(error), _) => broker_failed(pipeline, Error::Kube(error), ctx).await,
     };
     if new_tiers && outcome.tiers_in_place {
@@ -355,12 +355,32 @@ async fn converge_broker<B: PooledBroker>(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
+    create_vhost: bool,
     ctx: &Context<B>,
 ) -> BrokerOutcome {
     let vhost = &desired.topology.vhost;
     let key = desired.pipeline.to_string();
     let result = async {
-        let (broker, live) = open_vhost(desired, endpoint, ctx).await?;
+        let (broker, live) = match open_vhost(desired, endpoint, ctx).await {
+            // A MessageBroker that creates its tenants' vhosts: made on first use only.
+            Err(Failed {
+                error: broker::BrokerError::VhostNotFound { .. },
+                ..
+            }) if create_vhost => {
+                let broker = ctx.brokers.broker(endpoint).await.map_err(|error| Failed {
+                    error,
+                    applied: vec![],
+                })?;
+                if broker.create_vhost(vhost).await.map_err(|error| Failed {
+                    error,
+                    applied: vec![],
+                })? {
+                    info!(%vhost, "created the namespace's vhost (MessageBroker createVhosts)");
+                }
+                open_vhost(desired, endpoint, ctx).await?
+            }
+            opened => opened?,
+        };
         let broker = broker.as_ref();
         let result = broker::reconcile_policies_first(broker, desired, live, |policies| {
             ctx.brokers
@@ -601,10 +621,10 @@ async fn cleanup<B: PooledBroker>(
         .await;
         return Ok(Action::await_change());
     }
-    let secret = &pipeline.spec.broker.secret_ref.name;
-    let namespace = pipeline.namespace().unwrap_or_default();
-    let endpoint = match k8s::broker_endpoint(&ctx.client, &namespace, secret).await {
-        Ok(endpoint) => endpoint,
+    let (endpoint, vhost) = match k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline)
+        .await
+    {
+        Ok(resolved) => (resolved.endpoint, resolved.vhost),
         Err(error) => {
             let left = planned_objects(pipeline, None);
             let note = format!("{error}; released without touching the broker; left on it: {left}");
@@ -613,7 +633,7 @@ async fn cleanup<B: PooledBroker>(
             return Ok(Action::await_change());
         }
     };
-    let desired = match plan::plan(pipeline, Some(&endpoint.uri_vhost())) {
+    let desired = match plan::plan(pipeline, Some(&vhost)) {
         Ok(desired) => desired,
         Err(invalid) => {
             let note = format!(
@@ -643,7 +663,7 @@ async fn cleanup<B: PooledBroker>(
                 let note = format!(
                     "{error}; gave up after {}s and released the pipeline; left on the broker: {}",
                     ctx.config.cleanup_timeout.as_secs(),
-                    planned_objects(pipeline, Some(&endpoint.uri_vhost()))
+                    planned_objects(pipeline, Some(&vhost))
                 );
                 ctx.event(
                     pipeline,

@@ -54,6 +54,8 @@ pub struct ReplaySettings {
     pub check_interval: Duration,
     /// Bound on every single broker call.
     pub broker_timeout: Duration,
+    /// Which broker references pipelines may use (as the pipeline controller).
+    pub brokers: crate::k8s::BrokerAccess,
 }
 
 impl Default for ReplaySettings {
@@ -61,6 +63,7 @@ impl Default for ReplaySettings {
         Self {
             check_interval: Duration::from_secs(2),
             broker_timeout: crate::broker::DEFAULT_CALL_TIMEOUT,
+            brokers: crate::k8s::BrokerAccess::default(),
         }
     }
 }
@@ -295,13 +298,10 @@ pub async fn run_replay(
         );
         return run.fail(message).await;
     };
-    let endpoint = crate::k8s::broker_endpoint(
-        &ctx.client,
-        &run.namespace,
-        &pipeline.spec.broker.secret_ref.name,
-    )
-    .await?;
-    let state = match plan::plan(&pipeline, Some(&endpoint.uri_vhost())) {
+    let resolved =
+        crate::k8s::resolve_broker(&ctx.client, &ctx.settings.brokers, &pipeline).await?;
+    let endpoint = resolved.endpoint;
+    let state = match plan::plan(&pipeline, Some(&resolved.vhost)) {
         Ok(state) => state,
         Err(invalid) => {
             let message = format!(

@@ -147,7 +147,7 @@ pub fn next_status(
     Some(next)
 }
 
-fn build_condition(
+pub(crate) fn build_condition(
     kind: &str,
     verdict: &Verdict,
     generation: Option<i64>,

@@ -4,10 +4,15 @@
 //!
 //! (Named `k8s` rather than `kube` so it never shadows the `kube` crate.)
 
+mod broker;
 mod owned;
 pub mod rbac;
 mod secret;
 
+pub use broker::{
+    BrokerAccess, ResolvedBroker, endpoint_with_credentials, message_broker_endpoint,
+    resolve_broker,
+};
 pub use owned::{
     AlertsOutcome, alertmanager_config_api, announced_retry_queues, apply_alertmanager_config,
     apply_client_config, apply_prometheus_rule, prometheus_rule_api, read_client_config,
@@ -36,6 +41,12 @@ pub enum KubeError {
         name: String,
         reason: String,
     },
+    #[error("MessageBroker {name} (spec.broker.brokerRef) does not exist")]
+    BrokerMissing { name: String },
+    #[error(transparent)]
+    BrokerRefused(#[from] crate::api::broker::Refusal),
+    #[error("{field} is not accepted: {why}")]
+    BrokerModeDisabled { field: &'static str, why: String },
     #[error("cannot {operation}: {}", plain(source))]
     Api {
         operation: String,

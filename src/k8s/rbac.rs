@@ -58,12 +58,6 @@ pub const PIPELINE_CALLS: &[ApiCall] = &[
     },
     ApiCall {
         group: "",
-        resource: "secrets",
-        verbs: &["get", "list", "watch"],
-        why: "read the broker Secret; watch Secrets' metadata to reconcile on rotation",
-    },
-    ApiCall {
-        group: "",
         resource: "configmaps",
         verbs: &["get", "list", "watch", "create", "patch"],
         why: "the `<name>-client` ConfigMap: read, watch, server-side apply (create when new)",
@@ -87,6 +81,80 @@ pub const PIPELINE_CALLS: &[ApiCall] = &[
         why: "Normal and Warning events on pipelines and replays (repeats patch the series)",
     },
 ];
+
+/// Tenant Secrets, where pipelines are managed, only while pipelines may name one
+/// (`spec.broker.secretRef`; chart value `brokers.secretRefs`, on by default). Platform teams
+/// that hand out brokers only as MessageBrokers switch it off: the operator then reads no
+/// Secret outside its own namespace.
+pub const TENANT_SECRET_CALLS: &[ApiCall] = &[ApiCall {
+    group: "",
+    resource: "secrets",
+    verbs: &["get", "list", "watch"],
+    why: "read the Secret a pipeline names (spec.broker.secretRef); watch Secrets' metadata to reconcile on rotation",
+}];
+
+/// MessageBrokers (cluster-scoped), cluster-wide, while pipelines may name one (chart value
+/// `brokers.messageBrokers`, on by default). A ClusterRole even when pipelines are watched in
+/// a few namespaces only: the objects are cluster-scoped.
+pub const BROKER_CALLS: &[ApiCall] = &[
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "messagebrokers",
+        verbs: &["get", "list", "watch"],
+        why: "read the MessageBroker a pipeline names (spec.broker.brokerRef); watch them to reconcile their pipelines on change",
+    },
+    ApiCall {
+        group: "msgpipe.io",
+        resource: "messagebrokers/status",
+        verbs: &["patch"],
+        why: "write a broker's reachability, version and features (server-side apply)",
+    },
+    ApiCall {
+        group: "",
+        resource: "namespaces",
+        verbs: &["get"],
+        why: "read a pipeline's namespace labels to admit it (spec.tenants.namespaceSelector); never listed or cached",
+    },
+];
+
+/// MessageBrokers' Secrets, in the release namespace only (a Role).
+pub const OWN_SECRET_CALLS: &[ApiCall] = &[ApiCall {
+    group: "",
+    resource: "secrets",
+    verbs: &["get", "list", "watch"],
+    why: "read a MessageBroker's credentials; watch Secrets' metadata to reconnect on rotation (list starts the watch)",
+}];
+
+/// Which broker references an installation accepts: the RBAC it needs follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BrokerModes {
+    pub secret_refs: bool,
+    pub message_brokers: bool,
+}
+
+/// Where a set of calls is granted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Where pipelines are managed: cluster-wide, or each watched namespace.
+    Pipelines,
+    /// Cluster-wide, whatever namespaces pipelines are watched in.
+    Cluster,
+    /// The release (operator's) namespace only.
+    Own,
+}
+
+/// Every grant an installation in `modes` needs, with its scope (leases aside).
+pub fn grants(modes: BrokerModes) -> Vec<(Scope, &'static [ApiCall])> {
+    let mut grants = vec![(Scope::Pipelines, PIPELINE_CALLS)];
+    if modes.secret_refs {
+        grants.push((Scope::Pipelines, TENANT_SECRET_CALLS));
+    }
+    if modes.message_brokers {
+        grants.push((Scope::Cluster, BROKER_CALLS));
+        grants.push((Scope::Own, OWN_SECRET_CALLS));
+    }
+    grants
+}
 
 /// Leader election (kube-lease-manager), in the release namespace only. RBAC cannot
 /// restrict `create` by name: create covers any Lease there, the rest only the operator's.
@@ -115,7 +183,19 @@ pub fn allows(calls: &[ApiCall], group: &str, resource: &str, verb: &str) -> boo
 /// The RBAC table of docs/operator.md.
 pub fn markdown_table() -> String {
     let mut table = String::from("| API group | resource | verbs | why |\n|---|---|---|---|\n");
-    for (scope, calls) in [("", PIPELINE_CALLS), (" (release namespace)", LEASE_CALLS)] {
+    for (scope, calls) in [
+        ("", PIPELINE_CALLS),
+        (" (with `brokers.secretRefs`)", TENANT_SECRET_CALLS),
+        (
+            " (with `brokers.messageBrokers`, cluster-wide)",
+            BROKER_CALLS,
+        ),
+        (
+            " (with `brokers.messageBrokers`, release namespace)",
+            OWN_SECRET_CALLS,
+        ),
+        (" (release namespace)", LEASE_CALLS),
+    ] {
         for call in calls {
             let group = if call.group.is_empty() {
                 "\"\" (core)"
@@ -146,6 +226,27 @@ mod tests {
             "delete"
         ));
         assert!(!allows(PIPELINE_CALLS, "", "secrets", "patch"));
+    }
+
+    #[test]
+    fn message_brokers_only_mode_reads_secrets_in_its_own_namespace_only() {
+        let only_brokers = grants(BrokerModes {
+            secret_refs: false,
+            message_brokers: true,
+        });
+        for (scope, calls) in &only_brokers {
+            if allows(calls, "", "secrets", "get") {
+                assert_eq!(*scope, Scope::Own, "{calls:?}");
+            }
+        }
+        let both = grants(BrokerModes {
+            secret_refs: true,
+            message_brokers: true,
+        });
+        assert!(
+            both.iter().any(|(scope, calls)| *scope == Scope::Pipelines
+                && allows(calls, "", "secrets", "watch"))
+        );
     }
 
     #[test]

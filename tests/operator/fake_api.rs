@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
+use msgpipe::k8s::rbac::{BrokerModes, Scope, allows, grants};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -50,6 +51,11 @@ pub struct State {
     applied: BTreeMap<(String, String), Value>,
     /// (method, path) pairs RBAC denies.
     forbidden: Vec<(Method, String)>,
+    /// When set, every call outside the RBAC the chart grants in these modes is denied, as
+    /// a real API server would: the modes and the operator's own namespace.
+    rbac: Option<(BrokerModes, String)>,
+    /// `METHOD path` of every call [`FakeApi::enforce_rbac`] denied.
+    pub denied: Vec<String>,
     /// Shared with other fakes (a broker) to see the order of writes across systems.
     journal: Option<Arc<Mutex<Vec<String>>>>,
     resource_version: u64,
@@ -89,9 +95,20 @@ impl FakeApi {
         self.lock().forbidden.push((method, path.to_string()));
     }
 
+    /// From now on, deny (403) every call the chart's RBAC for `modes` does not grant
+    /// (src/k8s/rbac.rs), with `own_namespace` as the release namespace.
+    pub fn enforce_rbac(&self, modes: BrokerModes, own_namespace: &str) {
+        self.lock().rbac = Some((modes, own_namespace.to_string()));
+    }
+
     /// Appends `METHOD path` of every write (not events) to `journal`.
     pub fn journal_to(&self, journal: Arc<Mutex<Vec<String>>>) {
         self.lock().journal = Some(journal);
+    }
+
+    /// Calls the enforced RBAC denied so far.
+    pub fn denied(&self) -> Vec<String> {
+        self.lock().denied.clone()
     }
 
     /// Calls since the last `take_calls`.
@@ -129,6 +146,12 @@ impl FakeApi {
         if let Some(denied) = forbidden(&state, &method, &path) {
             return respond(StatusCode::FORBIDDEN, &denied);
         }
+        if let Some((modes, own)) = &state.rbac
+            && let Some(denied) = outside_rbac(*modes, own, &method, &path, &call_query(&state))
+        {
+            state.denied.push(format!("{method} {path}"));
+            return respond(StatusCode::FORBIDDEN, &denied);
+        }
         if method != Method::GET
             && !path.contains("/events")
             && let Some(journal) = &state.journal
@@ -142,6 +165,73 @@ impl FakeApi {
         drop(state);
         respond(status, &reply)
     }
+}
+
+fn call_query(state: &State) -> String {
+    state
+        .calls
+        .last()
+        .map(|c| c.query.clone())
+        .unwrap_or_default()
+}
+
+/// The 403 a real API server gives a call that the chart's RBAC in `modes` does not grant
+/// (API discovery, a non-resource URL, is always allowed).
+fn outside_rbac(
+    modes: BrokerModes,
+    own_namespace: &str,
+    method: &Method,
+    path: &str,
+    query: &str,
+) -> Option<Value> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(*ns), rest),
+        other => (None, other),
+    };
+    let (resource, name, sub) = match rest {
+        [] => return None,
+        [resource] => (resource.to_string(), None, None),
+        [resource, name] => (resource.to_string(), Some(*name), None),
+        [resource, name, sub, ..] => (resource.to_string(), Some(*name), Some(*sub)),
+    };
+    let resource = match sub {
+        Some(sub) => format!("{resource}/{sub}"),
+        None => resource,
+    };
+    let verb = match *method {
+        Method::GET if name.is_some() => "get",
+        Method::GET if query.contains("watch=true") || query.contains("watch=1") => "watch",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        _ => "patch",
+    };
+    let granted = grants(modes).into_iter().any(|(scope, calls)| {
+        allows(calls, group, &resource, verb)
+            && match scope {
+                Scope::Pipelines | Scope::Cluster => true,
+                Scope::Own => namespace == Some(own_namespace),
+            }
+    });
+    if granted {
+        return None;
+    }
+    Some(json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!(
+            "{resource} is forbidden: User \"system:serviceaccount:{own_namespace}:msgpipe\" cannot {verb} resource \"{resource}\" in API group \"{group}\" in the namespace \"{}\"",
+            namespace.unwrap_or_default()
+        ),
+        "reason": "Forbidden",
+        "code": 403
+    }))
 }
 
 fn respond(status: StatusCode, reply: &Value) -> Response<Body> {

@@ -1,7 +1,7 @@
 //! The whole controller (watchers, store, reconcile, status, events) against a mocked API
 //! server that lists and watches like a real one (every change through the API is a watch
 //! event with a new resourceVersion) and authorizes every request with the
-//! operator's RBAC list (`msgpipe::k8s::rbac::PIPELINE_CALLS`, which tests/chart.rs holds
+//! operator's RBAC list (`msgpipe::k8s::rbac::grants`, which tests/chart.rs holds
 //! the chart to): a request outside it gets the 403 a real cluster would answer.
 //!
 //! - One MessagePipeline the API server admitted but msgpipe cannot decode, among 50 good
@@ -21,7 +21,7 @@ use kube::runtime::controller::Action;
 use msgpipe::api::MessagePipeline;
 use msgpipe::broker::BrokerApi;
 use msgpipe::controller::{Context, Metrics, OperatorConfig, reconcile, run_controller};
-use msgpipe::k8s::rbac::{PIPELINE_CALLS, allows};
+use msgpipe::k8s::rbac::{BrokerModes, allows, grants};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -296,12 +296,13 @@ impl Cluster {
             .iter()
             .copied()
             .filter(|verb| {
-                !allows(
-                    PIPELINE_CALLS,
-                    &attributes.group,
-                    &attributes.resource,
-                    verb,
-                )
+                // The chart's default install: tenant Secrets and MessageBrokers both on.
+                !grants(BrokerModes {
+                    secret_refs: true,
+                    message_brokers: true,
+                })
+                .iter()
+                .any(|(_, calls)| allows(calls, &attributes.group, &attributes.resource, verb))
             })
             .collect();
         let verb = refused.first()?;

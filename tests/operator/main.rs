@@ -2,6 +2,7 @@
 //! real RabbitMQ: first reconcile, quiet second reconcile, invalid spec, missing CRD,
 //! missing Secret, deletion with Retain and with Delete.
 
+mod brokers;
 mod dead_broker;
 mod fake_api;
 mod isolation;

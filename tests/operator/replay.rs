@@ -173,6 +173,7 @@ impl World {
         let settings = ReplaySettings {
             check_interval,
             broker_timeout: Duration::from_secs(10),
+            ..ReplaySettings::default()
         };
         (
             ReplayContext::new(client, self.metrics.clone(), settings, "test"),
@@ -607,6 +608,7 @@ fn start_leader(
     let settings = ReplaySettings {
         check_interval: Duration::from_millis(500),
         broker_timeout: Duration::from_secs(10),
+        ..ReplaySettings::default()
     };
     let ctx = Arc::new(ReplayContext::new(
         client,

@@ -62,9 +62,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 The rules the operator needs where it watches pipelines (ClusterRole in cluster-wide mode,
 one Role per watched namespace otherwise). Exactly the operator's Kubernetes API calls as
-listed in src/k8s/rbac.rs (PIPELINE_CALLS): tests/chart.rs compares the rendered rules with it.
+listed in src/k8s/rbac.rs (PIPELINE_CALLS, and TENANT_SECRET_CALLS with brokers.secretRefs):
+tests/chart.rs compares the rendered rules with it.
 Leases are not here: they live in their own Role in the release namespace.
 */}}
+{{/*
+Whether pipelines may name a MessageBroker: brokers.messageBrokers, or by default on in
+cluster-wide mode only. Both ways off leaves pipelines no broker: refused at render.
+*/}}
+{{- define "msgpipe-operator.messageBrokers" -}}
+{{- $on := empty .Values.watchNamespaces -}}
+{{- if kindIs "bool" .Values.brokers.messageBrokers }}{{ $on = .Values.brokers.messageBrokers }}{{ end -}}
+{{- if and (not $on) (not .Values.brokers.secretRefs) -}}
+{{- fail "brokers.secretRefs=false needs brokers.messageBrokers=true: pipelines would have no way to name a broker" -}}
+{{- end -}}
+{{- $on -}}
+{{- end }}
+
 {{- define "msgpipe-operator.rules" -}}
 - apiGroups: ["msgpipe.io"]
   resources: ["messagepipelines"]
@@ -81,9 +95,11 @@ Leases are not here: they live in their own Role in the release namespace.
 - apiGroups: ["msgpipe.io"]
   resources: ["deadletterreplays/status"]
   verbs: ["patch"]
+{{- if .Values.brokers.secretRefs }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
+{{- end }}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
