@@ -1,0 +1,1 @@
+//! The import over fixture vhosts built with the inventory's typed builders.
