@@ -290,8 +290,9 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         let work = self.settings(queue);
         let mut spec = DeadLetterSpec::default();
         let Some(exchange) = work.str("dead-letter-exchange").map(str::to_string) else {
+            let dlx = self.own_dead_letter_exchange(&mut spec);
             self.note(format!(
-                "{queue} has no dead-letter exchange: rejected and expired messages are dropped today; msgpipe adds {queue}.dlx and {queue}.dlq"
+                "{queue} has no dead-letter exchange: rejected and expired messages are dropped today; msgpipe adds {dlx} and {queue}.dlq"
             ));
             return DeadLetters { spec, queue: None };
         };
@@ -318,8 +319,9 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
     ) {
         let queue = self.queue;
         if exchange.is_empty() {
+            let dlx = self.own_dead_letter_exchange(spec);
             self.warn(format!(
-                "{queue} dead-letters through the default exchange, by queue name ({from}): msgpipe dead-letters through an exchange of its own, so the spec keeps the default {queue}.dlx"
+                "{queue} dead-letters through the default exchange, by queue name ({from}): msgpipe dead-letters through an exchange of its own, so the spec has {dlx}"
             ));
             return;
         }
@@ -345,14 +347,16 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             )),
         };
         if let Some(why) = refusal {
+            let dlx = self.own_dead_letter_exchange(spec);
             self.warn(format!(
-                "dead-letter exchange {exchange} ({from}) is not in the spec: {why}; the spec keeps the default {queue}.dlx"
+                "dead-letter exchange {exchange} ({from}) is not in the spec: {why}; the spec has {dlx}"
             ));
             return;
         }
         if let Err(owner) = claimed.claim(exchange, queue) {
+            let dlx = self.own_dead_letter_exchange(spec);
             self.warn(format!(
-                "dead-letter exchange {exchange} is shared with {owner}, whose pipeline takes it: a fanout dead-letter exchange shared by two pipelines would copy each one's dead letters into both DLQs; the spec keeps the default {queue}.dlx"
+                "dead-letter exchange {exchange} is shared with {owner}, whose pipeline takes it: a fanout dead-letter exchange shared by two pipelines would copy each one's dead letters into both DLQs; the spec has {dlx}"
             ));
             return;
         }
@@ -360,6 +364,30 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             "deadLetter.exchange {exchange}: dead-letter exchange of {queue} ({from})"
         ));
         spec.exchange = Some(exchange.to_string());
+    }
+
+    /// The dead-letter exchange msgpipe will make for this pipeline when it cannot take the
+    /// live one: the default `<queue>.dlx`, unless an exchange of another type has that name
+    /// (msgpipe could not declare it), then `<queue>.msgpipe.dlx`, set in the spec.
+    fn own_dead_letter_exchange(&mut self, spec: &mut DeadLetterSpec) -> String {
+        let queue = self.queue;
+        let default = format!("{queue}.dlx");
+        let taken = self
+            .rec
+            .inventory
+            .exchanges
+            .get(&default)
+            .filter(|e| e.kind != "fanout")
+            .map(|e| e.kind.clone());
+        let Some(kind) = taken else {
+            return default;
+        };
+        let other = format!("{queue}.msgpipe.dlx");
+        self.warn(format!(
+            "the default dead-letter exchange name {default} is taken by a {kind} exchange, which msgpipe cannot declare as fanout: the spec names {other} instead"
+        ));
+        spec.exchange = Some(other.clone());
+        other
     }
 
     fn dead_letter_queue(
