@@ -38,8 +38,14 @@ pub fn fit(delays: &[u64], max_attempts: u32) -> FittedBackoff {
         .map(|t| t.delay.as_millis())
         .collect();
         let error = distance(&fitted, delays);
+        let exact = fitted == delays;
+        // An approximation is written with at most two decimals: nobody should have to
+        // review a multiplier of 3.1622776601683795.
+        if !exact && (multiplier * 100.0).round() / 100.0 != multiplier {
+            continue;
+        }
         let candidate = FittedBackoff {
-            exact: fitted == delays,
+            exact,
             backoff,
             fitted,
         };
@@ -143,10 +149,12 @@ mod tests {
         let fitted = fit(&legacy, 5);
         assert!(!fitted.exact, "{fitted:?}");
         assert_eq!(fitted.fitted.len(), 4);
-        // Every fitted delay within 15 % of the legacy one.
+        // Every fitted delay within 15 % of the legacy one, with a readable multiplier.
         for (a, b) in fitted.fitted.iter().zip(&legacy) {
             assert!((*a as f64 / *b as f64 - 1.0).abs() < 0.15, "{fitted:?}");
         }
+        let m = fitted.backoff.multiplier;
+        assert_eq!((m * 100.0).round() / 100.0, m, "{fitted:?}");
     }
 
     #[test]
