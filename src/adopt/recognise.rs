@@ -25,6 +25,8 @@ pub(super) struct Recognition<'a> {
     pub settings: BTreeMap<&'a str, QueueSettings>,
     /// Work queue -> its retry tiers, shortest delay first.
     pub tiers: BTreeMap<String, Vec<LegacyTier>>,
+    /// Every queue taken as a retry tier.
+    tier_queues: BTreeSet<String>,
     /// Dead-letter queue -> the queues that dead-letter into it.
     pub dead_letter_of: BTreeMap<String, Vec<String>>,
     /// Why each queue that cannot be a work queue is left out.
@@ -44,6 +46,7 @@ impl<'a> Recognition<'a> {
             inventory,
             settings,
             tiers: BTreeMap::new(),
+            tier_queues: BTreeSet::new(),
             dead_letter_of: BTreeMap::new(),
             skipped: BTreeMap::new(),
             live: inventory.to_live(),
@@ -91,13 +94,14 @@ impl<'a> Recognition<'a> {
         }
     }
 
-    /// TTL queues that dead-letter back to one work queue: through the default exchange by
-    /// its name (what msgpipe's own tiers do), or through an exchange routing to it alone
-    /// when that queue dead-letters elsewhere itself (so it is a work queue, not a DLQ).
+    /// TTL queues without consumers (nobody consumes a delay queue) that dead-letter back to
+    /// one work queue: through the default exchange by its name (what msgpipe's own tiers
+    /// do), or through an exchange routing to it alone when that queue dead-letters elsewhere
+    /// itself (so it is a work queue, not a DLQ).
     fn find_tiers(&mut self) {
         let mut found: Vec<(String, LegacyTier)> = Vec::new();
-        for name in self.inventory.queues.keys() {
-            if !self.eligible(name) {
+        for (name, queue) in &self.inventory.queues {
+            if !self.eligible(name) || queue.consumers > 0 {
                 continue;
             }
             let Some(delay) = self.settings[name.as_str()].int("message-ttl") else {
@@ -129,6 +133,7 @@ impl<'a> Recognition<'a> {
                 );
                 continue;
             }
+            self.tier_queues.insert(tier.queue.clone());
             self.tiers.entry(target).or_default().push(tier);
         }
         for tiers in self.tiers.values_mut() {
@@ -137,7 +142,7 @@ impl<'a> Recognition<'a> {
     }
 
     pub fn is_tier(&self, queue: &str) -> bool {
-        self.tiers.values().flatten().any(|t| t.queue == queue)
+        self.tier_queues.contains(queue)
     }
 
     /// Every queue the dead letters of `queue` can reach (for an exchange whose routing

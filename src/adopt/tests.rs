@@ -554,3 +554,42 @@ fn yaml_output_reads_back_as_the_same_pipelines_and_marks_what_cannot_be_express
         imported.skipped
     );
 }
+
+#[test]
+fn a_consumed_queue_with_a_ttl_is_a_work_queue_not_a_retry_tier() {
+    // `orders` expires unprocessed messages into `orders.expired` through the default
+    // exchange: the shape of a tier, but it has a consumer, so it is a work queue.
+    let inventory = VhostInventory::new("/", "4.3.6")
+        .queue(
+            "orders",
+            InventoryQueue::classic()
+                .arg("x-message-ttl", 3_600_000)
+                .arg("x-dead-letter-exchange", "")
+                .arg("x-dead-letter-routing-key", "orders.expired")
+                .consumers(2),
+        )
+        .queue("orders.expired", InventoryQueue::classic());
+    let imported = import_all(&inventory);
+    let queues: Vec<&str> = imported
+        .pipelines
+        .iter()
+        .map(|p| p.queue.as_str())
+        .collect();
+    assert_eq!(queues, ["orders"]);
+    let orders = &imported.pipelines[0];
+    assert!(orders.retry_queues.is_empty());
+    assert_eq!(orders.dead_letter_queue.as_deref(), Some("orders.expired"));
+    assert!(
+        has_warning(
+            orders,
+            "work queue orders: message-ttl = 3600000 is not modelled"
+        ),
+        "{:#?}",
+        warnings(orders)
+    );
+    assert!(
+        has_warning(orders, "orders dead-letters through the default exchange"),
+        "{:#?}",
+        warnings(orders)
+    );
+}

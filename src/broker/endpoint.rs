@@ -413,4 +413,30 @@ mod tests {
             "http://u:***@h/ and (***)"
         );
     }
+
+    #[test]
+    fn a_management_uri_alone_gives_an_endpoint_that_never_shows_its_password() {
+        let endpoint = BrokerEndpoint::from_management_uri(
+            "https://reader:s3cr%40t-pw@rabbit.example:15671",
+            None,
+        )
+        .expect("endpoint");
+        assert_eq!(
+            endpoint.management_api(),
+            "https://rabbit.example:15671/api"
+        );
+        assert_eq!(endpoint.username(), "reader");
+        assert_eq!(endpoint.password(), "s3cr@t-pw");
+        assert!(endpoint.is_tls());
+        for text in [endpoint.to_string(), format!("{endpoint:?}")] {
+            assert!(!text.contains("s3cr"), "{text}");
+        }
+        let refused = BrokerEndpoint::from_management_uri("http://rabbit:15672", None)
+            .expect_err("no credentials");
+        assert!(
+            refused.to_string().contains("needs credentials"),
+            "{refused}"
+        );
+        assert!(BrokerEndpoint::from_management_uri("amqp://u:p@rabbit", None).is_err());
+    }
 }
