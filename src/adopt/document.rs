@@ -43,7 +43,10 @@ pub fn import_json(import: &Import) -> Result<String, serde_json::Error> {
 
 fn pipeline_comments(pipeline: &ImportedPipeline) -> String {
     let mut out = String::new();
-    let mut summary = format!("work queue {}", pipeline.queue);
+    let mut summary = format!(
+        "work queue {} ({}, {} messages, {} consumers)",
+        pipeline.queue, pipeline.queue_type, pipeline.messages, pipeline.consumers
+    );
     if !pipeline.retry_queues.is_empty() {
         let _ = write!(
             summary,

@@ -85,6 +85,10 @@ pub struct ImportedPipeline {
     /// Queues of the vhost this pipeline takes as its retry tiers (legacy names included).
     pub retry_queues: Vec<String>,
     pub dead_letter_queue: Option<String>,
+    /// The work queue's type, messages (ready + unacknowledged) and consumers as read.
+    pub queue_type: String,
+    pub messages: u64,
+    pub consumers: u64,
     pub findings: Vec<Finding>,
 }
 

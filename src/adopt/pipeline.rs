@@ -163,6 +163,9 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             pipeline,
             retry_queues: tiers.iter().map(|t| t.queue.clone()).collect(),
             dead_letter_queue: dead_letters.queue,
+            queue_type: live.queue_type.clone(),
+            messages: live.messages,
+            consumers: live.consumers,
             findings: self.findings,
         })
     }
@@ -773,15 +776,28 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             QueueSettings::combine(&live.arguments, Some((&policy_name, &ours)))
         };
         let keys: BTreeSet<&String> = before.keys.keys().chain(after.keys.keys()).collect();
-        let shown =
-            |s: Option<&Setting>| s.map_or_else(|| "unset".to_string(), |s| s.value.to_string());
+        // RabbitMQ 4 limits a quorum queue that sets no delivery limit to 20 deliveries.
+        let implicit_limit = live.queue_type == "quorum" && inventory.server_major() >= 4;
+        let shown = |key: &str, s: Option<&Setting>| match s {
+            Some(s) => s.value.to_string(),
+            None if key == "delivery-limit" && implicit_limit => {
+                format!("unset ({RABBITMQ4_DEFAULT_DELIVERY_LIMIT} by RabbitMQ 4's default)")
+            }
+            None => "unset".to_string(),
+        };
         let changes: Vec<String> = keys
             .into_iter()
             .filter(|k| {
                 k.as_str() != "queue-type"
                     && before.get(k).map(|s| &s.value) != after.get(k).map(|s| &s.value)
             })
-            .map(|k| format!("{k} {} -> {}", shown(before.get(k)), shown(after.get(k))))
+            .map(|k| {
+                format!(
+                    "{k} {} -> {}",
+                    shown(k, before.get(k)),
+                    shown(k, after.get(k))
+                )
+            })
             .collect();
         if !changes.is_empty() {
             self.warn(format!(
