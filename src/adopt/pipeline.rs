@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 
+use serde_json::{Map, Value};
+
 use super::backoff::fit;
 use super::recognise::{ClaimedDeadLetters, LegacyTier, Recognition};
 use super::{Finding, ImportOptions, ImportedPipeline};
@@ -54,6 +56,15 @@ pub(super) struct PipelineBuilder<'r, 'a> {
     metadata_name: String,
     options: &'r ImportOptions,
     findings: Vec<Finding>,
+}
+
+/// A queue once msgpipe's policy for it is applied.
+struct AfterAdoption {
+    /// msgpipe's policy for the queue, and its definition as sent to this server.
+    policy: String,
+    definition: Map<String, Value>,
+    /// The settings then in effect.
+    settings: QueueSettings,
 }
 
 /// The dead-letter side as recognised.
@@ -113,7 +124,10 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         let dead_letters = self.dead_letters(queue_type, claimed);
         let tiers = self.distinct_tiers();
         let max_attempts = self.max_attempts(&work, queue_type, tiers.len());
-        let backoff = self.backoff(&tiers, max_attempts);
+        let retry = RetrySpec {
+            max_attempts,
+            backoff: self.backoff(&tiers, max_attempts),
+        };
         self.unmodelled(queue, "work queue", &WORK_KEYS);
         for tier in &tiers {
             self.unmodelled(&tier.queue, "retry queue", &TIER_KEYS);
@@ -122,32 +136,14 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         if let Some(dlq) = &dead_letters.queue {
             self.policy_reach(dlq);
         }
-        let spec = MessagePipelineSpec {
-            broker: BrokerSpec {
-                secret_ref: SecretRef {
-                    name: self.options.secret_ref.clone(),
-                },
-                vhost: Some(self.rec.inventory.vhost.clone()),
-            },
-            queue: QueueSpec {
-                name: Some(queue.to_string()),
-                queue_type,
-                exchange,
-                routing_key,
-                max_length,
-            },
-            retry: RetrySpec {
-                max_attempts,
-                backoff,
-            },
-            dead_letter: dead_letters.spec,
-            alerts: AlertsSpec {
-                enabled: self.options.alerts,
-                ..AlertsSpec::default()
-            },
-            client_flags: Default::default(),
-            deletion_policy: Default::default(),
+        let queue_spec = QueueSpec {
+            name: Some(queue.to_string()),
+            queue_type,
+            exchange,
+            routing_key,
+            max_length,
         };
+        let spec = self.spec(queue_spec, retry, dead_letters.spec.clone());
         let mut pipeline = MessagePipeline::new(&self.metadata_name, spec);
         pipeline.metadata.namespace = Some(self.options.namespace.clone());
         let state = plan::plan(&pipeline, Some(&self.rec.inventory.vhost))
@@ -170,30 +166,91 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         })
     }
 
+    /// The whole spec around the recognised fields: this import's broker Secret and vhost,
+    /// alerts on only if asked, msgpipe's defaults for the rest.
+    fn spec(
+        &self,
+        queue: QueueSpec,
+        retry: RetrySpec,
+        dead_letter: DeadLetterSpec,
+    ) -> MessagePipelineSpec {
+        MessagePipelineSpec {
+            broker: BrokerSpec {
+                secret_ref: SecretRef {
+                    name: self.options.secret_ref.clone(),
+                },
+                vhost: Some(self.rec.inventory.vhost.clone()),
+            },
+            queue,
+            retry,
+            dead_letter,
+            alerts: AlertsSpec {
+                enabled: self.options.alerts,
+                ..AlertsSpec::default()
+            },
+            client_flags: Default::default(),
+            deletion_policy: Default::default(),
+        }
+    }
+
     /// The work exchange and routing key: the queue's one binding from a durable direct
     /// exchange msgpipe may name; every other binding is reported.
     fn work_route(&mut self) -> (Option<String>, Option<String>) {
         let queue = self.queue;
-        let inventory = self.rec.inventory;
         let retry_exchange = format!("{queue}.retry");
-        let bindings: Vec<&InventoryBinding> = inventory
+        let bindings: Vec<&'a InventoryBinding> = self
+            .rec
+            .inventory
             .bindings
             .iter()
             .filter(|b| b.destination == queue && b.source != retry_exchange)
             .collect();
-        let kind = |b: &InventoryBinding| {
-            inventory
-                .exchanges
-                .get(&b.source)
-                .map(|e| e.kind.clone())
-                .unwrap_or_else(|| "unknown".into())
-        };
         if bindings.is_empty() {
             self.note(format!(
                 "no exchange is bound to {queue}: publishers reach it through the default exchange (by queue name), which keeps working; msgpipe adds the work exchange {queue}.work (direct)"
             ));
             return (None, None);
         }
+        let chosen = self.chosen_route(&bindings);
+        let sources: BTreeSet<&str> = bindings.iter().map(|b| b.source.as_str()).collect();
+        if sources.len() > 1 {
+            self.warn(format!(
+                "{queue} is bound to several exchanges ({}): a pipeline has one work exchange{}",
+                sources.into_iter().collect::<Vec<_>>().join(", "),
+                chosen.map_or_else(String::new, |b| format!("; the spec takes {}", b.source))
+            ));
+        }
+        for binding in &bindings {
+            if !chosen.is_some_and(|c| std::ptr::eq(c, *binding)) {
+                self.report_other_binding(binding, chosen);
+            }
+        }
+        let Some(chosen) = chosen else {
+            self.warn(format!(
+                "no binding of {queue} comes from a durable direct exchange msgpipe may name: the spec keeps the default work exchange {queue}.work"
+            ));
+            return (None, None);
+        };
+        let which = if bindings.len() == 1 {
+            "the only"
+        } else {
+            "the chosen"
+        };
+        self.note(format!(
+            "queue.exchange {} and queue.routingKey {:?}: {which} binding of {queue}",
+            chosen.source, chosen.routing_key,
+        ));
+        (
+            Some(chosen.source.clone()),
+            Some(chosen.routing_key.clone()),
+        )
+    }
+
+    /// Of the queue's bindings from durable direct exchanges msgpipe may name, the one to
+    /// adopt: msgpipe's own, then from `<queue>.work`, then keyed by the queue's name.
+    fn chosen_route(&self, bindings: &[&'a InventoryBinding]) -> Option<&'a InventoryBinding> {
+        let inventory = self.rec.inventory;
+        let default_exchange = format!("{}.work", self.queue);
         let usable = |b: &&InventoryBinding| {
             inventory
                 .exchanges
@@ -202,68 +259,51 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
                 && !b.source.starts_with("amq.")
                 && b.foreign_arguments().next().is_none()
         };
-        let default_exchange = format!("{queue}.work");
-        let chosen = bindings.iter().copied().filter(usable).min_by_key(|b| {
+        bindings.iter().copied().filter(usable).min_by_key(|b| {
             (
                 !b.is_msgpipes(),
                 b.source != default_exchange,
-                b.routing_key != queue,
+                b.routing_key != self.queue,
                 b.source.clone(),
                 b.routing_key.clone(),
             )
-        });
-        let sources: BTreeSet<&str> = bindings.iter().map(|b| b.source.as_str()).collect();
-        if sources.len() > 1 {
-            self.warn(format!(
-                "{queue} is bound to several exchanges ({}): a pipeline has one work exchange{}",
-                sources.into_iter().collect::<Vec<_>>().join(", "),
-                match chosen {
-                    Some(b) => format!("; the spec takes {}", b.source),
-                    None => String::new(),
-                }
-            ));
-        }
-        for binding in &bindings {
-            if chosen.is_some_and(|c| std::ptr::eq(c, *binding)) {
-                continue;
+        })
+    }
+
+    /// A binding into the work queue that the spec does not take, and why.
+    fn report_other_binding(
+        &mut self,
+        binding: &InventoryBinding,
+        chosen: Option<&InventoryBinding>,
+    ) {
+        let kind = self
+            .rec
+            .inventory
+            .exchanges
+            .get(&binding.source)
+            .map_or("unknown", |e| e.kind.as_str())
+            .to_string();
+        let why = match kind.as_str() {
+            "direct" if binding.source.starts_with("amq.") => {
+                "msgpipe cannot name an amq. exchange".to_string()
             }
-            let why = match kind(binding).as_str() {
-                "direct" if binding.source.starts_with("amq.") => {
-                    "msgpipe cannot name an amq. exchange".to_string()
-                }
-                "direct" if binding.foreign_arguments().next().is_some() => {
-                    "it carries binding arguments msgpipe does not model".to_string()
-                }
-                "direct" => "a pipeline has one route into its queue".to_string(),
-                other => format!("msgpipe's work exchange is direct, this one is {other}"),
-            };
-            self.warn(format!(
-                "binding {} ({}) -> {queue} with key {:?} is not in the spec: {why}; the binding itself stays on the broker",
-                binding.source,
-                kind(binding),
-                binding.routing_key
-            ));
-        }
-        let Some(chosen) = chosen else {
-            self.warn(format!(
-                "no binding of {queue} comes from a durable direct exchange msgpipe may name: the spec keeps the default work exchange {default_exchange}"
-            ));
-            return (None, None);
+            "direct" if binding.foreign_arguments().next().is_some() => {
+                "it carries binding arguments msgpipe does not model".to_string()
+            }
+            "direct" => "a pipeline has one route into its queue".to_string(),
+            other => format!("msgpipe's work exchange is direct, this one is {other}"),
         };
-        self.note(format!(
-            "queue.exchange {} and queue.routingKey {:?}: {} binding of {queue}",
-            chosen.source,
-            chosen.routing_key,
-            if bindings.len() == 1 {
-                "the only"
-            } else {
-                "the chosen"
-            }
+        // A route from the spec's own exchange is taken for one of msgpipe's (adoption_plan
+        // reports the unbind); any other stays.
+        let fate = if chosen.is_some_and(|c| c.source == binding.source) {
+            "msgpipe apply would remove it (it comes from the spec's work exchange)"
+        } else {
+            "the binding itself stays on the broker"
+        };
+        self.warn(format!(
+            "binding {} ({kind}) -> {} with key {:?} is not in the spec: {why}; {fate}",
+            binding.source, self.queue, binding.routing_key
         ));
-        (
-            Some(chosen.source.clone()),
-            Some(chosen.routing_key.clone()),
-        )
     }
 
     fn report_dead_letter_routing_key(&mut self, work: &QueueSettings) {
@@ -520,33 +560,14 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
     /// retry.maxAttempts from the work queue's delivery limit, else from the tiers.
     fn max_attempts(&mut self, work: &QueueSettings, queue_type: QueueType, tiers: usize) -> u32 {
         let queue = self.queue;
-        let limit = work.int("delivery-limit").filter(|l| *l > 0);
-        let tiers_u32 = u32::try_from(tiers).unwrap_or(u32::MAX);
         let quorum = queue_type == QueueType::Quorum;
-        if let (Some(limit), true) = (limit, quorum) {
-            let attempts = u32::try_from(limit)
-                .unwrap_or(u32::MAX)
-                .clamp(1, MAX_ATTEMPTS_LIMIT);
-            self.note(format!(
-                "retry.maxAttempts {attempts}: delivery-limit {limit} of {queue} ({}). msgpipe sets a quorum work queue's delivery-limit to maxAttempts, so the broker's cap on deliveries stays the same, and clients retry up to maxAttempts - 1 times through the tiers",
-                source(work, "delivery-limit")
-            ));
-            if i64::from(attempts) != limit {
-                self.warn(format!(
-                    "delivery-limit {limit} of {queue} is above msgpipe's most attempts ({MAX_ATTEMPTS_LIMIT}): maxAttempts {attempts} lowers it"
-                ));
-            }
-            if attempts <= tiers_u32 {
-                self.warn(format!(
-                    "delivery-limit {limit} allows {} retries but {queue} has {tiers} retry tiers: msgpipe's schedule has at most {} tiers",
-                    attempts - 1,
-                    attempts - 1
-                ));
-            }
-            return attempts;
+        if let Some(limit) = work.int("delivery-limit").filter(|l| *l > 0 && quorum) {
+            return self.attempts_from_limit(work, limit, tiers);
         }
         if tiers > 0 {
-            let attempts = (tiers_u32 + 1).min(MAX_ATTEMPTS_LIMIT);
+            let attempts = u32::try_from(tiers + 1)
+                .unwrap_or(u32::MAX)
+                .min(MAX_ATTEMPTS_LIMIT);
             let broker_side = if quorum {
                 format!(
                     "; msgpipe will set delivery-limit {attempts} on {queue}, which has {} today",
@@ -567,20 +588,40 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             return 1;
         }
         let attempts = RABBITMQ4_DEFAULT_DELIVERY_LIMIT;
-        let (today, how) = if self.rec.inventory.server_major() >= 4
-            && limit.is_none()
-            && work.get("delivery-limit").is_none()
-        {
-            (self.implicit_limit(), "the same cap".to_string())
+        let same = self.rec.inventory.server_major() >= 4 && work.get("delivery-limit").is_none();
+        let effect = if same {
+            "keeps that cap"
         } else {
-            (
-                self.implicit_limit(),
-                "a cap where there is none today".to_string(),
-            )
+            "adds a cap where there is none today"
         };
         self.warn(format!(
-            "retry.maxAttempts {attempts}: {queue} has no retry tiers and {today}; msgpipe sets a quorum work queue's delivery-limit to maxAttempts (maxAttempts 1 would dead-letter every requeued message at once), so {attempts} keeps {how}, and msgpipe adds retry tiers its clients use (legacy consumers that requeue keep working)"
+            "retry.maxAttempts {attempts}: {queue} has no retry tiers and {}; msgpipe sets a quorum work queue's delivery-limit to maxAttempts (maxAttempts 1 would dead-letter every requeued message at once), so {attempts} {effect}, and msgpipe adds retry tiers its clients use (legacy consumers that requeue keep working)",
+            self.implicit_limit()
         ));
+        attempts
+    }
+
+    /// maxAttempts = the quorum work queue's delivery limit (msgpipe's mapping reversed).
+    fn attempts_from_limit(&mut self, work: &QueueSettings, limit: i64, tiers: usize) -> u32 {
+        let queue = self.queue;
+        let attempts = u32::try_from(limit)
+            .unwrap_or(u32::MAX)
+            .clamp(1, MAX_ATTEMPTS_LIMIT);
+        self.note(format!(
+            "retry.maxAttempts {attempts}: delivery-limit {limit} of {queue} ({}). msgpipe sets a quorum work queue's delivery-limit to maxAttempts, so the broker's cap on deliveries stays the same, and clients retry up to maxAttempts - 1 times through the tiers",
+            source(work, "delivery-limit")
+        ));
+        if i64::from(attempts) != limit {
+            self.warn(format!(
+                "delivery-limit {limit} of {queue} is above msgpipe's most attempts ({MAX_ATTEMPTS_LIMIT}): maxAttempts {attempts} lowers it"
+            ));
+        }
+        let retries = attempts - 1;
+        if usize::try_from(retries).is_ok_and(|r| r < tiers) {
+            self.warn(format!(
+                "delivery-limit {limit} allows {retries} retries but {queue} has {tiers} retry tiers: msgpipe's schedule has at most {retries} tiers"
+            ));
+        }
         attempts
     }
 
@@ -742,49 +783,16 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
     /// Settings in effect on `queue` that adopting changes (msgpipe's policy replaces the
     /// hand-made one), and declare arguments that will keep beating msgpipe's policy.
     fn adoption_changes(&mut self, state: &DesiredState, queue: &str) {
-        let inventory = self.rec.inventory;
-        let Some(live) = inventory.queues.get(queue) else {
-            return;
-        };
-        let policy_name = format!("{POLICY_PREFIX}{queue}");
-        let Some(desired) = state
-            .topology
-            .policies
-            .iter()
-            .find(|p| p.name == policy_name)
+        let Some(AfterAdoption {
+            policy,
+            definition,
+            settings: after,
+        }) = self.settings_after_adoption(state, queue)
         else {
             return;
         };
-        let definition = policy_definition(&desired.definition, inventory.server_major());
-        let current = live
-            .policy
-            .as_ref()
-            .and_then(|n| inventory.policies.get(n).map(|p| (n, p)));
-        let outranked = current.is_some_and(|(n, p)| {
-            !n.starts_with(POLICY_PREFIX) && p.priority > i64::from(POLICY_PRIORITY)
-        });
         let before = self.settings(queue);
-        let ours = LivePolicy {
-            pattern: desired.pattern.clone(),
-            apply_to: desired.apply_to.clone(),
-            priority: i64::from(desired.priority),
-            definition: definition.clone(),
-        };
-        let after = if outranked {
-            before.clone()
-        } else {
-            QueueSettings::combine(&live.arguments, Some((&policy_name, &ours)))
-        };
         let keys: BTreeSet<&String> = before.keys.keys().chain(after.keys.keys()).collect();
-        // RabbitMQ 4 limits a quorum queue that sets no delivery limit to 20 deliveries.
-        let implicit_limit = live.queue_type == "quorum" && inventory.server_major() >= 4;
-        let shown = |key: &str, s: Option<&Setting>| match s {
-            Some(s) => s.value.to_string(),
-            None if key == "delivery-limit" && implicit_limit => {
-                format!("unset ({RABBITMQ4_DEFAULT_DELIVERY_LIMIT} by RabbitMQ 4's default)")
-            }
-            None => "unset".to_string(),
-        };
         let changes: Vec<String> = keys
             .into_iter()
             .filter(|k| {
@@ -792,19 +800,23 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
                     && before.get(k).map(|s| &s.value) != after.get(k).map(|s| &s.value)
             })
             .map(|k| {
+                let (was, will) = (before.get(k), after.get(k));
                 format!(
                     "{k} {} -> {}",
-                    shown(k, before.get(k)),
-                    shown(k, after.get(k))
+                    self.shown(queue, k, was),
+                    self.shown(queue, k, will)
                 )
             })
             .collect();
         if !changes.is_empty() {
             self.warn(format!(
-                "adopting changes settings in effect on {queue} (the spec cannot keep them: msgpipe's policy {policy_name} sets them): {}",
+                "adopting changes settings in effect on {queue} (the spec cannot keep them: msgpipe's policy {policy} sets them): {}",
                 changes.join(", ")
             ));
         }
+        let Some(live) = self.rec.inventory.queues.get(queue) else {
+            return;
+        };
         for (key, wanted) in &definition {
             let Some(argument) = live.arguments.get(&format!("x-{key}")) else {
                 continue;
@@ -815,6 +827,59 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
                     "x-{key} = {argument} is a declare argument of {queue} and beats msgpipe's policy ({key} = {wanted}): the spec's value takes effect only after a migration"
                 ));
             }
+        }
+    }
+
+    /// msgpipe's policy for `queue` (name, definition as sent to this server) and the
+    /// settings in effect once it is applied: the queue's arguments with msgpipe's policy,
+    /// unless a foreign policy of higher priority keeps applying.
+    fn settings_after_adoption(&self, state: &DesiredState, queue: &str) -> Option<AfterAdoption> {
+        let inventory = self.rec.inventory;
+        let live = inventory.queues.get(queue)?;
+        let name = format!("{POLICY_PREFIX}{queue}");
+        let desired = state.topology.policies.iter().find(|p| p.name == name)?;
+        let definition = policy_definition(&desired.definition, inventory.server_major());
+        let outranked = live
+            .policy
+            .as_ref()
+            .and_then(|n| inventory.policies.get(n).map(|p| (n, p)))
+            .is_some_and(|(n, p)| {
+                !n.starts_with(POLICY_PREFIX) && p.priority > i64::from(POLICY_PRIORITY)
+            });
+        let after = if outranked {
+            self.settings(queue)
+        } else {
+            let ours = LivePolicy {
+                pattern: desired.pattern.clone(),
+                apply_to: desired.apply_to.clone(),
+                priority: i64::from(desired.priority),
+                definition: definition.clone(),
+            };
+            QueueSettings::combine(&live.arguments, Some((&name, &ours)))
+        };
+        Some(AfterAdoption {
+            policy: name,
+            definition,
+            settings: after,
+        })
+    }
+
+    /// A setting's value in words; an unset delivery limit of a quorum queue on RabbitMQ 4
+    /// is that version's implicit 20.
+    fn shown(&self, queue: &str, key: &str, setting: Option<&Setting>) -> String {
+        let inventory = self.rec.inventory;
+        let implicit_limit = key == "delivery-limit"
+            && inventory.server_major() >= 4
+            && inventory
+                .queues
+                .get(queue)
+                .is_some_and(|q| q.queue_type == "quorum");
+        match setting {
+            Some(s) => s.value.to_string(),
+            None if implicit_limit => {
+                format!("unset ({RABBITMQ4_DEFAULT_DELIVERY_LIMIT} by RabbitMQ 4's default)")
+            }
+            None => "unset".to_string(),
         }
     }
 

@@ -593,3 +593,38 @@ fn a_consumed_queue_with_a_ttl_is_a_work_queue_not_a_retry_tier() {
         warnings(orders)
     );
 }
+
+#[test]
+fn settings_adoption_changes_and_arguments_that_beat_msgpipes_policy_are_named() {
+    let imported = import_all(&legacy_vhost());
+    let orders = pipeline(&imported, "orders");
+    assert!(
+        has_warning(
+            orders,
+            "adopting changes settings in effect on orders.dlq (the spec cannot keep them: msgpipe's policy msgpipe.orders.dlq sets them): delivery-limit unset (20 by RabbitMQ 4's default) -> -1, overflow unset -> \"reject-publish\""
+        ),
+        "{:#?}",
+        warnings(orders)
+    );
+    // An argument that contradicts what msgpipe's policy would set keeps winning.
+    let inventory = VhostInventory::new("/", "3.13.7")
+        .exchange("work.dlx", "fanout")
+        .queue(
+            "work",
+            InventoryQueue::classic()
+                .arg("x-dead-letter-exchange", "work.dlx")
+                .arg("x-overflow", "drop-head"),
+        )
+        .queue("work.dlq", InventoryQueue::classic())
+        .bind("work.dlx", "work.dlq", "");
+    let imported = import_all(&inventory);
+    let work = pipeline(&imported, "work");
+    assert!(
+        has_warning(
+            work,
+            "x-overflow = \"drop-head\" is a declare argument of work and beats msgpipe's policy (overflow = \"reject-publish\")"
+        ),
+        "{:#?}",
+        warnings(work)
+    );
+}
