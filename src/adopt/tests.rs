@@ -628,3 +628,58 @@ fn settings_adoption_changes_and_arguments_that_beat_msgpipes_policy_are_named()
         warnings(work)
     );
 }
+
+#[test]
+fn a_retry_tier_whose_settings_come_from_a_policy_is_recognised_too() {
+    let inventory = VhostInventory::new("/", "4.3.6")
+        .exchange("orders", "direct")
+        .exchange("orders.dlx", "fanout")
+        .queue(
+            "orders",
+            InventoryQueue::quorum().arg("x-dead-letter-exchange", "orders.dlx"),
+        )
+        .queue("orders.dlq", InventoryQueue::quorum())
+        .queue("orders.later", InventoryQueue::quorum())
+        // A tier that returns through the work exchange, not the default one.
+        .queue(
+            "orders.much-later",
+            InventoryQueue::quorum()
+                .arg("x-message-ttl", 60_000)
+                .arg("x-dead-letter-exchange", "orders")
+                .arg("x-dead-letter-routing-key", "orders"),
+        )
+        .bind("orders", "orders", "orders")
+        .bind("orders.dlx", "orders.dlq", "")
+        .policy(
+            "later",
+            r"^orders\.later$",
+            1,
+            &[
+                ("message-ttl", json!(10_000)),
+                ("dead-letter-exchange", json!("")),
+                ("dead-letter-routing-key", json!("orders")),
+            ],
+        );
+    let imported = import_all(&inventory);
+    let queues: Vec<&str> = imported
+        .pipelines
+        .iter()
+        .map(|p| p.queue.as_str())
+        .collect();
+    assert_eq!(queues, ["orders"], "{imported:#?}");
+    let orders = &imported.pipelines[0];
+    assert_eq!(orders.retry_queues, ["orders.later", "orders.much-later"]);
+    let backoff = &orders.pipeline.spec.retry.backoff;
+    assert_eq!(
+        (backoff.initial_delay, backoff.multiplier, backoff.max_delay),
+        (Duration::from_secs(10), 6.0, Duration::from_secs(60))
+    );
+    assert!(
+        has_warning(
+            orders,
+            "orders.much-later returns its messages through exchange orders"
+        ),
+        "{:#?}",
+        warnings(orders)
+    );
+}
