@@ -105,7 +105,12 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
     /// The pipeline, or why the queue cannot have one (the spec it would get is invalid).
     pub fn build(mut self, claimed: &mut ClaimedDeadLetters) -> Result<ImportedPipeline, String> {
         let queue = self.queue;
-        let live = &self.rec.inventory.queues[queue];
+        let live = self
+            .rec
+            .inventory
+            .queues
+            .get(queue)
+            .ok_or("it is gone from the queue list")?;
         let queue_type = if live.queue_type == "quorum" {
             QueueType::Quorum
         } else {
@@ -509,8 +514,13 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
                 source(&settings, "max-length")
             ));
         }
-        let live_type = &self.rec.inventory.queues[dlq].queue_type;
-        if live_type != queue_type.as_str() {
+        let live_type = self
+            .rec
+            .inventory
+            .queues
+            .get(dlq)
+            .map(|q| q.queue_type.clone());
+        if let Some(live_type) = live_type.filter(|t| t != queue_type.as_str()) {
             self.warn(format!(
                 "{dlq} is a {live_type} queue and {} a {} one: every queue of a pipeline has the pipeline's type, so msgpipe will refuse to manage {dlq} (ImmutableFieldChanged) until it is migrated",
                 self.queue,

@@ -104,7 +104,11 @@ impl<'a> Recognition<'a> {
             if !self.eligible(name) || queue.consumers > 0 {
                 continue;
             }
-            let Some(delay) = self.settings[name.as_str()].int("message-ttl") else {
+            let Some(delay) = self
+                .settings
+                .get(name.as_str())
+                .and_then(|s| s.int("message-ttl"))
+            else {
                 continue;
             };
             let Some((target, via)) = self.single_dead_letter_target(name) else {
@@ -163,7 +167,7 @@ impl<'a> Recognition<'a> {
                 .map(|b| b.destination.clone())
                 .collect()
         });
-        targets.retain(|t| t != queue);
+        targets.retain(|t| t != queue && self.inventory.queues.contains_key(t));
         targets.sort();
         targets.dedup();
         targets

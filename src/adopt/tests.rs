@@ -683,3 +683,25 @@ fn a_retry_tier_whose_settings_come_from_a_policy_is_recognised_too() {
         warnings(orders)
     );
 }
+
+#[test]
+fn a_binding_to_a_queue_missing_from_the_queue_list_is_ignored_not_a_panic() {
+    // The four lists are read at once, not atomically: a queue deleted between them.
+    let inventory = VhostInventory::new("/", "4.3.6")
+        .exchange("dead", "fanout")
+        .queue(
+            "work",
+            InventoryQueue::quorum().arg("x-dead-letter-exchange", "dead"),
+        )
+        .bind("dead", "deleted-meanwhile", "")
+        .bind("dead", "work.dlq", "")
+        .queue("work.dlq", InventoryQueue::quorum());
+    let imported = import_all(&inventory);
+    let work = pipeline(&imported, "work");
+    assert_eq!(work.dead_letter_queue.as_deref(), Some("work.dlq"));
+    assert!(
+        !has_warning(work, "deleted-meanwhile"),
+        "{:#?}",
+        warnings(work)
+    );
+}

@@ -281,6 +281,9 @@ impl VhostInventory {
             }
             _ => return None,
         };
+        // The lists are read at once, not atomically: a binding may name a queue the queue
+        // list (read a moment apart) does not have.
+        queues.retain(|q| self.queues.contains_key(q));
         queues.sort();
         queues.dedup();
         Some(queues)
