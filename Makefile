@@ -9,7 +9,7 @@ RABBITMQ ?= 4.3
 export MSGPIPE_RABBITMQ := $(RABBITMQ)
 # The compatibility pass: these versions run the tests in COMPAT_TESTS as well.
 COMPAT_VERSIONS ?= 3.10 4.0
-COMPAT_TESTS := binary_id(msgpipe::broker) \
+COMPAT_TESTS := binary_id(msgpipe::broker) | binary_id(msgpipe::import) \
   | test(/teardown_keeps_a_dlq_whose_messages_are_held_unacked/) \
   | test(/ends_in_dlq_after_delivery_limit/) \
   | binary_id(msgpipe-client::consumer_faults) | binary_id(msgpipe-client::publisher_faults)
@@ -43,7 +43,7 @@ brokers:
 cluster: brokers
 	$(CARGO) nextest run --no-fail-fast --test broker_cluster
 
-# The broker reconciler, the client fault tests and the teardown safety test on every other
+# The broker reconciler, msgpipe import, the client fault tests and the teardown safety test on every other
 # supported version; each version takes over the suite's node names and ports in turn.
 compat: brokers
 	@set -e; for v in $(COMPAT_VERSIONS); do \

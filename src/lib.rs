@@ -5,6 +5,7 @@
 //! Data flows one way: [`api`] (what the user wrote) → [`plan`] (pure: what should exist)
 //! → the IO edges (broker, kube) → the controller and the CLI.
 
+pub mod adopt;
 pub mod api;
 pub mod broker;
 pub mod cli;

@@ -355,3 +355,48 @@ fn missing_file_is_one_line_error() {
         "error: cannot read no/such/file.yaml: No such file or directory (os error 2)"
     );
 }
+
+#[test]
+fn import_without_a_broker_or_with_a_bad_queue_regex_fails_on_one_line() {
+    let output = Command::new(env!("CARGO_BIN_EXE_msgpipe"))
+        .args(["import"])
+        .env_remove("MSGPIPE_BROKER_URI")
+        .env_remove("MSGPIPE_MANAGEMENT_URI")
+        .output()
+        .expect("msgpipe runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("no broker given"), "{stderr}");
+    let output = msgpipe(&[
+        "import",
+        "--management-uri",
+        "http://reader:hunter2-secret@127.0.0.1:1",
+        "--queue",
+        "orders(",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--queue \"orders(\" is not a regular expression"),
+        "{stderr}"
+    );
+    // A management URI without credentials is refused before any request, naming the field.
+    let output = msgpipe(&["import", "--management-uri", "http://127.0.0.1:1"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("managementUri") && stderr.contains("needs credentials"),
+        "{stderr}"
+    );
+    // An unreachable one fails on one line without the password.
+    let output = msgpipe(&[
+        "import",
+        "--management-uri",
+        "http://reader:hunter2-secret@127.0.0.1:1",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("hunter2-secret"), "{stderr}");
+}

@@ -123,6 +123,35 @@ impl BrokerEndpoint {
         })
     }
 
+    /// An endpoint known by its management API URL with credentials only
+    /// (`http[s]://user:pass@host:port`), for commands that only read over HTTP (`msgpipe
+    /// import`): the AMQP URI is the same host and credentials on the default port, never
+    /// connected to.
+    pub fn from_management_uri(uri: &str, ca_pem: Option<String>) -> Result<Self, BrokerError> {
+        let invalid = |reason: String| BrokerError::InvalidUri {
+            field: "managementUri",
+            reason,
+        };
+        let url = Url::parse(uri.trim()).map_err(|e| invalid(e.to_string()))?;
+        let scheme = match url.scheme() {
+            "http" => "amqp",
+            "https" => "amqps",
+            _ => return Err(invalid("must be http(s)://user:pass@host[:port]".into())),
+        };
+        let host = url.host_str().ok_or_else(|| invalid("no host".into()))?;
+        if url.username().is_empty() {
+            return Err(invalid(
+                "needs credentials (http://user:pass@host:15672) when no AMQP URI is given".into(),
+            ));
+        }
+        let mut amqp =
+            Url::parse(&format!("{scheme}://{host}/")).map_err(|e| invalid(e.to_string()))?;
+        // Infallible for amqp(s) URLs with a host.
+        let _ = amqp.set_username(url.username());
+        let _ = amqp.set_password(url.password());
+        Self::new(amqp.as_str(), Some(uri), ca_pem)
+    }
+
     /// The vhost named in the AMQP URI's path (`/` when the path is empty).
     pub fn uri_vhost(&self) -> String {
         let path = self.amqp.path().trim_start_matches('/');
@@ -383,5 +412,31 @@ mod tests {
             redact_secrets("http://u:a@h/ and (a)", &["a".into()]),
             "http://u:***@h/ and (***)"
         );
+    }
+
+    #[test]
+    fn a_management_uri_alone_gives_an_endpoint_that_never_shows_its_password() {
+        let endpoint = BrokerEndpoint::from_management_uri(
+            "https://reader:s3cr%40t-pw@rabbit.example:15671",
+            None,
+        )
+        .expect("endpoint");
+        assert_eq!(
+            endpoint.management_api(),
+            "https://rabbit.example:15671/api"
+        );
+        assert_eq!(endpoint.username(), "reader");
+        assert_eq!(endpoint.password(), "s3cr@t-pw");
+        assert!(endpoint.is_tls());
+        for text in [endpoint.to_string(), format!("{endpoint:?}")] {
+            assert!(!text.contains("s3cr"), "{text}");
+        }
+        let refused = BrokerEndpoint::from_management_uri("http://rabbit:15672", None)
+            .expect_err("no credentials");
+        assert!(
+            refused.to_string().contains("needs credentials"),
+            "{refused}"
+        );
+        assert!(BrokerEndpoint::from_management_uri("amqp://u:p@rabbit", None).is_err());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod diff;
 mod endpoint;
+pub mod inventory;
 pub mod live;
 mod memory;
 mod rabbit;
@@ -16,6 +17,7 @@ use crate::api::Reason;
 
 pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
+pub use inventory::VhostInventory;
 pub use live::{BINDING_MARKER, LiveVhost};
 pub use memory::MemoryBroker;
 pub use rabbit::{

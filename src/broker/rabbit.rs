@@ -21,6 +21,7 @@ use reqwest::Method;
 use tokio::sync::{Mutex, OnceCell};
 
 use super::diff::BrokerAction;
+use super::inventory::{InventoryBinding, InventoryExchange, InventoryQueue, VhostInventory};
 use super::live::{BINDING_MARKER, LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost};
 use super::session::{self, reply, reply_code};
 use super::{ActionOutcome, BrokerApi, BrokerEndpoint, BrokerError, QueueDepth};
@@ -705,6 +706,98 @@ impl RabbitBroker {
             .map_err(|error| unreadable(format!("unexpected answer: {error}")))
     }
 
+    /// Everything `msgpipe import` needs of `vhost`, read once (four lists and the server
+    /// version, at once) and never written: every exchange, every queue with all of its
+    /// arguments and the policies the broker applies to it, every queue binding with its
+    /// arguments, every policy.
+    pub async fn inventory(&self, vhost: &str) -> Result<VhostInventory, BrokerError> {
+        let (server_version, exchanges, queues, bindings, policies) = tokio::try_join!(
+            self.http_call("read the server version", None, self.http.server_version()),
+            self.list_columns::<InventoryExchangeRow>(
+                "exchanges",
+                vhost,
+                InventoryExchangeRow::COLUMNS
+            ),
+            self.list_columns::<InventoryQueueRow>("queues", vhost, InventoryQueueRow::COLUMNS),
+            self.list_columns::<BindingRow>("bindings", vhost, BindingRow::COLUMNS),
+            self.http_call(
+                "list policies",
+                Some(vhost),
+                self.http.list_policies_in(vhost)
+            ),
+        )?;
+        let named = |name: Option<String>| name.filter(|n| !n.is_empty());
+        let mut inventory = VhostInventory {
+            vhost: vhost.to_string(),
+            server_version,
+            exchanges: exchanges
+                .into_iter()
+                .map(|e| {
+                    let exchange = InventoryExchange {
+                        kind: e.kind,
+                        durable: e.durable,
+                        auto_delete: e.auto_delete,
+                        internal: e.internal,
+                    };
+                    (e.name, exchange)
+                })
+                .collect(),
+            queues: queues
+                .into_iter()
+                .map(|q| {
+                    let exclusive = q.exclusive.as_ref().and_then(serde_json::Value::as_bool)
+                        == Some(true)
+                        || q.owner_pid_details.as_ref().is_some_and(|v| !v.is_null());
+                    let queue = InventoryQueue {
+                        queue_type: if q.kind.is_empty() {
+                            "classic".into()
+                        } else {
+                            q.kind
+                        },
+                        durable: q.durable,
+                        auto_delete: q.auto_delete,
+                        exclusive,
+                        arguments: q.arguments,
+                        policy: named(q.policy),
+                        operator_policy: named(q.operator_policy),
+                        messages: q.messages,
+                        consumers: q.consumers,
+                    };
+                    (q.name, queue)
+                })
+                .collect(),
+            bindings: bindings
+                .into_iter()
+                // The default exchange's implicit bindings cannot be changed; leave them out.
+                .filter(|b| !b.source.is_empty() && b.destination_type == "queue")
+                .map(|b| InventoryBinding {
+                    source: b.source,
+                    destination: b.destination,
+                    routing_key: b.routing_key,
+                    arguments: b.arguments,
+                })
+                .collect(),
+            policies: policies
+                .into_iter()
+                .map(|p| {
+                    let apply_to = serde_json::to_value(p.apply_to)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    let policy = LivePolicy {
+                        pattern: p.pattern,
+                        apply_to,
+                        priority: i64::from(p.priority),
+                        definition: p.definition.0.unwrap_or_default(),
+                    };
+                    (p.name, policy)
+                })
+                .collect(),
+        };
+        inventory.match_policies();
+        Ok(inventory)
+    }
+
     /// One management API call rabbitmq_http_client does not offer: counted, authenticated,
     /// bounded by the call timeout, its failure to connect classified.
     async fn raw_request(
@@ -820,6 +913,55 @@ struct BindingRow {
 
 impl BindingRow {
     const COLUMNS: &str = "source,destination,destination_type,routing_key,arguments";
+}
+
+/// An exchange as [`RabbitBroker::inventory`] reads it.
+#[derive(serde::Deserialize)]
+struct InventoryExchangeRow {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    #[serde(default)]
+    internal: bool,
+}
+
+impl InventoryExchangeRow {
+    const COLUMNS: &str = "name,type,durable,auto_delete,internal";
+}
+
+/// A queue as [`RabbitBroker::inventory`] reads it: every argument, and the policies the
+/// broker applies to it.
+#[derive(serde::Deserialize)]
+struct InventoryQueueRow {
+    name: String,
+    #[serde(rename = "type", default)]
+    kind: String,
+    durable: bool,
+    #[serde(default)]
+    auto_delete: bool,
+    /// `true` for a queue its declaring connection owns (read as a value: its shape has
+    /// varied across versions).
+    #[serde(default)]
+    exclusive: Option<serde_json::Value>,
+    #[serde(default)]
+    owner_pid_details: Option<serde_json::Value>,
+    #[serde(default)]
+    arguments: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default)]
+    operator_policy: Option<String>,
+    #[serde(default)]
+    messages: u64,
+    #[serde(default)]
+    consumers: u64,
+}
+
+impl InventoryQueueRow {
+    const COLUMNS: &str = "name,type,durable,auto_delete,exclusive,owner_pid_details,arguments,policy,operator_policy,messages,consumers";
 }
 
 /// One queue's figures as the management API reports them (they lag by the stats interval).

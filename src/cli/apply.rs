@@ -29,7 +29,8 @@ pub struct BrokerArgs {
     #[arg(long = "broker-secret-file", value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
     /// Management API URL (default: the broker host, port 15672; https on 15671 for amqps).
-    #[arg(long, env = "MSGPIPE_MANAGEMENT_URI")]
+    /// `msgpipe import` also accepts it alone, with credentials (http://user:pass@host:15672).
+    #[arg(long, env = "MSGPIPE_MANAGEMENT_URI", hide_env_values = true)]
     pub management_uri: Option<String>,
     /// PEM file of the CA that signed the broker's certificates.
     #[arg(long, value_name = "FILE")]

@@ -2,6 +2,7 @@
 
 mod apply;
 mod dlq;
+mod import;
 mod operator;
 mod render;
 
@@ -31,6 +32,10 @@ pub enum Command {
     Render(render::RenderArgs),
     /// Reconcile pipeline files straight against a broker, no Kubernetes needed.
     Apply(apply::ApplyArgs),
+    /// Read a live vhost (management API, read-only) and print one MessagePipeline per work
+    /// queue it recognises, with comments saying what each field came from and what the spec
+    /// cannot express.
+    Import(Box<import::ImportArgs>),
     /// Remove the broker objects of pipeline files whose deletionPolicy is Delete (never a
     /// queue that holds messages, ready or unacknowledged); --dry-run prints the plan.
     Delete(apply::DeleteArgs),
@@ -78,6 +83,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Render(args) => render::run(&args),
         Command::Apply(args) => runtime()?.block_on(apply::apply(&args)),
+        Command::Import(args) => runtime()?.block_on(import::run(&args)),
         Command::Delete(args) => runtime()?.block_on(apply::delete(&args)),
         Command::Operator(args) => operator::run(&args),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&args)),

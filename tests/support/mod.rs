@@ -52,12 +52,36 @@ pub fn output_text(output: &Output) -> String {
     )
 }
 
+/// Environment variable: AMQP port of a node of its own that the tests built on this module's
+/// functions ([`TestVhost`], [`amqp_uri`], [`test_broker`], [`mgmt`]) use instead of the
+/// shared test node (`msgpipe-test` on 5673). The node is named `msgpipe-test-PORT` and runs
+/// `MSGPIPE_RABBITMQ`'s version, so a compatibility run leaves the shared node alone:
+/// `MSGPIPE_RABBITMQ=3.10 MSGPIPE_TEST_PORT=5697 cargo nextest run --test import`. (Tests
+/// that use [`MGMT_URL`] or port 5673 directly still need the shared node.)
+pub const PORT_ENV: &str = "MSGPIPE_TEST_PORT";
+
+/// AMQP port of the test broker: 5673 (the shared node) unless [`PORT_ENV`] says otherwise.
+pub fn shared_port() -> u16 {
+    std::env::var(PORT_ENV)
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5673)
+}
+
+/// Management API of the test broker ([`MGMT_URL`] for the shared node).
+pub fn mgmt_url() -> String {
+    format!("http://127.0.0.1:{}/api", u32::from(shared_port()) + 10000)
+}
+
 /// Starts (or finds running) the test broker of `scripts/test-broker.sh`.
 pub fn ensure_test_broker() {
-    let status = Command::new(repo_path("scripts/test-broker.sh"))
-        .arg("ensure")
-        .status()
-        .expect("scripts/test-broker.sh runs");
+    let port = shared_port();
+    let mut script = Command::new(repo_path("scripts/test-broker.sh"));
+    script.arg("ensure");
+    if port != 5673 {
+        script.args([format!("msgpipe-test-{port}"), port.to_string()]);
+    }
+    let status = script.status().expect("scripts/test-broker.sh runs");
     assert!(
         status.success(),
         "the test broker did not start (scripts/test-broker.sh ensure)"
@@ -155,7 +179,12 @@ pub fn http(method: &str, url: &str, body: Option<&Value>, basic_auth: bool) -> 
 
 /// A management API call that must succeed.
 pub fn mgmt(method: &str, path: &str, body: Option<Value>) -> String {
-    let (status, text) = http(method, &format!("{MGMT_URL}{path}"), body.as_ref(), true);
+    let (status, text) = http(
+        method,
+        &format!("{}{path}", mgmt_url()),
+        body.as_ref(),
+        true,
+    );
     assert!(
         (200..300).contains(&status),
         "{method} {path} -> {status}: {text}"
@@ -173,7 +202,7 @@ impl TestVhost {
         ensure_test_broker();
         let name = format!("{prefix}-{}", std::process::id());
         let path = format!("/vhosts/{}", encode(&name));
-        let _ = http("DELETE", &format!("{MGMT_URL}{path}"), None, true);
+        let _ = http("DELETE", &format!("{}{path}", mgmt_url()), None, true);
         mgmt("PUT", &path, None);
         mgmt(
             "PUT",
@@ -192,7 +221,7 @@ impl Drop for TestVhost {
     fn drop(&mut self) {
         let _ = http(
             "DELETE",
-            &format!("{MGMT_URL}/vhosts/{}", encode(&self.name)),
+            &format!("{}/vhosts/{}", mgmt_url(), encode(&self.name)),
             None,
             true,
         );
@@ -201,14 +230,21 @@ impl Drop for TestVhost {
 
 /// AMQP URI of the test broker for `vhost`.
 pub fn amqp_uri(vhost: &str) -> String {
-    format!("amqp://guest:guest@127.0.0.1:5673/{}", encode(vhost))
+    format!(
+        "amqp://guest:guest@127.0.0.1:{}/{}",
+        shared_port(),
+        encode(vhost)
+    )
 }
 
 /// The library's broker client, pointed at the test broker.
 pub fn test_broker(vhost: &str) -> msgpipe::broker::RabbitBroker {
     let endpoint = msgpipe::broker::BrokerEndpoint::new(
         &amqp_uri(vhost),
-        Some("http://127.0.0.1:15673"),
+        Some(&format!(
+            "http://127.0.0.1:{}",
+            u32::from(shared_port()) + 10000
+        )),
         None,
     )
     .expect("test endpoint");
