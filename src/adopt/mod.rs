@@ -44,8 +44,11 @@ pub const DEFAULT_SECRET_REF: &str = "rabbitmq-admin";
 pub struct ImportOptions {
     /// `metadata.namespace` of every pipeline.
     pub namespace: String,
-    /// `spec.broker.secretRef.name` of every pipeline.
+    /// `spec.broker.secretRef.name` of every pipeline (unless `broker_ref` is set).
     pub secret_ref: String,
+    /// `spec.broker.brokerRef.name` of every pipeline instead of a Secret: a platform-owned
+    /// MessageBroker.
+    pub broker_ref: Option<String>,
     /// Only work queues whose name this matches (unanchored, like grep).
     pub queue_filter: Option<Regex>,
     /// `alerts.enabled` of every pipeline (off by default: an import should not page anyone
@@ -58,6 +61,7 @@ impl Default for ImportOptions {
         Self {
             namespace: crate::plan::DEFAULT_NAMESPACE.into(),
             secret_ref: DEFAULT_SECRET_REF.into(),
+            broker_ref: None,
             queue_filter: None,
             alerts: false,
         }

@@ -9,7 +9,7 @@ use super::backoff::fit;
 use super::recognise::{ClaimedDeadLetters, LegacyTier, Recognition};
 use super::{Finding, ImportOptions, ImportedPipeline};
 use crate::api::{
-    AlertsSpec, BackoffSpec, BrokerSpec, DeadLetterSpec, Duration, MAX_ATTEMPTS_LIMIT,
+    AlertsSpec, BackoffSpec, BrokerRef, BrokerSpec, DeadLetterSpec, Duration, MAX_ATTEMPTS_LIMIT,
     MessagePipeline, MessagePipelineSpec, QueueSpec, QueueType, RetrySpec, SecretRef,
 };
 use crate::broker::diff::{BrokerAction, converge, policy_definition};
@@ -181,9 +181,17 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
     ) -> MessagePipelineSpec {
         MessagePipelineSpec {
             broker: BrokerSpec {
-                secret_ref: SecretRef {
-                    name: self.options.secret_ref.clone(),
+                secret_ref: match &self.options.broker_ref {
+                    Some(_) => None,
+                    None => Some(SecretRef {
+                        name: self.options.secret_ref.clone(),
+                    }),
                 },
+                broker_ref: self
+                    .options
+                    .broker_ref
+                    .clone()
+                    .map(|name| BrokerRef { name }),
                 vhost: Some(self.rec.inventory.vhost.clone()),
             },
             queue,

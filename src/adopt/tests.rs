@@ -366,6 +366,7 @@ fn the_queue_filter_selects_work_queues_and_their_tiers_come_along() {
         queue_filter: Some(regex::Regex::new("^ord").expect("regex")),
         namespace: "shop".into(),
         secret_ref: "rabbit".into(),
+        broker_ref: None,
         alerts: true,
     };
     let imported = import(&legacy_vhost(), &options);
@@ -374,7 +375,23 @@ fn the_queue_filter_selects_work_queues_and_their_tiers_come_along() {
     assert_eq!(orders.retry_queues.len(), 2);
     let p = &orders.pipeline;
     assert_eq!(p.metadata.namespace.as_deref(), Some("shop"));
-    assert_eq!(p.spec.broker.secret_ref.name, "rabbit");
+    assert_eq!(
+        p.spec.broker.secret_ref.as_ref().map(|s| s.name.as_str()),
+        Some("rabbit")
+    );
+    let brokered = import(
+        &legacy_vhost(),
+        &ImportOptions {
+            broker_ref: Some("shared".into()),
+            ..options
+        },
+    );
+    let spec = &brokered.pipelines[0].pipeline.spec.broker;
+    assert_eq!(
+        spec.broker_ref.as_ref().map(|b| b.name.as_str()),
+        Some("shared")
+    );
+    assert!(spec.secret_ref.is_none());
     assert_eq!(p.spec.broker.vhost.as_deref(), Some("legacy"));
     assert!(p.spec.alerts.enabled);
     assert!(

@@ -26,6 +26,10 @@ pub struct ImportArgs {
     /// broker's uri (and managementUri) from.
     #[arg(long, value_name = "NAME", default_value = adopt::DEFAULT_SECRET_REF)]
     pub secret_ref: String,
+    /// spec.broker.brokerRef.name of the pipelines instead of a Secret: a MessageBroker the
+    /// platform team shares (the vhost must be one it grants the namespace).
+    #[arg(long, value_name = "NAME")]
+    pub broker_ref: Option<String>,
     /// Only work queues whose name matches this regular expression (unanchored: use ^...$
     /// for an exact name).
     #[arg(long = "queue", value_name = "REGEX")]
@@ -73,6 +77,7 @@ impl ImportArgs {
         Ok(ImportOptions {
             namespace: self.namespace.clone(),
             secret_ref: self.secret_ref.clone(),
+            broker_ref: self.broker_ref.clone(),
             queue_filter,
             alerts: self.alerts,
         })
