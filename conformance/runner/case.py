@@ -406,6 +406,7 @@ def run_case(case: dict, node: Node, shim_command: list[str], workroot: Path,
         run.fail("L-1", f"the shim printed its URI's password {leaked} times (first: {leaked[0]})")
     if not run.failures:
         node.delete_vhost(run.vhost)
+        shutil.rmtree(run.workdir, ignore_errors=True)
     return Outcome(case["name"], time.monotonic() - started, run.failures, run.workdir)
 
 
