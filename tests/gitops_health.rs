@@ -80,3 +80,44 @@ fn a_pipeline_waiting_for_a_burst_of_policies_is_progressing_not_degraded() {
         ("Progressing".into(), "WaitingForPolicies: why".into())
     );
 }
+
+/// The Lua body of the MessageBroker health check in the docs.
+fn broker_health(obj: &str) -> String {
+    let docs = std::fs::read_to_string(support::repo_path("docs/operator.md")).expect("docs");
+    let start = docs
+        .find("resource.customizations.health.msgpipe.io_MessageBroker: |\n")
+        .expect("the MessageBroker health check is in docs/operator.md");
+    let script = docs[start..]
+        .lines()
+        .skip(1)
+        .take_while(|line| !line.starts_with("```"))
+        .map(|line| line.strip_prefix("    ").unwrap_or(line))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let program = format!(
+        "obj = {obj}\nlocal function check()\n{script}\nend\nlocal hs = check()\nio.write(hs.status)\n"
+    );
+    let out = Command::new("lua5.1")
+        .arg("-e")
+        .arg(&program)
+        .output()
+        .expect("lua5.1 (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[test]
+fn argo_health_of_a_message_broker_follows_its_ready_condition() {
+    assert_eq!(broker_health("{metadata = {}}"), "Progressing");
+    let with = |status: &str| {
+        format!(
+            r#"{{metadata = {{}}, status = {{conditions = {{{{type = "Ready", status = "{status}", reason = "R", message = "m"}}}}}}}}"#
+        )
+    };
+    assert_eq!(broker_health(&with("True")), "Healthy");
+    assert_eq!(broker_health(&with("False")), "Degraded");
+}

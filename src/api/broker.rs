@@ -461,6 +461,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_broker_is_admitted_by_the_api_server_and_admits_labelled_namespaces() {
+        let text = include_str!("../../examples/brokers/shared-broker.yaml");
+        let documents: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(text).expect("YAML documents");
+        let broker: MessageBroker =
+            serde_json::from_value(documents[0].clone()).expect("a MessageBroker");
+        assert!(admission(documents[0]["spec"].clone()).is_empty());
+        let grant = broker
+            .spec
+            .admit(
+                "shared",
+                "orders",
+                &labels(&[("msgpipe.io/tenant", "true")]),
+                None,
+            )
+            .expect("admitted");
+        assert_eq!(grant.vhost, "orders");
+        assert!(broker.spec.tenants.create_vhosts);
+    }
+
+    #[test]
     fn features_follow_the_version_and_plugins() {
         let plugins = vec!["rabbitmq_management".to_string()];
         let f = BrokerFeatures::of("4.3.6", &plugins);
