@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit brokers cluster compat lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench
+.PHONY: all setup build run test unit brokers cluster compat clients conformance lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench
 N ?= 200
 # RabbitMQ of the main pass: 4.3 (newest, default), 4.0 or 3.10 (scripts/test-broker.sh).
 RABBITMQ ?= 4.3
@@ -22,11 +22,12 @@ setup: ## install Debian packages (rabbitmq-server, prometheus) when missing
 build:
 	$(CARGO) build --workspace
 
-run: setup build ## the notes pipeline end to end on a local broker: apply, publish, fail, retry, DLQ
-	$(CARGO) build --quiet -p msgpipe-client --example notes_producer --example notes_consumer
-	scripts/demo.sh
+run: setup build ## the notes pipeline end to end on a local broker (CLIENT=rust|python|typescript): apply, publish, fail, retry, DLQ
+	$(if $(filter-out rust python typescript,$(or $(CLIENT),rust)),$(error CLIENT=$(CLIENT): expected rust, python or typescript))
+	$(if $(filter rust,$(or $(CLIENT),rust)),$(CARGO) build --quiet -p msgpipe-client --example notes_producer --example notes_consumer)
+	CLIENT=$(or $(CLIENT),rust) scripts/demo.sh
 
-test: setup lint unit cluster compat ## everything CI runs (see README, "Supported RabbitMQ versions")
+test: setup lint unit cluster compat clients conformance ## everything CI runs (see README, "Supported RabbitMQ versions")
 
 # Every test on RabbitMQ $(RABBITMQ) except the 3-node cluster test, then the node-log check.
 unit: brokers
@@ -50,6 +51,28 @@ compat: brokers
 	  echo "== compatibility pass: RabbitMQ $$v"; \
 	  MSGPIPE_RABBITMQ=$$v $(CARGO) nextest run --workspace --no-fail-fast -E '$(COMPAT_TESTS)'; \
 	  scripts/check-broker-logs.sh; \
+	done
+
+# The Python and TypeScript clients' own suites (type checks, lint, tests on RabbitMQ $(RABBITMQ)
+# nodes of their own: msgpipe-python 5701, msgpipe-typescript 5703).
+clients: brokers build
+	clients/python/run-tests.sh
+	clients/typescript/run-tests.sh
+
+# The client protocol's conformance kit (docs/protocol.md, conformance/): every case against
+# each client, or one with LANG=rust|python|typescript; with all of them, first the kit's
+# self-test (it can fail).
+# LANG is also the locale variable: the runner gets a real locale.
+CONFORMANCE_LANGS := rust python typescript
+conformance: brokers
+	@set -e; langs="$(filter $(CONFORMANCE_LANGS),$(LANG))"; \
+	[ -n "$$langs" ] || langs="$(CONFORMANCE_LANGS)"; \
+	if [ "$$langs" = "$(CONFORMANCE_LANGS)" ]; then \
+	  echo "== conformance: self-test"; env LANG=C.UTF-8 python3 conformance/runner/run.py --self-test; \
+	fi; \
+	for lang in $$langs; do \
+	  echo "== conformance: $$lang"; \
+	  env LANG=C.UTF-8 python3 conformance/runner/run.py --lang $$lang; \
 	done
 
 lint:

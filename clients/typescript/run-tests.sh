@@ -22,6 +22,10 @@ fi
 echo "run-tests: build"
 npm run --silent build
 chmod +x dist/shim.js
+# --setup: installed and built, which is all the conformance shim needs.
+if [ "${1:-}" = "--setup" ]; then
+  exit 0
+fi
 
 echo "run-tests: lint and typecheck"
 npm run --silent typecheck

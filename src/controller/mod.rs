@@ -573,6 +573,83 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
 mod tests {
     use super::*;
 
+    fn pipeline(namespace: &str, name: &str, broker: serde_json::Value) -> MessagePipeline {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "msgpipe.io/v1alpha1", "kind": "MessagePipeline",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"broker": broker}
+        }))
+        .expect("pipeline")
+    }
+
+    fn secret(namespace: &str, name: &str) -> PartialObjectMeta<Secret> {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace}
+        }))
+        .expect("secret metadata")
+    }
+
+    /// A rotated Secret re-reconciles exactly the pipelines that use it: those naming it in
+    /// their namespace, and, in the operator's namespace, those of every MessageBroker whose
+    /// credentials it holds.
+    #[test]
+    fn a_changed_secret_wakes_the_pipelines_that_use_it_and_no_other() {
+        let (pipelines, mut write_pipelines) = reflector::store::<MessagePipeline>();
+        for p in [
+            pipeline(
+                "a",
+                "own",
+                serde_json::json!({"secretRef": {"name": "rabbit"}}),
+            ),
+            pipeline(
+                "b",
+                "other-ns",
+                serde_json::json!({"secretRef": {"name": "rabbit"}}),
+            ),
+            pipeline(
+                "a",
+                "shared",
+                serde_json::json!({"brokerRef": {"name": "shared"}}),
+            ),
+            pipeline(
+                "c",
+                "elsewhere",
+                serde_json::json!({"brokerRef": {"name": "other"}}),
+            ),
+        ] {
+            write_pipelines.apply_watcher_event(&watcher::Event::Apply(p));
+        }
+        let (brokers, mut write_brokers) = reflector::store::<MessageBroker>();
+        for (name, secret_name) in [("shared", "platform-admin"), ("other", "other-admin")] {
+            let broker: MessageBroker = serde_json::from_value(serde_json::json!({
+                "apiVersion": "msgpipe.io/v1alpha1", "kind": "MessageBroker",
+                "metadata": {"name": name},
+                "spec": {"uri": "amqp://rabbit:5672", "secretRef": {"name": secret_name}}
+            }))
+            .expect("broker");
+            write_brokers.apply_watcher_event(&watcher::Event::Apply(broker));
+        }
+        let woken = |namespace: &str, name: &str| {
+            let mut names: Vec<String> = pipelines_using_secret(
+                &pipelines,
+                Some(&brokers),
+                "msgpipe-system",
+                &secret(namespace, name),
+            )
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(woken("a", "rabbit"), ["own"]);
+        assert_eq!(woken("msgpipe-system", "platform-admin"), ["shared"]);
+        assert_eq!(woken("msgpipe-system", "unrelated"), Vec::<String>::new());
+        // A tenant Secret named like a broker's Secret wakes nothing through the broker.
+        assert_eq!(woken("a", "platform-admin"), Vec::<String>::new());
+    }
+
     fn forbidden() -> kube::Error {
         let status: kube::core::Status = serde_json::from_value(serde_json::json!({
             "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,

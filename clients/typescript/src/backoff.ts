@@ -9,8 +9,13 @@ export interface BackoffPolicy {
 
 /** Reconnect waits (C-14, P-9): 200 ms doubling to 30 s. */
 export const RECONNECT_BACKOFF: BackoffPolicy = { initialMs: 200, maxMs: 30_000 };
-/** Give-back pauses (C-9) and route probes (P-10, P-11): 500 ms doubling to 30 s. */
+/** Give-back pauses (C-9): 500 ms doubling to 30 s. */
 export const SHORT_BACKOFF: BackoffPolicy = { initialMs: 500, maxMs: 30_000 };
+/**
+ * Route probes (P-10, P-11): 500 ms doubling to 4 s, so a publisher that waited for its
+ * pipeline however long delivers within 5 s of the route appearing.
+ */
+export const ROUTE_BACKOFF: BackoffPolicy = { initialMs: 500, maxMs: 4_000 };
 
 /**
  * The waits of one outage: initial, doubled each time up to max, with jitter: ±20 % by

@@ -13,7 +13,7 @@
  * - at start, when the link comes (back) up (after up to 0.5 s of jitter), and when
  *   `retry_pending` is switched on;
  * - while the route is missing (no exchange: 404; or the message is returned unroutable, or
- *   nacked): a probe (the oldest message alone) every 0.5 s doubling to 30 s, and the whole
+ *   nacked): a probe (the oldest message alone) every 0.5 s doubling to 4 s, and the whole
  *   outbox as soon as a probe gets through. Said once at warn, never per probe;
  * - while the broker cannot be reached: every `retry_interval_seconds`.
  *
@@ -23,7 +23,7 @@
 import type { ChannelModel, Options } from 'amqplib';
 
 import { ConfirmedChannel, caFileFrom, PublishFailure, closeQuietly, describe, openConnection, vhostOf } from './amqp.js';
-import { Backoff, type BackoffPolicy, RECONNECT_BACKOFF, SHORT_BACKOFF, sleep } from './backoff.js';
+import { Backoff, type BackoffPolicy, RECONNECT_BACKOFF, ROUTE_BACKOFF, sleep } from './backoff.js';
 import type { PipelineConfig } from './config.js';
 import { LiveConfig } from './live.js';
 import { type Logger, consoleLogger } from './logger.js';
@@ -74,7 +74,7 @@ export interface PublisherOptions {
   connectTimeoutMs?: number;
   /** Waits between reconnect attempts. Default 200 ms doubling to 30 s. */
   reconnect?: BackoffPolicy;
-  /** Waits between probes of a missing route. Default 500 ms doubling to 30 s. */
+  /** Waits between probes of a missing route. Default 500 ms doubling to 4 s. */
   routeBackoff?: BackoffPolicy;
   /** Messages resent per pipelined batch. Default 256. */
   resendBatch?: number;
@@ -179,7 +179,7 @@ export class Publisher {
     this.#confirmTimeoutMs = options.confirmTimeoutMs ?? 5_000;
     this.#connectTimeoutMs = options.connectTimeoutMs ?? 5_000;
     this.#reconnect = options.reconnect ?? RECONNECT_BACKOFF;
-    this.#routeBackoff = new Backoff(options.routeBackoff ?? SHORT_BACKOFF, 'down');
+    this.#routeBackoff = new Backoff(options.routeBackoff ?? ROUTE_BACKOFF, 'down');
     this.#resendBatch = Math.max(1, options.resendBatch ?? 256);
     this.#resendJitterMs = options.resendJitterMs ?? 500;
     this.#caFile = caFileFrom(options.caFile);

@@ -622,7 +622,12 @@ where
     let outcome = AssertUnwindSafe(async { handler(message.clone()).await })
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Err(HandlerError::Retryable("the handler panicked".into())));
+        .unwrap_or_else(|panic| {
+            Err(HandlerError::Retryable(format!(
+                "the handler panicked: {}",
+                panic_text(panic.as_ref())
+            )))
+        });
     match outcome {
         Ok(()) => {
             if ack(&acker, &message).await {
@@ -661,7 +666,12 @@ async fn move_failed(message: &Message, error: &HandlerError, session: &Session,
         .as_ref()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let routing_key = destination.routing_key(message.routing_key()).to_string();
+    // A dead letter keeps the routing key it was first published with: after a retry the
+    // delivery's key is the queue name (the tier dead-letters through the default exchange).
+    let original = message
+        .header_text(crate::headers::ORIGINAL_ROUTING_KEY)
+        .unwrap_or_else(|| message.routing_key().to_string());
+    let routing_key = destination.routing_key(&original).to_string();
     let published = match session.confirm_channel().await {
         Ok(channel) => {
             publish_confirmed(
@@ -742,6 +752,15 @@ async fn give_back(acker: &Acker, message: &Message, failure: &PublishFailure, s
         acker.reject(BasicRejectOptions { requeue: true }),
     )
     .await;
+}
+
+/// The message a panic was raised with (`panic!` with a literal or a format string).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// `initial * 2^in_a_row`, capped at `max`, with ±20 % jitter.

@@ -57,6 +57,13 @@ impl PublishFailure {
         matches!(self, Self::ExchangeMissing { .. } | Self::Returned { .. })
     }
 
+    /// True when the broker refused this message now but is likely to take it within seconds:
+    /// no route yet, or its queue is full (nacked: `overflow: reject-publish`). Such messages
+    /// are resent on the short route backoff, not the resend interval (protocol P-11).
+    pub fn retry_soon(&self) -> bool {
+        self.route_missing() || matches!(self, Self::Nacked)
+    }
+
     /// The failure a lapin error stands for, told apart by its AMQP reply code: 404 NOT_FOUND
     /// on a publish means the exchange does not exist.
     fn from_channel_error(error: &lapin::Error, exchange: &str) -> Self {

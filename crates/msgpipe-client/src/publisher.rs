@@ -207,8 +207,11 @@ fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Debug)]
 struct Link {
     channel: RwLock<Option<Channel>>,
-    /// Set when a publish saw the channel fail; the link task reconnects.
+    /// Set when a publish saw the channel fail; the link task replaces the channel.
     broken: AtomicBool,
+    /// Set with `broken` when the failure says the connection itself stopped answering (a
+    /// confirm that never came): the link task reconnects instead.
+    unresponsive: AtomicBool,
     wake: Notify,
     /// Bumped each time a new channel is installed: the resender drains the outbox at once.
     generation: watch::Sender<u64>,
@@ -219,6 +222,7 @@ impl Link {
         Self {
             channel: RwLock::new(None),
             broken: AtomicBool::new(false),
+            unresponsive: AtomicBool::new(false),
             wake: Notify::new(),
             generation: watch::channel(0).0,
         }
@@ -238,7 +242,16 @@ impl Link {
         }
     }
 
-    fn mark_broken(&self) {
+    /// A publish failed in a way that makes the channel unusable. The failure's kind, not the
+    /// channel's state at that instant (lapin may not have seen the broker's close yet), says
+    /// whether a new channel is enough.
+    fn mark_broken(&self, failure: &PublishFailure) {
+        if matches!(
+            failure,
+            PublishFailure::Timeout(_) | PublishFailure::NotConfirmed
+        ) {
+            self.unresponsive.store(true, Ordering::Release);
+        }
         self.broken.store(true, Ordering::Release);
         self.wake.notify_one();
     }
@@ -256,8 +269,9 @@ struct Shared {
     counters: Counters,
 }
 
-/// Since when the broker has had no route for this publisher's messages, and the wake-up of the
-/// resender when a fresh publish finds that out.
+/// Since when the broker has refused this publisher's messages for a reason that passes by
+/// itself (no route yet, or a full queue: [`PublishFailure::retry_soon`]), and the wake-up of
+/// the resender when a fresh publish finds that out.
 #[derive(Debug, Default)]
 struct RouteWatch {
     missing_since: Mutex<Option<Instant>>,
@@ -272,8 +286,8 @@ impl RouteWatch {
             .is_some()
     }
 
-    /// Records a publish the broker had no route for. The first of an outage says so, once,
-    /// at warn; the resender then retries on the short `route_retry` backoff.
+    /// Records a publish the broker had no route for (or nacked). The first of an outage says
+    /// so, once, at warn; the resender then retries on the short `route_retry` backoff.
     fn missing(&self, failure: &PublishFailure, vhost: &str, outbox: u64) {
         let first = {
             let mut since = self.missing_since.lock().unwrap_or_else(|p| p.into_inner());
@@ -291,6 +305,12 @@ impl RouteWatch {
                     "exchange {exchange} in vhost {vhost} routes nothing for routing key \
                      {routing_key:?} (messages returned): is the pipeline applied? Messages \
                      wait in the outbox and are resent as soon as a queue is bound"
+                ),
+                PublishFailure::Nacked => tracing::warn!(
+                    outbox,
+                    "the broker refuses messages in vhost {vhost} (nacked: a queue is full, \
+                     overflow reject-publish); messages wait in the outbox and are resent on a \
+                     short backoff until it takes them"
                 ),
                 _ => tracing::warn!(
                     outbox,
@@ -516,9 +536,9 @@ fn stamp(properties: BasicProperties) -> (BasicProperties, String) {
 fn note_failure(shared: &Shared, failure: &PublishFailure, message_id: &str) {
     tracing::debug!(%message_id, %failure, "publish not confirmed; saving to the outbox");
     if failure.breaks_channel() {
-        shared.link.mark_broken();
+        shared.link.mark_broken(failure);
     }
-    if failure.route_missing() {
+    if failure.retry_soon() {
         // Counted before this message is appended: the outbox it waits in.
         shared
             .route
@@ -623,16 +643,25 @@ async fn serve_connection(
 ) -> bool {
     loop {
         shared.link.broken.store(false, Ordering::Release);
+        shared.link.unresponsive.store(false, Ordering::Release);
         shared.link.set(Some(channel.clone()));
         let stopping = watch_link(shared, stop, connection, &channel).await;
         shared.link.set(None);
         if stopping {
             return true;
         }
-        if !connection.status().connected() || channel.status().connected() {
-            // The connection is gone, or the channel is open but stopped answering (a confirm
-            // timed out): only a new connection helps.
+        if !connection.status().connected() || shared.link.unresponsive.load(Ordering::Acquire) {
+            // The connection is gone, or stopped answering (a confirm timed out): only a new
+            // connection helps.
             return false;
+        }
+        if channel.status().connected() {
+            // The broker's close of this channel may still be on its way; do not leave it open.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                channel.close(200, "msgpipe: replaced".into()),
+            )
+            .await;
         }
         match open_confirm_channel(connection, shared.options.connect_timeout).await {
             Ok(fresh) => {
@@ -816,7 +845,7 @@ async fn resend_round(shared: &Shared) -> Result<Round, String> {
             done: Box::pin(shared.outbox.remove(confirmed)),
         });
         if let Some(failure) = broken {
-            shared.link.mark_broken();
+            shared.link.mark_broken(&failure);
             break Err(failure.to_string());
         }
     };
@@ -881,8 +910,8 @@ async fn resend_batch(
             Err(failure) if failure.breaks_channel() => {
                 broken.get_or_insert(failure);
             }
-            Err(failure) if failure.route_missing() => {
-                tracing::debug!(seq, %failure, "outbox message not routed; kept for the next try");
+            Err(failure) if failure.retry_soon() => {
+                tracing::debug!(seq, %failure, "outbox message not taken; kept for the next try");
                 no_route.get_or_insert(failure);
             }
             Err(failure) => {
