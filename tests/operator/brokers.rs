@@ -368,3 +368,164 @@ async fn a_broker_that_creates_vhosts_makes_the_namespaces_own_vhost_on_first_us
     assert_eq!(t.condition("BrokerReady").1, "VhostNotFound");
     assert!(t.broker.vhost("team-notes-app").is_none());
 }
+
+/// The platform rotates the MessageBroker's password on a real RabbitMQ while an application
+/// publishes through the pipeline: until the Secret follows, the operator reports the refused
+/// credentials (and touches nothing); once it does, the next reconcile converges on a new
+/// connection with the new password. The application, on its own credentials, loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_a_message_brokers_password_reconnects_the_operator_and_loses_no_message() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    use super::support::{self, TestVhost};
+
+    let vhost = TestVhost::new("broker-rotation");
+    let user = format!("msgpipe-rotation-{}", std::process::id());
+    let set_password = |password: &str| {
+        support::mgmt(
+            "PUT",
+            &format!("/users/{}", support::encode(&user)),
+            Some(json!({"password": password, "tags": "administrator"})),
+        );
+    };
+    set_password("first-Pw-1");
+    support::mgmt(
+        "PUT",
+        &format!(
+            "/permissions/{}/{}",
+            support::encode(&vhost.name),
+            support::encode(&user)
+        ),
+        Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    );
+
+    let api = FakeApi::default();
+    api.set_crd(true);
+    api.enforce_rbac(brokers_only(), OPERATOR_NS);
+    let mut pipeline = notes_object(&vhost.name, "Retain");
+    pipeline["spec"]["broker"] =
+        json!({"brokerRef": {"name": "shared"}, "vhost": vhost.name.clone()});
+    api.put(PIPELINE, pipeline);
+    api.put(
+        BROKER,
+        json!({
+            "apiVersion": "msgpipe.io/v1alpha1", "kind": "MessageBroker",
+            "metadata": {"name": "shared", "generation": 1},
+            "spec": {
+                "uri": format!("amqp://127.0.0.1:{}", support::shared_port()),
+                "managementUri": support::mgmt_url().trim_end_matches("/api"),
+                "secretRef": {"name": "rabbitmq-admin"},
+                "tenants": {"namespaceSelector": {}, "sharedVhosts": [vhost.name.clone()]}
+            }
+        }),
+    );
+    let secret = |password: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "rabbitmq-admin", "namespace": OPERATOR_NS},
+            "stringData": {"username": user.clone(), "password": password}
+        })
+    };
+    api.put(BROKER_SECRET, secret("first-Pw-1"));
+    api.put(
+        NAMESPACE,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+    );
+    let (client, _server) = api.client();
+    let config = OperatorConfig {
+        broker_timeout: Duration::from_secs(10),
+        brokers: BrokerAccess {
+            secret_refs: false,
+            message_brokers: true,
+            operator_namespace: OPERATOR_NS.into(),
+        },
+        ..OperatorConfig::default()
+    };
+    let ctx = Arc::new(Context::new(client, Arc::new(Metrics::default()), config));
+    let reconcile_once = || {
+        let object = api.get(PIPELINE).expect("pipeline");
+        let pipeline: Arc<MessagePipeline> =
+            Arc::new(serde_json::from_value(object).expect("pipeline"));
+        let ctx = ctx.clone();
+        async move { reconcile(pipeline, ctx).await.map_err(|e| e.to_string()) }
+    };
+    assert_eq!(
+        reconcile_once().await,
+        Ok(Action::await_change()),
+        "finalizer"
+    );
+    assert!(reconcile_once().await.is_ok(), "first converge");
+    let condition = |kind: &str| {
+        let object = api.get(PIPELINE).expect("pipeline");
+        object["status"]["conditions"]
+            .as_array()
+            .and_then(|list| list.iter().find(|c| c["type"] == kind))
+            .map(|c| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_string(),
+                    c["reason"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        condition("BrokerReady"),
+        ("True".into(), "Converged".into())
+    );
+
+    // The application publishes throughout, on its own credentials.
+    let (connection, channel) = support::amqp_channel(&vhost.name).await;
+    let (stop, published) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let publisher = {
+        let (stop, published) = (stop.clone(), published.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                support::publish(&channel, "notes", "notes", b"note").await;
+                published.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    set_password("second-Pw-2");
+    let refused = reconcile_once().await;
+    assert!(refused.is_err(), "old password: {refused:?}");
+    assert_eq!(condition("BrokerReady").1, "BrokerAuthenticationFailed");
+    let status = api.get(PIPELINE).expect("pipeline")["status"].to_string();
+    assert!(!status.contains("first-Pw-1") && !status.contains("second-Pw-2"));
+
+    api.put(BROKER_SECRET, secret("second-Pw-2"));
+    // The pool keeps a broker that failed "down" for a while; the rotation is a new endpoint.
+    let converged = reconcile_once().await;
+    assert!(converged.is_ok(), "new password: {converged:?}");
+    assert_eq!(
+        condition("BrokerReady"),
+        ("True".into(), "Converged".into())
+    );
+    assert_eq!(api.denied(), Vec::<String>::new());
+
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.expect("publisher");
+    let published = published.load(Ordering::Relaxed);
+    assert!(
+        published > 10,
+        "the application published during the rotation"
+    );
+    let (_, check) = support::amqp_channel(&vhost.name).await;
+    let depth = support::depth(&check, "notes_queue").await;
+    assert_eq!(
+        u64::from(depth),
+        published,
+        "every confirmed message is in the queue"
+    );
+    let _ = connection.close(200, "done".into()).await;
+    let _ = support::http(
+        "DELETE",
+        &format!("{}/users/{}", support::mgmt_url(), support::encode(&user)),
+        None,
+        true,
+    );
+}
