@@ -25,7 +25,7 @@ build:
 run: setup build ## the notes pipeline end to end on a local broker (CLIENT=rust|python|typescript): apply, publish, fail, retry, DLQ
 	$(if $(filter-out rust python typescript,$(or $(CLIENT),rust)),$(error CLIENT=$(CLIENT): expected rust, python or typescript))
 	$(if $(filter rust,$(or $(CLIENT),rust)),$(CARGO) build --quiet -p msgpipe-client --example notes_producer --example notes_consumer)
-	CLIENT=$(or $(CLIENT),rust) scripts/demo.sh
+	scripts/demo.sh
 
 test: setup lint unit cluster compat clients conformance ## everything CI runs (see README, "Supported RabbitMQ versions")
 
