@@ -65,9 +65,11 @@
 //! - Started before its pipeline: when the broker is up but the exchange does not exist (the
 //!   broker closes the channel with 404) or returns the message unroutable, the publisher says
 //!   so once at warn ("exchange notes does not exist in vhost v: is the pipeline applied?"),
-//!   keeps its connection (only the channel is reopened), and resends on a short backoff
+//!   keeps its connection (only the channel is reopened), and probes on a short backoff
 //!   ([`PublisherOptions::route_retry`], 250 ms doubling to 3 s) instead of the resend
-//!   interval, so the outbox is delivered within about 3 s of the route appearing. lapin itself
+//!   interval with the oldest outbox message alone (so nothing overtakes it while the pipeline
+//!   is half applied), then sends the rest: the outbox is delivered in order within about 3 s
+//!   of the route appearing. A message nacked by a full queue is retried the same way. lapin itself
 //!   logs each channel the broker closes at ERROR and each returned message at WARN; the
 //!   client reports both in its own words, so applications may filter `lapin=off`.
 //! - Ordering: the outbox is resent oldest first, and while it holds anything (and

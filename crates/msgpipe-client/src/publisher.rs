@@ -815,11 +815,16 @@ async fn resend_round(shared: &Shared) -> Result<Round, String> {
         let Some(channel) = shared.link.current() else {
             break Err("the broker is unreachable".to_string());
         };
-        let batch = match shared
-            .outbox
-            .oldest_after(cursor, shared.options.resend_batch.max(1))
-            .await
-        {
+        // While the route is missing, a round is a probe: the oldest message alone, and the
+        // round ends at its refusal. Half a pipeline (its exchange declared, its binding not
+        // yet) would otherwise route later messages past a returned older one.
+        let probing = shared.route.is_missing();
+        let size = if probing {
+            1
+        } else {
+            shared.options.resend_batch.max(1)
+        };
+        let batch = match shared.outbox.oldest_after(cursor, size).await {
             Ok(batch) => batch,
             Err(error) => break Err(error.to_string()),
         };
@@ -847,6 +852,9 @@ async fn resend_round(shared: &Shared) -> Result<Round, String> {
         if let Some(failure) = broken {
             shared.link.mark_broken(&failure);
             break Err(failure.to_string());
+        }
+        if probing && count == 0 {
+            break Ok(());
         }
     };
     finish_removal(removing, &mut round).await?;

@@ -543,8 +543,13 @@ class Publisher:
                 self.stats.resent += len(confirmed)
                 await outbox.remove(confirmed)
                 sent += len(confirmed)
-            if probe is not None and (confirmed or refused):
-                self._route_is_back(probe.exchange)  # the exchange exists (maybe unbound)
+            if probe is not None and refused and not confirmed:
+                # The exchange exists but routed the probe nowhere (a pipeline half applied:
+                # exchange declared, binding not yet). Probe again with the same message, so
+                # that nothing overtakes the oldest.
+                break
+            if probe is not None and confirmed:
+                self._route_is_back(probe.exchange)
             if missing is not None:
                 if self._route is None:
                     self._exchange_missing(missing)
