@@ -184,7 +184,7 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
         .into_iter()
         .partition(|a| matches!(a, BrokerAction::Unbind(_)));
     for queue in &topology.queues {
-        if !live.queues.contains_key(&queue.name) {
+        if !live.queues.contains_key(&queue.name) && !untouchable(&queue.name) {
             plan.actions.push(BrokerAction::DeclareQueue(Queue {
                 arguments: queue.arguments.for_server(live.server_major),
                 ..queue.clone()
@@ -210,6 +210,23 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
 fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPlan) -> Vec<String> {
     let mut refused = Vec::new();
     for queue in &desired.topology.queues {
+        let holding = super::migration::holding_name(&queue.name);
+        if live
+            .queues
+            .get(&holding)
+            .is_some_and(|h| h.migrating_to.is_some())
+        {
+            // A migration is under way (or was stopped): only the migration writes these.
+            plan.conflicts.push(Conflict {
+                field: "spec.queue.type".into(),
+                message: format!(
+                    "queue {} is being migrated (holding queue {holding} exists); finish it with `msgpipe migrate` (or `msgpipe apply`); nothing about this queue was changed",
+                    queue.name
+                ),
+            });
+            refused.push(queue.name.clone());
+            continue;
+        }
         let Some(found) = live.queues.get(&queue.name) else {
             continue;
         };
@@ -219,7 +236,7 @@ fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPla
         plan.conflicts.push(Conflict {
             field: "spec.queue.type".into(),
             message: format!(
-                "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change, and msgpipe never deletes a queue to change it (drain and delete it yourself, or revert the spec); nothing about this queue was changed",
+                "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change in place: `msgpipe migrate -f FILE` (or `msgpipe apply`) migrates it without losing a message (docs/migration.md), or revert the spec; nothing about this queue was changed",
                 queue.name,
                 found.queue_type,
                 queue.queue_type.as_str()
@@ -525,6 +542,7 @@ mod tests {
                         messages: 0,
                         consumers: 0,
                         dead_letters_to: LiveQueue::dead_letters_to(&arguments),
+                        migrating_to: None,
                     };
                     (q.name.clone(), live)
                 })
@@ -771,6 +789,7 @@ mod tests {
             messages: 0,
             consumers: 0,
             dead_letters_to: None,
+            migrating_to: None,
         };
         // No policy of ours, and no arguments returning messages to the work queue.
         live.queues

@@ -9,7 +9,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Map, Value};
 
-use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue};
+use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue, MIGRATION_MARKER};
+use super::migrate::{DrainProgress, MigrationBroker};
 use super::{ActionOutcome, BrokerAction, BrokerApi, BrokerError, LiveVhost, QueueDepth};
 
 /// Called with (vhost, action) after each write the broker carried out.
@@ -166,6 +167,9 @@ impl MemoryBroker {
             BrokerAction::DeclareQueue(queue) => {
                 let mut arguments = queue.arguments.declare_arguments();
                 arguments.insert("x-queue-type".into(), queue.queue_type.as_str().into());
+                if let Some(target) = queue.migrating_to {
+                    arguments.insert(MIGRATION_MARKER.into(), target.as_str().into());
+                }
                 let key = (vhost.to_string(), queue.name.clone());
                 let mut declared = lock(&self.arguments);
                 match live.queues.get(&queue.name) {
@@ -190,6 +194,7 @@ impl MemoryBroker {
                                 messages: 0,
                                 consumers: 0,
                                 dead_letters_to: LiveQueue::dead_letters_to(&arguments),
+                                migrating_to: LiveQueue::migrating_to(&arguments),
                             },
                         );
                         declared.insert(key, arguments);
@@ -250,6 +255,77 @@ fn live_binding(binding: &crate::plan::topology::Binding) -> LiveBinding {
 /// A poisoned lock only means a test panicked while holding it; the data is still whole.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl MemoryBroker {
+    /// A broker holding `live` as its vhost `vhost`: to play a plan through without touching
+    /// the real one (`msgpipe migrate --dry-run`).
+    pub fn from_live(name: &str, vhost: &str, live: LiveVhost) -> Self {
+        let broker = Self::new(name);
+        lock(&broker.vhosts).insert(vhost.into(), live);
+        broker
+    }
+}
+
+impl MigrationBroker for MemoryBroker {
+    async fn drain(
+        &self,
+        vhost: &str,
+        from: &str,
+        into: &str,
+        feeders: &[String],
+        progress: &mut (dyn FnMut(DrainProgress) + Send),
+    ) -> Result<u64, BrokerError> {
+        let moved = self.with_vhost_mut(vhost, |live| {
+            if !live.queues.contains_key(into) {
+                return Err(self.rejected(
+                    format!("move {from} into {into}"),
+                    "the copy was returned: no such queue",
+                ));
+            }
+            // A feeder (a retry tier) returns its messages to `from`, where they are moved too.
+            let mut moved = 0;
+            for queue in feeders.iter().map(String::as_str).chain([from]) {
+                if let Some(found) = live.queues.get_mut(queue) {
+                    moved += std::mem::take(&mut found.messages);
+                }
+            }
+            if let Some(target) = live.queues.get_mut(into) {
+                target.messages += moved;
+            }
+            Ok(moved)
+        })?;
+        lock(&self.writes).push(format!("move {moved} messages from {from} into {into}"));
+        progress(DrainProgress {
+            from: from.into(),
+            into: into.into(),
+            moved,
+            remaining: 0,
+        });
+        Ok(moved)
+    }
+
+    async fn delete_drained(&self, vhost: &str, queue: &str) -> Result<ActionOutcome, BrokerError> {
+        let outcome = self.with_vhost_mut(vhost, |live| {
+            let Some(found) = live.queues.get(queue) else {
+                return Ok(ActionOutcome::Gone);
+            };
+            if found.messages > 0 {
+                return Ok(ActionOutcome::Kept(QueueDepth {
+                    messages: found.messages,
+                    consumers: found.consumers,
+                }));
+            }
+            live.queues.remove(queue);
+            live.bindings.retain(|b, _| b.destination != queue);
+            lock(&self.arguments).remove(&(vhost.to_string(), queue.to_string()));
+            Ok(ActionOutcome::Done)
+        })?;
+        if outcome == ActionOutcome::Done {
+            lock(&self.writes).push(format!("delete queue {queue}"));
+        }
+        Ok(outcome)
+    }
 }
 
 impl BrokerApi for MemoryBroker {

@@ -6,6 +6,9 @@ pub mod diff;
 mod endpoint;
 pub mod live;
 mod memory;
+pub mod migrate;
+pub mod migration;
+mod mover;
 mod rabbit;
 mod reconcile;
 pub mod session;
@@ -18,6 +21,11 @@ pub use diff::{BrokerAction, BrokerPlan, Conflict, TeardownPlan};
 pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_URI_KEY};
 pub use live::{BINDING_MARKER, LiveVhost};
 pub use memory::MemoryBroker;
+pub use migrate::{
+    DrainProgress, MigrationBroker, MigrationError, MigrationEvent, MigrationReport, migrate,
+};
+pub use migration::{MigrationPhase, MigrationPlan, MigrationRefused, MigrationStep};
+pub use mover::Mover;
 pub use rabbit::{
     DEFAULT_CALL_TIMEOUT, DEFAULT_DELETE_SETTLE, RabbitBroker, connect_amqp,
     install_crypto_provider,
