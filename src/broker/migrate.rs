@@ -6,6 +6,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::future::join_all;
+
 use super::migration::{
     MigrationPhase, MigrationRefused, MigrationStep, plan_migration, recorded_target,
 };
@@ -223,14 +225,23 @@ pub async fn run_step<B: MigrationBroker>(
                 .await
                 .map(StepOutcome::Moved)
         }
-        MigrationStep::DeleteDrained { queue } => {
-            match broker.delete_drained(vhost, queue).await? {
-                ActionOutcome::Kept(depth) => Ok(StepOutcome::Kept {
-                    queue: queue.clone(),
-                    messages: depth.messages,
-                }),
-                ActionOutcome::Done | ActionOutcome::Gone => Ok(StepOutcome::Done),
+        MigrationStep::DeleteDrained { queues } => {
+            // Together: each waits out the same settle.
+            let deletes: Vec<_> = queues
+                .iter()
+                .map(|queue| broker.delete_drained(vhost, queue))
+                .collect();
+            let outcomes = join_all(deletes).await;
+            let mut result = StepOutcome::Done;
+            for (queue, outcome) in queues.iter().zip(outcomes) {
+                if let ActionOutcome::Kept(depth) = outcome? {
+                    result = StepOutcome::Kept {
+                        queue: queue.clone(),
+                        messages: depth.messages,
+                    };
+                }
             }
+            Ok(result)
         }
     }
 }

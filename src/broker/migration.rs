@@ -87,10 +87,11 @@ pub enum MigrationStep {
         into: String,
         feeders: Vec<String>,
     },
-    /// Delete a queue that was drained and is unrouted, once it holds no message (ready,
-    /// unacknowledged, or waiting to be dead-lettered). Consumers still attached get a
-    /// cancel notification: the queue they follow is about to be declared again.
-    DeleteDrained { queue: String },
+    /// Delete queues that were drained and are unrouted, each once it holds no message
+    /// (ready, unacknowledged, or waiting to be dead-lettered); together, and the next step
+    /// only once every one of them is gone. Consumers still attached get a cancel
+    /// notification: the queue they follow is about to be declared again.
+    DeleteDrained { queues: Vec<String> },
 }
 
 impl fmt::Display for MigrationStep {
@@ -122,8 +123,15 @@ impl fmt::Display for MigrationStep {
                 feeders.join(", "),
                 if feeders.len() == 1 { "is" } else { "are" }
             ),
-            MigrationStep::DeleteDrained { queue } => {
-                write!(f, "delete queue {queue} once it holds no message")
+            MigrationStep::DeleteDrained { queues } if queues.len() == 1 => {
+                write!(f, "delete queue {} once it holds no message", queues[0])
+            }
+            MigrationStep::DeleteDrained { queues } => {
+                write!(
+                    f,
+                    "delete queues {} once they hold no message",
+                    queues.join(", ")
+                )
             }
         }
     }
@@ -506,15 +514,16 @@ fn drain_old(
             feeders,
         });
     }
-    steps.extend(
-        old_tiers
-            .into_iter()
-            .map(|queue| MigrationStep::DeleteDrained { queue }),
-    );
-    for slot in slots.iter().filter(|s| !s.is_tier() && s.old(target)) {
-        steps.push(MigrationStep::DeleteDrained {
-            queue: slot.name().to_string(),
-        });
+    if !old_tiers.is_empty() {
+        steps.push(MigrationStep::DeleteDrained { queues: old_tiers });
+    }
+    let old: Vec<String> = slots
+        .iter()
+        .filter(|s| !s.is_tier() && s.old(target))
+        .map(|s| s.name().to_string())
+        .collect();
+    if !old.is_empty() {
+        steps.push(MigrationStep::DeleteDrained { queues: old });
     }
     steps
 }
@@ -603,18 +612,18 @@ fn return_held(desired: &DesiredState, slots: &[Slot<'_>]) -> Vec<MigrationStep>
             feeders,
         });
     }
-    steps.extend(
-        holding_tiers
-            .into_iter()
-            .map(|queue| MigrationStep::DeleteDrained { queue }),
-    );
-    for slot in slots
+    if !holding_tiers.is_empty() {
+        steps.push(MigrationStep::DeleteDrained {
+            queues: holding_tiers,
+        });
+    }
+    let holding: Vec<String> = slots
         .iter()
         .filter(|s| !s.is_tier() && s.live_holding.is_some())
-    {
-        steps.push(MigrationStep::DeleteDrained {
-            queue: slot.holding.clone(),
-        });
+        .map(|s| s.holding.clone())
+        .collect();
+    if !holding.is_empty() {
+        steps.push(MigrationStep::DeleteDrained { queues: holding });
     }
     steps
 }

@@ -2,6 +2,7 @@
 
 mod apply;
 mod dlq;
+mod migrate;
 mod operator;
 mod render;
 
@@ -31,6 +32,10 @@ pub enum Command {
     Render(render::RenderArgs),
     /// Reconcile pipeline files straight against a broker, no Kubernetes needed.
     Apply(apply::ApplyArgs),
+    /// Migrate live queues to the type their pipeline file asks for (classic <-> quorum),
+    /// moving every message with no loss while producers and consumers keep running;
+    /// --dry-run prints the steps. A run stopped at any point is resumed by running it again.
+    Migrate(migrate::MigrateArgs),
     /// Remove the broker objects of pipeline files whose deletionPolicy is Delete (never a
     /// queue that holds messages, ready or unacknowledged); --dry-run prints the plan.
     Delete(apply::DeleteArgs),
@@ -77,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Render(args) => render::run(&args),
         Command::Apply(args) => runtime()?.block_on(apply::apply(&args)),
         Command::Delete(args) => runtime()?.block_on(apply::delete(&args)),
+        Command::Migrate(args) => runtime()?.block_on(migrate::run(&args)),
         Command::Operator(args) => operator::run(&args),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&args)),
     }

@@ -295,17 +295,20 @@ async fn the_work_queue_is_deleted_only_after_the_tiers_that_return_to_it() {
             tiers.join(", ")
         )
     );
+    let delete_tiers = text
+        .iter()
+        .position(|s| {
+            *s == format!(
+                "delete queues {} once they hold no message",
+                tiers.join(", ")
+            )
+        })
+        .expect("tiers deleted");
     let delete_work = text
         .iter()
-        .position(|s| s == "delete queue notes_queue once it holds no message")
-        .expect("work queue deleted");
-    for tier in &tiers {
-        let at = text
-            .iter()
-            .position(|s| *s == format!("delete queue {tier} once it holds no message"))
-            .expect("tier deleted");
-        assert!(at < delete_work, "{text:#?}");
-    }
+        .position(|s| s == "delete queues notes_queue, notes_queue_dlq once they hold no message")
+        .expect("work queue and DLQ deleted");
+    assert!(delete_tiers < delete_work, "{text:#?}");
     // A drained queue that still holds a message is kept, and the stage is planned again.
     broker.set_messages(&vhost, &tiers[0], 0);
     assert!(broker.set_messages(&vhost, &old.names.queue, 1));
@@ -313,7 +316,7 @@ async fn the_work_queue_is_deleted_only_after_the_tiers_that_return_to_it() {
         &broker,
         &vhost,
         &MigrationStep::DeleteDrained {
-            queue: old.names.queue.clone(),
+            queues: vec![old.names.queue.clone()],
         },
         &mut |_| {},
     )
