@@ -146,13 +146,23 @@ pub async fn migrate_pipeline<B: MigrationBroker>(
         let started = Instant::now();
         let mut phase = MigrationPhase::Holding;
         let mut print = |event: MigrationEvent| match event {
+            MigrationEvent::Step { phase: now, step } if verb.is_empty() => {
+                phase = now;
+                let at = started.elapsed().as_secs_f64();
+                println!("{name}: [{now}] {step} (at {at:.1}s)");
+            }
             MigrationEvent::Step { phase: now, step } => {
                 phase = now;
                 println!("{name}: [{now}] {verb}{step}");
             }
             MigrationEvent::Progress(p) if verb.is_empty() => println!(
-                "{name}: [{phase}] moved {} messages from {} into {}; {} ready in {}",
-                p.moved, p.from, p.into, p.remaining, p.from
+                "{name}: [{phase}] moved {} messages from {} into {}; {} ready in {} (at {:.1}s)",
+                p.moved,
+                p.from,
+                p.into,
+                p.remaining,
+                p.from,
+                started.elapsed().as_secs_f64()
             ),
             MigrationEvent::Progress(_) => {}
             MigrationEvent::Kept { queue, messages } => println!(

@@ -166,21 +166,36 @@ pub fn mgmt(method: &str, path: &str, body: Option<Value>) -> String {
 /// A vhost of the test broker that exists for one test and is deleted afterwards.
 pub struct TestVhost {
     pub name: String,
+    /// The management API of the node it lives on.
+    pub api: String,
 }
 
 impl TestVhost {
     pub fn new(prefix: &str) -> Self {
         ensure_test_broker();
+        Self::on(MGMT_URL, prefix)
+    }
+
+    /// A vhost on the node whose management API is `api` (a node of the test's own, see
+    /// [`broker_node`]).
+    pub fn on(api: &str, prefix: &str) -> Self {
         let name = format!("{prefix}-{}", std::process::id());
-        let path = format!("/vhosts/{}", encode(&name));
-        let _ = http("DELETE", &format!("{MGMT_URL}{path}"), None, true);
-        mgmt("PUT", &path, None);
-        mgmt(
+        let path = format!("{api}/vhosts/{}", encode(&name));
+        let ok = |(status, text): (u16, String)| {
+            assert!((200..300).contains(&status), "{path} -> {status}: {text}");
+        };
+        let _ = http("DELETE", &path, None, true);
+        ok(http("PUT", &path, None, true));
+        ok(http(
             "PUT",
-            &format!("/permissions/{}/guest", encode(&name)),
-            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
-        );
-        Self { name }
+            &format!("{api}/permissions/{}/guest", encode(&name)),
+            Some(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+            true,
+        ));
+        Self {
+            name,
+            api: api.to_string(),
+        }
     }
 
     pub fn path(&self, kind: &str, object: &str) -> String {
@@ -192,7 +207,7 @@ impl Drop for TestVhost {
     fn drop(&mut self) {
         let _ = http(
             "DELETE",
-            &format!("{MGMT_URL}/vhosts/{}", encode(&self.name)),
+            &format!("{}/vhosts/{}", self.api, encode(&self.name)),
             None,
             true,
         );
