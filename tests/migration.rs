@@ -444,9 +444,10 @@ async fn a_classic_queue_under_load_migrates_to_quorum_by_apply_with_the_confirm
     migrate_under_load("confirm", 10_000).await;
 }
 
-/// `msgpipe migrate` killed (SIGKILL) at each step in turn: every run is killed as its second
-/// step starts, so each makes at least one step of progress, until a run finishes by itself.
-/// Nothing is lost; duplicates stay within what the killed movers had in flight.
+/// `msgpipe migrate` killed (SIGKILL) at each step in turn: every run is killed as it starts
+/// a step no run was killed in yet (a drain 300 ms into its move), until a run finishes by
+/// itself. Nothing is lost; duplicates stay
+/// within what the killed movers had in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_killed_at_each_step_resumes_from_the_broker_and_loses_nothing() {
     let vhost = vhost("migrate-kill");
@@ -471,7 +472,7 @@ async fn a_migration_killed_at_each_step_resumes_from_the_broker_and_loses_nothi
     // Waiting in the 2 s tier: they return to the work queue while the migration runs.
     publish_ids(&channel, "notes_queue.retry", "2", &retried).await;
 
-    let mut kills = Vec::new();
+    let mut kills: Vec<String> = Vec::new();
     for run in 1..=80 {
         let mut command = msgpipe(&vhost.name);
         command
@@ -481,18 +482,25 @@ async fn a_migration_killed_at_each_step_resumes_from_the_broker_and_loses_nothi
             .stderr(Stdio::inherit());
         let mut child = command.spawn().expect("msgpipe migrate starts");
         let stdout = child.stdout.take().expect("stdout");
-        let mut steps = 0;
         let mut killed_at = None;
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("line");
-            let is_step = line.contains("] ") && !line.contains("] moved ");
-            if is_step {
-                steps += 1;
-                if steps == 2 {
-                    child.kill().expect("SIGKILL");
-                    killed_at = Some(line);
-                    break;
+            // A step line: `ns/name: [phase] step (at 1.2s)`; progress lines say `moved`.
+            let Some(step) = line
+                .split_once("] ")
+                .filter(|_| !line.contains("] moved "))
+                .and_then(|(_, rest)| rest.rsplit_once(" (at ").map(|(step, _)| step.to_string()))
+            else {
+                continue;
+            };
+            if !kills.iter().any(|k| k.contains(&step)) {
+                // A mover is killed mid-move; any other step as it starts.
+                if step.starts_with("move ") {
+                    std::thread::sleep(Duration::from_millis(300));
                 }
+                child.kill().expect("SIGKILL");
+                killed_at = Some(line);
+                break;
             }
         }
         let status = child.wait().expect("wait");

@@ -26,7 +26,8 @@ use super::{ActionOutcome, BrokerApi, BrokerError, RabbitBroker};
 /// How a migration moves messages.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mover {
-    /// A dynamic shovel when the broker offers the shovel API, else [`Mover::Confirm`].
+    /// A dynamic shovel when the broker offers the shovel API (RabbitMQ 4.x), else
+    /// [`Mover::Confirm`].
     #[default]
     Auto,
     /// A dynamic shovel (`src-delete-after: queue-length`, `ack-mode: on-confirm`).
@@ -79,7 +80,9 @@ impl MigrationBroker for RabbitBroker {
         progress: &mut (dyn FnMut(DrainProgress) + Send),
     ) -> Result<u64, BrokerError> {
         let shovel = match self.mover() {
-            Mover::Auto => self.shovels_available(vhost).await?,
+            // RabbitMQ 3.x shovels refuse `src-predeclared`/`dest-predeclared`, and without
+            // them a shovel declares its queues itself (no type, no arguments).
+            Mover::Auto => self.server_major().await? >= 4 && self.shovels_available(vhost).await?,
             Mover::Shovel => true,
             Mover::Confirm => false,
         };
