@@ -542,3 +542,109 @@ async fn a_migration_killed_at_each_step_resumes_from_the_broker_and_loses_nothi
     assert!(duplicates <= 256 * kills.len(), "{duplicates} duplicates");
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// How long migrating a classic work queue of 100,000 messages (100 bytes) to quorum takes
+/// with each mover, beside one raw shovel moving the same number from a classic queue into a
+/// quorum queue on the same node in the same run. No consumers or publishers. Ignored (about
+/// four minutes); run it with
+/// `cargo nextest run --test migration --run-ignored only --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn migration_of_100000_messages_figures() {
+    const N: usize = 100_000;
+    let ids: Vec<String> = (0..N).map(|i| format!("{i:0>100}")).collect();
+    let mut figures = Vec::new();
+    // The baseline: one dynamic shovel, classic -> quorum, timed until the target holds N.
+    {
+        let vhost = vhost("migrate-bench-raw");
+        let (connection, channel) = confirm_channel(&amqp_uri(&vhost.name)).await;
+        for (queue, kind) in [("raw_classic", "classic"), ("raw_quorum", "quorum")] {
+            let mut arguments = lapin::types::FieldTable::default();
+            arguments.insert(
+                "x-queue-type".into(),
+                lapin::types::AMQPValue::LongString(kind.into()),
+            );
+            let options = lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.into(), options, arguments)
+                .await
+                .expect("declare");
+        }
+        publish_ids(&channel, "", "raw_classic", &ids).await;
+        let local = format!("amqp:///{}", encode(&vhost.name));
+        let body = serde_json::json!({"value": {
+            "src-protocol": "amqp091", "src-uri": local, "src-queue": "raw_classic",
+            "src-predeclared": true, "src-delete-after": "queue-length",
+            "dest-protocol": "amqp091", "dest-uri": local, "dest-queue": "raw_quorum",
+            "dest-predeclared": true, "ack-mode": "on-confirm"}});
+        let started = Instant::now();
+        let (status, text) = http(
+            "PUT",
+            &format!("{}/parameters/shovel/{}/raw", api(), encode(&vhost.name)),
+            Some(&body),
+            true,
+        );
+        assert!((200..300).contains(&status), "{status} {text}");
+        while support::depth(&channel, "raw_quorum").await < N as u32 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        figures.push((
+            "raw shovel, classic -> quorum".to_string(),
+            started.elapsed(),
+        ));
+        let _ = connection.close(200, "done".into()).await;
+    }
+    for mover in ["shovel", "confirm"] {
+        let vhost = vhost(&format!("migrate-bench-{mover}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let classic = write(
+            dir.path(),
+            "classic.yaml",
+            &pipeline(&vhost.name, "classic"),
+        );
+        let quorum = write(dir.path(), "quorum.yaml", &pipeline(&vhost.name, "quorum"));
+        run_ok({
+            let mut c = msgpipe(&vhost.name);
+            c.args(["apply", "-f"]).arg(&classic);
+            c
+        });
+        let (connection, channel) = confirm_channel(&amqp_uri(&vhost.name)).await;
+        publish_ids(&channel, "notes", "notes", &ids).await;
+        let started = Instant::now();
+        let name = vhost.name.clone();
+        let mover_arg = mover.to_string();
+        let output = tokio::task::spawn_blocking(move || {
+            let mut c = msgpipe(&name);
+            c.args(["migrate", "--settle", "1500ms", "--mover", &mover_arg, "-f"])
+                .arg(&quorum);
+            run_ok(c)
+        })
+        .await
+        .expect("migrate");
+        let took = started.elapsed();
+        assert_eq!(
+            support::depth(&channel, "notes_queue").await,
+            N as u32,
+            "{output}"
+        );
+        let phases: Vec<&str> = output
+            .lines()
+            .filter(|l| l.contains("] move every") || l.contains("] delete queues"))
+            .collect();
+        eprintln!("{mover}:\n{}", phases.join("\n"));
+        figures.push((format!("msgpipe migrate --mover {mover}"), took));
+        let _ = connection.close(200, "done".into()).await;
+    }
+    let raw = figures[0].1.as_secs_f64();
+    for (what, took) in &figures {
+        eprintln!(
+            "{what}: {:.1}s ({:.0} msg/s moved, {:.2}x the raw shovel)",
+            took.as_secs_f64(),
+            N as f64 / took.as_secs_f64(),
+            took.as_secs_f64() / raw
+        );
+    }
+}
