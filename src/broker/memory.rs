@@ -11,7 +11,11 @@ use serde_json::{Map, Value};
 
 use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue, MIGRATION_MARKER};
 use super::migrate::{DrainProgress, MigrationBroker};
+use super::migration::NodeRoom;
 use super::{ActionOutcome, BrokerAction, BrokerApi, BrokerError, LiveVhost, QueueDepth};
+
+/// The size the memory broker gives each message, for [`MigrationBroker::room`].
+pub const MEMORY_MESSAGE_BYTES: u64 = 1_000;
 
 /// Called with (vhost, action) after each write the broker carried out.
 type WriteHook = Box<dyn Fn(&str, &BrokerAction) + Send + Sync>;
@@ -30,6 +34,8 @@ pub struct MemoryBroker {
     /// reads back, and a redeclare must still be checked against all of them.
     arguments: Mutex<BTreeMap<(String, String), Map<String, Value>>>,
     unreachable: Mutex<Option<String>>,
+    /// What [`MigrationBroker::room`] reports (one roomy node unless set).
+    nodes: Mutex<Vec<NodeRoom>>,
     on_write: Mutex<Option<WriteHook>>,
     writes: Mutex<Vec<String>>,
 }
@@ -42,6 +48,13 @@ impl MemoryBroker {
             vhosts: Mutex::new(BTreeMap::new()),
             arguments: Mutex::new(BTreeMap::new()),
             unreachable: Mutex::new(None),
+            nodes: Mutex::new(vec![NodeRoom {
+                node: "memory@localhost".into(),
+                memory_alarm: false,
+                disk_alarm: false,
+                disk_free: 100_000_000_000,
+                disk_free_limit: 50_000_000,
+            }]),
             on_write: Mutex::new(None),
             writes: Mutex::new(Vec::new()),
         }
@@ -57,6 +70,11 @@ impl MemoryBroker {
             },
         );
         self
+    }
+
+    /// What the nodes report from now on (alarms, free disk).
+    pub fn set_nodes(&self, nodes: Vec<NodeRoom>) {
+        *lock(&self.nodes) = nodes;
     }
 
     /// From now on every call fails as unreachable with `reason` (None: reachable again).
@@ -303,6 +321,21 @@ impl MigrationBroker for MemoryBroker {
             remaining: 0,
         });
         Ok(moved)
+    }
+
+    async fn room(
+        &self,
+        vhost: &str,
+        queues: &[String],
+    ) -> Result<(Vec<NodeRoom>, u64), BrokerError> {
+        let bytes = self.with_vhost_mut(vhost, |live| {
+            Ok(queues
+                .iter()
+                .filter_map(|q| live.queues.get(q))
+                .map(|q| q.messages * MEMORY_MESSAGE_BYTES)
+                .sum())
+        })?;
+        Ok((lock(&self.nodes).clone(), bytes))
     }
 
     async fn delete_drained(&self, vhost: &str, queue: &str) -> Result<ActionOutcome, BrokerError> {

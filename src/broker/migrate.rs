@@ -9,7 +9,8 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use super::migration::{
-    MigrationPhase, MigrationRefused, MigrationStep, plan_migration, recorded_target,
+    MigrationPhase, MigrationRefused, MigrationStep, NodeRoom, plan_migration, recorded_target,
+    room_for_copy,
 };
 use super::{ActionOutcome, BrokerApi, BrokerError};
 use crate::api::QueueType;
@@ -39,6 +40,14 @@ pub trait MigrationBroker: BrokerApi {
         feeders: &[String],
         progress: &mut (dyn FnMut(DrainProgress) + Send),
     ) -> impl Future<Output = Result<u64, BrokerError>> + Send;
+
+    /// Every node's alarms and disk figures, and the message bytes of `queues` (those absent
+    /// count 0): what decides whether a migration may start ([`room_for_copy`]).
+    fn room(
+        &self,
+        vhost: &str,
+        queues: &[String],
+    ) -> impl Future<Output = Result<(Vec<NodeRoom>, u64), BrokerError>> + Send;
 
     /// Deletes a drained, unrouted queue if it holds no message, ready, unacknowledged or
     /// waiting to be dead-lettered (`Kept` otherwise; `Gone` if it is not there). Consumers
@@ -78,15 +87,16 @@ pub struct MigrationReport {
 /// Why a migration stopped. Each names the pipeline's work queue and, for a step, the step.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    #[error("{0}")]
+    #[error(transparent)]
     Refused(#[from] MigrationRefused),
-    #[error("migration of {queue}: cannot read the broker: {source}")]
+    // The cause is the source: `{:#}` (the CLI's one line) prints it after a colon.
+    #[error("migration of {queue}: cannot read the broker")]
     Snapshot {
         queue: String,
         #[source]
         source: BrokerError,
     },
-    #[error("migration of {queue} stopped in phase {phase} at step \"{step}\": {source}")]
+    #[error("migration of {queue} stopped in phase {phase} at step \"{step}\"")]
     Step {
         queue: String,
         phase: MigrationPhase,
@@ -154,6 +164,25 @@ pub async fn migrate<B: MigrationBroker>(
         let Some(plan) = plan_migration(desired, &live)? else {
             return Ok(report);
         };
+        // A migration starts only where a second copy fits; one under way (a holding queue
+        // exists) is finished whatever the room: that is what frees it.
+        if recorded_target(desired, &live)?.is_none() {
+            let queues: Vec<String> = desired
+                .topology
+                .queues
+                .iter()
+                .map(|q| q.name.clone())
+                .collect();
+            let (nodes, bytes) =
+                broker
+                    .room(vhost, &queues)
+                    .await
+                    .map_err(|source| MigrationError::Snapshot {
+                        queue: queue.clone(),
+                        source,
+                    })?;
+            room_for_copy(&queue, &nodes, bytes)?;
+        }
         drop(live);
         report.target = Some(plan.target);
         for step in plan.steps {

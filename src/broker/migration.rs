@@ -170,6 +170,10 @@ pub enum MigrationRefused {
         routing_key: String,
     },
     #[error(
+        "cannot start migrating queue {queue}: the broker has no room for a second copy of its messages: {reason}"
+    )]
+    NoRoom { queue: String, reason: String },
+    #[error(
         "cannot migrate queue {queue}: the holding queues record a migration to {recorded}, and {other} records one to {other_type}; finish by hand (docs/migration.md)"
     )]
     MixedTargets {
@@ -178,6 +182,50 @@ pub enum MigrationRefused {
         other: String,
         other_type: String,
     },
+}
+
+/// What a broker node reports that decides whether a migration may start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRoom {
+    pub node: String,
+    pub memory_alarm: bool,
+    pub disk_alarm: bool,
+    /// Free disk, bytes.
+    pub disk_free: u64,
+    /// The free disk below which the node raises its disk alarm (and blocks publishers).
+    pub disk_free_limit: u64,
+}
+
+/// Whether the broker can take a second copy of `bytes` (the message bytes of the queues
+/// about to be migrated: for a while every message exists in its queue and in the holding
+/// queue, and a quorum queue's log holds more): no node in a memory or disk alarm (publishers
+/// are blocked already, the movers too), and on every node the free disk stays above its
+/// alarm limit with twice `bytes` written.
+pub fn room_for_copy(queue: &str, nodes: &[NodeRoom], bytes: u64) -> Result<(), MigrationRefused> {
+    let refused = |reason: String| MigrationRefused::NoRoom {
+        queue: queue.to_string(),
+        reason,
+    };
+    for node in nodes {
+        if node.memory_alarm {
+            return Err(refused(format!("node {} is in a memory alarm", node.node)));
+        }
+        if node.disk_alarm {
+            return Err(refused(format!("node {} is in a disk alarm", node.node)));
+        }
+        let needed = node.disk_free_limit.saturating_add(bytes.saturating_mul(2));
+        if node.disk_free < needed {
+            return Err(refused(format!(
+                "node {} has {} MB of disk free; the queues hold {} MB, and a copy needs {} MB above its alarm limit of {} MB",
+                node.node,
+                node.disk_free / 1_000_000,
+                bytes / 1_000_000,
+                bytes.saturating_mul(2) / 1_000_000,
+                node.disk_free_limit / 1_000_000
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The type a migration under way on the broker is going to (read from its holding queues'

@@ -19,6 +19,7 @@ use lapin::{Acker, PublisherConfirm};
 use reqwest::Method;
 
 use super::migrate::{DrainProgress, MigrationBroker};
+use super::migration::NodeRoom;
 use super::rabbit::encode;
 use super::session::{AmqpSession, PublishRefused, close_channel, reply, reply_code};
 use super::{ActionOutcome, BrokerApi, BrokerError, RabbitBroker};
@@ -101,6 +102,44 @@ impl MigrationBroker for RabbitBroker {
         }
     }
 
+    async fn room(
+        &self,
+        vhost: &str,
+        queues: &[String],
+    ) -> Result<(Vec<NodeRoom>, u64), BrokerError> {
+        let api = self.endpoint().management_api();
+        let nodes = self
+            .read_json(
+                vhost,
+                &format!(
+                    "{api}/nodes?columns=name,mem_alarm,disk_free_alarm,disk_free,disk_free_limit"
+                ),
+                "read the nodes' alarms and free disk",
+            )
+            .await?;
+        let nodes = nodes
+            .as_array()
+            .map(|rows| rows.iter().map(node_room).collect())
+            .unwrap_or_default();
+        let listed = self
+            .read_json(
+                vhost,
+                &format!("{api}/queues/{}?columns=name,message_bytes", encode(vhost)),
+                "read the queues' sizes",
+            )
+            .await?;
+        let bytes = listed
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .filter(|q| queues.iter().any(|name| q["name"] == name.as_str()))
+                    .filter_map(|q| q["message_bytes"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        Ok((nodes, bytes))
+    }
+
     /// The exact ready count, then the figures (unacknowledged, and a quorum queue's
     /// messages waiting to be dead-lettered), then after the settle the figures again (they
     /// lag by the statistics interval), the exact count again, and the delete: `if-empty`
@@ -149,6 +188,25 @@ impl MigrationBroker for RabbitBroker {
 }
 
 impl RabbitBroker {
+    async fn read_json(
+        &self,
+        vhost: &str,
+        url: &str,
+        operation: &str,
+    ) -> Result<serde_json::Value, BrokerError> {
+        let response = self.raw_request(Method::GET, url, operation).await?;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        if !(200..300).contains(&status) {
+            return Err(self.raw_error(operation, vhost, status, &text).await);
+        }
+        serde_json::from_str(&text).map_err(|e| BrokerError::ManagementUnavailable {
+            endpoint: self.endpoint().to_string(),
+            api: self.endpoint().management_api(),
+            reason: format!("{operation}: unexpected answer: {e}"),
+        })
+    }
+
     /// Whether the broker offers dynamic shovels (the shovel management API answers).
     async fn shovels_available(&self, vhost: &str) -> Result<bool, BrokerError> {
         let url = format!(
@@ -324,31 +382,38 @@ impl RabbitBroker {
                 continue;
             }
             self.start_shovel(vhost, &name, from, into).await?;
-            let mut last_change = (Instant::now(), ready);
+            // (ready, held by consumers or the shovel) when it last changed.
+            let mut last_change = (Instant::now(), (ready, 0));
             let mut left = ready;
             while self.shovel_exists(vhost, &name).await? {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 left = self.ready(vhost, from).await?.unwrap_or(0);
+                let held = self
+                    .queue_stats(vhost, from)
+                    .await?
+                    .map_or(0, |s| s.unacknowledged);
                 progress(DrainProgress {
                     from: from.into(),
                     into: into.into(),
-                    moved: moved + ready.saturating_sub(left),
+                    moved: moved + ready.saturating_sub(left + held),
                     remaining: left,
                 });
-                if left != last_change.1 {
-                    last_change = (Instant::now(), left);
-                } else if left == 0 && last_change.0.elapsed() > IDLE * 2 {
+                if (left, held) != last_change.1 {
+                    last_change = (Instant::now(), (left, held));
+                } else if left == 0 && held == 0 && last_change.0.elapsed() > IDLE * 2 {
                     // Consumers took some of the messages it was started for, and it waits
-                    // for more that will not come: stop it (what it holds unconfirmed goes
-                    // back to `from`), and look again.
+                    // for more that will not come: stop it, and look again.
                     self.stop_shovel(vhost, &name).await?;
                     break;
                 } else if last_change.0.elapsed() > SHOVEL_STALL {
+                    // Blocked (a memory or disk alarm) or failing: stop it (what it holds
+                    // unconfirmed goes back to `from`) and say so; a later run resumes.
+                    self.stop_shovel(vhost, &name).await?;
                     return Err(BrokerError::Rejected {
                         endpoint: self.endpoint().to_string(),
                         operation: format!("move {from} into {into} with shovel {name}"),
                         reason: format!(
-                            "the shovel moved nothing for {}s ({left} messages left); see its state with GET /api/shovels",
+                            "the shovel moved nothing for {}s ({left} messages ready, {held} in flight): is a node in a memory or disk alarm? It was stopped; run the migration again to resume",
                             SHOVEL_STALL.as_secs()
                         ),
                     });
@@ -453,6 +518,17 @@ async fn settle(
         moved += 1;
     }
     Ok(moved)
+}
+
+/// A node's row of `GET /api/nodes`; figures a node has not reported yet do not refuse.
+fn node_room(row: &serde_json::Value) -> NodeRoom {
+    NodeRoom {
+        node: row["name"].as_str().unwrap_or_default().to_string(),
+        memory_alarm: row["mem_alarm"].as_bool().unwrap_or(false),
+        disk_alarm: row["disk_free_alarm"].as_bool().unwrap_or(false),
+        disk_free: row["disk_free"].as_u64().unwrap_or(u64::MAX),
+        disk_free_limit: row["disk_free_limit"].as_u64().unwrap_or(0),
+    }
 }
 
 /// Best effort: if the connection is gone, the broker requeues the message anyway.

@@ -441,3 +441,54 @@ async fn a_run_killed_after_any_step_is_finished_by_the_next_run_from_the_broker
         assert_migrated(&desired, &live, messages);
     }
 }
+
+#[tokio::test]
+async fn a_migration_never_starts_without_room_for_a_second_copy_but_one_under_way_finishes() {
+    let (broker, old) = loaded(QueueType::Classic).await;
+    let vhost = old.topology.vhost.clone();
+    let desired = notes(QueueType::Quorum);
+    let before = broker.snapshot(&vhost).await.expect("vhost");
+    let node = |memory_alarm, disk_free| NodeRoom {
+        node: "rabbit@a".into(),
+        memory_alarm,
+        disk_alarm: false,
+        disk_free,
+        disk_free_limit: 50_000_000,
+    };
+    // 100 + 7 + 4 x 3 messages of 1,000 bytes in the memory broker: 119 kB, a copy 238 kB.
+    broker.set_nodes(vec![node(false, 50_000_000 + 237_000)]);
+    let refused = migrate(&broker, &desired, &mut |_| {})
+        .await
+        .expect_err("no room");
+    assert!(refused.to_string().contains("a copy needs"), "{refused}");
+    broker.set_nodes(vec![node(true, u64::MAX)]);
+    let refused = migrate(&broker, &desired, &mut |_| {})
+        .await
+        .expect_err("alarm");
+    assert!(
+        refused
+            .to_string()
+            .contains("rabbit@a is in a memory alarm"),
+        "{refused}"
+    );
+    assert_eq!(
+        broker.snapshot(&vhost).await.expect("vhost"),
+        before,
+        "nothing written"
+    );
+    // Room enough: it starts; an alarm raised mid-way does not strand it.
+    broker.set_nodes(vec![node(false, 50_000_000 + 238_000)]);
+    let live = broker.snapshot(&vhost).await.expect("vhost");
+    let plan = plan_migration(&desired, &live)
+        .expect("plans")
+        .expect("needed");
+    run_step(&broker, &vhost, &plan.steps[0], &mut |_| {})
+        .await
+        .expect("runs");
+    broker.set_nodes(vec![node(true, 0)]);
+    migrate(&broker, &desired, &mut |_| {})
+        .await
+        .expect("finishes");
+    let live = broker.snapshot(&vhost).await.expect("vhost");
+    assert_migrated(&desired, &live, total(&before));
+}
