@@ -472,6 +472,29 @@ async fn a_migration_killed_at_each_step_resumes_from_the_broker_and_loses_nothi
     // Waiting in the 2 s tier: they return to the work queue while the migration runs.
     publish_ids(&channel, "notes_queue.retry", "2", &retried).await;
 
+    // The dry runs print every step, from holding to returning, and change nothing.
+    let before = queue_types(&vhost);
+    for command in ["migrate", "apply"] {
+        let printed = run_ok({
+            let mut c = msgpipe(&vhost.name);
+            c.args([command, "--dry-run", "-f"]).arg(&quorum);
+            c
+        });
+        for step in [
+            "[holding] would create holding queue notes_queue.migrating (quorum)",
+            "[draining] would move every message of notes_queue into notes_queue.migrating until notes_queue.retry.1.1s, notes_queue.retry.2.2s are empty",
+            "[replacing] would create queue notes_queue (quorum)",
+            "[returning] would delete queues notes_queue.migrating, notes_queue_dlq.migrating once they hold no message",
+        ] {
+            assert!(
+                printed.contains(step),
+                "{command} --dry-run lacks {step:?}:\n{printed}"
+            );
+        }
+    }
+    assert_eq!(queue_types(&vhost), before, "a dry run changed the broker");
+    assert!(before.values().all(|t| t == "classic"), "{before:?}");
+
     let mut kills: Vec<String> = Vec::new();
     for run in 1..=80 {
         let mut command = msgpipe(&vhost.name);
