@@ -369,6 +369,7 @@ impl RabbitBroker {
         progress: &mut (dyn FnMut(DrainProgress) + Send),
     ) -> Result<u64, BrokerError> {
         let name = format!("msgpipe-migrate-{from}");
+        let quiet = self.delete_settle().max(IDLE * 2);
         let mut moved = 0u64;
         loop {
             let Some(ready) = self.ready(vhost, from).await? else {
@@ -400,9 +401,12 @@ impl RabbitBroker {
                 });
                 if (left, held) != last_change.1 {
                     last_change = (Instant::now(), (left, held));
-                } else if left == 0 && held == 0 && last_change.0.elapsed() > IDLE * 2 {
+                } else if left == 0 && held == 0 && last_change.0.elapsed() > quiet {
                     // Consumers took some of the messages it was started for, and it waits
-                    // for more that will not come: stop it, and look again.
+                    // for more that will not come: stop it, and look again. Only after the
+                    // figures had time to show what it holds (they lag by the statistics
+                    // interval, which the settle covers): stopping a shovel with copies
+                    // confirmed but not acked duplicates them.
                     self.stop_shovel(vhost, &name).await?;
                     break;
                 } else if last_change.0.elapsed() > SHOVEL_STALL {
