@@ -492,3 +492,29 @@ async fn a_migration_never_starts_without_room_for_a_second_copy_but_one_under_w
     let live = broker.snapshot(&vhost).await.expect("vhost");
     assert_migrated(&desired, &live, total(&before));
 }
+
+#[tokio::test]
+async fn a_pipeline_without_retry_tiers_migrates_too() {
+    let pipeline = |queue_type| {
+        let mut p = parse_pipelines(include_str!("../../../examples/notes-pipeline.yaml"))
+            .expect("parses")
+            .remove(0);
+        p.spec.queue.queue_type = queue_type;
+        p.spec.retry.max_attempts = 1;
+        plan(&p, None).expect("plans")
+    };
+    let old = pipeline(QueueType::Quorum);
+    assert!(old.retry_tiers.is_empty());
+    let vhost = old.topology.vhost.clone();
+    let broker = MemoryBroker::new("memory://m").with_vhost(&vhost, 3);
+    let live = broker.snapshot(&vhost).await.expect("vhost");
+    reconcile(&broker, &old, &live).await.expect("converges");
+    assert!(broker.set_messages(&vhost, &old.names.queue, 40));
+    let desired = pipeline(QueueType::Classic);
+    let (phases, steps) = walk(&broker, &desired, 40, None).await;
+    assert_eq!(phases.len(), 4, "{phases:?}");
+    assert!(steps >= 12, "{steps} steps");
+    let live = broker.snapshot(&vhost).await.expect("vhost");
+    assert_migrated(&desired, &live, 40);
+    assert_eq!(live.queues[&desired.names.queue].messages, 40);
+}
