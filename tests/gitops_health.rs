@@ -80,3 +80,12 @@ fn a_pipeline_waiting_for_a_burst_of_policies_is_progressing_not_degraded() {
         ("Progressing".into(), "WaitingForPolicies: why".into())
     );
 }
+
+#[test]
+fn a_pipeline_whose_queues_are_being_migrated_is_progressing_not_degraded() {
+    assert_eq!(health(&ready("False", "Migrating")).0, "Progressing");
+    assert_eq!(
+        health(&ready("False", "ImmutableFieldChanged")).0,
+        "Degraded"
+    );
+}

@@ -13,6 +13,9 @@ pub enum Reason {
     InvalidSpec,
     /// The spec asks for a change the broker cannot make in place (e.g. `queue.type`).
     ImmutableFieldChanged,
+    /// A migration of the pipeline's queues is under way on the broker (`msgpipe migrate`):
+    /// nothing is written to the queues being migrated until it has finished.
+    Migrating,
     /// The broker Secret the pipeline names does not exist.
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
@@ -78,10 +81,11 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 32] = [
+    pub const ALL: [Reason; 33] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
+        Reason::Migrating,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
         Reason::BrokerUnreachable,
@@ -119,6 +123,7 @@ impl Reason {
             Reason::Converged => "Converged",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ImmutableFieldChanged => "ImmutableFieldChanged",
+            Reason::Migrating => "Migrating",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
             Reason::BrokerUnreachable => "BrokerUnreachable",

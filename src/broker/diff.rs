@@ -9,6 +9,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::live::LiveVhost;
+use crate::api::Reason;
 use crate::plan::DesiredState;
 use crate::plan::topology::{
     Binding, Exchange, POLICY_PREFIX, Policy, PolicyDefinition, Queue, QueueRole,
@@ -104,6 +105,8 @@ pub struct Conflict {
     /// Spec field the user would change to resolve it.
     pub field: String,
     pub message: String,
+    /// `ImmutableFieldChanged`, or `Migrating` while a migration is under way.
+    pub reason: Reason,
 }
 
 impl fmt::Display for Conflict {
@@ -162,6 +165,7 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
             None => plan.actions.push(BrokerAction::DeclareExchange(exchange.clone())),
             Some(found) if found.kind != exchange.kind.as_str() || !found.durable => plan.conflicts.push(Conflict {
                 field: exchange_field(desired, &exchange.name).into(),
+                reason: Reason::ImmutableFieldChanged,
                 message: format!(
                     "exchange {} exists as a {}{} exchange; the pipeline needs a durable {} one (use another name, or delete it yourself)",
                     exchange.name,
@@ -219,6 +223,7 @@ fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPla
             // A migration is under way (or was stopped): only the migration writes these.
             plan.conflicts.push(Conflict {
                 field: "spec.queue.type".into(),
+                reason: Reason::Migrating,
                 message: format!(
                     "queue {} is being migrated (holding queue {holding} exists); finish it with `msgpipe migrate` (or `msgpipe apply`); nothing about this queue was changed",
                     queue.name
@@ -235,6 +240,7 @@ fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPla
         }
         plan.conflicts.push(Conflict {
             field: "spec.queue.type".into(),
+            reason: Reason::ImmutableFieldChanged,
             message: format!(
                 "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change in place: `msgpipe migrate -f FILE` (or `msgpipe apply`) migrates it without losing a message (docs/migration.md), or revert the spec; nothing about this queue was changed",
                 queue.name,
