@@ -12,7 +12,8 @@ COMPAT_VERSIONS ?= 3.10 4.0
 COMPAT_TESTS := binary_id(msgpipe::broker) | binary_id(msgpipe::import) \
   | test(/teardown_keeps_a_dlq_whose_messages_are_held_unacked/) \
   | test(/ends_in_dlq_after_delivery_limit/) \
-  | binary_id(msgpipe-client::consumer_faults) | binary_id(msgpipe-client::publisher_faults)
+  | binary_id(msgpipe-client::consumer_faults) | binary_id(msgpipe-client::publisher_faults) \
+  | test(/migrates_to_quorum_by_apply_with_the_confirm_mover|migration_killed_at_each_step/)
 
 all: build
 

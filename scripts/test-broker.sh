@@ -157,7 +157,10 @@ deprecated_features.permit.global_qos = false
 deprecated_features.permit.queue_master_locator = false
 CONF
   fi
-  echo '[rabbitmq_management,rabbitmq_prometheus].' > "$DIR/enabled_plugins"
+  # rabbitmq_shovel(+_management: the HTTP API of dynamic shovels): the queue migration moves
+  # messages with a dynamic shovel when the plugin is enabled (docs/migration.md); tests that
+  # need the fallback mover choose it explicitly.
+  echo '[rabbitmq_management,rabbitmq_prometheus,rabbitmq_shovel,rabbitmq_shovel_management].' > "$DIR/enabled_plugins"
   if [ -n "${MSGPIPE_TEST_BROKER_CLUSTER_COOKIE:-}" ]; then
     mkdir -p "$DIR/home"
     printf '%s' "$MSGPIPE_TEST_BROKER_CLUSTER_COOKIE" > "$DIR/home/.erlang.cookie"

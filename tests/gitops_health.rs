@@ -121,3 +121,12 @@ fn argo_health_of_a_message_broker_follows_its_ready_condition() {
     assert_eq!(broker_health(&with("True")), "Healthy");
     assert_eq!(broker_health(&with("False")), "Degraded");
 }
+
+#[test]
+fn a_pipeline_whose_queues_are_being_migrated_is_progressing_not_degraded() {
+    assert_eq!(health(&ready("False", "Migrating")).0, "Progressing");
+    assert_eq!(
+        health(&ready("False", "ImmutableFieldChanged")).0,
+        "Degraded"
+    );
+}

@@ -2,7 +2,7 @@
 //! applications build one, imported by the library and by the binary, read-only; and a
 //! pipeline msgpipe applied, imported back to the same topology.
 //!
-//! Version-agnostic (3.10, 4.0, 4.3): `MSGPIPE_RABBITMQ=3.10 MSGPIPE_TEST_PORT=5697 cargo
+//! Version-agnostic (3.10, 4.0, 4.3): `MSGPIPE_RABBITMQ=3.10 MSGPIPE_TEST_PORT=5709 cargo
 //! nextest run --test import` runs it on a node of its own.
 
 mod support;

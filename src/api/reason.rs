@@ -13,6 +13,9 @@ pub enum Reason {
     InvalidSpec,
     /// The spec asks for a change the broker cannot make in place (e.g. `queue.type`).
     ImmutableFieldChanged,
+    /// A migration of the pipeline's queues is under way on the broker (`msgpipe migrate`):
+    /// nothing is written to the queues being migrated until it has finished.
+    Migrating,
     /// The broker Secret the pipeline names does not exist.
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
@@ -87,10 +90,11 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 37] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
+        Reason::Migrating,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
         Reason::BrokerNotFound,
@@ -132,6 +136,7 @@ impl Reason {
             Reason::Converged => "Converged",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ImmutableFieldChanged => "ImmutableFieldChanged",
+            Reason::Migrating => "Migrating",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
             Reason::BrokerNotFound => "BrokerNotFound",

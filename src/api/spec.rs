@@ -216,11 +216,12 @@ pub struct QueueSpec {
     ]))]
     pub name: Option<String>,
     /// Queue type: quorum (default; replicated, at-least-once dead-lettering) or classic.
-    /// Cannot change once the pipeline exists: the API server refuses the change.
+    /// Cannot change once the pipeline exists: the API server refuses the change (`msgpipe
+    /// migrate` migrates live queues without losing messages; docs/migration.md).
     #[serde(default, rename = "type")]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self == oldSelf",
-        "message": "queue.type cannot change: quorum and classic queues are different RabbitMQ objects and the live queue keeps its type; create a new pipeline for the other type"
+        "message": "queue.type cannot change: the operator does not migrate queues yet; migrate them with `msgpipe migrate -f FILE` (docs/migration.md), then recreate this pipeline with the new type (deletionPolicy: Retain keeps the broker objects)"
     }]))]
     pub queue_type: QueueType,
     /// Work exchange (direct) publishers send to. Default: "<queue>.work".

@@ -9,6 +9,7 @@ use regex::Regex;
 use serde_json::{Map, Value};
 
 use super::live::LiveVhost;
+use crate::api::Reason;
 use crate::plan::DesiredState;
 use crate::plan::topology::{
     Binding, Exchange, POLICY_PREFIX, Policy, PolicyDefinition, Queue, QueueRole,
@@ -104,6 +105,8 @@ pub struct Conflict {
     /// Spec field the user would change to resolve it.
     pub field: String,
     pub message: String,
+    /// `ImmutableFieldChanged`, or `Migrating` while a migration is under way.
+    pub reason: Reason,
 }
 
 impl fmt::Display for Conflict {
@@ -162,6 +165,7 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
             None => plan.actions.push(BrokerAction::DeclareExchange(exchange.clone())),
             Some(found) if found.kind != exchange.kind.as_str() || !found.durable => plan.conflicts.push(Conflict {
                 field: exchange_field(desired, &exchange.name).into(),
+                reason: Reason::ImmutableFieldChanged,
                 message: format!(
                     "exchange {} exists as a {}{} exchange; the pipeline needs a durable {} one (use another name, or delete it yourself)",
                     exchange.name,
@@ -184,7 +188,7 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
         .into_iter()
         .partition(|a| matches!(a, BrokerAction::Unbind(_)));
     for queue in &topology.queues {
-        if !live.queues.contains_key(&queue.name) {
+        if !live.queues.contains_key(&queue.name) && !untouchable(&queue.name) {
             plan.actions.push(BrokerAction::DeclareQueue(Queue {
                 arguments: queue.arguments.for_server(live.server_major),
                 ..queue.clone()
@@ -210,6 +214,24 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
 fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPlan) -> Vec<String> {
     let mut refused = Vec::new();
     for queue in &desired.topology.queues {
+        let holding = super::migration::holding_name(&queue.name);
+        if live
+            .queues
+            .get(&holding)
+            .is_some_and(|h| h.migrating_to.is_some())
+        {
+            // A migration is under way (or was stopped): only the migration writes these.
+            plan.conflicts.push(Conflict {
+                field: "spec.queue.type".into(),
+                reason: Reason::Migrating,
+                message: format!(
+                    "queue {} is being migrated (holding queue {holding} exists); finish it with `msgpipe migrate` (or `msgpipe apply`); nothing about this queue was changed",
+                    queue.name
+                ),
+            });
+            refused.push(queue.name.clone());
+            continue;
+        }
         let Some(found) = live.queues.get(&queue.name) else {
             continue;
         };
@@ -218,8 +240,9 @@ fn refused_queues(desired: &DesiredState, live: &LiveVhost, plan: &mut BrokerPla
         }
         plan.conflicts.push(Conflict {
             field: "spec.queue.type".into(),
+            reason: Reason::ImmutableFieldChanged,
             message: format!(
-                "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change, and msgpipe never deletes a queue to change it (drain and delete it yourself, or revert the spec); nothing about this queue was changed",
+                "queue {} is a {} queue on the broker and the spec asks for {}; a queue's type cannot change in place: `msgpipe migrate -f FILE` (or `msgpipe apply`) migrates it without losing a message (docs/migration.md), or revert the spec; nothing about this queue was changed",
                 queue.name,
                 found.queue_type,
                 queue.queue_type.as_str()
@@ -525,6 +548,7 @@ mod tests {
                         messages: 0,
                         consumers: 0,
                         dead_letters_to: LiveQueue::dead_letters_to(&arguments),
+                        migrating_to: None,
                     };
                     (q.name.clone(), live)
                 })
@@ -771,6 +795,7 @@ mod tests {
             messages: 0,
             consumers: 0,
             dead_letters_to: None,
+            migrating_to: None,
         };
         // No policy of ours, and no arguments returning messages to the work queue.
         live.queues

@@ -315,6 +315,7 @@ impl VhostInventory {
                         messages: q.messages,
                         consumers: q.consumers,
                         dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
+                        migrating_to: LiveQueue::migrating_to(&q.arguments),
                     };
                     (name.clone(), queue)
                 })

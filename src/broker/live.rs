@@ -9,6 +9,10 @@ use serde_json::{Map, Value};
 /// ignore binding arguments when routing.
 pub const BINDING_MARKER: &str = "x-msgpipe-managed";
 
+/// Declare argument of a migration's holding queue (value: the queue type the migration
+/// goes to). RabbitMQ keeps unknown `x-` arguments and ignores them (3.10, 4.0, 4.3).
+pub const MIGRATION_MARKER: &str = "x-msgpipe-migrating-to";
+
 /// A snapshot of one vhost: every exchange, queue, queue binding and policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LiveVhost {
@@ -43,6 +47,10 @@ pub struct LiveQueue {
     /// msgpipe retry tier is declared with. The only declare argument msgpipe reads back, so
     /// the only one a snapshot keeps (a snapshot holds every queue of the vhost: thousands).
     pub dead_letters_to: Option<String>,
+    /// The queue type a migration is taking this queue's contents to, when it is msgpipe's
+    /// holding queue of a migration (its declare argument [`MIGRATION_MARKER`]): what lets a
+    /// restarted process finish the migration from the broker's state alone.
+    pub migrating_to: Option<String>,
 }
 
 impl LiveQueue {
@@ -50,6 +58,14 @@ impl LiveQueue {
     /// default exchange: what a msgpipe retry tier of that work queue is declared with.
     pub fn returns_to(&self, queue: &str) -> bool {
         self.dead_letters_to.as_deref() == Some(queue)
+    }
+
+    /// [`LiveQueue::migrating_to`] of a queue declared with `arguments`.
+    pub fn migrating_to(arguments: &Map<String, Value>) -> Option<String> {
+        arguments
+            .get(MIGRATION_MARKER)
+            .and_then(Value::as_str)
+            .map(str::to_string)
     }
 
     /// [`LiveQueue::dead_letters_to`] of a queue declared with `arguments`.

@@ -9,8 +9,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde_json::{Map, Value};
 
-use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue};
+use super::live::{LiveBinding, LiveExchange, LivePolicy, LiveQueue, MIGRATION_MARKER};
+use super::migrate::{DrainProgress, MigrationBroker};
+use super::migration::NodeRoom;
 use super::{ActionOutcome, BrokerAction, BrokerApi, BrokerError, LiveVhost, QueueDepth};
+
+/// The size the memory broker gives each message, for [`MigrationBroker::room`].
+pub const MEMORY_MESSAGE_BYTES: u64 = 1_000;
 
 /// Called with (vhost, action) after each write the broker carried out.
 type WriteHook = Box<dyn Fn(&str, &BrokerAction) + Send + Sync>;
@@ -29,6 +34,8 @@ pub struct MemoryBroker {
     /// reads back, and a redeclare must still be checked against all of them.
     arguments: Mutex<BTreeMap<(String, String), Map<String, Value>>>,
     unreachable: Mutex<Option<String>>,
+    /// What [`MigrationBroker::room`] reports (one roomy node unless set).
+    nodes: Mutex<Vec<NodeRoom>>,
     on_write: Mutex<Option<WriteHook>>,
     writes: Mutex<Vec<String>>,
 }
@@ -41,6 +48,13 @@ impl MemoryBroker {
             vhosts: Mutex::new(BTreeMap::new()),
             arguments: Mutex::new(BTreeMap::new()),
             unreachable: Mutex::new(None),
+            nodes: Mutex::new(vec![NodeRoom {
+                node: "memory@localhost".into(),
+                memory_alarm: false,
+                disk_alarm: false,
+                disk_free: 100_000_000_000,
+                disk_free_limit: 50_000_000,
+            }]),
             on_write: Mutex::new(None),
             writes: Mutex::new(Vec::new()),
         }
@@ -56,6 +70,11 @@ impl MemoryBroker {
             },
         );
         self
+    }
+
+    /// What the nodes report from now on (alarms, free disk).
+    pub fn set_nodes(&self, nodes: Vec<NodeRoom>) {
+        *lock(&self.nodes) = nodes;
     }
 
     /// From now on every call fails as unreachable with `reason` (None: reachable again).
@@ -182,6 +201,9 @@ impl MemoryBroker {
             BrokerAction::DeclareQueue(queue) => {
                 let mut arguments = queue.arguments.declare_arguments();
                 arguments.insert("x-queue-type".into(), queue.queue_type.as_str().into());
+                if let Some(target) = queue.migrating_to {
+                    arguments.insert(MIGRATION_MARKER.into(), target.as_str().into());
+                }
                 let key = (vhost.to_string(), queue.name.clone());
                 let mut declared = lock(&self.arguments);
                 match live.queues.get(&queue.name) {
@@ -206,6 +228,7 @@ impl MemoryBroker {
                                 messages: 0,
                                 consumers: 0,
                                 dead_letters_to: LiveQueue::dead_letters_to(&arguments),
+                                migrating_to: LiveQueue::migrating_to(&arguments),
                             },
                         );
                         declared.insert(key, arguments);
@@ -266,6 +289,92 @@ fn live_binding(binding: &crate::plan::topology::Binding) -> LiveBinding {
 /// A poisoned lock only means a test panicked while holding it; the data is still whole.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl MemoryBroker {
+    /// A broker holding `live` as its vhost `vhost`: to play a plan through without touching
+    /// the real one (`msgpipe migrate --dry-run`).
+    pub fn from_live(name: &str, vhost: &str, live: LiveVhost) -> Self {
+        let broker = Self::new(name);
+        lock(&broker.vhosts).insert(vhost.into(), live);
+        broker
+    }
+}
+
+impl MigrationBroker for MemoryBroker {
+    async fn drain(
+        &self,
+        vhost: &str,
+        from: &str,
+        into: &str,
+        feeders: &[String],
+        progress: &mut (dyn FnMut(DrainProgress) + Send),
+    ) -> Result<u64, BrokerError> {
+        let moved = self.with_vhost_mut(vhost, |live| {
+            if !live.queues.contains_key(into) {
+                return Err(self.rejected(
+                    format!("move {from} into {into}"),
+                    "the copy was returned: no such queue",
+                ));
+            }
+            // A feeder (a retry tier) returns its messages to `from`, where they are moved too.
+            let mut moved = 0;
+            for queue in feeders.iter().map(String::as_str).chain([from]) {
+                if let Some(found) = live.queues.get_mut(queue) {
+                    moved += std::mem::take(&mut found.messages);
+                }
+            }
+            if let Some(target) = live.queues.get_mut(into) {
+                target.messages += moved;
+            }
+            Ok(moved)
+        })?;
+        lock(&self.writes).push(format!("move {moved} messages from {from} into {into}"));
+        progress(DrainProgress {
+            from: from.into(),
+            into: into.into(),
+            moved,
+            remaining: 0,
+        });
+        Ok(moved)
+    }
+
+    async fn room(
+        &self,
+        vhost: &str,
+        queues: &[String],
+    ) -> Result<(Vec<NodeRoom>, u64), BrokerError> {
+        let bytes = self.with_vhost_mut(vhost, |live| {
+            Ok(queues
+                .iter()
+                .filter_map(|q| live.queues.get(q))
+                .map(|q| q.messages * MEMORY_MESSAGE_BYTES)
+                .sum())
+        })?;
+        Ok((lock(&self.nodes).clone(), bytes))
+    }
+
+    async fn delete_drained(&self, vhost: &str, queue: &str) -> Result<ActionOutcome, BrokerError> {
+        let outcome = self.with_vhost_mut(vhost, |live| {
+            let Some(found) = live.queues.get(queue) else {
+                return Ok(ActionOutcome::Gone);
+            };
+            if found.messages > 0 {
+                return Ok(ActionOutcome::Kept(QueueDepth {
+                    messages: found.messages,
+                    consumers: found.consumers,
+                }));
+            }
+            live.queues.remove(queue);
+            live.bindings.retain(|b, _| b.destination != queue);
+            lock(&self.arguments).remove(&(vhost.to_string(), queue.to_string()));
+            Ok(ActionOutcome::Done)
+        })?;
+        if outcome == ActionOutcome::Done {
+            lock(&self.writes).push(format!("delete queue {queue}"));
+        }
+        Ok(outcome)
+    }
 }
 
 impl BrokerApi for MemoryBroker {

@@ -7,6 +7,9 @@ mod endpoint;
 pub mod inventory;
 pub mod live;
 mod memory;
+pub mod migrate;
+pub mod migration;
+mod mover;
 mod rabbit;
 mod reconcile;
 pub mod session;
@@ -20,6 +23,11 @@ pub use endpoint::{BrokerEndpoint, SECRET_CA_KEY, SECRET_MANAGEMENT_KEY, SECRET_
 pub use inventory::VhostInventory;
 pub use live::{BINDING_MARKER, LiveVhost};
 pub use memory::MemoryBroker;
+pub use migrate::{
+    DrainProgress, MigrationBroker, MigrationError, MigrationEvent, MigrationReport, migrate,
+};
+pub use migration::{MigrationPhase, MigrationPlan, MigrationRefused, MigrationStep};
+pub use mover::Mover;
 pub use rabbit::{
     DEFAULT_CALL_TIMEOUT, DEFAULT_DELETE_SETTLE, RabbitBroker, connect_amqp,
     install_crypto_provider,

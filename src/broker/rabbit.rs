@@ -22,7 +22,10 @@ use tokio::sync::{Mutex, OnceCell};
 
 use super::diff::BrokerAction;
 use super::inventory::{InventoryBinding, InventoryExchange, InventoryQueue, VhostInventory};
-use super::live::{BINDING_MARKER, LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost};
+use super::live::{
+    BINDING_MARKER, LiveBinding, LiveExchange, LivePolicy, LiveQueue, LiveVhost, MIGRATION_MARKER,
+};
+use super::mover::Mover;
 use super::session::{self, reply, reply_code};
 use super::{ActionOutcome, BrokerApi, BrokerEndpoint, BrokerError, QueueDepth};
 use crate::plan::topology::ExchangeKind;
@@ -70,6 +73,8 @@ pub struct RabbitBroker {
     /// How long a queue delete waits, after the figures first show the queue empty, before
     /// reading them again (see [`RabbitBroker::with_delete_settle`]).
     delete_settle: Duration,
+    /// How a migration moves messages ([`Mover`]).
+    mover: Mover,
     round_trips: AtomicU64,
 }
 
@@ -115,6 +120,7 @@ impl RabbitBroker {
             server_major: OnceCell::new(),
             timeout,
             delete_settle: DEFAULT_DELETE_SETTLE,
+            mover: Mover::Auto,
             round_trips: AtomicU64::new(0),
         })
     }
@@ -128,6 +134,24 @@ impl RabbitBroker {
     pub fn with_delete_settle(mut self, settle: Duration) -> Self {
         self.delete_settle = settle;
         self
+    }
+
+    /// How a migration moves messages (default [`Mover::Auto`]).
+    pub fn with_mover(mut self, mover: Mover) -> Self {
+        self.mover = mover;
+        self
+    }
+
+    pub(super) fn mover(&self) -> Mover {
+        self.mover
+    }
+
+    pub(super) fn delete_settle(&self) -> Duration {
+        self.delete_settle
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn endpoint(&self) -> &BrokerEndpoint {
@@ -603,7 +627,7 @@ impl RabbitBroker {
     /// One queue's figures from the management API, waiting (up to [`STATS_WAIT`]) for a
     /// queue too young to have any; None if the queue is gone. Without figures after the
     /// wait (statistics turned off on the broker), the queue counts as holding nothing.
-    async fn queue_stats(
+    pub(super) async fn queue_stats(
         &self,
         vhost: &str,
         queue: &str,
@@ -637,11 +661,23 @@ impl RabbitBroker {
 
     /// The delete itself; false when the broker refused it because the queue is not empty
     /// or in use (classic queues only: quorum queues refuse the flags themselves).
-    async fn delete_queue_guarded(
+    pub(super) async fn delete_queue_guarded(
         &self,
         vhost: &str,
         queue: &str,
         classic: bool,
+    ) -> Result<bool, BrokerError> {
+        self.delete_queue_checked(vhost, queue, classic, true).await
+    }
+
+    /// [`Self::delete_queue_guarded`]; `if_unused` false lets a classic queue with consumers
+    /// go (a migration's drained queue: its consumers are told and follow the new queue).
+    pub(super) async fn delete_queue_checked(
+        &self,
+        vhost: &str,
+        queue: &str,
+        classic: bool,
+        if_unused: bool,
     ) -> Result<bool, BrokerError> {
         let mut url = format!(
             "{}/queues/{}/{}",
@@ -650,7 +686,10 @@ impl RabbitBroker {
             encode(queue)
         );
         if classic {
-            url.push_str("?if-empty=true&if-unused=true");
+            url.push_str("?if-empty=true");
+            if if_unused {
+                url.push_str("&if-unused=true");
+            }
         }
         let operation = format!("delete queue {queue}");
         let response = self.raw_request(Method::DELETE, &url, &operation).await?;
@@ -800,7 +839,7 @@ impl RabbitBroker {
 
     /// One management API call rabbitmq_http_client does not offer: counted, authenticated,
     /// bounded by the call timeout, its failure to connect classified.
-    async fn raw_request(
+    pub(super) async fn raw_request(
         &self,
         method: Method,
         url: &str,
@@ -811,6 +850,24 @@ impl RabbitBroker {
             .raw_http
             .request(method, url)
             .basic_auth(self.endpoint.username(), Some(self.endpoint.password()))
+            .send();
+        self.raw_call(operation, request).await
+    }
+
+    /// A PUT of a JSON body (a shovel's runtime parameter), as [`Self::raw_request`].
+    pub(super) async fn raw_put_json(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+        operation: &str,
+    ) -> Result<reqwest::Response, BrokerError> {
+        self.count_round_trips(1);
+        let request = self
+            .raw_http
+            .put(url)
+            .basic_auth(self.endpoint.username(), Some(self.endpoint.password()))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
             .send();
         self.raw_call(operation, request).await
     }
@@ -838,7 +895,7 @@ impl RabbitBroker {
         }
     }
 
-    async fn raw_error(
+    pub(super) async fn raw_error(
         &self,
         operation: &str,
         vhost: &str,
@@ -966,12 +1023,13 @@ impl InventoryQueueRow {
 
 /// One queue's figures as the management API reports them (they lag by the stats interval).
 #[derive(Clone, Copy, Debug, Default)]
-struct QueueStats {
-    classic: bool,
+pub(super) struct QueueStats {
+    pub(super) classic: bool,
     has_figures: bool,
-    ready: u64,
-    unacknowledged: u64,
-    messages: u64,
+    pub(super) ready: u64,
+    pub(super) unacknowledged: u64,
+    /// Ready + unacknowledged, and for a quorum queue also those waiting to be dead-lettered.
+    pub(super) messages: u64,
     consumers: u64,
 }
 
@@ -992,7 +1050,7 @@ impl QueueStats {
         self.messages > 0 || self.unacknowledged > 0 || self.consumers > 0
     }
 
-    fn depth(&self) -> QueueDepth {
+    pub(super) fn depth(&self) -> QueueDepth {
         QueueDepth {
             messages: self.messages.max(self.ready + self.unacknowledged),
             consumers: self.consumers,
@@ -1000,7 +1058,7 @@ impl QueueStats {
     }
 }
 
-fn encode(segment: &str) -> String {
+pub(super) fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
@@ -1041,6 +1099,7 @@ impl BrokerApi for RabbitBroker {
                         messages: q.messages,
                         consumers: q.consumers,
                         dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
+                        migrating_to: LiveQueue::migrating_to(&q.arguments),
                     };
                     (q.name, queue)
                 })
@@ -1116,6 +1175,12 @@ impl BrokerApi for RabbitBroker {
                 );
                 for (key, value) in queue.arguments.declare_arguments() {
                     arguments.insert(key.into(), amqp_value(&value));
+                }
+                if let Some(target) = queue.migrating_to {
+                    arguments.insert(
+                        MIGRATION_MARKER.into(),
+                        AMQPValue::LongString(target.as_str().into()),
+                    );
                 }
                 let options = QueueDeclareOptions {
                     durable: queue.durable,

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ErrorKind};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind, PublisherConfirm};
 
 use super::{BrokerEndpoint, BrokerError, QueueDepth, connect_amqp};
 
@@ -167,6 +167,69 @@ impl AmqpSession {
         if self.connection.status().connected() {
             let bye = self.connection.close(200, "msgpipe done".into());
             let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+        }
+    }
+}
+
+/// Why a confirmed, mandatory publish did not land (see [`AmqpSession::start_publish`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishRefused {
+    #[error("the broker returned it as unroutable: no queue {queue:?}")]
+    Returned { queue: String },
+    #[error("the broker refused it (nack); is the queue full (maxLength)?")]
+    Nacked,
+    #[error(
+        "it was not confirmed ({0}); it may still have reached the queue, so it may be delivered twice"
+    )]
+    Unconfirmed(BrokerError),
+}
+
+impl AmqpSession {
+    /// Publishes a copy to `queue` through the default exchange, `mandatory`, on a channel in
+    /// confirm mode; the returned confirm is settled by [`Self::confirmed`]. The message that
+    /// was copied may be acknowledged only once that says the copy landed.
+    pub async fn start_publish(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, PublishRefused> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let publish = channel.basic_publish("".into(), queue.into(), options, body, properties);
+        self.call(&format!("publish a copy to {queue}"), publish)
+            .await
+            .map_err(PublishRefused::Unconfirmed)
+    }
+
+    /// Waits for the broker's answer to a copy published by [`Self::start_publish`]: Ok only
+    /// for a clean ack (confirmed and not returned).
+    pub async fn confirmed(
+        &self,
+        queue: &str,
+        confirm: PublisherConfirm,
+    ) -> Result<(), PublishRefused> {
+        let operation = format!("have the copy to {queue} confirmed");
+        let confirmation = self
+            .call(&operation, confirm)
+            .await
+            .map_err(PublishRefused::Unconfirmed)?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
+                Err(PublishRefused::Returned {
+                    queue: queue.to_string(),
+                })
+            }
+            Confirmation::Nack(None) => Err(PublishRefused::Nacked),
+            Confirmation::NotRequested => Err(PublishRefused::Unconfirmed(BrokerError::Rejected {
+                endpoint: self.endpoint.to_string(),
+                operation,
+                reason: "the channel is not in confirm mode".into(),
+            })),
         }
     }
 }

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use k8s_openapi::api::core::v1::Secret;
 
-use super::read_pipelines;
-use crate::api::DeletionPolicy;
+use super::{migrate, read_pipelines};
+use crate::api::{DeletionPolicy, MessagePipeline};
 use crate::broker::{self, BrokerEndpoint, BrokerReport, Failed, RabbitBroker};
 use crate::plan::{self, DesiredState};
 
@@ -61,6 +61,9 @@ pub struct ApplyArgs {
     /// files (<dir>/<secret>/<key>).
     #[arg(long, value_name = "DIR", default_value = crate::plan::notify::DEFAULT_SECRETS_DIR, requires = "alertmanager_fragment")]
     pub secrets_dir: String,
+    /// A queue whose type changed is migrated first (docs/migration.md).
+    #[command(flatten)]
+    pub migration: super::migrate::MigrationArgs,
 }
 
 #[derive(Debug, Args)]
@@ -142,17 +145,17 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<BTreeMap<String, String>> {
         .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))
 }
 
-/// Plans every pipeline of the files against the broker's vhost (with its deletion policy).
+/// Plans every pipeline of the files against the broker's vhost (with the pipeline).
 fn plan_all(
     files: &[PathBuf],
     endpoint: &BrokerEndpoint,
-) -> anyhow::Result<Vec<(DeletionPolicy, DesiredState)>> {
+) -> anyhow::Result<Vec<(MessagePipeline, DesiredState)>> {
     let uri_vhost = endpoint.uri_vhost();
     let mut states = Vec::new();
     for sourced in read_pipelines(files)? {
         let state = plan::plan(&sourced.pipeline, Some(&uri_vhost))
             .with_context(|| sourced.source.clone())?;
-        states.push((sourced.source, sourced.pipeline.spec.deletion_policy, state));
+        states.push((sourced.source, sourced.pipeline, state));
     }
     // Two pipelines must not claim one queue: each would keep rewriting the other's policy.
     let mut owners: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -170,30 +173,37 @@ fn plan_all(
     }
     Ok(states
         .into_iter()
-        .map(|(_, policy, state)| (policy, state))
+        .map(|(_, pipeline, state)| (pipeline, state))
         .collect())
 }
 
 pub async fn apply(args: &ApplyArgs) -> anyhow::Result<()> {
-    let broker = args.broker.connect()?;
+    let broker = args.migration.configure(args.broker.connect()?)?;
     let result = apply_with(&broker, args).await;
     broker.close().await;
     result
 }
 
 async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<()> {
-    let states: Vec<DesiredState> = plan_all(&args.files, broker.endpoint())?
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    let planned = plan_all(&args.files, broker.endpoint())?;
+    let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
     if let Some(path) = &args.alertmanager_fragment {
         super::render::write_alertmanager_fragment(path, &states, &args.secrets_dir)?;
         println!("wrote the alertmanager.yml fragment to {}", path.display());
     }
-    let live = broker::snapshot_vhosts(broker, &states).await?;
+    let mut live = broker::snapshot_vhosts(broker, &states).await?;
+    let uri_vhost = broker.endpoint().uri_vhost();
     if args.dry_run {
-        for state in &states {
-            let plan = broker::diff::converge(state, &live[&state.topology.vhost]);
+        for (pipeline, state) in &planned {
+            let vhost_live = live[&state.topology.vhost].clone();
+            // A migration is played through in memory; the rest of the plan is what would
+            // follow it.
+            let after = if migrate::needs_migration(state, &vhost_live)? {
+                migrate::dry_run(pipeline, state, &uri_vhost, vhost_live.clone()).await?
+            } else {
+                None
+            };
+            let plan = broker::diff::converge(state, after.as_ref().unwrap_or(&vhost_live));
             print_lines(
                 state,
                 plan.actions.iter().map(|a| format!("would {a}")),
@@ -204,6 +214,17 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
             }
         }
         return Ok(());
+    }
+    // A queue whose type changed is migrated before anything else of its pipeline is
+    // written; the rest of every plan then starts from what the migrations left.
+    let mut migrated = false;
+    for (pipeline, state) in &planned {
+        if migrate::needs_migration(state, &live[&state.topology.vhost])? {
+            migrated |= migrate::migrate_pipeline(broker, pipeline, state, &uri_vhost, "").await?;
+        }
+    }
+    if migrated {
+        live = broker::snapshot_vhosts(broker, &states).await?;
     }
     let results = broker::reconcile_many(broker, &states, &live, args.concurrency.max(1)).await;
     report(results)
@@ -227,8 +248,8 @@ async fn delete_with(broker: &RabbitBroker, args: &DeleteArgs) -> anyhow::Result
     let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
     let live = broker::snapshot_vhosts(broker, &states).await?;
     let mut results = Vec::new();
-    for ((policy, _), state) in planned.iter().zip(&states) {
-        if *policy == DeletionPolicy::Retain {
+    for ((pipeline, _), state) in planned.iter().zip(&states) {
+        if pipeline.spec.deletion_policy == DeletionPolicy::Retain {
             println!(
                 "{}: deletionPolicy is Retain: broker objects left in place",
                 state.pipeline

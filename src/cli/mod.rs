@@ -3,6 +3,7 @@
 mod apply;
 mod dlq;
 mod import;
+mod migrate;
 mod operator;
 mod render;
 
@@ -36,6 +37,10 @@ pub enum Command {
     /// queue it recognises, with comments saying what each field came from and what the spec
     /// cannot express.
     Import(Box<import::ImportArgs>),
+    /// Migrate live queues to the type their pipeline file asks for (classic <-> quorum),
+    /// moving every message with no loss while producers and consumers keep running;
+    /// --dry-run prints the steps. A run stopped at any point is resumed by running it again.
+    Migrate(migrate::MigrateArgs),
     /// Remove the broker objects of pipeline files whose deletionPolicy is Delete (never a
     /// queue that holds messages, ready or unacknowledged); --dry-run prints the plan.
     Delete(apply::DeleteArgs),
@@ -85,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => runtime()?.block_on(apply::apply(&args)),
         Command::Import(args) => runtime()?.block_on(import::run(&args)),
         Command::Delete(args) => runtime()?.block_on(apply::delete(&args)),
+        Command::Migrate(args) => runtime()?.block_on(migrate::run(&args)),
         Command::Operator(args) => operator::run(&args),
         Command::Dlq(args) => runtime()?.block_on(dlq::run(&args)),
     }

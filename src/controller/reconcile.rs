@@ -462,15 +462,19 @@ async fn broker_verdict<B: PooledBroker>(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join("; ");
-        ctx.event(
-            pipeline,
-            EventType::Warning,
-            Reason::ImmutableFieldChanged,
-            &message,
-        )
-        .await;
+        // A migration under way (run by `msgpipe migrate`) is progress, not a fault.
+        let (reason, kind) = if report
+            .conflicts
+            .iter()
+            .any(|c| c.reason == Reason::Migrating)
+        {
+            (Reason::Migrating, EventType::Normal)
+        } else {
+            (Reason::ImmutableFieldChanged, EventType::Warning)
+        };
+        ctx.event(pipeline, kind, reason, &message).await;
         return BrokerOutcome {
-            verdict: Verdict::failed(Reason::ImmutableFieldChanged, message),
+            verdict: Verdict::failed(reason, message),
             counts: Some(report.counts.clone()),
             error: None,
             waiting: report.deferred > 0,

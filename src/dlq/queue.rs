@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use lapin::message::BasicGetMessage;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicGetOptions, BasicRejectOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Acker, Channel, Confirmation};
+use lapin::{Acker, Channel};
 
 use super::letter::{DeadLetter, RawDeadLetter};
 use super::replay::{ReplaySelection, ReplayTarget, Skipped, replay_properties, replay_target};
 use super::{DlqError, ReplayFailure};
-use crate::broker::session::close_channel;
-use crate::broker::{AmqpSession, BrokerEndpoint, BrokerError};
+use crate::broker::session::{PublishRefused, close_channel};
+use crate::broker::{AmqpSession, BrokerEndpoint};
 use crate::plan::PipelineNames;
 
 /// Longest wait for the messages a closed channel held to be back in the DLQ.
@@ -330,47 +330,25 @@ impl DeadLetterQueue {
         channel: &Channel,
         copy: &Copy<'_>,
     ) -> Result<(), ReplayFailure> {
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
         let properties = replay_properties(
             &copy.raw.properties,
             copy.to,
             copy.replayed_at,
             copy.replay_id,
         );
-        let publish = async {
-            channel
-                .basic_publish(
-                    copy.to.exchange.as_str().into(),
-                    copy.to.queue.as_str().into(),
-                    options,
-                    &copy.raw.body,
-                    properties,
-                )
-                .await?
-                .await
+        let queue = copy.to.queue.as_str();
+        let landed = async {
+            let confirm = self
+                .session
+                .start_publish(channel, queue, &copy.raw.body, properties)
+                .await?;
+            self.session.confirmed(queue, confirm).await
         };
-        let confirmation = self
-            .session
-            .call("publish the replayed copy", publish)
-            .await
-            .map_err(ReplayFailure::Unconfirmed)?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(ReplayFailure::Unroutable {
-                    queue: copy.to.queue.clone(),
-                })
-            }
-            Confirmation::Nack(None) => Err(ReplayFailure::Nacked),
-            Confirmation::NotRequested => Err(ReplayFailure::Unconfirmed(BrokerError::Rejected {
-                endpoint: self.session.endpoint().to_string(),
-                operation: "publish the replayed copy".into(),
-                reason: "the channel is not in confirm mode".into(),
-            })),
-        }
+        landed.await.map_err(|refused| match refused {
+            PublishRefused::Returned { queue } => ReplayFailure::Unroutable { queue },
+            PublishRefused::Nacked => ReplayFailure::Nacked,
+            PublishRefused::Unconfirmed(error) => ReplayFailure::Unconfirmed(error),
+        })
     }
 
     /// Dead letters ready in the DLQ that carry `replay_id` (copies of that replay that failed

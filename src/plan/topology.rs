@@ -64,6 +64,10 @@ pub struct Queue {
     /// Settings given as `x-` declare arguments (empty: the type only).
     #[serde(skip_serializing_if = "PolicyDefinition::is_empty")]
     pub arguments: PolicyDefinition,
+    /// Set only on a migration's holding queue: the type the migration goes to, declared as
+    /// the argument `x-msgpipe-migrating-to` (docs/migration.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migrating_to: Option<QueueType>,
 }
 
 /// What a queue is for in the pipeline.
@@ -176,6 +180,7 @@ pub fn desired_topology(
         queue_type,
         durable: true,
         arguments: PolicyDefinition::default(),
+        migrating_to: None,
     };
 
     let mut exchanges = vec![

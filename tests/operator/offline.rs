@@ -575,3 +575,54 @@ async fn notify_without_the_alertmanager_config_crd_says_so_and_the_broker_still
     let (broker, _, _) = h.condition("BrokerReady");
     assert_eq!(broker, "True");
 }
+
+#[tokio::test]
+async fn a_migration_under_way_reads_migrating_and_the_operator_writes_none_of_its_queues() {
+    use msgpipe::api::QueueType;
+    use msgpipe::broker::migration::plan_migration;
+    use msgpipe::broker::{BrokerApi, migrate::run_step};
+
+    let h = Offline::new();
+    let (synced, _) = h.first_sync().await;
+    assert!(synced.is_ok(), "{synced:?}");
+    assert_eq!(h.condition("Ready").0, "True");
+    // `msgpipe migrate` to classic runs its holding phase, then stops (killed, say).
+    let object = h.api.get(PIPELINE).expect("pipeline");
+    let mut pipeline: MessagePipeline = serde_json::from_value(object).expect("pipeline");
+    pipeline.spec.queue.queue_type = QueueType::Classic;
+    let to_classic = msgpipe::plan::plan(&pipeline, None).expect("plans");
+    let live = h.broker.snapshot(VHOST).await.expect("vhost");
+    let holding = plan_migration(&to_classic, &live)
+        .expect("plans")
+        .expect("a migration");
+    for step in &holding.steps {
+        run_step(&*h.broker, VHOST, step, &mut |_| {})
+            .await
+            .expect("step");
+    }
+    h.take_journal();
+    // The operator, still on the quorum spec, reports it and writes nothing to those queues.
+    let (result, calls) = h.reconcile().await;
+    assert!(result.is_ok(), "{result:?}");
+    let (status, reason, message) = h.condition("Ready");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Migrating"));
+    assert!(
+        message.contains("notes_queue is being migrated"),
+        "{message}"
+    );
+    let writes: Vec<String> = h
+        .take_journal()
+        .into_iter()
+        .filter(|e| e.starts_with("broker: "))
+        .collect();
+    assert_eq!(
+        writes,
+        Vec::<String>::new(),
+        "the operator wrote to the broker"
+    );
+    let migrating_events: Vec<(String, String)> = events(&calls)
+        .into_iter()
+        .filter(|(reason, _)| reason == "Migrating")
+        .collect();
+    assert!(!migrating_events.is_empty(), "{:?}", events(&calls));
+}

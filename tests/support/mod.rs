@@ -56,7 +56,7 @@ pub fn output_text(output: &Output) -> String {
 /// functions ([`TestVhost`], [`amqp_uri`], [`test_broker`], [`mgmt`]) use instead of the
 /// shared test node (`msgpipe-test` on 5673). The node is named `msgpipe-test-PORT` and runs
 /// `MSGPIPE_RABBITMQ`'s version, so a compatibility run leaves the shared node alone:
-/// `MSGPIPE_RABBITMQ=3.10 MSGPIPE_TEST_PORT=5697 cargo nextest run --test import`. (Tests
+/// `MSGPIPE_RABBITMQ=3.10 MSGPIPE_TEST_PORT=5709 cargo nextest run --test import`. (Tests
 /// that use [`MGMT_URL`] or port 5673 directly still need the shared node.)
 pub const PORT_ENV: &str = "MSGPIPE_TEST_PORT";
 
@@ -195,21 +195,36 @@ pub fn mgmt(method: &str, path: &str, body: Option<Value>) -> String {
 /// A vhost of the test broker that exists for one test and is deleted afterwards.
 pub struct TestVhost {
     pub name: String,
+    /// The management API of the node it lives on.
+    pub api: String,
 }
 
 impl TestVhost {
     pub fn new(prefix: &str) -> Self {
         ensure_test_broker();
+        Self::on(&mgmt_url(), prefix)
+    }
+
+    /// A vhost on the node whose management API is `api` (a node of the test's own, see
+    /// [`broker_node`]).
+    pub fn on(api: &str, prefix: &str) -> Self {
         let name = format!("{prefix}-{}", std::process::id());
-        let path = format!("/vhosts/{}", encode(&name));
-        let _ = http("DELETE", &format!("{}{path}", mgmt_url()), None, true);
-        mgmt("PUT", &path, None);
-        mgmt(
+        let path = format!("{api}/vhosts/{}", encode(&name));
+        let ok = |(status, text): (u16, String)| {
+            assert!((200..300).contains(&status), "{path} -> {status}: {text}");
+        };
+        let _ = http("DELETE", &path, None, true);
+        ok(http("PUT", &path, None, true));
+        ok(http(
             "PUT",
-            &format!("/permissions/{}/guest", encode(&name)),
-            Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
-        );
-        Self { name }
+            &format!("{api}/permissions/{}/guest", encode(&name)),
+            Some(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+            true,
+        ));
+        Self {
+            name,
+            api: api.to_string(),
+        }
     }
 
     pub fn path(&self, kind: &str, object: &str) -> String {
@@ -221,7 +236,7 @@ impl Drop for TestVhost {
     fn drop(&mut self) {
         let _ = http(
             "DELETE",
-            &format!("{}/vhosts/{}", mgmt_url(), encode(&self.name)),
+            &format!("{}/vhosts/{}", self.api, encode(&self.name)),
             None,
             true,
         );
