@@ -78,7 +78,7 @@ pub fn retry_count(headers: Option<&FieldTable>) -> u32 {
         AMQPValue::LongInt(v) => (*v).into(),
         AMQPValue::LongUInt(v) => (*v).into(),
         AMQPValue::LongLongInt(v) => (*v).into(),
-        AMQPValue::Timestamp(v) => (*v).into(),
+        // A timestamp is not a count (protocol H-2): like any other type, it reads as 0.
         AMQPValue::LongString(s) => parse_digits(&s.to_string()),
         AMQPValue::ShortString(s) => parse_digits(s.as_str()),
         _ => 0,
@@ -354,6 +354,8 @@ mod tests {
         assert_eq!(retry_count(Some(&negative)), 0);
         let garbage = table(&[(headers::RETRY_COUNT, AMQPValue::LongString("x".into()))]);
         assert_eq!(retry_count(Some(&garbage)), 0);
+        let timestamp = table(&[(headers::RETRY_COUNT, AMQPValue::Timestamp(3))]);
+        assert_eq!(retry_count(Some(&timestamp)), 0, "H-2: not an integer type");
         let huge = table(&[(headers::RETRY_COUNT, AMQPValue::LongLongInt(i64::MAX))]);
         assert_eq!(retry_count(Some(&huge)), u32::MAX);
     }
