@@ -24,7 +24,7 @@ read live from ``pipeline.json``):
   seconds of ``msgpipe apply`` (or the operator) creating the topology;
 - messages the broker returns (no queue bound for the key) or nacks (a queue refused it) stay
   in the outbox while later ones go on, and are retried on a backoff (``refused_retry``:
-  0.5 s doubling to 30 s, starting over after a round without refusals), logged once per
+  0.5 s doubling to 4 s, starting over after a round without refusals), logged once per
   streak.
 
 ``retry_pending: false`` parks the outbox, not the publisher: its messages wait on disk, and
@@ -76,8 +76,9 @@ ROUTE_RETRY = Backoff(0.5, 4.0)
 """Default waits between resends while the pipeline's exchange or binding is missing. Capped
 low on purpose: a publisher that waited an hour still delivers within seconds of the route
 appearing, at the cost of one channel open (and, on a missing exchange, its close) per step."""
-REFUSED_RETRY = Backoff(0.5, 30.0)
-"""Default waits before messages the broker returned or nacked are resent."""
+REFUSED_RETRY = Backoff(0.5, 4.0)
+"""Default waits before messages the broker returned or nacked are resent: capped at 4 s like
+``ROUTE_RETRY`` (protocol P-11), so a binding that comes back delivers within seconds."""
 
 
 class Outcome(enum.Enum):
