@@ -33,14 +33,14 @@ pub use rabbit::{
     install_crypto_provider,
 };
 pub use reconcile::{
-    BrokerReport, Change, Failed, LiveCounts, reconcile, reconcile_many, reconcile_policies_first,
-    snapshot_vhosts, teardown,
+    BrokerReport, Change, Failed, LiveCounts, PhasedPlan, reconcile, reconcile_many,
+    reconcile_policies_first, snapshot_vhosts, teardown,
 };
 pub use session::AmqpSession;
 
 /// Why a broker call failed. Messages name the broker (`amqp://user@host:port`) and the
 /// step, never the password.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("invalid broker {field}: {reason}")]
     InvalidUri { field: &'static str, reason: String },

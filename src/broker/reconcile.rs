@@ -126,16 +126,16 @@ pub async fn reconcile_policies_first<B: BrokerApi>(
 /// A pipeline's plan with its leading policy writes told apart from the rest, so the two
 /// parts can run at different times from one snapshot (the rest never depends on the
 /// policies being read back).
-struct PhasedPlan<'a> {
-    desired: &'a DesiredState,
+pub struct PhasedPlan {
+    vhost: String,
     plan: diff::BrokerPlan,
     /// Index of the first action that is not a policy write.
     split: usize,
     counts: LiveCounts,
 }
 
-impl<'a> PhasedPlan<'a> {
-    fn new(desired: &'a DesiredState, live: &LiveVhost) -> Self {
+impl PhasedPlan {
+    pub fn new(desired: &DesiredState, live: &LiveVhost) -> Self {
         let plan = diff::converge(desired, live);
         let split = plan
             .actions
@@ -143,7 +143,7 @@ impl<'a> PhasedPlan<'a> {
             .position(|a| !matches!(a, BrokerAction::PutPolicy { .. }))
             .unwrap_or(plan.actions.len());
         Self {
-            desired,
+            vhost: desired.topology.vhost.clone(),
             plan,
             split,
             counts: counts(desired, live),
@@ -154,28 +154,23 @@ impl<'a> PhasedPlan<'a> {
         &self.plan.actions[self.split..]
     }
 
-    async fn put_policies<B: BrokerApi>(
+    /// Writes the plan's policies, adding them to `changes`.
+    pub async fn put_policies<B: BrokerApi>(
         &self,
         broker: &B,
         changes: &mut Vec<Change>,
     ) -> Result<(), Failed> {
         let policies = &self.plan.actions[..self.split];
-        execute_all(broker, &self.desired.topology.vhost, policies, changes).await
+        execute_all(broker, &self.vhost, policies, changes).await
     }
 
     /// Runs the rest, after the policy `changes` already made.
-    async fn finish<B: BrokerApi>(
+    pub async fn finish<B: BrokerApi>(
         self,
         broker: &B,
         mut changes: Vec<Change>,
     ) -> Result<BrokerReport, Failed> {
-        execute_all(
-            broker,
-            &self.desired.topology.vhost,
-            self.rest(),
-            &mut changes,
-        )
-        .await?;
+        execute_all(broker, &self.vhost, self.rest(), &mut changes).await?;
         Ok(self.report(changes, 0))
     }
 
@@ -265,37 +260,70 @@ pub async fn snapshot_vhosts<B: BrokerApi>(
 /// `concurrency` at a time, in two phases: every pipeline's policies first (see
 /// [`reconcile_policies_first`] for why), then the rest of each plan. Each queue still
 /// finds its policy in place when it is declared.
-pub async fn reconcile_many<'a, B: BrokerApi>(
+///
+/// A state whose vhost `live` lacks fails with [`BrokerError::VhostNotFound`].
+pub async fn reconcile_many<'a, B: BrokerApi, L: std::borrow::Borrow<LiveVhost>>(
     broker: &B,
     states: &'a [DesiredState],
-    live: &BTreeMap<String, LiveVhost>,
+    live: &BTreeMap<String, L>,
     concurrency: usize,
 ) -> Vec<(&'a DesiredState, Result<BrokerReport, Failed>)> {
-    let plans: Vec<PhasedPlan<'a>> = states
+    let (plans, unread): (Vec<_>, Vec<_>) = states
         .iter()
-        .map(|state| PhasedPlan::new(state, &live[&state.topology.vhost]))
+        .map(|state| match live.get(&state.topology.vhost) {
+            Some(vhost) => Ok((state, PhasedPlan::new(state, vhost.borrow()))),
+            None => Err(state),
+        })
+        .partition(Result::is_ok);
+    let plans: Vec<(&'a DesiredState, PhasedPlan)> = plans.into_iter().flatten().collect();
+    let mut results: Vec<_> = unread
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|state| {
+            let error = BrokerError::VhostNotFound {
+                endpoint: String::new(),
+                vhost: state.topology.vhost.clone(),
+            };
+            (
+                state,
+                Err(Failed {
+                    error,
+                    applied: vec![],
+                }),
+            )
+        })
         .collect();
-    let policies: Vec<Result<Vec<Change>, Failed>> = stream::iter(&plans)
-        .map(|plan| async move {
+    // The futures are made first, then run `concurrency` at a time: a stream mapping
+    // borrowed plans to futures lazily is not `Send` for a spawned batch runner.
+    let policy_calls: Vec<_> = plans
+        .iter()
+        .map(|(_, plan)| async move {
             let mut changes = Vec::new();
             plan.put_policies(broker, &mut changes)
                 .await
                 .map(|()| changes)
         })
+        .collect();
+    let policies: Vec<Result<Vec<Change>, Failed>> = stream::iter(policy_calls)
         .buffered(concurrency)
         .collect()
         .await;
-    stream::iter(plans.into_iter().zip(policies))
-        .map(|(plan, policies)| async move {
-            let desired = plan.desired;
+    let rest_calls: Vec<_> = plans
+        .into_iter()
+        .zip(policies)
+        .map(|((desired, plan), policies)| async move {
             match policies {
                 Ok(changes) => (desired, plan.finish(broker, changes).await),
                 Err(failed) => (desired, Err(failed)),
             }
         })
+        .collect();
+    let done = stream::iter(rest_calls)
         .buffer_unordered(concurrency)
-        .collect()
-        .await
+        .collect::<Vec<_>>()
+        .await;
+    results.extend(done);
+    results
 }
 
 /// Removes a pipeline's broker objects (`deletionPolicy: Delete`): runs the teardown plan

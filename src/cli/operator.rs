@@ -28,9 +28,14 @@ pub struct OperatorArgs {
     /// How often a converged pipeline is checked again (drift repair, live counts).
     #[arg(long, env = "MSGPIPE_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub resync: Duration,
-    /// Pipelines reconciled at the same time.
-    #[arg(long, env = "MSGPIPE_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Pipelines reconciled at the same time (their Kubernetes calls; see --broker-concurrency
+    /// for the broker's share).
+    #[arg(long, env = "MSGPIPE_CONCURRENCY", default_value_t = crate::controller::DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
+    /// Pipelines of one vhost whose broker work runs at the same time: pipelines reconciled
+    /// together form one batch per vhost (one snapshot, policies first), run this many at once.
+    #[arg(long, env = "MSGPIPE_BROKER_CONCURRENCY", default_value_t = crate::controller::BROKER_CONCURRENCY as u16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub broker_concurrency: u16,
     /// Address of the /metrics, /healthz and /readyz server.
     #[arg(long, env = "MSGPIPE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -102,8 +107,8 @@ pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
             .collect(),
         resync: args.resync,
         concurrency: args.concurrency,
+        broker_concurrency: usize::from(args.broker_concurrency),
         broker_timeout: args.broker_timeout,
-        policy_quiet: crate::controller::POLICY_QUIET,
         cleanup_timeout: args.cleanup_timeout,
         identity,
         brokers: crate::k8s::BrokerAccess {
@@ -127,6 +132,7 @@ pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
         namespaces = ?config.namespaces,
         resync_seconds = config.resync.as_secs(),
         concurrency = config.concurrency,
+        broker_concurrency = config.broker_concurrency,
         leader_election = options.leader_election,
         secret_refs = config.brokers.secret_refs,
         message_brokers = config.brokers.message_brokers,

@@ -1,8 +1,8 @@
 //! Brokers shared by every pipeline that names them: one client (HTTP pool + AMQP
 //! connections) per broker, a short-lived vhost snapshot shared by pipelines reconciled
 //! together, so a resync of a thousand pipelines on one vhost reads it a few times, not a
-//! thousand, and the record of recent policy writes per vhost that keeps a burst of new
-//! pipelines policies-first.
+//! thousand, and the broker work of pipelines reconciled together run as one batch per vhost
+//! ([`super::batch`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,13 +32,9 @@ pub fn reuse_for(took: Duration) -> Duration {
 }
 /// A broker nobody used for this long is closed (e.g. after a credential rotation).
 const IDLE_BROKER: Duration = Duration::from_secs(30 * 60);
-/// A vhost is in a burst of policy writes while another pipeline wrote one this recently
-/// (the default of [`OperatorConfig::policy_quiet`](super::OperatorConfig)); the controller
-/// looks at a held-back pipeline again after this long.
-pub const POLICY_QUIET: Duration = Duration::from_secs(2);
-/// A pipeline holds its declares back for at most this many quiet periods, however long
-/// the burst lasts (60 s by default).
-const MAX_WAIT_QUIETS: u32 = 30;
+/// Pipelines of one vhost whose broker work runs at once within a batch (each with up to
+/// 8 broker calls in flight): the concurrency of `msgpipe apply`.
+pub const BROKER_CONCURRENCY: usize = 8;
 /// A broker that could not be reached is reported down, without a new connect, for this long.
 pub const DOWN_MEMORY: Duration = Duration::from_secs(15);
 /// How long a reconcile waits for another one's first call to a broker before it leaves
@@ -71,63 +67,6 @@ fn forget_after(slot: Arc<Mutex<Snapshot>>, snapshot: &Arc<LiveVhost>, reuse: Du
 type Snapshot = Option<(Instant, Duration, Arc<LiveVhost>)>;
 /// Keyed by (broker pool key, vhost).
 type SnapshotSlots = HashMap<(String, String), Arc<Mutex<Snapshot>>>;
-
-/// Recent policy writes on one vhost, and the pipelines holding their declares back.
-///
-/// RabbitMQ 3.x re-matches every policy against every queue on each policy write, so when
-/// many pipelines are created at once (a GitOps sync, an operator restart on a fresh broker)
-/// the cheap order is every pipeline's policies first, then the queues (docs/broker.md). The
-/// controller reconciles each pipeline on its own, so each one writes its policies and then
-/// waits while other pipelines are still writing theirs.
-#[derive(Debug)]
-pub struct PolicyBurst {
-    quiet: Duration,
-    max_wait: Duration,
-    /// Each pipeline's last policy write, for those within `quiet`.
-    writes: HashMap<String, Instant>,
-    /// Since when each held-back pipeline has waited.
-    waiting: HashMap<String, Instant>,
-}
-
-impl PolicyBurst {
-    /// A burst ends when no pipeline wrote a policy for `quiet`; nobody waits longer than
-    /// 30 times that.
-    pub fn new(quiet: Duration) -> Self {
-        Self {
-            quiet,
-            max_wait: quiet * MAX_WAIT_QUIETS,
-            writes: HashMap::new(),
-            waiting: HashMap::new(),
-        }
-    }
-
-    /// The longest a pipeline is held back.
-    pub fn max_wait(&self) -> Duration {
-        self.max_wait
-    }
-
-    /// `pipeline` wrote policies at `at`.
-    pub fn wrote(&mut self, pipeline: &str, at: Instant) {
-        self.writes.insert(pipeline.to_string(), at);
-    }
-
-    /// Whether `pipeline` may declare its queues at `now`: yes unless another pipeline wrote
-    /// a policy within the quiet period, and in any case once it has waited the max wait.
-    pub fn may_declare(&mut self, pipeline: &str, now: Instant) -> bool {
-        let (quiet, max_wait) = (self.quiet, self.max_wait);
-        self.writes
-            .retain(|_, at| now.saturating_duration_since(*at) < quiet);
-        self.waiting
-            .retain(|_, since| now.saturating_duration_since(*since) < 2 * max_wait);
-        let others_writing = self.writes.keys().any(|p| p != pipeline);
-        let since = *self.waiting.entry(pipeline.to_string()).or_insert(now);
-        if others_writing && now.saturating_duration_since(since) < max_wait {
-            return false;
-        }
-        self.waiting.remove(pipeline);
-        true
-    }
-}
 
 /// A broker client the pool can hold: RabbitMQ in the operator, [`MemoryBroker`] in tests.
 pub trait PooledBroker: BrokerApi + 'static {
@@ -192,19 +131,19 @@ pub enum Gate {
 /// The operator's brokers, their cached vhost snapshots and what is known of their health.
 pub struct BrokerPool<B: PooledBroker = RabbitBroker> {
     timeout: Duration,
-    policy_quiet: Duration,
+    concurrency: usize,
     connect: Connector<B>,
     brokers: Mutex<HashMap<String, Pooled<B>>>,
     snapshots: Mutex<SnapshotSlots>,
-    bursts: std::sync::Mutex<HashMap<(String, String), PolicyBurst>>,
+    pub(super) batches: std::sync::Mutex<HashMap<(String, String), super::batch::Queue>>,
     health: std::sync::Mutex<HashMap<String, Health>>,
 }
 
 impl BrokerPool<RabbitBroker> {
-    pub fn new(timeout: Duration, policy_quiet: Duration) -> Self {
+    pub fn new(timeout: Duration, concurrency: usize) -> Self {
         Self::with_connector(
             timeout,
-            policy_quiet,
+            concurrency,
             Box::new(|endpoint, timeout| {
                 RabbitBroker::new(endpoint.clone(), timeout).map(Arc::new)
             }),
@@ -213,19 +152,16 @@ impl BrokerPool<RabbitBroker> {
 }
 
 impl<B: PooledBroker> BrokerPool<B> {
-    /// A pool whose clients `connect` makes.
-    pub fn with_connector(
-        timeout: Duration,
-        policy_quiet: Duration,
-        connect: Connector<B>,
-    ) -> Self {
+    /// A pool whose clients `connect` makes; the broker work of a batch runs `concurrency`
+    /// pipelines at a time.
+    pub fn with_connector(timeout: Duration, concurrency: usize, connect: Connector<B>) -> Self {
         Self {
             timeout,
-            policy_quiet,
+            concurrency: concurrency.max(1),
             connect,
             brokers: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
-            bursts: std::sync::Mutex::new(HashMap::new()),
+            batches: std::sync::Mutex::new(HashMap::new()),
             health: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -396,29 +332,9 @@ impl<B: PooledBroker> BrokerPool<B> {
         self.snapshots.lock().await.entry(key).or_default().clone()
     }
 
-    /// Records that `pipeline` (if `wrote`) put policies on `vhost`, and tells whether it
-    /// may go on to declare its queues now (see [`PolicyBurst`]).
-    pub fn may_declare(
-        &self,
-        endpoint: &BrokerEndpoint,
-        vhost: &str,
-        pipeline: &str,
-        wrote: bool,
-    ) -> bool {
-        let key = (endpoint.pool_key(), vhost.to_string());
-        let now = Instant::now();
-        // Never held across an await; a poisoned lock only means another reconcile panicked.
-        let mut bursts = self
-            .bursts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let burst = bursts
-            .entry(key)
-            .or_insert_with(|| PolicyBurst::new(self.policy_quiet));
-        if wrote {
-            burst.wrote(pipeline, now);
-        }
-        burst.may_declare(pipeline, now)
+    /// Pipelines reconciled at once within a batch.
+    pub(super) fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// Closes every broker connection (shutdown).
@@ -462,7 +378,7 @@ mod tests {
         let broker = Arc::new(MemoryBroker::new("memory://a"));
         BrokerPool::with_connector(
             Duration::from_secs(5),
-            POLICY_QUIET,
+            BROKER_CONCURRENCY,
             Box::new(move |_, _| Ok(broker.clone())),
         )
     }
@@ -608,51 +524,5 @@ mod tests {
         };
         pool.failed(&endpoint(), &refused);
         assert!(matches!(pool.gate(&endpoint()).await, Gate::Open));
-    }
-
-    #[test]
-    fn a_lone_pipeline_declares_at_once() {
-        let mut burst = PolicyBurst::new(POLICY_QUIET);
-        let t = Instant::now();
-        burst.wrote("ns/a", t);
-        assert!(
-            burst.may_declare("ns/a", t),
-            "its own writes never hold it back"
-        );
-    }
-
-    #[test]
-    fn a_pipeline_waits_while_others_write_policies_then_goes_on() {
-        let mut burst = PolicyBurst::new(POLICY_QUIET);
-        let t = Instant::now();
-        burst.wrote("ns/a", t);
-        burst.wrote("ns/b", t + Duration::from_millis(100));
-        assert!(!burst.may_declare("ns/b", t + Duration::from_millis(100)));
-        assert!(!burst.may_declare("ns/a", t + Duration::from_millis(150)));
-        // b's write is the latest: a waits until it is POLICY_QUIET old, b until a's is.
-        assert!(!burst.may_declare("ns/a", t + POLICY_QUIET));
-        assert!(burst.may_declare("ns/b", t + POLICY_QUIET));
-        assert!(burst.may_declare("ns/a", t + Duration::from_millis(100) + POLICY_QUIET));
-    }
-
-    #[test]
-    fn an_endless_burst_holds_a_pipeline_back_at_most_the_max_wait() {
-        let mut burst = PolicyBurst::new(POLICY_QUIET);
-        let t = Instant::now();
-        let mut now = t;
-        assert_eq!(burst.max_wait(), Duration::from_secs(60));
-        while now < t + burst.max_wait() {
-            burst.wrote("ns/other", now);
-            assert!(
-                !burst.may_declare("ns/a", now),
-                "held back at {:?}",
-                now - t
-            );
-            now += Duration::from_secs(1);
-        }
-        burst.wrote("ns/other", now);
-        assert!(burst.may_declare("ns/a", now));
-        // The wait starts afresh for the next burst.
-        assert!(!burst.may_declare("ns/a", now + Duration::from_millis(10)));
     }
 }

@@ -44,11 +44,61 @@ pub struct ReplayLabels {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// One step of a reconcile, [`Phase`].
+    pub phase: String,
+}
+
+/// The steps of a reconcile whose time is recorded (`msgpipe_reconcile_phase_seconds`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Adding the cleanup finalizer to a new pipeline.
+    Finalizer,
+    /// Reading the broker reference (Secret, MessageBroker) and the current ConfigMap.
+    Read,
+    /// From joining the vhost's batch to its result (the batch's snapshot and writes).
+    Broker,
+    /// The PrometheusRule and AlertmanagerConfig (beside the broker pass).
+    Alerts,
+    /// Writing the client ConfigMap.
+    ConfigMap,
+    /// Writing the status.
+    Status,
+    /// Publishing events (after the status).
+    Events,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Finalizer,
+        Phase::Read,
+        Phase::Broker,
+        Phase::Alerts,
+        Phase::ConfigMap,
+        Phase::Status,
+        Phase::Events,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Finalizer => "finalizer",
+            Phase::Read => "read",
+            Phase::Broker => "broker",
+            Phase::Alerts => "alerts",
+            Phase::ConfigMap => "configmap",
+            Phase::Status => "status",
+            Phase::Events => "events",
+        }
+    }
+}
+
 /// Counters and gauges of the controller, registered in one registry.
 pub struct Metrics {
     pub registry: Registry,
     reconciles: Family<ResultLabels, Counter>,
     duration: Histogram,
+    phases: Family<PhaseLabels, Histogram>,
     broker_writes: Family<WriteLabels, Counter>,
     kube_writes: Family<WriteLabels, Counter>,
     drift_repairs: Counter,
@@ -64,6 +114,12 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("msgpipe");
         let reconciles = Family::<ResultLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let phases = Family::<PhaseLabels, Histogram>::new_with_constructor(phase_histogram);
+        registry.register(
+            "reconcile_phase_seconds",
+            "Time spent in each step of a reconcile (finalizer, read, broker, alerts, configmap, status, events)",
+            phases.clone(),
+        );
         let broker_writes = Family::<WriteLabels, Counter>::default();
         let kube_writes = Family::<WriteLabels, Counter>::default();
         let drift_repairs = Counter::default();
@@ -105,6 +161,7 @@ impl Default for Metrics {
             reconciles,
             replay_messages,
             duration,
+            phases,
             broker_writes,
             kube_writes,
             drift_repairs,
@@ -116,7 +173,21 @@ impl Default for Metrics {
     }
 }
 
+/// 1 ms to ~16 s.
+fn phase_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
 impl Metrics {
+    /// One step of a reconcile took `took`.
+    pub fn phase(&self, phase: Phase, took: Duration) {
+        self.phases
+            .get_or_create(&PhaseLabels {
+                phase: phase.name().into(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
     pub fn reconciled(&self, result: &str, took: Duration) {
         self.reconciles
             .get_or_create(&ResultLabels {

@@ -9,6 +9,7 @@
 //! Pipelines are watched untyped and decoded one by one ([`invalid`]): an object the API
 //! server admitted but msgpipe cannot read is reported on its own and never stops the others.
 
+mod batch;
 mod broker_status;
 mod brokers;
 pub mod heap;
@@ -39,10 +40,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{debug, warn};
 
 pub use brokers::{
-    BrokerPool, Connector, DOWN_MEMORY, Gate, POLICY_QUIET, PROBE_PATIENCE, PolicyBurst,
-    PooledBroker, SNAPSHOT_MAX_REUSE,
+    BROKER_CONCURRENCY, BrokerPool, Connector, DOWN_MEMORY, Gate, PROBE_PATIENCE, PooledBroker,
+    SNAPSHOT_MAX_REUSE,
 };
-pub use metrics::Metrics;
+pub use metrics::{Metrics, Phase};
 pub use reconcile::{BUSY_RETRY, FINALIZER, reconcile};
 
 use crate::api::reason::one_line;
@@ -116,6 +117,27 @@ pub fn describe(error: &Error) -> (Reason, String) {
     (reason, one_line(&error.to_string()))
 }
 
+/// Pipelines reconciled at once by default. Most of a reconcile is waiting, on the API server
+/// (whose calls are bounded on their own, [`API_CALLS_IN_FLIGHT`]) or on its vhost's batch,
+/// so this is far above the broker's own concurrency ([`BROKER_CONCURRENCY`]): a burst of new
+/// pipelines reaches its vhost's batch together and is policies-first across the burst, not
+/// eight pipelines at a time. A reconcile in flight holds a few KiB.
+pub const DEFAULT_CONCURRENCY: u16 = 512;
+
+/// API calls the reconciles make at once, whatever their number: a burst of hundreds of new
+/// pipelines in flight must not become hundreds of concurrent requests (a real API server's
+/// flow control queues or refuses them with 429).
+pub const API_CALLS_IN_FLIGHT: usize = 32;
+
+/// The client of the reconciles: at most [`API_CALLS_IN_FLIGHT`] calls at once.
+pub fn reconcile_client(config: kube::Config) -> Result<Client, kube::Error> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(
+            API_CALLS_IN_FLIGHT,
+        ))
+        .build())
+}
+
 /// Operator settings (flags and environment).
 #[derive(Clone, Debug)]
 pub struct OperatorConfig {
@@ -123,13 +145,13 @@ pub struct OperatorConfig {
     pub namespaces: Vec<String>,
     /// A converged pipeline is looked at again (drift repair, live counts) this often.
     pub resync: Duration,
-    /// Pipelines reconciled at once.
+    /// Pipelines reconciled at once (their Kubernetes calls; their broker work goes through
+    /// one batch per vhost, `broker_concurrency` pipelines at a time).
     pub concurrency: u16,
+    /// Pipelines of one vhost whose broker work runs at once within a batch.
+    pub broker_concurrency: usize,
     /// Bound on every single broker call.
     pub broker_timeout: Duration,
-    /// A pipeline whose queues are missing declares them only once no other pipeline of
-    /// its vhost wrote a policy for this long (see [`PolicyBurst`]).
-    pub policy_quiet: Duration,
     /// How long a deleted pipeline waits for an unreachable broker before it is released.
     pub cleanup_timeout: Duration,
     /// Name reported on events (reportingInstance).
@@ -143,9 +165,9 @@ impl Default for OperatorConfig {
         Self {
             namespaces: Vec::new(),
             resync: Duration::from_secs(300),
-            concurrency: 8,
+            concurrency: DEFAULT_CONCURRENCY,
+            broker_concurrency: BROKER_CONCURRENCY,
             broker_timeout: crate::broker::DEFAULT_CALL_TIMEOUT,
-            policy_quiet: POLICY_QUIET,
             cleanup_timeout: Duration::from_secs(600),
             identity: "msgpipe".into(),
             brokers: crate::k8s::BrokerAccess::default(),
@@ -155,11 +177,14 @@ impl Default for OperatorConfig {
 
 /// What every reconcile shares; `B` is the broker client (RabbitMQ, or in-memory in tests).
 pub struct Context<B: PooledBroker = RabbitBroker> {
+    /// For the reconciles' calls (in the operator: at most [`API_CALLS_IN_FLIGHT`] at once).
     pub client: Client,
+    /// For the controller's watches, which stay open (by default the same client).
+    pub watch_client: Client,
     /// Shared recorder: repeats of one failure become one Event with a growing series count.
     pub recorder: Recorder,
     reporter: Reporter,
-    pub brokers: BrokerPool<B>,
+    pub brokers: Arc<BrokerPool<B>>,
     pub metrics: Arc<Metrics>,
     pub config: OperatorConfig,
     failures: Mutex<HashMap<String, u32>>,
@@ -169,7 +194,7 @@ pub struct Context<B: PooledBroker = RabbitBroker> {
 
 impl Context<RabbitBroker> {
     pub fn new(client: Client, metrics: Arc<Metrics>, config: OperatorConfig) -> Self {
-        let brokers = BrokerPool::new(config.broker_timeout, config.policy_quiet);
+        let brokers = BrokerPool::new(config.broker_timeout, config.broker_concurrency);
         Context::with_brokers(client, metrics, config, brokers)
     }
 }
@@ -189,7 +214,8 @@ impl<B: PooledBroker> Context<B> {
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             reporter,
-            brokers,
+            brokers: Arc::new(brokers),
+            watch_client: client.clone(),
             client,
             metrics,
             config,
@@ -309,12 +335,13 @@ pub fn error_policy<B: PooledBroker>(
     Action::requeue(ctx.backoff(&key))
 }
 
-/// What makes a pipeline worth reconciling again: its spec (generation), finalizers and
-/// deletion. Status writes — our own — do not, so a status patch never triggers a loop.
+/// What makes a pipeline worth reconciling again: its spec (generation) and deletion.
+/// Status writes and finalizers (our own writes) do not, so neither the status patch nor
+/// the finalizer a new pipeline gets in its first pass brings it back (a finalizer removed
+/// by someone else is put back by the next resync).
 fn pipeline_trigger(pipeline: &MessagePipeline) -> Option<u64> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     pipeline.meta().generation.hash(&mut hasher);
-    pipeline.finalizers().hash(&mut hasher);
     pipeline
         .meta()
         .deletion_timestamp
@@ -340,7 +367,7 @@ pub async fn run_controller(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
+    let client = ctx.watch_client.clone();
     let ns = namespace.as_deref();
     // Untyped, so that one object msgpipe cannot decode fails neither the list nor the watch.
     let resource = ApiResource::erase::<MessagePipeline>(&());
@@ -500,9 +527,12 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;
     tokio::spawn(server::serve(listener, metrics.clone(), health.clone()));
-    let client = Client::try_default().await.context(
+    let kube_config = kube::Config::infer().await.context(
         "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
+    let watch_client =
+        Client::try_from(kube_config.clone()).context("cannot make the Kubernetes client")?;
+    let client = reconcile_client(kube_config).context("cannot make the Kubernetes client")?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(server::RunState::Running);
     tokio::spawn(server::stop_on_signal(stop_tx.clone()));
     let mut leadership = None;
@@ -519,7 +549,9 @@ pub async fn run(config: OperatorConfig, options: RunOptions) -> anyhow::Result<
             None => return Ok(()), // asked to stop while waiting
         }
     }
-    let ctx = Arc::new(Context::new(client, metrics, config.clone()));
+    let mut ctx = Context::new(client, metrics, config.clone());
+    ctx.watch_client = watch_client;
+    let ctx = Arc::new(ctx);
     health.set_ready(true);
     let scopes: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]

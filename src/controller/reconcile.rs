@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::brokers::{Gate, PooledBroker};
 use super::status::{Observation, Verdict, next_status};
-use super::{Context, Error, describe};
+use super::{Context, Error, Phase, describe};
 use crate::api::validate::InvalidSpec;
 use crate::api::{DeletionPolicy, MessagePipeline, Reason};
 use crate::broker::{self, BrokerReport, Change, Failed};
@@ -53,6 +53,17 @@ async fn reconcile_pipeline<B: PooledBroker>(
     let started = Instant::now();
     let namespace = pipeline.namespace().unwrap_or_default();
     let api: Api<MessagePipeline> = Api::namespaced(ctx.client.clone(), &namespace);
+    // A new pipeline gets its finalizer and is converged in the same pass: waiting for the
+    // finalizer's watch event to come back first would cost every new pipeline a round
+    // trip through the API server and the controller's queue.
+    let pipeline = match add_finalizer(&api, pipeline, &ctx).await {
+        Ok(pipeline) => pipeline,
+        Err(error) => {
+            ctx.metrics.reconciled("error", started.elapsed());
+            warn!(error = %error, "reconcile failed");
+            return Err(error);
+        }
+    };
     let result = finalizer(&api, FINALIZER, pipeline, |event| async {
         match event {
             Finalizer::Apply(p) => converge(&p, &api, &ctx).await,
@@ -74,6 +85,56 @@ async fn reconcile_pipeline<B: PooledBroker>(
     result
 }
 
+/// `pipeline` with msgpipe's finalizer: added now (a JSON patch that fails if another writer
+/// changed the finalizers meanwhile) when a live pipeline lacks it. kube's finalizer helper
+/// then goes straight to the apply.
+async fn add_finalizer<B: PooledBroker>(
+    api: &Api<MessagePipeline>,
+    pipeline: Arc<MessagePipeline>,
+    ctx: &Context<B>,
+) -> Result<Arc<MessagePipeline>, Error> {
+    if pipeline.meta().deletion_timestamp.is_some()
+        || pipeline.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        return Ok(pipeline);
+    }
+    let started = Instant::now();
+    let finalizers = pipeline.finalizers();
+    let patch: json_patch::Patch = serde_json::from_value(if finalizers.is_empty() {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        serde_json::json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    })
+    // Built above from constants and the object's own finalizers: always a valid patch.
+    .expect("a JSON patch of two operations");
+    let name = pipeline.name_any();
+    let patched = api
+        .patch(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(patch),
+        )
+        .await
+        .map_err(|source| {
+            Error::Kube(k8s::KubeError::Api {
+                operation: format!(
+                    "add the finalizer to MessagePipeline {}/{name}",
+                    pipeline.namespace().unwrap_or_default()
+                ),
+                source,
+            })
+        })?;
+    ctx.metrics.kube_write("finalizer", "added");
+    ctx.metrics.phase(Phase::Finalizer, started.elapsed());
+    Ok(Arc::new(patched))
+}
+
 /// Makes the broker, the ConfigMap, the PrometheusRule and the status match the spec.
 ///
 /// Order: clients never learn of a retry tier before it exists. A ConfigMap that announces
@@ -92,38 +153,63 @@ async fn converge<B: PooledBroker>(
     );
     let generation = pipeline.metadata.generation;
     // Validation first: an invalid spec never reaches the broker or the Secret.
-    if let Err(invalid) = plan::plan(pipeline, None) {
-        return report_invalid_spec(pipeline, api, invalid, ctx).await;
-    }
+    let named = match plan::plan(pipeline, None) {
+        Ok(named) => named,
+        Err(invalid) => return report_invalid_spec(pipeline, api, invalid, ctx).await,
+    };
     // A refused brokerRef (namespace not admitted, vhost not granted) ends here: the broker
-    // is never called, and BrokerReady says which rule refused it.
-    let resolved = k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline).await;
+    // is never called, and BrokerReady says which rule refused it. The ConfigMap's name does
+    // not depend on the vhost: both are read at once.
+    let read = Instant::now();
+    let (resolved, config_map) = futures_util::future::join(
+        k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline),
+        k8s::read_client_config(&ctx.client, &named),
+    )
+    .await;
+    let config_map = config_map?;
+    ctx.metrics.phase(Phase::Read, read.elapsed());
     let uri_vhost = resolved.as_ref().ok().map(|r| r.vhost.clone());
     let create_vhost = resolved.as_ref().is_ok_and(|r| r.create_vhost);
     let endpoint = resolved.map(|r| r.endpoint);
     let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
-    let config_map = k8s::read_client_config(&ctx.client, &desired).await?;
     let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
     if !new_tiers {
         write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
     }
-    let (alerts, alertmanager_config) = converge_alerts(pipeline, &desired, ctx).await;
-    // Right before the broker pass, so a reconcile that is let through as the probe always
-    // reports what the broker did.
-    let gate = match &endpoint {
-        Ok(endpoint) => ctx.brokers.gate(endpoint).await,
-        Err(_) => Gate::Open,
+    // The broker pass and the alerts (which do not depend on each other) at the same time.
+    let broker_pass = async {
+        // Right before the broker pass, so a reconcile that is let through as the probe
+        // always reports what the broker did.
+        let gate = match &endpoint {
+            Ok(endpoint) => ctx.brokers.gate(endpoint).await,
+            Err(_) => Gate::Open,
+        };
+        match (endpoint, gate) {
+            (Ok(_), Gate::Busy) => None,
+            (Ok(_), Gate::Down(error)) => {
+                Some(broker_failed(pipeline, Error::Broker(error), ctx).await)
+            }
+            (Ok(endpoint), _) => {
+                let started = Instant::now();
+                let outcome =
+                    converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await;
+                ctx.metrics.phase(Phase::Broker, started.elapsed());
+                Some(outcome)
+            }
+            (Err(error), _) => Some(broker_failed(pipeline, Error::Kube(error), ctx).await),
+        }
     };
-    if matches!(gate, Gate::Busy) {
+    let alerts = async {
+        let started = Instant::now();
+        let verdict = converge_alerts(pipeline, &desired, ctx).await;
+        ctx.metrics.phase(Phase::Alerts, started.elapsed());
+        verdict
+    };
+    let (outcome, (alerts, alertmanager_config)) =
+        futures_util::future::join(broker_pass, alerts).await;
+    let Some(outcome) = outcome else {
         debug!("another reconcile is probing this broker; looking again shortly");
         return Ok(Action::requeue(BUSY_RETRY));
-    }
-    let outcome = match (endpoint, gate) {
-        (Ok(_), Gate::Down(error)) => broker_failed(pipeline, Error::Broker(error), ctx).await,
-        (Ok(endpoint), _) => {
-            converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await
-        }
-        (Err(error), _) => broker_failed(pipeline, Error::Kube(error), ctx).await,
     };
     if new_tiers && outcome.tiers_in_place {
         write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
@@ -140,14 +226,20 @@ async fn converge<B: PooledBroker>(
         alertmanager_config,
     };
     let ready = observation.broker.ok && observation.alerts.ok;
+    let started = Instant::now();
     write_status(api, pipeline, &observation, Some(&desired), ctx).await?;
+    ctx.metrics.phase(Phase::Status, started.elapsed());
     ctx.metrics.set_ready(&key, Some(ready));
+    // Events say what changed; nothing waits for them, so they come after the status.
+    let started = Instant::now();
+    for (kind, reason, note) in &outcome.events {
+        ctx.change_event(pipeline, *kind, *reason, note).await;
+    }
+    ctx.metrics.phase(Phase::Events, started.elapsed());
     if let Some(error) = outcome.error {
         return Err(error);
     }
-    let next = if outcome.waiting {
-        ctx.config.policy_quiet
-    } else if crd_missing {
+    let next = if crd_missing {
         // Looked for again soon, so alerts appear once the CRD is installed.
         ctx.config.resync.min(Duration::from_secs(60))
     } else {
@@ -327,10 +419,10 @@ struct BrokerOutcome {
     counts: Option<broker::LiveCounts>,
     /// The failure, for the error policy's backoff.
     error: Option<Error>,
-    /// Policies written, declares held back (see [`crate::controller::PolicyBurst`]).
-    waiting: bool,
     /// Every planned retry queue exists: the ConfigMap may announce them.
     tiers_in_place: bool,
+    /// Events to publish once the status is written.
+    events: Vec<(EventType, Reason, String)>,
 }
 
 /// Reports a failure that kept the broker pass from running (or stopped it).
@@ -344,13 +436,13 @@ async fn broker_failed<B: PooledBroker>(
         verdict: Verdict::failed(reason, message),
         counts: None,
         error: Some(error),
-        waiting: false,
         tiers_in_place: false,
+        events: Vec::new(),
     }
 }
 
-/// Runs the broker reconciler, policies first: while other pipelines of the vhost are
-/// writing policies, this one's declares wait for a later pass.
+/// Runs the broker reconciler in its vhost's batch (see [`super::batch`]): one snapshot for
+/// the pipelines reconciled together, all their policies first, then the rest.
 async fn converge_broker<B: PooledBroker>(
     pipeline: &MessagePipeline,
     desired: &DesiredState,
@@ -361,62 +453,65 @@ async fn converge_broker<B: PooledBroker>(
     let vhost = &desired.topology.vhost;
     let key = desired.pipeline.to_string();
     let result = async {
-        let (broker, live) = match open_vhost(desired, endpoint, ctx).await {
+        let broker = ctx.brokers.broker(endpoint).await.map_err(|error| {
+            // The pool reports its own reads; a client that could not even be made is
+            // reported here.
+            ctx.brokers.failed(endpoint, &error);
+            Failed {
+                error,
+                applied: vec![],
+            }
+        })?;
+        let in_batch = |broker: Arc<B>| {
+            ctx.brokers
+                .converge_in_batch(endpoint, broker, desired.clone(), ctx.last_write(&key))
+        };
+        match in_batch(broker.clone()).await {
             // A MessageBroker that creates its tenants' vhosts: made on first use only.
             Err(Failed {
                 error: broker::BrokerError::VhostNotFound { .. },
                 ..
             }) if create_vhost => {
-                let broker = ctx.brokers.broker(endpoint).await.map_err(|error| Failed {
-                    error,
-                    applied: vec![],
-                })?;
                 if broker.create_vhost(vhost).await.map_err(|error| Failed {
                     error,
                     applied: vec![],
                 })? {
                     info!(%vhost, "created the namespace's vhost (MessageBroker createVhosts)");
                 }
-                open_vhost(desired, endpoint, ctx).await?
+                in_batch(broker).await
             }
-            opened => opened?,
-        };
-        let broker = broker.as_ref();
-        let result = broker::reconcile_policies_first(broker, desired, live, |policies| {
-            ctx.brokers
-                .may_declare(endpoint, vhost, &key, !policies.is_empty())
-        })
-        .await;
-        let wrote = match &result {
-            Ok(report) => report.wrote(),
-            Err(failed) => {
-                ctx.brokers.failed(endpoint, &failed.error);
-                !failed.applied.is_empty()
-            }
-        };
-        if wrote {
-            ctx.wrote_now(&key);
+            done => done,
         }
-        result
     }
     .await;
+    let wrote = match &result {
+        Ok(report) => report.wrote(),
+        Err(failed) => {
+            ctx.brokers.failed(endpoint, &failed.error);
+            !failed.applied.is_empty()
+        }
+    };
+    if wrote {
+        ctx.wrote_now(&key);
+    }
     let drift = is_converged(pipeline);
     match result {
         Ok(report) => {
-            record_changes(pipeline, &report.changes, drift, ctx).await;
-            for warning in &report.warnings {
-                ctx.event(
-                    pipeline,
+            let mut events = record_changes(&report.changes, drift, ctx);
+            events.extend(report.warnings.iter().map(|warning| {
+                (
                     EventType::Warning,
                     Reason::PolicyOverridden,
-                    warning,
+                    warning.clone(),
                 )
-                .await;
-            }
-            broker_verdict(pipeline, &report, ctx).await
+            }));
+            let mut outcome = broker_verdict(pipeline, &report, ctx).await;
+            events.append(&mut outcome.events);
+            outcome.events = events;
+            outcome
         }
         Err(Failed { error, applied }) => {
-            record_changes(pipeline, &applied, drift, ctx).await;
+            publish_changes(pipeline, &applied, drift, ctx).await;
             broker_failed(pipeline, Error::Broker(error), ctx).await
         }
     }
@@ -477,21 +572,8 @@ async fn broker_verdict<B: PooledBroker>(
             verdict: Verdict::failed(reason, message),
             counts: Some(report.counts.clone()),
             error: None,
-            waiting: report.deferred > 0,
             tiers_in_place,
-        };
-    }
-    if report.deferred > 0 {
-        let message = format!(
-            "policies are in place; {} more broker changes wait until other pipelines on this vhost have written their policies",
-            report.deferred
-        );
-        return BrokerOutcome {
-            verdict: Verdict::failed(Reason::WaitingForPolicies, message),
-            counts: Some(report.counts.clone()),
-            error: None,
-            waiting: true,
-            tiers_in_place,
+            events: Vec::new(),
         };
     }
     // Counts come from the snapshot taken before this reconcile's writes: a queue it
@@ -507,8 +589,8 @@ async fn broker_verdict<B: PooledBroker>(
         ),
         counts: Some(counts),
         error: None,
-        waiting: false,
         tiers_in_place,
+        events: Vec::new(),
     }
 }
 
@@ -528,12 +610,12 @@ fn is_converged(pipeline: &MessagePipeline) -> bool {
 /// 17 changes cost the API server 3 event writes, not 17 (a burst of 1,000 new pipelines
 /// made 22,000 API writes with an event per change). A list longer than an event note may be
 /// is cut at a change boundary, saying how many more there were; the log has them all.
-async fn record_changes<B: PooledBroker>(
-    pipeline: &MessagePipeline,
+/// Returns the events, to publish once the status is written.
+fn record_changes<B: PooledBroker>(
     changes: &[Change],
     drift: bool,
     ctx: &Context<B>,
-) {
+) -> Vec<(EventType, Reason, String)> {
     let mut writes = 0;
     let mut by_reason: Vec<(Reason, EventType, Vec<String>)> = Vec::new();
     for change in changes {
@@ -558,12 +640,24 @@ async fn record_changes<B: PooledBroker>(
             None => by_reason.push((reason, kind, vec![note])),
         }
     }
-    for (reason, kind, notes) in by_reason {
-        ctx.change_event(pipeline, kind, reason, &change_list(&notes))
-            .await;
-    }
     if drift && writes > 0 {
         ctx.metrics.drift_repaired(writes);
+    }
+    by_reason
+        .into_iter()
+        .map(|(reason, kind, notes)| (kind, reason, change_list(&notes)))
+        .collect()
+}
+
+/// [`record_changes`], published at once.
+async fn publish_changes<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    changes: &[Change],
+    drift: bool,
+    ctx: &Context<B>,
+) {
+    for (kind, reason, note) in record_changes(changes, drift, ctx) {
+        ctx.change_event(pipeline, kind, reason, &note).await;
     }
 }
 
@@ -658,11 +752,11 @@ async fn cleanup<B: PooledBroker>(
     };
     match result {
         Ok(report) => {
-            record_changes(pipeline, &report.changes, false, ctx).await;
+            publish_changes(pipeline, &report.changes, false, ctx).await;
             Ok(Action::await_change())
         }
         Err(Failed { error, applied }) => {
-            record_changes(pipeline, &applied, false, ctx).await;
+            publish_changes(pipeline, &applied, false, ctx).await;
             if deleting_for(pipeline) > ctx.config.cleanup_timeout {
                 let note = format!(
                     "{error}; gave up after {}s and released the pipeline; left on the broker: {}",

@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use msgpipe::api::MessagePipeline;
 use msgpipe::broker::MemoryBroker;
 use msgpipe::controller::{
-    BrokerPool, Context, Metrics, OperatorConfig, POLICY_QUIET, error_policy, reconcile,
+    BROKER_CONCURRENCY, BrokerPool, Context, Metrics, OperatorConfig, error_policy, reconcile,
 };
 use serde_json::{Value, json};
 
@@ -55,7 +55,7 @@ impl Offline {
         let shared = broker.clone();
         let brokers = BrokerPool::with_connector(
             Duration::from_secs(5),
-            POLICY_QUIET,
+            BROKER_CONCURRENCY,
             Box::new(move |_, _| Ok(shared.clone())),
         );
         let (client, server) = api.client();
@@ -87,11 +87,15 @@ impl Offline {
         (result, self.api.take_calls())
     }
 
-    /// Finalizer, then the first converge.
+    /// The first reconcile: the finalizer, then the converge in the same pass.
     async fn first_sync(&self) -> (Result<Action, String>, Vec<Call>) {
-        let (added, _) = self.reconcile().await;
-        assert_eq!(added, Ok(Action::await_change()));
-        self.reconcile().await
+        let (result, calls) = self.reconcile().await;
+        assert_eq!(
+            calls.first().map(Call::line),
+            Some(format!("PATCH {PIPELINE}")),
+            "first: the finalizer"
+        );
+        (result, calls)
     }
 
     /// `kubectl apply` of a spec change: the server bumps the generation.
@@ -187,6 +191,71 @@ async fn offline_first_reconcile_converges_and_announces_tiers_only_after_declar
     let (result, _) = h.reconcile().await;
     assert_eq!(result, Ok(Action::requeue(Duration::from_secs(300))));
     assert_eq!(h.take_journal(), Vec::<String>::new());
+}
+
+/// Pipelines reconciled at the same time share one batch of their vhost: one snapshot, every
+/// pipeline's policies before any of their queues (as `msgpipe apply` does), and each is
+/// Ready after one reconcile, with no pass held back for a quiet period.
+#[tokio::test]
+async fn pipelines_reconciled_together_put_all_their_policies_before_any_queue() {
+    let h = Offline::new();
+    let names = ["alpha", "beta", "gamma", "delta"];
+    let mut paths = Vec::new();
+    for name in names {
+        let mut object = notes_object(VHOST, "Retain");
+        object["metadata"]["name"] = json!(name);
+        object["spec"]["queue"] = json!({"name": format!("{name}_queue")});
+        object["spec"]["deadLetter"] = json!({});
+        let collection = PIPELINE.rsplit_once('/').expect("a path").0;
+        let path = format!("{collection}/{name}");
+        h.api.put(&path, object);
+        paths.push(path);
+    }
+    let reconciles = paths.iter().map(|path| {
+        let object = h.api.get(path).expect("stored");
+        let pipeline: Arc<MessagePipeline> =
+            Arc::new(serde_json::from_value(object).expect("pipeline"));
+        reconcile(pipeline, h.ctx.clone())
+    });
+    let results = futures_util::future::join_all(reconciles).await;
+    for (name, result) in names.iter().zip(results) {
+        let action = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)), "{name}");
+    }
+    for path in &paths {
+        let object = h.api.get(path).expect("stored");
+        let ready = object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(ready, "{path} not Ready after one reconcile: {object}");
+    }
+    let journal = h.take_journal();
+    let broker: Vec<&String> = journal
+        .iter()
+        .filter(|e| e.starts_with("broker: "))
+        .collect();
+    let last_policy = broker
+        .iter()
+        .rposition(|e| e.contains(" policy "))
+        .expect("policies written");
+    let first_queue = broker
+        .iter()
+        .position(|e| e.starts_with("broker: create queue"))
+        .expect("queues declared");
+    assert!(
+        last_policy < first_queue,
+        "a queue was declared before every policy of the batch was in: {broker:#?}"
+    );
+    for name in names {
+        assert!(
+            broker
+                .iter()
+                .any(|e| e.starts_with(&format!("broker: create queue {name}_queue ("))),
+            "{name}_queue never declared: {broker:#?}"
+        );
+    }
 }
 
 #[tokio::test]
