@@ -335,8 +335,9 @@ where
 }
 
 /// Runs one controller over `namespace` (None: all namespaces) until `shutdown` resolves.
-pub async fn run_controller(
-    ctx: Arc<Context>,
+/// `B` is the broker client: RabbitMQ, or in-memory in tests.
+pub async fn run_controller<B: PooledBroker>(
+    ctx: Arc<Context<B>>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
