@@ -375,6 +375,9 @@ pub async fn run_controller<B: PooledBroker>(
     let brokers = access
         .message_brokers
         .then(reflector::store::<MessageBroker>);
+    if let Some((store, _)) = &brokers {
+        access.cache.set(store.clone());
+    }
     // Secrets: metadata only (never their data in memory). Tenant Secrets are watched only
     // when pipelines may name them; the operator's own namespace (MessageBrokers' Secrets)
     // on its own watch unless the tenant watch already covers every namespace.

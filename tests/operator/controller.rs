@@ -198,6 +198,7 @@ async fn brokers_only_controller_lists_and_watches_secrets_in_its_own_namespace_
         secret_refs: false,
         message_brokers: true,
         operator_namespace: OPERATOR_NS.into(),
+        cache: Default::default(),
     };
     let (_stop, _broker) = start(&api, access);
     api.put(
@@ -221,4 +222,16 @@ async fn brokers_only_controller_lists_and_watches_secrets_in_its_own_namespace_
         "the own namespace's Secrets are watched: {secret_calls:#?}"
     );
     assert_eq!(api.denied(), Vec::<String>::new());
+    // The MessageBroker comes from the controller's watch, not a GET per reconcile.
+    assert!(
+        calls.iter().any(|c| c.path.ends_with("/messagebrokers")),
+        "MessageBrokers watched"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.path.ends_with("/messagebrokers/shared")),
+        "{:#?}",
+        calls.iter().map(Call::line).collect::<Vec<_>>()
+    );
 }

@@ -238,6 +238,13 @@ impl FakeApi {
         delete_object(&mut self.lock(), path);
     }
 
+    /// Watches whose client is still reading.
+    pub fn open_watches(&self) -> usize {
+        let mut state = self.lock();
+        state.watches.retain(|w| !w.send.is_closed());
+        state.watches.len()
+    }
+
     /// From now on each call costs what `latency` says.
     pub fn set_latency(&self, latency: Latency) {
         self.lock().latency = latency;
