@@ -235,3 +235,73 @@ async fn brokers_only_controller_lists_and_watches_secrets_in_its_own_namespace_
         calls.iter().map(Call::line).collect::<Vec<_>>()
     );
 }
+
+/// Over real HTTP, as the benchmarks serve it: lists come in pages of `limit` with a
+/// `continue` token, metadata-only when asked, and a watch streams writes as they happen,
+/// each charged a real server's latency.
+#[tokio::test]
+async fn over_http_lists_page_and_a_watch_streams_metadata_of_new_writes() {
+    use futures_util::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+
+    msgpipe::broker::install_crypto_provider();
+    let api = FakeApi::default();
+    api.preload((0..1200).map(|i| {
+        let name = format!("s-{i:04}");
+        (
+            format!("/api/v1/namespaces/team/secrets/{name}"),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": name, "namespace": "team", "managedFields": [{"manager": "kubectl"}]},
+                   "data": {"k": "c2VjcmV0"}}),
+        )
+    }));
+    api.set_latency(super::fake_api::Latency::real_server());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let port = listener.local_addr().expect("port").port();
+    tokio::spawn(api.clone().serve(listener));
+    let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().expect("url"));
+    let client = kube::Client::try_from(config).expect("client");
+    let secrets: Api<Secret> = Api::all(client);
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    let mut pages = 0;
+    let version = loop {
+        let page = secrets.list_metadata(&params).await.expect("page");
+        pages += 1;
+        names.extend(
+            page.items
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap_or_default()),
+        );
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break page.metadata.resource_version.expect("list version"),
+        }
+    };
+    assert_eq!((pages, names.len()), (3, 1200));
+    assert_eq!(names.first().map(String::as_str), Some("s-0000"));
+    assert_eq!(names.last().map(String::as_str), Some("s-1199"));
+    let stream = secrets
+        .watch_metadata(&WatchParams::default().timeout(10), &version)
+        .await
+        .expect("watch");
+    let mut stream = stream.boxed();
+    wait_until("the watch open", || api.open_watches() == 1).await;
+    api.put(
+        "/api/v1/namespaces/team/secrets/new",
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "new", "namespace": "team"}, "data": {"k": "c2VjcmV0"}}),
+    );
+    let event = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+        .await
+        .expect("an event within 5 s")
+        .expect("a good event")
+        .expect("not the end");
+    match event {
+        WatchEvent::Added(meta) => assert_eq!(meta.metadata.name.as_deref(), Some("new")),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+}
