@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit brokers cluster compat clients conformance lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench
+.PHONY: all setup build run test unit brokers cluster compat clients conformance lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench-memory bench
 N ?= 200
 # RabbitMQ of the main pass: 4.3 (newest, default), 4.0 or 3.10 (scripts/test-broker.sh).
 RABBITMQ ?= 4.3
@@ -99,6 +99,9 @@ bench-client: setup ## consumer/publisher vs raw lapin; outbox (broker down) vs 
 bench-operator: setup ## operator RSS, a burst of new pipelines vs msgpipe apply, writes per resync, spec change (mocked Kubernetes API)
 	scripts/test-broker.sh reset msgpipe-opbench 5679
 	$(CARGO) run --release --example bench_operator -- --pipelines $(or $(PIPELINES),1000)
+
+bench-memory: ## operator peak RSS with 10,000 Secrets + 10,000 ConfigMaps it does not use vs none (issue 23; mocked API, in-memory broker)
+	$(CARGO) run --release --example bench_memory
 
 bench-scale: setup ## first sync, resync and spec-change latency at 200/500/1,000 pipelines in one vhost vs raw writes
 	scripts/test-broker.sh reset msgpipe-scale 5660

@@ -115,6 +115,7 @@ pub fn run(args: &OperatorArgs) -> anyhow::Result<()> {
             secret_refs: args.secret_refs,
             message_brokers: args.message_brokers,
             operator_namespace: own_namespace(args.operator_namespace.as_ref()),
+            cache: Default::default(),
         },
     };
     let options = RunOptions {

@@ -22,9 +22,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::Context;
 use super::reconcile::FINALIZER;
 use super::status::{Observation, next_status};
+use super::{Context, PooledBroker};
 use crate::api::load::{API_VERSION, KIND, decode_stored};
 use crate::api::reason::one_line;
 use crate::api::validate::FieldError;
@@ -129,8 +129,8 @@ fn placeholder(object: &DynamicObject) -> MessagePipeline {
 
 /// Reports every key sent by [`split`] until the controller (and with it every sender but
 /// `retry`, which is weak) is gone. A report that fails is tried again after a pause.
-pub(crate) async fn run(
-    ctx: Arc<Context>,
+pub(crate) async fn run<B: PooledBroker>(
+    ctx: Arc<Context<B>>,
     resource: ApiResource,
     mut bad: mpsc::UnboundedReceiver<Key>,
     retry: mpsc::WeakUnboundedSender<Key>,
@@ -151,7 +151,11 @@ pub(crate) async fn run(
 
 /// Reads the object afresh and, if it still cannot be decoded, writes its InvalidSpec status
 /// (when it says something new) and a Warning event; a deleted one is released.
-async fn report(ctx: &Context, resource: &ApiResource, key: &Key) -> Result<(), KubeError> {
+async fn report<B: PooledBroker>(
+    ctx: &Context<B>,
+    resource: &ApiResource,
+    key: &Key,
+) -> Result<(), KubeError> {
     let api: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &key.namespace, resource);
     let object = api
@@ -199,8 +203,8 @@ async fn report(ctx: &Context, resource: &ApiResource, key: &Key) -> Result<(), 
 
 /// Deletion of an object whose spec cannot be read: msgpipe cannot tell which broker
 /// objects are its own, so it deletes nothing and lets the object go.
-async fn release(
-    ctx: &Context,
+async fn release<B: PooledBroker>(
+    ctx: &Context<B>,
     resource: &ApiResource,
     api: &Api<DynamicObject>,
     object: &DynamicObject,
@@ -235,8 +239,8 @@ async fn release(
     Ok(())
 }
 
-async fn publish(
-    ctx: &Context,
+async fn publish<B: PooledBroker>(
+    ctx: &Context<B>,
     resource: &ApiResource,
     object: &DynamicObject,
     reason: Reason,

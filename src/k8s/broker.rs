@@ -4,8 +4,11 @@
 //! [`MessageBrokerSpec::admit`]; this module reads the objects it needs.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
@@ -26,6 +29,9 @@ pub struct BrokerAccess {
     pub message_brokers: bool,
     /// Where MessageBrokers' Secrets live.
     pub operator_namespace: String,
+    /// The controller's MessageBrokers, once it watches them: read instead of a GET per
+    /// reconcile. Empty (the CLI, one-off reconciles): a GET.
+    pub cache: BrokerCache,
 }
 
 impl Default for BrokerAccess {
@@ -34,9 +40,53 @@ impl Default for BrokerAccess {
             secret_refs: true,
             message_brokers: true,
             operator_namespace: "msgpipe-system".into(),
+            cache: BrokerCache::default(),
         }
     }
 }
+
+/// How long a reconcile waits for the controller's first list of MessageBrokers before it
+/// reads the one it needs with a GET.
+const CACHE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The controller's reflector store of MessageBrokers, shared by every clone of a
+/// [`BrokerAccess`]. Not configuration: any two compare equal.
+#[derive(Clone, Default)]
+pub struct BrokerCache(Arc<RwLock<Option<Store<MessageBroker>>>>);
+
+impl BrokerCache {
+    /// From now on, MessageBrokers are read from `store` (the controller's reflector).
+    pub fn set(&self, store: Store<MessageBroker>) {
+        if let Ok(mut cached) = self.0.write() {
+            *cached = Some(store);
+        }
+    }
+
+    /// The MessageBroker `name` from the store: `None` when there is no store or it has not
+    /// listed yet (the caller reads it from the API), `Some(None)` when it does not exist.
+    async fn get(&self, name: &str) -> Option<Option<MessageBroker>> {
+        let store = self.0.read().ok()?.clone()?;
+        match tokio::time::timeout(CACHE_PATIENCE, store.wait_until_ready()).await {
+            Ok(Ok(())) => Some(store.get(&ObjectRef::new(name)).map(|b| (*b).clone())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BrokerCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.read().is_ok_and(|s| s.is_some());
+        write!(f, "BrokerCache({})", if set { "watched" } else { "none" })
+    }
+}
+
+impl PartialEq for BrokerCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for BrokerCache {}
 
 /// The broker a pipeline uses, and the vhost it gets unless `spec.broker.vhost` says otherwise.
 #[derive(Clone, Debug)]
@@ -73,16 +123,19 @@ pub async fn resolve_broker(
             why: "this operator is installed without access to tenant Secrets (chart value brokers.secretRefs=false); name a MessageBroker with spec.broker.brokerRef".into(),
         }),
         (None, Some(broker_ref)) if access.message_brokers => {
-            let broker = Api::<MessageBroker>::all(client.clone())
-                .get_opt(&broker_ref.name)
-                .await
-                .map_err(KubeError::api(format!(
-                    "read MessageBroker {}",
-                    broker_ref.name
-                )))?
-                .ok_or_else(|| KubeError::BrokerMissing {
-                    name: broker_ref.name.clone(),
-                })?;
+            let broker = match access.cache.get(&broker_ref.name).await {
+                Some(cached) => cached,
+                None => Api::<MessageBroker>::all(client.clone())
+                    .get_opt(&broker_ref.name)
+                    .await
+                    .map_err(KubeError::api(format!(
+                        "read MessageBroker {}",
+                        broker_ref.name
+                    )))?,
+            }
+            .ok_or_else(|| KubeError::BrokerMissing {
+                name: broker_ref.name.clone(),
+            })?;
             let labels = namespace_labels(client, &namespace).await?;
             let grant = broker.spec.admit(
                 &broker_ref.name,

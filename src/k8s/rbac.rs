@@ -101,7 +101,7 @@ pub const BROKER_CALLS: &[ApiCall] = &[
         group: "msgpipe.io",
         resource: "messagebrokers",
         verbs: &["get", "list", "watch"],
-        why: "read the MessageBroker a pipeline names (spec.broker.brokerRef); watch them to reconcile their pipelines on change",
+        why: "watch them (the controller's cache, which each reconcile reads for a pipeline's spec.broker.brokerRef; a change reconciles their pipelines); get: the CLI, and a reconcile before the first list",
     },
     ApiCall {
         group: "msgpipe.io",

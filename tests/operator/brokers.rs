@@ -113,6 +113,7 @@ impl Tenant {
                 secret_refs: modes.secret_refs,
                 message_brokers: modes.message_brokers,
                 operator_namespace: OPERATOR_NS.into(),
+                cache: Default::default(),
             },
             ..OperatorConfig::default()
         };
@@ -435,6 +436,7 @@ async fn rotating_a_message_brokers_password_reconnects_the_operator_and_loses_n
             secret_refs: false,
             message_brokers: true,
             operator_namespace: OPERATOR_NS.into(),
+            cache: Default::default(),
         },
         ..OperatorConfig::default()
     };
