@@ -13,6 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::brokers::{Gate, PooledBroker};
+use super::migration;
 use super::status::{Observation, Verdict, next_status};
 use super::{Context, Error, describe};
 use crate::api::validate::InvalidSpec;
@@ -118,11 +119,15 @@ async fn converge<B: PooledBroker>(
         debug!("another reconcile is probing this broker; looking again shortly");
         return Ok(Action::requeue(BUSY_RETRY));
     }
+    // A queue migration (spec.queue.type changed) runs in a task of its own; while it does,
+    // the broker pass waits and the status reports its progress (controller/migration.rs).
+    let mut migration = None;
     let outcome = match (endpoint, gate) {
         (Ok(_), Gate::Down(error)) => broker_failed(pipeline, Error::Broker(error), ctx).await,
-        (Ok(endpoint), _) => {
-            converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await
-        }
+        (Ok(endpoint), _) => match migration::drive(pipeline, &desired, &endpoint, ctx).await {
+            Some(migrating) => BrokerOutcome::migrating(migration.insert(migrating)),
+            None => converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await,
+        },
         (Err(error), _) => broker_failed(pipeline, Error::Kube(error), ctx).await,
     };
     if new_tiers && outcome.tiers_in_place {
@@ -138,12 +143,16 @@ async fn converge<B: PooledBroker>(
         alerts,
         counts: outcome.counts,
         alertmanager_config,
+        migration: migration.as_ref().map(|m| m.status.clone()),
     };
     let ready = observation.broker.ok && observation.alerts.ok;
     write_status(api, pipeline, &observation, Some(&desired), ctx).await?;
     ctx.metrics.set_ready(&key, Some(ready));
     if let Some(error) = outcome.error {
         return Err(error);
+    }
+    if let Some(migrating) = migration {
+        return Ok(Action::requeue(migrating.requeue));
     }
     let next = if outcome.waiting {
         ctx.config.policy_quiet
@@ -331,6 +340,19 @@ struct BrokerOutcome {
     waiting: bool,
     /// Every planned retry queue exists: the ConfigMap may announce them.
     tiers_in_place: bool,
+}
+
+impl BrokerOutcome {
+    /// A migration runs (or cannot): the broker pass waits for it.
+    fn migrating(migrating: &migration::Migrating) -> Self {
+        BrokerOutcome {
+            verdict: migrating.verdict.clone(),
+            counts: None,
+            error: None,
+            waiting: false,
+            tiers_in_place: false,
+        }
+    }
 }
 
 /// Reports a failure that kept the broker pass from running (or stopped it).
