@@ -99,7 +99,9 @@ impl MigrationBroker for RabbitBroker {
         Ok(match self.mover() {
             // RabbitMQ 3.x shovels refuse `src-predeclared`/`dest-predeclared`, and without
             // them a shovel declares its queues itself (no type, no arguments).
-            Mover::Auto if self.server_major().await? >= 4 && self.shovels_available(vhost).await? => {
+            Mover::Auto
+                if self.server_major().await? >= 4 && self.shovels_available(vhost).await? =>
+            {
                 Mover::Shovel
             }
             Mover::Auto => Mover::Confirm,

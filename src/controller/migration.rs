@@ -18,9 +18,9 @@ use kube::runtime::events::EventType;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::Context;
 use super::brokers::PooledBroker;
 use super::status::Verdict;
-use super::Context;
 use crate::api::reason::one_line;
 use crate::api::{MessagePipeline, MigrationStatus, QueueType, Reason};
 use crate::broker::migration::{
@@ -102,6 +102,8 @@ enum Look {
     Finished {
         result: Result<u64, String>,
         status: MigrationStatus,
+        /// Steps started since the last look, not yet published.
+        new_steps: Vec<String>,
         took: Duration,
     },
 }
@@ -118,6 +120,7 @@ impl Migrations {
             return Look::None;
         };
         let progress = lock(&entry.progress);
+        let new_steps = progress.steps[entry.reported.min(progress.steps.len())..].to_vec();
         if let Some(result) = progress.done.clone() {
             let status = progress.status.clone();
             drop(progress);
@@ -126,10 +129,10 @@ impl Migrations {
             return Look::Finished {
                 result,
                 status,
+                new_steps,
                 took,
             };
         }
-        let new_steps = progress.steps[entry.reported.min(progress.steps.len())..].to_vec();
         entry.reported = progress.steps.len();
         let status = progress.status.clone();
         drop(progress);
@@ -247,7 +250,9 @@ fn record(progress: &Mutex<Progress>, event: MigrationEvent) {
             }
         }
         MigrationEvent::Progress(drain) => {
-            if p.drain.as_ref().is_some_and(|(from, _)| *from != drain.from)
+            if p.drain
+                .as_ref()
+                .is_some_and(|(from, _)| *from != drain.from)
                 && let Some((_, drained)) = p.drain.take()
             {
                 p.moved_before += drained;
@@ -257,7 +262,8 @@ fn record(progress: &Mutex<Progress>, event: MigrationEvent) {
             p.status.remaining = drain.remaining;
         }
         MigrationEvent::Kept { queue, messages } => {
-            p.status.message = format!("{queue} still holds {messages} messages: moving them first");
+            p.status.message =
+                format!("{queue} still holds {messages} messages: moving them first");
         }
     }
 }
@@ -273,17 +279,20 @@ pub async fn drive<B: PooledBroker>(
 ) -> Option<Migrating> {
     let key = desired.pipeline.to_string();
     let asked = work_queue_type(desired);
-    match ctx.migrations.look(&key, asked) {
+    let look = ctx.migrations.look(&key, asked);
+    if let Look::Running { new_steps, .. } | Look::Finished { new_steps, .. } = &look {
+        for step in new_steps {
+            ctx.change_event(pipeline, EventType::Normal, Reason::Migrating, step)
+                .await;
+        }
+    }
+    match look {
         Look::Running {
             status,
-            new_steps,
             target,
             announce,
+            ..
         } => {
-            for step in &new_steps {
-                ctx.change_event(pipeline, EventType::Normal, Reason::Migrating, step)
-                    .await;
-            }
             let mut message = progress_message(&desired.names.queue, &status);
             if asked != target {
                 let waiting = format!(
@@ -310,6 +319,7 @@ pub async fn drive<B: PooledBroker>(
             result: Ok(moved),
             status,
             took,
+            ..
         } => {
             let note = format!(
                 "migrated the queues of {} to {}: {moved} messages moved in {:.0}s",
@@ -327,11 +337,15 @@ pub async fn drive<B: PooledBroker>(
             status,
             ..
         } => {
-            ctx.event(pipeline, EventType::Warning, Reason::MigrationFailed, &message)
-                .await;
+            ctx.event(
+                pipeline,
+                EventType::Warning,
+                Reason::MigrationFailed,
+                &message,
+            )
+            .await;
             ctx.wrote_now(&key);
-            let message =
-                format!("{message}; started again in {}s", MIGRATION_RETRY.as_secs());
+            let message = format!("{message}; started again in {}s", MIGRATION_RETRY.as_secs());
             return Some(Migrating {
                 verdict: Verdict::failed(Reason::MigrationFailed, &message),
                 status: MigrationStatus {
@@ -347,7 +361,12 @@ pub async fn drive<B: PooledBroker>(
     let broker = ctx.brokers.broker(endpoint).await.ok()?;
     let live = ctx
         .brokers
-        .snapshot(endpoint, &broker, &desired.topology.vhost, ctx.last_write(&key))
+        .snapshot(
+            endpoint,
+            &broker,
+            &desired.topology.vhost,
+            ctx.last_write(&key),
+        )
         .await
         .ok()?;
     let targets = match targets(pipeline, desired, &live, endpoint) {
@@ -364,8 +383,13 @@ pub async fn drive<B: PooledBroker>(
     let mut notes = Vec::new();
     if !resuming {
         for warning in type_specific_policies(desired, &live, asked) {
-            ctx.event(pipeline, EventType::Warning, Reason::TypeSpecificPolicy, &warning)
-                .await;
+            ctx.event(
+                pipeline,
+                EventType::Warning,
+                Reason::TypeSpecificPolicy,
+                &warning,
+            )
+            .await;
             notes.push(warning);
         }
     }
@@ -412,8 +436,7 @@ pub async fn drive<B: PooledBroker>(
         message: message.clone(),
         ..MigrationStatus::default()
     };
-    ctx.migrations
-        .start(&key, broker, targets, status.clone());
+    ctx.migrations.start(&key, broker, targets, status.clone());
     Some(Migrating {
         verdict: Verdict::failed(Reason::Migrating, &message),
         status,
@@ -471,8 +494,13 @@ async fn refuse<B: PooledBroker>(
         "{reason}; nothing was written; looked at again in {}s",
         MIGRATION_RETRY.as_secs()
     );
-    ctx.event(pipeline, EventType::Warning, Reason::MigrationRefused, &message)
-        .await;
+    ctx.event(
+        pipeline,
+        EventType::Warning,
+        Reason::MigrationRefused,
+        &message,
+    )
+    .await;
     Migrating {
         verdict: Verdict::failed(Reason::MigrationRefused, &message),
         status: MigrationStatus {
@@ -531,11 +559,17 @@ mod tests {
                 feeders: vec![],
             },
         };
-        record(&progress, step(MigrationPhase::Draining, "q", "q.migrating"));
+        record(
+            &progress,
+            step(MigrationPhase::Draining, "q", "q.migrating"),
+        );
         record(&progress, drain("q", 100, 900));
         record(&progress, drain("q", 1000, 0));
         record(&progress, drain("dlq", 5, 0));
-        record(&progress, step(MigrationPhase::Returning, "q.migrating", "q"));
+        record(
+            &progress,
+            step(MigrationPhase::Returning, "q.migrating", "q"),
+        );
         record(&progress, drain("q.migrating", 40, 965));
         let p = lock(&progress);
         assert_eq!(p.status.moved, 1045);

@@ -139,14 +139,28 @@ mod tests {
         let live = live(vec![
             (
                 "lazy",
-                policy("^notes_queue$", "classic_queues", high, json!({"max-length": 5})),
+                policy(
+                    "^notes_queue$",
+                    "classic_queues",
+                    high,
+                    json!({"max-length": 5}),
+                ),
             ),
-            ("ha", policy("^notes", "queues", high, json!({"ha-mode": "all"}))),
+            (
+                "ha",
+                policy("^notes", "queues", high, json!({"ha-mode": "all"})),
+            ),
             // Outranked by msgpipe's own policy on the work queue and the DLQ: applies only
             // to the retry queues (which carry arguments, no policy).
             ("low", policy(".*", "all", 0, json!({"queue-mode": "lazy"}))),
-            ("exchanges", policy(".*", "exchanges", high, json!({"ha-mode": "all"}))),
-            ("msgpipe.notes_queue", policy("^notes_queue$", "classic_queues", high, json!({}))),
+            (
+                "exchanges",
+                policy(".*", "exchanges", high, json!({"ha-mode": "all"})),
+            ),
+            (
+                "msgpipe.notes_queue",
+                policy("^notes_queue$", "classic_queues", high, json!({})),
+            ),
         ]);
         let found = type_specific_policies(&desired, &live, QueueType::Quorum);
         assert!(
@@ -162,9 +176,19 @@ mod tests {
                 .any(|f| f.starts_with("policy ha matches queue notes_queue.dlq and sets ha-mode")),
             "{found:#?}"
         );
-        let low: Vec<&String> = found.iter().filter(|f| f.starts_with("policy low ")).collect();
-        assert!(!low.is_empty() && low.iter().all(|f| f.contains(".retry.")), "{low:#?}");
-        assert!(!found.iter().any(|f| f.contains("exchanges") || f.contains("msgpipe.")));
+        let low: Vec<&String> = found
+            .iter()
+            .filter(|f| f.starts_with("policy low "))
+            .collect();
+        assert!(
+            !low.is_empty() && low.iter().all(|f| f.contains(".retry.")),
+            "{low:#?}"
+        );
+        assert!(
+            !found
+                .iter()
+                .any(|f| f.contains("exchanges") || f.contains("msgpipe."))
+        );
     }
 
     #[test]
@@ -172,8 +196,14 @@ mod tests {
         let desired = desired("classic");
         let high = i64::from(POLICY_PRIORITY) + 10;
         let live = live(vec![
-            ("lazy", policy(".*", "classic_queues", high, json!({"max-length": 5}))),
-            ("ha", policy(".*", "queues", high, json!({"ha-mode": "all"}))),
+            (
+                "lazy",
+                policy(".*", "classic_queues", high, json!({"max-length": 5})),
+            ),
+            (
+                "ha",
+                policy(".*", "queues", high, json!({"ha-mode": "all"})),
+            ),
         ]);
         assert_eq!(
             type_specific_policies(&desired, &live, QueueType::Classic),
@@ -190,8 +220,19 @@ mod tests {
 
     fn live_with_quorum_only(priority: i64) -> LiveVhost {
         live(vec![
-            ("qq", policy("^notes_queue$", "quorum_queues", priority, json!({}))),
-            ("limit", policy("^notes_queue$", "queues", priority, json!({"delivery-limit": 3}))),
+            (
+                "qq",
+                policy("^notes_queue$", "quorum_queues", priority, json!({})),
+            ),
+            (
+                "limit",
+                policy(
+                    "^notes_queue$",
+                    "queues",
+                    priority,
+                    json!({"delivery-limit": 3}),
+                ),
+            ),
         ])
     }
 }
