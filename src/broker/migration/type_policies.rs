@@ -105,7 +105,7 @@ mod tests {
 
     fn desired(queue_type: &str) -> DesiredState {
         let yaml = format!(
-            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: notes, namespace: n }}\nspec:\n  broker: {{ secretRef: {{ name: s }} }}\n  queue: {{ name: notes_queue, type: {queue_type} }}\n  retry: {{ maxAttempts: 3, backoff: {{ initialDelay: 1s, multiplier: 2, maxDelay: 2s }} }}\n"
+            "apiVersion: msgpipe.io/v1alpha1\nkind: MessagePipeline\nmetadata: {{ name: notes, namespace: notes-app }}\nspec:\n  broker: {{ secretRef: {{ name: s }} }}\n  queue: {{ name: notes_queue, type: {queue_type} }}\n  retry: {{ maxAttempts: 3, backoff: {{ initialDelay: 1s, multiplier: 2, maxDelay: 2s }} }}\n"
         );
         let pipeline = crate::api::load::parse_pipelines(&yaml)
             .expect("parses")
