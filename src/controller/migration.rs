@@ -160,9 +160,7 @@ impl Migrations {
         if running.contains_key(key) {
             return;
         }
-        let target = targets
-            .last()
-            .map_or(QueueType::Quorum, |d| work_queue_type(d));
+        let target = targets.last().map_or(QueueType::Quorum, work_queue_type);
         let progress = Arc::new(Mutex::new(Progress {
             status,
             ..Progress::default()
@@ -278,15 +276,66 @@ pub async fn drive<B: PooledBroker>(
     ctx: &Context<B>,
 ) -> Option<Migrating> {
     let key = desired.pipeline.to_string();
+    let look = ctx.migrations.look(&key, work_queue_type(desired));
+    if let Some(reported) = report_task(pipeline, desired, look, ctx).await {
+        return Some(reported);
+    }
+    let broker = ctx.brokers.broker(endpoint).await.ok()?;
+    let live = ctx
+        .brokers
+        .snapshot(
+            endpoint,
+            &broker,
+            &desired.topology.vhost,
+            ctx.last_write(&key),
+        )
+        .await
+        .ok()?;
     let asked = work_queue_type(desired);
-    let look = ctx.migrations.look(&key, asked);
+    let targets = match targets(pipeline, desired, &live, endpoint) {
+        Ok(Some(targets)) => targets,
+        Ok(None) => return None,
+        Err(refused) => return Some(refuse(pipeline, asked, &refused.to_string(), ctx).await),
+    };
+    let resuming = targets.len() > 1 || recorded_target(desired, &live).ok().flatten().is_some();
+    let mut notes = Vec::new();
+    if !resuming {
+        if let Err(reason) = check_room(broker.as_ref(), desired).await {
+            return Some(refuse(pipeline, asked, &reason, ctx).await);
+        }
+        for warning in type_specific_policies(desired, &live, asked) {
+            ctx.event(
+                pipeline,
+                EventType::Warning,
+                Reason::TypeSpecificPolicy,
+                &warning,
+            )
+            .await;
+            notes.push(warning);
+        }
+    }
+    drop(live);
+    Some(start(pipeline, desired, broker, targets, resuming, &notes, ctx).await)
+}
+
+/// Publishes the steps the task started since the last look, and what it now reports: Some
+/// while it runs or when it failed; None when there is none or it just finished.
+async fn report_task<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    look: Look,
+    ctx: &Context<B>,
+) -> Option<Migrating> {
     if let Look::Running { new_steps, .. } | Look::Finished { new_steps, .. } = &look {
         for step in new_steps {
             ctx.change_event(pipeline, EventType::Normal, Reason::Migrating, step)
                 .await;
         }
     }
+    let key = desired.pipeline.to_string();
+    let asked = work_queue_type(desired);
     match look {
+        Look::None => None,
         Look::Running {
             status,
             target,
@@ -306,14 +355,14 @@ pub async fn drive<B: PooledBroker>(
                 }
                 message = format!("{message}; {waiting}");
             }
-            return Some(Migrating {
+            Some(Migrating {
                 verdict: Verdict::failed(Reason::Migrating, &message),
                 status: MigrationStatus {
                     message: one_line(&message),
                     ..status
                 },
                 requeue: MIGRATION_POLL,
-            });
+            })
         }
         Look::Finished {
             result: Ok(moved),
@@ -331,6 +380,7 @@ pub async fn drive<B: PooledBroker>(
                 .await;
             // The next snapshot must show what the migration did.
             ctx.wrote_now(&key);
+            None
         }
         Look::Finished {
             result: Err(message),
@@ -346,7 +396,7 @@ pub async fn drive<B: PooledBroker>(
             .await;
             ctx.wrote_now(&key);
             let message = format!("{message}; started again in {}s", MIGRATION_RETRY.as_secs());
-            return Some(Migrating {
+            Some(Migrating {
                 verdict: Verdict::failed(Reason::MigrationFailed, &message),
                 status: MigrationStatus {
                     phase: "Failed".into(),
@@ -354,54 +404,28 @@ pub async fn drive<B: PooledBroker>(
                     ..status
                 },
                 requeue: MIGRATION_RETRY,
-            });
+            })
         }
-        Look::None => {}
     }
-    let broker = ctx.brokers.broker(endpoint).await.ok()?;
-    let live = ctx
-        .brokers
-        .snapshot(
-            endpoint,
-            &broker,
-            &desired.topology.vhost,
-            ctx.last_write(&key),
-        )
-        .await
-        .ok()?;
-    let targets = match targets(pipeline, desired, &live, endpoint) {
-        Ok(Some(targets)) => targets,
-        Ok(None) => return None,
-        Err(refused) => return Some(refuse(pipeline, asked, &refused.to_string(), ctx).await),
+}
+
+/// Starts the task (a start or a resume, as `resuming` says), with an event saying so.
+async fn start<B: PooledBroker>(
+    pipeline: &MessagePipeline,
+    desired: &DesiredState,
+    broker: Arc<B>,
+    targets: Vec<DesiredState>,
+    resuming: bool,
+    notes: &[String],
+    ctx: &Context<B>,
+) -> Migrating {
+    let asked = work_queue_type(desired);
+    let first = targets.first().map_or(asked, work_queue_type);
+    let mover = match broker.mover_in_use(&desired.topology.vhost).await {
+        Ok(Mover::Shovel) => Some("shovel"),
+        Ok(_) => Some("confirm"),
+        Err(_) => None,
     };
-    let resuming = targets.len() > 1 || recorded_target(desired, &live).ok().flatten().is_some();
-    if !resuming {
-        if let Err(reason) = check_room(broker.as_ref(), desired).await {
-            return Some(refuse(pipeline, asked, &reason, ctx).await);
-        }
-    }
-    let mut notes = Vec::new();
-    if !resuming {
-        for warning in type_specific_policies(desired, &live, asked) {
-            ctx.event(
-                pipeline,
-                EventType::Warning,
-                Reason::TypeSpecificPolicy,
-                &warning,
-            )
-            .await;
-            notes.push(warning);
-        }
-    }
-    let mover = broker
-        .mover_in_use(&desired.topology.vhost)
-        .await
-        .ok()
-        .map(|m| match m {
-            Mover::Shovel => "shovel",
-            _ => "confirm",
-        });
-    let first = work_queue_type(&targets[0]);
     let mut message = if resuming {
         format!(
             "resuming the migration of {} to {} found under way on the broker",
@@ -419,11 +443,12 @@ pub async fn drive<B: PooledBroker>(
     if first != asked {
         message.push_str(&format!(", then to {}", asked.as_str()));
     }
-    for note in &notes {
+    for note in notes {
         message.push_str("; ");
         message.push_str(note);
     }
     let message = one_line(&message);
+    let key = desired.pipeline.to_string();
     info!(pipeline = %key, %message, "migration");
     ctx.change_event(pipeline, EventType::Normal, Reason::Migrating, &message)
         .await;
@@ -437,11 +462,11 @@ pub async fn drive<B: PooledBroker>(
         ..MigrationStatus::default()
     };
     ctx.migrations.start(&key, broker, targets, status.clone());
-    Some(Migrating {
+    Migrating {
         verdict: Verdict::failed(Reason::Migrating, &message),
         status,
         requeue: MIGRATION_POLL,
-    })
+    }
 }
 
 /// The migrations to run, in order: one under way to another type first (its holding queues
