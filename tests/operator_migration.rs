@@ -350,7 +350,7 @@ fn ids(prefix: &str, n: usize) -> Vec<String> {
 
 /// Every published id is in `found`, nothing else is, and copies beyond one stay within
 /// `duplicates`.
-fn assert_all_there(published: &[String], found: &BTreeMap<String, u32>, duplicates: u32) {
+fn assert_all_there(published: &[String], found: &BTreeMap<String, u32>, duplicates: u32) -> u32 {
     let expected: BTreeSet<&str> = published.iter().map(String::as_str).collect();
     let got: BTreeSet<&str> = found.keys().map(String::as_str).collect();
     let lost: Vec<&&str> = expected.difference(&got).take(5).collect();
@@ -362,6 +362,7 @@ fn assert_all_there(published: &[String], found: &BTreeMap<String, u32>, duplica
     assert_eq!(got, expected, "messages that were never published");
     let extra: u32 = found.values().map(|n| n - 1).sum();
     assert!(extra <= duplicates, "{extra} duplicates");
+    extra
 }
 
 async fn preload(vhost: &TestVhost, work: usize, dead: usize) -> (Vec<String>, Vec<String>) {
@@ -374,15 +375,22 @@ async fn preload(vhost: &TestVhost, work: usize, dead: usize) -> (Vec<String>, V
     (work, dead)
 }
 
-async fn drain_and_check(vhost: &TestVhost, work: &[String], dead: &[String], duplicates: u32) {
+/// Checks every message is there once (copies within `duplicates`); returns the copies.
+async fn drain_and_check(
+    vhost: &TestVhost,
+    work: &[String],
+    dead: &[String],
+    duplicates: u32,
+) -> u32 {
     let (connection, channel) = confirm_channel(&amqp_uri(&vhost.name)).await;
-    assert_all_there(work, &take_all(&channel, "notes_queue").await, duplicates);
-    assert_all_there(
+    let work_copies = assert_all_there(work, &take_all(&channel, "notes_queue").await, duplicates);
+    let dead_copies = assert_all_there(
         dead,
         &take_all(&channel, "notes_queue_dlq").await,
         duplicates,
     );
     let _ = connection.close(200, "done".into()).await;
+    work_copies + dead_copies
 }
 
 fn assert_all_quorum(vhost: &TestVhost) {
@@ -509,6 +517,7 @@ async fn an_operator_killed_mid_migration_is_resumed_by_the_next_from_the_broker
     );
     // A new operator knows nothing; the broker tells it.
     h.start_operator();
+    let resumed = Instant::now();
     let seen = h
         .until_migrated(Duration::from_secs(45), Duration::from_millis(500))
         .await;
@@ -523,8 +532,11 @@ async fn an_operator_killed_mid_migration_is_resumed_by_the_next_from_the_broker
     assert_all_quorum(&vhost);
     // At least once: a shovel stopped between a copy's confirm and the original's ack
     // duplicates at most its prefetch (1000).
-    drain_and_check(&vhost, &work, &dead, 1000).await;
-    println!("killed in phase {killed_in}; resumed and finished");
+    let copies = drain_and_check(&vhost, &work, &dead, 1000).await;
+    println!(
+        "killed in phase {killed_in}; the new operator finished in {:.1}s; {copies} duplicates",
+        resumed.elapsed().as_secs_f64()
+    );
 }
 
 /// The in-memory broker behind every endpoint.
