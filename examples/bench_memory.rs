@@ -25,7 +25,7 @@ use clap::Parser;
 use fake_api::FakeApi;
 use msgpipe::broker::MemoryBroker;
 use msgpipe::controller::{
-    BrokerPool, Context, Metrics, OperatorConfig, POLICY_QUIET, run_controller,
+    BROKER_CONCURRENCY, BrokerPool, Context, Metrics, OperatorConfig, run_controller,
 };
 use msgpipe::k8s::BrokerAccess;
 use serde_json::{Value, json};
@@ -365,7 +365,7 @@ async fn operator(args: &Args, port: u16) -> anyhow::Result<()> {
         Arc::new(MemoryBroker::new("amqp://msgpipe@rabbit.invalid:5672").with_vhost(VHOST, 4));
     let pool = BrokerPool::with_connector(
         Duration::from_secs(5),
-        POLICY_QUIET,
+        BROKER_CONCURRENCY,
         Box::new(move |_, _| Ok(broker.clone())),
     );
     let brokers = BrokerAccess {

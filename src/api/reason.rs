@@ -13,9 +13,15 @@ pub enum Reason {
     InvalidSpec,
     /// The spec asks for a change the broker cannot make in place (e.g. `queue.type`).
     ImmutableFieldChanged,
-    /// A migration of the pipeline's queues is under way on the broker (`msgpipe migrate`):
-    /// nothing is written to the queues being migrated until it has finished.
+    /// A migration of the pipeline's queues is under way on the broker (run by the operator,
+    /// or by `msgpipe migrate`): nothing else is written to the queues being migrated until
+    /// it has finished. Also the Normal event of each migration step.
     Migrating,
+    /// A migration cannot start (no room on the broker for a second copy, a binding msgpipe
+    /// did not make, a foreign holding queue, ...); nothing was written.
+    MigrationRefused,
+    /// A migration step failed; it is started again, resuming from the broker's state.
+    MigrationFailed,
     /// The broker Secret the pipeline names does not exist.
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
@@ -69,6 +75,11 @@ pub enum Reason {
     Kept,
     /// A foreign policy outranks msgpipe's on one of the pipeline's queues.
     PolicyOverridden,
+    /// A migration finished: every queue has the type the spec asks for.
+    Migrated,
+    /// Before a migration: a policy that applies to one queue type only matches a queue
+    /// being migrated (it stops applying, or sets keys the new type ignores).
+    TypeSpecificPolicy,
     /// Deletion with `deletionPolicy: Retain`: the broker was left alone.
     Retained,
     /// Deletion without touching the broker (no Secret, or an invalid spec).
@@ -90,11 +101,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 41] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
         Reason::Migrating,
+        Reason::MigrationRefused,
+        Reason::MigrationFailed,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
         Reason::BrokerNotFound,
@@ -120,6 +133,8 @@ impl Reason {
         Reason::Deleted,
         Reason::Kept,
         Reason::PolicyOverridden,
+        Reason::Migrated,
+        Reason::TypeSpecificPolicy,
         Reason::Retained,
         Reason::CleanupSkipped,
         Reason::CleanupAbandoned,
@@ -137,6 +152,8 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ImmutableFieldChanged => "ImmutableFieldChanged",
             Reason::Migrating => "Migrating",
+            Reason::MigrationRefused => "MigrationRefused",
+            Reason::MigrationFailed => "MigrationFailed",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
             Reason::BrokerNotFound => "BrokerNotFound",
@@ -162,6 +179,8 @@ impl Reason {
             Reason::Deleted => "Deleted",
             Reason::Kept => "Kept",
             Reason::PolicyOverridden => "PolicyOverridden",
+            Reason::Migrated => "Migrated",
+            Reason::TypeSpecificPolicy => "TypeSpecificPolicy",
             Reason::Retained => "Retained",
             Reason::CleanupSkipped => "CleanupSkipped",
             Reason::CleanupAbandoned => "CleanupAbandoned",

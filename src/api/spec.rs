@@ -107,6 +107,12 @@ const TTL_MESSAGE: &str =
         description = "Number of retry queues"
     ),
     printcolumn(
+        name = "Migration",
+        type_ = "string",
+        json_path = ".status.migration.phase",
+        description = "Phase of the queue migration under way (empty when none)"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -215,14 +221,12 @@ pub struct QueueSpec {
         {"rule": "bytes(self).size() <= 249", "message": "must be at most 249 bytes: the retry exchange <queue>.retry must fit RabbitMQ's 255"},
     ]))]
     pub name: Option<String>,
-    /// Queue type: quorum (default; replicated, at-least-once dead-lettering) or classic.
-    /// Cannot change once the pipeline exists: the API server refuses the change (`msgpipe
-    /// migrate` migrates live queues without losing messages; docs/migration.md).
+    /// Queue type: quorum (default; replicated, at-least-once dead-lettering) or classic;
+    /// the DLQ and the retry queues take it too. A change on a live pipeline is a
+    /// migration: the operator moves the queues to the new type without losing a message
+    /// (progress in status.migration; docs/migration.md). A change made while a migration
+    /// runs waits: that one finishes, then the next starts.
     #[serde(default, rename = "type")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self == oldSelf",
-        "message": "queue.type cannot change: the operator does not migrate queues yet; migrate them with `msgpipe migrate -f FILE` (docs/migration.md), then recreate this pipeline with the new type (deletionPolicy: Retain keeps the broker objects)"
-    }]))]
     pub queue_type: QueueType,
     /// Work exchange (direct) publishers send to. Default: "<queue>.work".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -665,9 +669,9 @@ mod admission_tests {
                 );
             }
         }
-        // amq. and control characters on 4 names, 249 bytes, type, 3 backoff, 1 retention, 4 spec,
+        // amq. and control characters on 4 names, 249 bytes, 3 backoff, 1 retention, 4 spec,
         // one channel per notify receiver, one broker reference.
-        assert_eq!(rules, 4 * 2 + 1 + 1 + 3 + 1 + 4 + 1 + 1);
+        assert_eq!(rules, 4 * 2 + 1 + 3 + 1 + 4 + 1 + 1);
         assert!(cel(&object(json!({})), None).is_empty());
     }
 
@@ -817,26 +821,17 @@ mod admission_tests {
     }
 
     #[test]
-    fn a_queue_type_change_is_refused_by_a_transition_rule() {
+    fn a_queue_type_change_is_admitted_the_operator_migrates_it() {
         let quorum = object(json!({"queue": {"type": "quorum"}}));
         let defaulted = object(json!({}));
         let classic = object(json!({"queue": {"type": "classic"}}));
-        let errors = cel(&classic, Some(&quorum));
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(
-            errors[0].starts_with("ValidationFailure spec.queue.type: queue.type cannot change"),
-            "{errors:?}"
-        );
-        // Defaults apply to the stored object too: no type means quorum.
-        assert_eq!(cel(&classic, Some(&defaulted)).len(), 1);
-        assert_eq!(cel(&defaulted, Some(&classic)).len(), 1);
-        assert!(cel(&classic, Some(&classic)).is_empty(), "unchanged");
-        assert!(cel(&classic, None).is_empty(), "any type on create");
-        let renamed = object(json!({"queue": {"type": "quorum", "name": "other"}}));
-        assert!(
-            cel(&renamed, Some(&quorum)).is_empty(),
-            "other fields may change"
-        );
+        assert!(cel(&classic, Some(&quorum)).is_empty());
+        assert!(cel(&classic, Some(&defaulted)).is_empty());
+        assert!(cel(&defaulted, Some(&classic)).is_empty());
+        assert!(operator_accepts(&classic) && operator_accepts(&quorum));
+        // No transition rule is left anywhere in the schema.
+        let text = serde_json::to_string(&schema()).expect("schema");
+        assert!(!text.contains("oldSelf"), "a transition rule is left");
     }
 
     #[test]

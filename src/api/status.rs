@@ -44,6 +44,10 @@ pub struct MessagePipelineStatus {
     /// that it is removed when `notify` goes away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alertmanager_config: Option<String>,
+    /// The queue migration under way (a `spec.queue.type` change), or why it cannot start;
+    /// absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
     /// When the broker was last read and reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
@@ -59,4 +63,38 @@ pub struct RetryQueueStatus {
     pub delay: String,
     /// Messages waiting out their delay.
     pub messages: u64,
+}
+
+/// Progress of a queue migration run by the operator (docs/migration.md).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// Holding, Draining, Replacing or Returning while it runs (the stages of
+    /// docs/migration.md); Refused when it cannot start (the message says why), Failed when
+    /// a step failed (it is started again, resuming from the broker's state).
+    pub phase: String,
+    /// The step under way, as `msgpipe migrate --dry-run` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// The queues' type before the migration (classic or quorum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The type the queues are migrating to.
+    pub to: String,
+    /// Messages moved so far, both ways (into the holding queues and back).
+    #[serde(default)]
+    pub moved: u64,
+    /// Ready messages left in the queue being drained now.
+    #[serde(default)]
+    pub remaining: u64,
+    /// How messages move: shovel (RabbitMQ's dynamic shovel) or confirm (msgpipe's
+    /// confirm-then-ack mover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mover: Option<String>,
+    /// When this operator started (or resumed) the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// One line on where it stands, or why it is refused or failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }

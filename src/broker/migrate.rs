@@ -12,6 +12,7 @@ use super::migration::{
     MigrationPhase, MigrationRefused, MigrationStep, NodeRoom, plan_migration, recorded_target,
     room_for_copy,
 };
+use super::mover::Mover;
 use super::{ActionOutcome, BrokerApi, BrokerError};
 use crate::api::QueueType;
 use crate::plan::DesiredState;
@@ -48,6 +49,13 @@ pub trait MigrationBroker: BrokerApi {
         vhost: &str,
         queues: &[String],
     ) -> impl Future<Output = Result<(Vec<NodeRoom>, u64), BrokerError>> + Send;
+
+    /// The mover [`MigrationBroker::drain`] will use on `vhost`: [`Mover::Shovel`] or
+    /// [`Mover::Confirm`] (what `Auto` resolves to), for progress reports.
+    fn mover_in_use(&self, vhost: &str) -> impl Future<Output = Result<Mover, BrokerError>> + Send {
+        let _ = vhost;
+        async { Ok(Mover::Confirm) }
+    }
 
     /// Deletes a drained, unrouted queue if it holds no message, ready, unacknowledged or
     /// waiting to be dead-lettered (`Kept` otherwise; `Gone` if it is not there). Consumers

@@ -43,6 +43,7 @@ use crate::plan::topology::{
 pub const HOLDING_SUFFIX: &str = ".migrating";
 
 pub use super::live::MIGRATION_MARKER;
+pub use type_policies::type_specific_policies;
 
 /// The holding queue of `queue` during a migration.
 pub fn holding_name(queue: &str) -> String {
@@ -675,6 +676,8 @@ fn return_held(desired: &DesiredState, slots: &[Slot<'_>]) -> Vec<MigrationStep>
     }
     steps
 }
+
+pub mod type_policies;
 
 #[cfg(test)]
 mod tests;

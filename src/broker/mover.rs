@@ -80,14 +80,7 @@ impl MigrationBroker for RabbitBroker {
         feeders: &[String],
         progress: &mut (dyn FnMut(DrainProgress) + Send),
     ) -> Result<u64, BrokerError> {
-        let shovel = match self.mover() {
-            // RabbitMQ 3.x shovels refuse `src-predeclared`/`dest-predeclared`, and without
-            // them a shovel declares its queues itself (no type, no arguments).
-            Mover::Auto => self.server_major().await? >= 4 && self.shovels_available(vhost).await?,
-            Mover::Shovel => true,
-            Mover::Confirm => false,
-        };
-        if shovel {
+        if self.mover_in_use(vhost).await? == Mover::Shovel {
             self.drain_by_shovel(vhost, from, into, feeders, progress)
                 .await
         } else {
@@ -100,6 +93,20 @@ impl MigrationBroker for RabbitBroker {
             session.close().await;
             moved
         }
+    }
+
+    async fn mover_in_use(&self, vhost: &str) -> Result<Mover, BrokerError> {
+        Ok(match self.mover() {
+            // RabbitMQ 3.x shovels refuse `src-predeclared`/`dest-predeclared`, and without
+            // them a shovel declares its queues itself (no type, no arguments).
+            Mover::Auto
+                if self.server_major().await? >= 4 && self.shovels_available(vhost).await? =>
+            {
+                Mover::Shovel
+            }
+            Mover::Auto => Mover::Confirm,
+            chosen => chosen,
+        })
     }
 
     async fn room(

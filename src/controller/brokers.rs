@@ -69,7 +69,7 @@ type Snapshot = Option<(Instant, Duration, Arc<LiveVhost>)>;
 type SnapshotSlots = HashMap<(String, String), Arc<Mutex<Snapshot>>>;
 
 /// A broker client the pool can hold: RabbitMQ in the operator, [`MemoryBroker`] in tests.
-pub trait PooledBroker: BrokerApi + 'static {
+pub trait PooledBroker: BrokerApi + crate::broker::MigrationBroker + 'static {
     /// Closes its connections (idle eviction, shutdown).
     fn close(&self) -> impl Future<Output = ()> + Send;
     /// Creates a vhost the operator may create (a MessageBroker's `createVhosts`) and gives

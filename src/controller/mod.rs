@@ -15,6 +15,7 @@ mod brokers;
 pub mod heap;
 mod invalid;
 pub mod metrics;
+pub mod migration;
 mod reconcile;
 pub mod replay;
 mod server;
@@ -190,6 +191,8 @@ pub struct Context<B: PooledBroker = RabbitBroker> {
     failures: Mutex<HashMap<String, u32>>,
     /// When each pipeline last wrote to its broker: its next snapshot must be younger.
     last_writes: Mutex<HashMap<String, std::time::Instant>>,
+    /// Queue migrations under way, one task per pipeline; dropped with the context.
+    pub migrations: migration::Migrations,
 }
 
 impl Context<RabbitBroker> {
@@ -221,6 +224,7 @@ impl<B: PooledBroker> Context<B> {
             config,
             failures: Mutex::new(HashMap::new()),
             last_writes: Mutex::new(HashMap::new()),
+            migrations: migration::Migrations::default(),
         }
     }
 

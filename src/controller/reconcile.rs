@@ -13,6 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::brokers::{Gate, PooledBroker};
+use super::migration;
 use super::status::{Observation, Verdict, next_status};
 use super::{Context, Error, Phase, describe};
 use crate::api::validate::InvalidSpec;
@@ -186,17 +187,24 @@ async fn converge<B: PooledBroker>(
         };
         match (endpoint, gate) {
             (Ok(_), Gate::Busy) => None,
-            (Ok(_), Gate::Down(error)) => {
-                Some(broker_failed(pipeline, Error::Broker(error), ctx).await)
-            }
-            (Ok(endpoint), _) => {
-                let started = Instant::now();
-                let outcome =
-                    converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await;
-                ctx.metrics.phase(Phase::Broker, started.elapsed());
-                Some(outcome)
-            }
-            (Err(error), _) => Some(broker_failed(pipeline, Error::Kube(error), ctx).await),
+            (Ok(_), Gate::Down(error)) => Some((
+                broker_failed(pipeline, Error::Broker(error), ctx).await,
+                None,
+            )),
+            // A queue migration (spec.queue.type changed) runs in a task of its own; while
+            // it does, the broker pass waits and the status reports its progress
+            // (controller/migration.rs).
+            (Ok(endpoint), _) => match migration::drive(pipeline, &desired, &endpoint, ctx).await {
+                Some(migrating) => Some((BrokerOutcome::migrating(&migrating), Some(migrating))),
+                None => {
+                    let started = Instant::now();
+                    let outcome =
+                        converge_broker(pipeline, &desired, &endpoint, create_vhost, ctx).await;
+                    ctx.metrics.phase(Phase::Broker, started.elapsed());
+                    Some((outcome, None))
+                }
+            },
+            (Err(error), _) => Some((broker_failed(pipeline, Error::Kube(error), ctx).await, None)),
         }
     };
     let alerts = async {
@@ -207,7 +215,7 @@ async fn converge<B: PooledBroker>(
     };
     let (outcome, (alerts, alertmanager_config)) =
         futures_util::future::join(broker_pass, alerts).await;
-    let Some(outcome) = outcome else {
+    let Some((outcome, migration)) = outcome else {
         debug!("another reconcile is probing this broker; looking again shortly");
         return Ok(Action::requeue(BUSY_RETRY));
     };
@@ -224,6 +232,7 @@ async fn converge<B: PooledBroker>(
         alerts,
         counts: outcome.counts,
         alertmanager_config,
+        migration: migration.as_ref().map(|m| m.status.clone()),
     };
     let ready = observation.broker.ok && observation.alerts.ok;
     let started = Instant::now();
@@ -238,6 +247,9 @@ async fn converge<B: PooledBroker>(
     ctx.metrics.phase(Phase::Events, started.elapsed());
     if let Some(error) = outcome.error {
         return Err(error);
+    }
+    if let Some(migrating) = migration {
+        return Ok(Action::requeue(migrating.requeue));
     }
     let next = if crd_missing {
         // Looked for again soon, so alerts appear once the CRD is installed.
@@ -423,6 +435,19 @@ struct BrokerOutcome {
     tiers_in_place: bool,
     /// Events to publish once the status is written.
     events: Vec<(EventType, Reason, String)>,
+}
+
+impl BrokerOutcome {
+    /// A migration runs (or cannot): the broker pass waits for it.
+    fn migrating(migrating: &migration::Migrating) -> Self {
+        BrokerOutcome {
+            verdict: migrating.verdict.clone(),
+            counts: None,
+            error: None,
+            tiers_in_place: false,
+            events: Vec::new(),
+        }
+    }
 }
 
 /// Reports a failure that kept the broker pass from running (or stopped it).

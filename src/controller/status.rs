@@ -4,7 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::reason::one_line;
-use crate::api::{MessagePipelineStatus, Reason, RetryQueueStatus, condition};
+use crate::api::{MessagePipelineStatus, MigrationStatus, Reason, RetryQueueStatus, condition};
 use crate::broker::LiveCounts;
 use crate::plan::DesiredState;
 
@@ -45,6 +45,8 @@ pub struct Observation {
     pub counts: Option<LiveCounts>,
     /// The AlertmanagerConfig msgpipe now keeps (None: none, or not looked at).
     pub alertmanager_config: Option<String>,
+    /// The queue migration under way, refused or failed (None: none).
+    pub migration: Option<MigrationStatus>,
 }
 
 impl Observation {
@@ -57,6 +59,7 @@ impl Observation {
             alerts: Verdict::failed(Reason::InvalidSpec, not_touched),
             counts: None,
             alertmanager_config: None,
+            migration: None,
         }
     }
 
@@ -107,6 +110,11 @@ pub fn next_status(
             stored.and_then(|s| s.alertmanager_config.clone())
         } else {
             observation.alertmanager_config.clone()
+        },
+        migration: if observation.broker.reason == Reason::InvalidSpec {
+            stored.and_then(|s| s.migration.clone())
+        } else {
+            observation.migration.clone()
         },
         ..MessagePipelineStatus::default()
     };
@@ -199,6 +207,7 @@ mod tests {
             alerts: Verdict::ok(Reason::Converged, "ok"),
             counts: Some(counts),
             alertmanager_config: None,
+            migration: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use msgpipe::broker::MemoryBroker;
 use msgpipe::controller::{
-    BrokerPool, Context, Metrics, OperatorConfig, POLICY_QUIET, run_controller,
+    BROKER_CONCURRENCY, BrokerPool, Context, Metrics, OperatorConfig, run_controller,
 };
 use msgpipe::k8s::BrokerAccess;
 use msgpipe::k8s::rbac::BrokerModes;
@@ -32,7 +32,7 @@ fn start(api: &FakeApi, brokers: BrokerAccess) -> (oneshot::Sender<()>, Arc<Memo
     let shared = broker.clone();
     let pool = BrokerPool::with_connector(
         Duration::from_secs(5),
-        POLICY_QUIET,
+        BROKER_CONCURRENCY,
         Box::new(move |_, _| Ok(shared.clone())),
     );
     let (client, _server) = api.client();
