@@ -20,7 +20,7 @@ pub use replay::{
     DeadLetterReplay, DeadLetterReplaySpec, DeadLetterReplayStatus, ReplayEvent, ReplayPhase,
 };
 pub use spec::*;
-pub use status::{MessagePipelineStatus, RetryQueueStatus, condition};
+pub use status::{Difference, MessagePipelineStatus, RetryQueueStatus, condition};
 
 /// The CustomResourceDefinition as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {

@@ -16,6 +16,9 @@ pub enum Reason {
     /// A migration of the pipeline's queues is under way on the broker (`msgpipe migrate`):
     /// nothing is written to the queues being migrated until it has finished.
     Migrating,
+    /// `managementPolicy: Observe`: the broker was read and compared, nothing was written
+    /// (True with no difference, False with `status.differences` listing them).
+    Observing,
     /// The broker Secret the pipeline names does not exist.
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
@@ -90,11 +93,12 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 37] = [
+    pub const ALL: [Reason; 38] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
         Reason::Migrating,
+        Reason::Observing,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
         Reason::BrokerNotFound,
@@ -137,6 +141,7 @@ impl Reason {
             Reason::InvalidSpec => "InvalidSpec",
             Reason::ImmutableFieldChanged => "ImmutableFieldChanged",
             Reason::Migrating => "Migrating",
+            Reason::Observing => "Observing",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
             Reason::BrokerNotFound => "BrokerNotFound",

@@ -14,6 +14,7 @@ mod brokers;
 pub mod heap;
 mod invalid;
 pub mod metrics;
+mod observe;
 mod reconcile;
 pub mod replay;
 mod server;
