@@ -6,6 +6,7 @@ mod brokers;
 mod dead_broker;
 mod fake_api;
 mod isolation;
+mod observe;
 mod offline;
 mod replay;
 #[path = "../support/mod.rs"]
