@@ -492,7 +492,220 @@ async fn a_pipeline_msgpipe_applied_imports_back_to_the_same_spec_and_topology()
         "--management-uri",
         &management,
     ]));
-    assert!(out.trim_end().ends_with("no changes"), "{out}");
+    // (An import is `managementPolicy: Observe`: apply compares and reports.)
+    assert!(
+        out.trim_end()
+            .ends_with("observe: the broker matches the spec"),
+        "{out}"
+    );
+}
+
+/// What the definitions export says exists: (kind, name) of every exchange, queue and
+/// policy, and every binding.
+fn objects(definitions: &Value) -> Vec<String> {
+    let mut names = Vec::new();
+    for (key, field) in [
+        ("exchanges", "name"),
+        ("queues", "name"),
+        ("policies", "name"),
+    ] {
+        for item in definitions[key].as_array().into_iter().flatten() {
+            names.push(format!(
+                "{key} {}",
+                item[field].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    for b in definitions["bindings"].as_array().into_iter().flatten() {
+        names.push(format!(
+            "binding {} -> {} {}",
+            b["source"], b["destination"], b["routing_key"]
+        ));
+    }
+    names.sort();
+    names
+}
+
+/// Issue 22's takeover: the legacy vhost, with messages in every queue but the retry queues
+/// (a message there moves on after its delay) and a consumer holding messages of `payments`
+/// unacknowledged, is imported, applied with Observe (writes nothing, names each difference
+/// exactly), then switched to Full: nothing that existed is deleted or unbound, no message
+/// moves or is lost, the consumer's channel stays open, and an application redeclaring its
+/// queues with its old arguments still succeeds.
+#[tokio::test]
+async fn an_imported_vhost_is_observed_then_taken_over_in_place_without_losing_a_message() {
+    let vhost = TestVhost::new("import-takeover");
+    build_legacy_vhost(&vhost.name).await;
+    let (definitions_before, counts_before) = vhost_state(&vhost.name).await;
+    let (consumer_connection, consumer) = amqp_channel(&vhost.name).await;
+    let mut deliveries = consumer
+        .basic_consume(
+            "payments".into(),
+            "legacy-consumer".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    use futures_util::StreamExt;
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), deliveries.next())
+            .await
+            .expect("a delivery in time");
+        assert!(matches!(delivery, Some(Ok(_))), "{delivery:?}");
+    }
+
+    let broker_uri = support::amqp_uri(&vhost.name);
+    let management = management_base();
+    let (yaml, _) = succeeded(&msgpipe(&[
+        "import",
+        "--broker",
+        &broker_uri,
+        "--management-uri",
+        &management,
+        "-n",
+        "shop",
+    ]));
+    assert!(yaml.contains("managementPolicy: Observe"), "{yaml}");
+    let adopted: Vec<String> = parse_pipelines(&yaml)
+        .expect("pipelines")
+        .iter()
+        .map(|p| p.metadata.annotations.as_ref().expect("annotated")["msgpipe.io/adopted"].clone())
+        .collect();
+    assert_eq!(
+        adopted,
+        [
+            "queue/orders queue/orders.dlq queue/orders.wait.30s queue/orders.wait.5s exchange/orders exchange/orders.dlx",
+            "queue/payments queue/payments.dlq exchange/payments",
+        ]
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("pipelines.yaml");
+    std::fs::write(&file, &yaml).expect("write");
+    let path = file.to_str().expect("utf-8");
+    let apply = |extra: &[&str]| {
+        let mut args = vec![
+            "apply",
+            "-f",
+            path,
+            "--broker",
+            &broker_uri,
+            "--management-uri",
+            &management,
+        ];
+        args.extend(extra);
+        msgpipe(&args)
+    };
+
+    let (observed, _) = succeeded(&apply(&[]));
+    // Each real difference, and nothing where the vhost matches: orders' dead-letter
+    // exchange and delivery limit (declare arguments the spec agrees with) and both DLQs'
+    // retention (the hand-made policy gives the spec's 14d) are not listed.
+    let mut expected = vec![
+        r#"shop/orders: observe: queue orders policy.dead-letter-strategy: live absent, desired "at-least-once": would create policy msgpipe.orders"#,
+        r#"shop/orders: observe: queue orders policy.overflow: live absent, desired "reject-publish": would create policy msgpipe.orders"#,
+        r#"shop/orders: observe: queue orders.dlq policy.delivery-limit: live absent, desired -1: would create policy msgpipe.orders.dlq"#,
+        r#"shop/orders: observe: queue orders.dlq policy.overflow: live absent, desired "reject-publish": would create policy msgpipe.orders.dlq"#,
+        r#"shop/orders: observe: exchange orders.retry exists: live absent, desired direct exchange: would create exchange orders.retry (direct)"#,
+        r#"shop/orders: observe: queue orders.retry.1.5s exists: live absent, desired quorum queue: would create queue orders.retry.1.5s (quorum)"#,
+        r#"shop/orders: observe: queue orders.retry.2.30s exists: live absent, desired quorum queue: would create queue orders.retry.2.30s (quorum)"#,
+        r#"shop/orders: observe: binding orders.retry -> orders.retry.1.5s (key "1") exists: live absent, desired bound: would bind orders.retry -> orders.retry.1.5s (key "1")"#,
+        r#"shop/orders: observe: binding orders.retry -> orders.retry.2.30s (key "2") exists: live absent, desired bound: would bind orders.retry -> orders.retry.2.30s (key "2")"#,
+        r#"shop/payments: observe: queue payments arguments.x-dead-letter-exchange: live "payments.dlx", desired "payments.msgpipe.dlx": needs a migration (a declare argument beats msgpipe's policy)"#,
+        r#"shop/payments: observe: queue payments policy.overflow: live absent, desired "reject-publish": would create policy msgpipe.payments"#,
+        r#"shop/payments: observe: queue payments.dlq policy.overflow: live absent, desired "reject-publish": would create policy msgpipe.payments.dlq"#,
+        r#"shop/payments: observe: exchange payments.msgpipe.dlx exists: live absent, desired fanout exchange: would create exchange payments.msgpipe.dlx (fanout)"#,
+        r#"shop/payments: observe: binding payments.msgpipe.dlx -> payments.dlq (key "") exists: live absent, desired bound: would bind payments.msgpipe.dlx -> payments.dlq (key "")"#,
+    ];
+    if yaml.contains("(RabbitMQ 3.") {
+        // RabbitMQ 3 has no delivery limit by default, and msgpipe sets none there.
+        expected.retain(|line| !line.contains("policy.delivery-limit"));
+    }
+    assert_eq!(observed.lines().collect::<Vec<_>>(), expected, "{observed}");
+    assert_eq!(
+        vhost_state(&vhost.name).await.0,
+        definitions_before,
+        "Observe wrote nothing"
+    );
+
+    // Full: the same file with the policy switched.
+    std::fs::write(
+        &file,
+        yaml.replace("managementPolicy: Observe", "managementPolicy: Full"),
+    )
+    .expect("write");
+    let output = apply(&[]);
+    let full = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    // payments' dead-letter exchange is a declare argument the spec contradicts: reported,
+    // never fixed by deleting the queue.
+    assert!(!output.status.success(), "{full}\n{stderr}");
+    assert!(
+        stderr.contains("ImmutableFieldChanged") && stderr.contains("x-dead-letter-exchange"),
+        "{stderr}"
+    );
+    assert!(
+        !full.contains("deleted") && !full.contains("unbound"),
+        "{full}"
+    );
+    let (definitions_after, counts_after) = vhost_state(&vhost.name).await;
+    let after = objects(&definitions_after);
+    for object in objects(&definitions_before) {
+        assert!(after.contains(&object), "{object} is gone: {after:#?}");
+    }
+    assert!(
+        consumer.status().connected(),
+        "the consumer's channel stays open"
+    );
+    // A second pass changes nothing more and still deletes nothing.
+    let again = String::from_utf8_lossy(&apply(&[]).stdout).to_string();
+    assert!(
+        !again.contains("deleted") && !again.contains("unbound"),
+        "{again}"
+    );
+
+    // The application starts again and redeclares its queues with its old arguments.
+    let (app_connection, app) = amqp_channel(&vhost.name).await;
+    declare_queue(
+        &app,
+        "orders",
+        args(&[
+            ("x-queue-type", text("quorum")),
+            ("x-dead-letter-exchange", text("orders.dlx")),
+            ("x-delivery-limit", int(5)),
+        ]),
+    )
+    .await;
+    declare_queue(
+        &app,
+        "payments",
+        args(&[
+            ("x-queue-type", text("classic")),
+            ("x-dead-letter-exchange", text("payments.dlx")),
+            ("x-max-priority", int(5)),
+        ]),
+    )
+    .await;
+    let _ = app_connection.close(200, "redeclared".into()).await;
+
+    // The consumer lets its messages go back; every queue holds what it held before.
+    assert!(
+        consumer.status().connected(),
+        "the consumer's channel stays open"
+    );
+    let _ = consumer_connection.close(200, "done".into()).await;
+    let mut counts_now = counts_after;
+    let (_, settled) = vhost_state(&vhost.name).await;
+    counts_now.extend(settled.iter().map(|(k, v)| (k.clone(), *v)));
+    for (queue, count) in &counts_before {
+        assert_eq!(
+            counts_now.get(queue),
+            Some(count),
+            "{queue}: {counts_now:?}"
+        );
+    }
+    // The new tiers are empty: nothing moved into them.
+    assert_eq!(counts_now.get("orders.retry.1.5s"), Some(&0));
 }
 
 /// 1,000 queues (250 legacy work queues, each with two retry queues and a DLQ), imported by

@@ -10,11 +10,13 @@ use super::recognise::{ClaimedDeadLetters, LegacyTier, Recognition};
 use super::{Finding, ImportOptions, ImportedPipeline};
 use crate::api::{
     AlertsSpec, BackoffSpec, BrokerRef, BrokerSpec, DeadLetterSpec, Duration, MAX_ATTEMPTS_LIMIT,
-    MessagePipeline, MessagePipelineSpec, QueueSpec, QueueType, RetrySpec, SecretRef,
+    ManagementPolicy, MessagePipeline, MessagePipelineSpec, QueueSpec, QueueType, RetrySpec,
+    SecretRef,
 };
 use crate::broker::diff::{BrokerAction, converge, policy_definition};
 use crate::broker::inventory::{InventoryBinding, QueueSettings, Setting, SettingSource};
 use crate::broker::live::LivePolicy;
+use crate::plan::ownership::{ADOPTED_ANNOTATION, Adopted};
 use crate::plan::topology::{POLICY_PREFIX, POLICY_PRIORITY, QueueRole};
 use crate::plan::{self, DesiredState};
 
@@ -151,8 +153,13 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         let spec = self.spec(queue_spec, retry, dead_letters.spec.clone());
         let mut pipeline = MessagePipeline::new(&self.metadata_name, spec);
         pipeline.metadata.namespace = Some(self.options.namespace.clone());
-        let state = plan::plan(&pipeline, Some(&self.rec.inventory.vhost))
+        let mut state = plan::plan(&pipeline, Some(&self.rec.inventory.vhost))
             .map_err(|e| format!("the spec it would get is invalid: {e}"))?;
+        state.adopted = self.adopted(&state, &tiers);
+        if !state.adopted.is_empty() {
+            pipeline.metadata.annotations =
+                Some([(ADOPTED_ANNOTATION.to_string(), state.adopted.annotation())].into());
+        }
         self.tier_names(&state, &tiers);
         self.adoption_changes(&state, queue);
         if let Some(dlq) = &dead_letters.queue {
@@ -203,6 +210,8 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
             },
             client_flags: Default::default(),
             deletion_policy: Default::default(),
+            // Read and report first; switching to Full takes the vhost over.
+            management_policy: ManagementPolicy::Observe,
         }
     }
 
@@ -928,6 +937,28 @@ impl<'r, 'a> PipelineBuilder<'r, 'a> {
         }
         for warning in &plan.warnings {
             self.warn(format!("msgpipe apply would warn: {warning}"));
+        }
+    }
+
+    /// The pipeline's queues and exchanges that exist already, and its legacy retry queues:
+    /// msgpipe did not create them, so it never deletes them.
+    fn adopted(&self, state: &DesiredState, tiers: &[LegacyTier]) -> Adopted {
+        let inventory = &self.rec.inventory;
+        let topology = &state.topology;
+        Adopted {
+            queues: topology
+                .queues
+                .iter()
+                .map(|q| q.name.clone())
+                .chain(tiers.iter().map(|t| t.queue.clone()))
+                .filter(|q| inventory.queues.contains_key(q))
+                .collect(),
+            exchanges: topology
+                .exchanges
+                .iter()
+                .map(|e| e.name.clone())
+                .filter(|e| inventory.exchanges.contains_key(e))
+                .collect(),
         }
     }
 

@@ -20,7 +20,7 @@ pub use replay::{
     DeadLetterReplay, DeadLetterReplaySpec, DeadLetterReplayStatus, ReplayEvent, ReplayPhase,
 };
 pub use spec::*;
-pub use status::{MessagePipelineStatus, MigrationStatus, RetryQueueStatus, condition};
+pub use status::{Difference, MessagePipelineStatus, MigrationStatus, RetryQueueStatus, condition};
 
 /// The CustomResourceDefinition as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::ser::Error> {

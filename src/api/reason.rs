@@ -22,6 +22,9 @@ pub enum Reason {
     MigrationRefused,
     /// A migration step failed; it is started again, resuming from the broker's state.
     MigrationFailed,
+    /// `managementPolicy: Observe`: the broker was read and compared, nothing was written
+    /// (True with no difference, False with `status.differences` listing them).
+    Observing,
     /// The broker Secret the pipeline names does not exist.
     SecretMissing,
     /// The broker Secret exists but its `uri`, `managementUri` or `ca.crt` is unusable.
@@ -101,13 +104,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [Reason; 41] = [
+    pub const ALL: [Reason; 42] = [
         Reason::Converged,
         Reason::InvalidSpec,
         Reason::ImmutableFieldChanged,
         Reason::Migrating,
         Reason::MigrationRefused,
         Reason::MigrationFailed,
+        Reason::Observing,
         Reason::SecretMissing,
         Reason::InvalidBrokerSecret,
         Reason::BrokerNotFound,
@@ -154,6 +158,7 @@ impl Reason {
             Reason::Migrating => "Migrating",
             Reason::MigrationRefused => "MigrationRefused",
             Reason::MigrationFailed => "MigrationFailed",
+            Reason::Observing => "Observing",
             Reason::SecretMissing => "SecretMissing",
             Reason::InvalidBrokerSecret => "InvalidBrokerSecret",
             Reason::BrokerNotFound => "BrokerNotFound",

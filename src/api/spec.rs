@@ -163,6 +163,11 @@ pub struct MessagePipelineSpec {
     /// queue and exchange; Delete removes them, except queues that still hold messages.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Full (default) creates and changes broker objects, the ConfigMap and the alerts.
+    /// Observe only reads the broker and reports in `status.differences` what differs from
+    /// this spec and what Full would do; it writes nothing (docs/adoption.md).
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
 }
 
 /// Connection to the broker: a MessageBroker the platform team shares (`brokerRef`), or a
@@ -564,6 +569,17 @@ pub enum DeletionPolicy {
     #[default]
     Retain,
     Delete,
+}
+
+/// How much of the pipeline msgpipe manages (Crossplane's management policies, in two steps).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ManagementPolicy {
+    /// Create, change and (with `deletionPolicy: Delete`) delete what msgpipe owns.
+    #[default]
+    Full,
+    /// Read and report only: no broker write, no ConfigMap, PrometheusRule or
+    /// AlertmanagerConfig.
+    Observe,
 }
 
 /// The CRD's CEL rules evaluated as the API server would (Kubernetes' CEL libraries, schema

@@ -48,9 +48,33 @@ pub struct MessagePipelineStatus {
     /// absent when there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// With `managementPolicy: Observe`: what differs between the broker and the spec, field
+    /// by field, and what Full would do about it (at most 32; the BrokerReady message gives
+    /// the total). Empty under Full.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<Difference>,
     /// When the broker was last read and reconciled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
+}
+
+/// One difference between the broker and the spec, as `managementPolicy: Observe` reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Difference {
+    /// The broker object, e.g. `queue orders`, `policy msgpipe.orders`, `binding orders -> orders (key "orders")`.
+    pub object: String,
+    /// The setting that differs, e.g. `arguments.x-dead-letter-exchange`,
+    /// `definition.dead-letter-exchange`, or `exists`.
+    pub field: String,
+    /// The live value (JSON text), absent when the object or setting is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<String>,
+    /// The value the spec asks for (JSON text), absent when the spec wants it gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<String>,
+    /// What Full would do: `would create policy msgpipe.orders`, `needs a migration`, ...
+    pub action: String,
 }
 
 /// Live count of one retry queue.

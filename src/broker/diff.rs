@@ -206,6 +206,11 @@ pub fn converge(desired: &DesiredState, live: &LiveVhost) -> BrokerPlan {
     remove_stale_bindings(desired, live, &refused, &mut plan);
     plan.actions.extend(retired_deletes);
     plan.warnings = overriding_policies(desired, live);
+    plan.conflicts.extend(
+        super::observe::contradicting_arguments(desired, live)
+            .iter()
+            .map(super::observe::Contradiction::conflict),
+    );
     plan
 }
 
@@ -274,7 +279,10 @@ fn remove_stale_bindings(
                 && b.destination == live_binding.destination
                 && b.routing_key == live_binding.routing_key
         });
-        let made_by_us = *owned || our_exchange(&live_binding.source);
+        // An unmarked binding from one of our exchanges was taken for a route msgpipe made
+        // before bindings were marked; once the pipeline adopted objects, it may be theirs.
+        let made_by_us =
+            *owned || (desired.adopted.is_empty() && our_exchange(&live_binding.source));
         if wanted || !made_by_us || !ours(&live_binding.destination) {
             continue;
         }
@@ -330,16 +338,43 @@ pub fn teardown(desired: &DesiredState, live: &LiveVhost) -> TeardownPlan {
     ours.extend(tiers.iter().map(String::as_str));
 
     let mut stages = vec![Vec::new(); 4];
+    let adopted = &desired.adopted;
+    let queue = |name: &str, unbind: bool, stage: &mut Vec<BrokerAction>| {
+        if adopted.queue(name) {
+            keep_adopted(live.queues.contains_key(name), "queue", name, stage);
+        } else {
+            remove_queue(live, name, unbind, stage);
+        }
+    };
+    let exchange = |name: &str, stage: &mut Vec<BrokerAction>| {
+        if adopted.exchange(name) {
+            keep_adopted(live.exchanges.contains_key(name), "exchange", name, stage);
+        } else {
+            remove_exchange(live, name, &ours, stage);
+        }
+    };
     for tier in &tiers {
-        remove_queue(live, tier, true, &mut stages[0]);
+        queue(tier, true, &mut stages[0]);
     }
-    remove_exchange(live, &names.retry_exchange, &ours, &mut stages[1]);
-    remove_queue(live, &names.queue, true, &mut stages[1]);
-    remove_exchange(live, &names.work_exchange, &ours, &mut stages[2]);
-    remove_queue(live, &names.dead_letter_queue, false, &mut stages[2]);
-    remove_exchange(live, &names.dead_letter_exchange, &ours, &mut stages[3]);
+    exchange(&names.retry_exchange, &mut stages[1]);
+    queue(&names.queue, true, &mut stages[1]);
+    exchange(&names.work_exchange, &mut stages[2]);
+    queue(&names.dead_letter_queue, false, &mut stages[2]);
+    exchange(&names.dead_letter_exchange, &mut stages[3]);
     stages.retain(|stage| !stage.is_empty());
     TeardownPlan { stages }
+}
+
+/// An adopted object stays, with everything bound to it and its msgpipe policy (removing
+/// the policy would change how a queue that stays dead-letters).
+fn keep_adopted(exists: bool, kind: &'static str, name: &str, actions: &mut Vec<BrokerAction>) {
+    if exists {
+        actions.push(BrokerAction::Keep {
+            kind,
+            name: name.to_string(),
+            reason: "adopted: msgpipe did not create it (annotation msgpipe.io/adopted)".into(),
+        });
+    }
 }
 
 fn remove_queue(live: &LiveVhost, queue: &str, unbind: bool, actions: &mut Vec<BrokerAction>) {
@@ -428,7 +463,11 @@ fn retire_removed_tiers(desired: &DesiredState, live: &LiveVhost, plan: &mut Bro
         } else {
             queue.returns_to(work_queue)
         };
-        if !is_index || !ours || desired_queues.contains(&name.as_str()) {
+        if !is_index
+            || !ours
+            || desired_queues.contains(&name.as_str())
+            || desired.adopted.queue(name)
+        {
             continue;
         }
         for binding in live.bindings.keys().filter(|b| &b.destination == name) {
@@ -549,6 +588,7 @@ mod tests {
                         consumers: 0,
                         dead_letters_to: LiveQueue::dead_letters_to(&arguments),
                         migrating_to: None,
+                        declared: None,
                     };
                     (q.name.clone(), live)
                 })
@@ -796,6 +836,7 @@ mod tests {
             consumers: 0,
             dead_letters_to: None,
             migrating_to: None,
+            declared: None,
         };
         // No policy of ours, and no arguments returning messages to the work queue.
         live.queues

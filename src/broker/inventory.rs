@@ -316,6 +316,7 @@ impl VhostInventory {
                         consumers: q.consumers,
                         dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
                         migrating_to: LiveQueue::migrating_to(&q.arguments),
+                        declared: LiveQueue::declared_settings(&q.arguments),
                     };
                     (name.clone(), queue)
                 })

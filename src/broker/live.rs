@@ -13,6 +13,19 @@ pub const BINDING_MARKER: &str = "x-msgpipe-managed";
 /// goes to). RabbitMQ keeps unknown `x-` arguments and ignores them (3.10, 4.0, 4.3).
 pub const MIGRATION_MARKER: &str = "x-msgpipe-migrating-to";
 
+/// Declare arguments that have a policy key of the same name without `x-`: the settings
+/// msgpipe's policies carry.
+pub const POLICY_ARGUMENTS: [&str; 8] = [
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-message-ttl",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-overflow",
+    "x-delivery-limit",
+];
+
 /// A snapshot of one vhost: every exchange, queue, queue binding and policy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LiveVhost {
@@ -51,6 +64,13 @@ pub struct LiveQueue {
     /// holding queue of a migration (its declare argument [`MIGRATION_MARKER`]): what lets a
     /// restarted process finish the migration from the broker's state alone.
     pub migrating_to: Option<String>,
+    /// Declare arguments that set what msgpipe's policy sets (`x-dead-letter-exchange`,
+    /// `x-delivery-limit`, ...), on a queue that is not a retry tier (a tier is declared with
+    /// its settings; see `dead_letters_to`): what an application declared on a queue msgpipe
+    /// adopts. A declare argument beats any policy, so one that contradicts the spec is
+    /// reported (only a migration changes it). None for every queue msgpipe declares, so a
+    /// snapshot of msgpipe's own queues stays small.
+    pub declared: Option<Box<Map<String, Value>>>,
 }
 
 impl LiveQueue {
@@ -66,6 +86,19 @@ impl LiveQueue {
             .get(MIGRATION_MARKER)
             .and_then(Value::as_str)
             .map(str::to_string)
+    }
+
+    /// [`LiveQueue::declared`] of a queue declared with `arguments`.
+    pub fn declared_settings(arguments: &Map<String, Value>) -> Option<Box<Map<String, Value>>> {
+        if Self::dead_letters_to(arguments).is_some() {
+            return None;
+        }
+        let settings: Map<String, Value> = arguments
+            .iter()
+            .filter(|(key, _)| POLICY_ARGUMENTS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        (!settings.is_empty()).then(|| Box::new(settings))
     }
 
     /// [`LiveQueue::dead_letters_to`] of a queue declared with `arguments`.

@@ -229,6 +229,7 @@ impl MemoryBroker {
                                 consumers: 0,
                                 dead_letters_to: LiveQueue::dead_letters_to(&arguments),
                                 migrating_to: LiveQueue::migrating_to(&arguments),
+                                declared: LiveQueue::declared_settings(&arguments),
                             },
                         );
                         declared.insert(key, arguments);

@@ -10,6 +10,7 @@ mod memory;
 pub mod migrate;
 pub mod migration;
 mod mover;
+pub mod observe;
 mod rabbit;
 mod reconcile;
 pub mod session;
@@ -28,6 +29,7 @@ pub use migrate::{
 };
 pub use migration::{MigrationPhase, MigrationPlan, MigrationRefused, MigrationStep};
 pub use mover::Mover;
+pub use observe::{Observed, observe};
 pub use rabbit::{
     DEFAULT_CALL_TIMEOUT, DEFAULT_DELETE_SETTLE, RabbitBroker, connect_amqp,
     install_crypto_provider,

@@ -1100,6 +1100,7 @@ impl BrokerApi for RabbitBroker {
                         consumers: q.consumers,
                         dead_letters_to: LiveQueue::dead_letters_to(&q.arguments),
                         migrating_to: LiveQueue::migrating_to(&q.arguments),
+                        declared: LiveQueue::declared_settings(&q.arguments),
                     };
                     (q.name, queue)
                 })

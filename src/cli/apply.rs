@@ -9,7 +9,7 @@ use clap::Args;
 use k8s_openapi::api::core::v1::Secret;
 
 use super::{migrate, read_pipelines};
-use crate::api::{DeletionPolicy, MessagePipeline};
+use crate::api::{DeletionPolicy, ManagementPolicy, MessagePipeline};
 use crate::broker::{self, BrokerEndpoint, BrokerReport, Failed, RabbitBroker};
 use crate::plan::{self, DesiredState};
 
@@ -192,6 +192,14 @@ async fn apply_with(broker: &RabbitBroker, args: &ApplyArgs) -> anyhow::Result<(
         println!("wrote the alertmanager.yml fragment to {}", path.display());
     }
     let mut live = broker::snapshot_vhosts(broker, &states).await?;
+    // Observe pipelines are compared and reported; nothing of theirs is written.
+    let (observed, planned): (Vec<_>, Vec<_>) = planned
+        .into_iter()
+        .partition(|(p, _)| p.spec.management_policy == ManagementPolicy::Observe);
+    for (_, state) in &observed {
+        print_observed(state, &broker::observe(state, &live[&state.topology.vhost]));
+    }
+    let states: Vec<DesiredState> = planned.iter().map(|(_, s)| s.clone()).collect();
     let uri_vhost = broker.endpoint().uri_vhost();
     if args.dry_run {
         for (pipeline, state) in &planned {
@@ -249,6 +257,13 @@ async fn delete_with(broker: &RabbitBroker, args: &DeleteArgs) -> anyhow::Result
     let live = broker::snapshot_vhosts(broker, &states).await?;
     let mut results = Vec::new();
     for ((pipeline, _), state) in planned.iter().zip(&states) {
+        if pipeline.spec.management_policy == ManagementPolicy::Observe {
+            println!(
+                "{}: managementPolicy is Observe: broker objects left in place",
+                state.pipeline
+            );
+            continue;
+        }
         if pipeline.spec.deletion_policy == DeletionPolicy::Retain {
             println!(
                 "{}: deletionPolicy is Retain: broker objects left in place",
@@ -311,6 +326,35 @@ fn report(results: Vec<(&DesiredState, Result<BrokerReport, Failed>)>) -> anyhow
             }
             bail!("{} (and {} more pipelines failed)", failures[0], n - 1)
         }
+    }
+}
+
+/// `ns/name: observe: queue orders arguments.x-dead-letter-exchange: live "a", desired "b": needs a migration`.
+fn print_observed(state: &DesiredState, observed: &broker::Observed) {
+    let shown = |value: &Option<String>| value.as_deref().unwrap_or("absent").to_string();
+    print_lines(
+        state,
+        observed.differences.iter().map(|d| {
+            format!(
+                "observe: {} {}: live {}, desired {}: {}",
+                d.object,
+                d.field,
+                shown(&d.live),
+                shown(&d.desired),
+                d.action
+            )
+        }),
+        "observe: the broker matches the spec",
+    );
+    if observed.total > observed.differences.len() {
+        println!(
+            "{}: observe: and {} more differences",
+            state.pipeline,
+            observed.total - observed.differences.len()
+        );
+    }
+    for warning in &observed.warnings {
+        eprintln!("warning: {}: {warning}", state.pipeline);
     }
 }
 

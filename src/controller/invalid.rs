@@ -121,6 +121,7 @@ fn placeholder(object: &DynamicObject) -> MessagePipeline {
         alerts: AlertsSpec::default(),
         client_flags: ClientFlags::default(),
         deletion_policy: DeletionPolicy::default(),
+        management_policy: Default::default(),
     };
     let mut pipeline = MessagePipeline::new(&object.name_any(), spec);
     pipeline.metadata = object.metadata.clone();

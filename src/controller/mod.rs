@@ -16,6 +16,7 @@ pub mod heap;
 mod invalid;
 pub mod metrics;
 pub mod migration;
+mod observe;
 mod reconcile;
 pub mod replay;
 mod server;

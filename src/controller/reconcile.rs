@@ -17,7 +17,7 @@ use super::migration;
 use super::status::{Observation, Verdict, next_status};
 use super::{Context, Error, Phase, describe};
 use crate::api::validate::InvalidSpec;
-use crate::api::{DeletionPolicy, MessagePipeline, Reason};
+use crate::api::{DeletionPolicy, ManagementPolicy, MessagePipeline, Reason};
 use crate::broker::{self, BrokerReport, Change, Failed};
 use crate::k8s::{self, AlertsOutcome};
 use crate::plan::{self, DesiredState};
@@ -173,6 +173,10 @@ async fn converge<B: PooledBroker>(
     let create_vhost = resolved.as_ref().is_ok_and(|r| r.create_vhost);
     let endpoint = resolved.map(|r| r.endpoint);
     let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
+    if pipeline.spec.management_policy == ManagementPolicy::Observe {
+        let endpoint = endpoint.map_err(Error::Kube);
+        return super::observe::observe(pipeline, api, &desired, endpoint, ctx).await;
+    }
     let new_tiers = announces_new_tiers(&desired, config_map.as_ref());
     if !new_tiers {
         write_client_config(pipeline, &desired, config_map.as_ref(), ctx).await?;
@@ -544,7 +548,7 @@ async fn converge_broker<B: PooledBroker>(
 
 /// The pipeline's broker client and a snapshot of its vhost (the pool learns from it whether
 /// the broker answers).
-async fn open_vhost<B: PooledBroker>(
+pub(super) async fn open_vhost<B: PooledBroker>(
     desired: &DesiredState,
     endpoint: &broker::BrokerEndpoint,
     ctx: &Context<B>,
@@ -734,14 +738,15 @@ async fn cleanup<B: PooledBroker>(
         pipeline.name_any()
     );
     ctx.metrics.set_ready(&key, None);
-    if pipeline.spec.deletion_policy == DeletionPolicy::Retain {
-        ctx.event(
-            pipeline,
-            EventType::Normal,
-            Reason::Retained,
-            "deletionPolicy is Retain: broker objects left in place",
-        )
-        .await;
+    let observe = pipeline.spec.management_policy == ManagementPolicy::Observe;
+    if pipeline.spec.deletion_policy == DeletionPolicy::Retain || observe {
+        let note = if observe {
+            "managementPolicy is Observe: broker objects left in place"
+        } else {
+            "deletionPolicy is Retain: broker objects left in place"
+        };
+        ctx.event(pipeline, EventType::Normal, Reason::Retained, note)
+            .await;
         return Ok(Action::await_change());
     }
     let (endpoint, vhost) = match k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline)

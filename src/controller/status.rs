@@ -65,6 +65,7 @@ impl Observation {
 
     fn ready(&self) -> Verdict {
         match (self.broker.ok, self.alerts.ok) {
+            (true, true) if self.broker.reason == Reason::Observing => self.broker.clone(),
             (true, true) => Verdict::ok(
                 Reason::Converged,
                 "broker objects, alerts and client config match the spec",

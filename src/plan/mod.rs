@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod client_config;
 pub mod names;
 pub mod notify;
+pub mod ownership;
 pub mod tiers;
 pub mod topology;
 
@@ -60,6 +61,9 @@ pub struct DesiredState {
     pub alertmanager_config: Option<AlertmanagerConfig>,
     pub client_config: PipelineConfig,
     pub config_map: ConfigMap,
+    /// Queues and exchanges msgpipe did not create (annotation `msgpipe.io/adopted`): never
+    /// deleted or retired.
+    pub adopted: ownership::Adopted,
 }
 
 /// Plans a pipeline. `uri_vhost` is the vhost of the broker URI, if known; `spec.broker.vhost`
@@ -108,6 +112,7 @@ pub fn plan(
         alertmanager_config,
         client_config,
         config_map,
+        adopted: ownership::Adopted::of(pipeline),
     })
 }
 

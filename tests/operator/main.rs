@@ -7,6 +7,7 @@ mod controller;
 mod dead_broker;
 mod fake_api;
 mod isolation;
+mod observe;
 mod offline;
 mod replay;
 #[path = "../support/mod.rs"]
