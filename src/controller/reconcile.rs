@@ -162,9 +162,17 @@ async fn converge<B: PooledBroker>(
     // is never called, and BrokerReady says which rule refused it. The ConfigMap's name does
     // not depend on the vhost: both are read at once.
     let read = Instant::now();
+    let observe = pipeline.spec.management_policy == ManagementPolicy::Observe;
     let (resolved, config_map) = futures_util::future::join(
         k8s::resolve_broker(&ctx.client, &ctx.config.brokers, pipeline),
-        k8s::read_client_config(&ctx.client, &named),
+        async {
+            // Observe neither reads nor writes the objects msgpipe would own.
+            if observe {
+                Ok(None)
+            } else {
+                k8s::read_client_config(&ctx.client, &named).await
+            }
+        },
     )
     .await;
     let config_map = config_map?;
@@ -173,7 +181,7 @@ async fn converge<B: PooledBroker>(
     let create_vhost = resolved.as_ref().is_ok_and(|r| r.create_vhost);
     let endpoint = resolved.map(|r| r.endpoint);
     let desired = plan::plan(pipeline, uri_vhost.as_deref()).map_err(Error::InvalidSpec)?;
-    if pipeline.spec.management_policy == ManagementPolicy::Observe {
+    if observe {
         let endpoint = endpoint.map_err(Error::Kube);
         return super::observe::observe(pipeline, api, &desired, endpoint, ctx).await;
     }
