@@ -62,7 +62,8 @@ clients: brokers build
 
 # The client protocol's conformance kit (docs/protocol.md, conformance/): every case against
 # each client, or one with LANG=rust|python|typescript; with all of them, first the kit's
-# self-test (it can fail).
+# self-test (it can fail), then the languages at once, each on its own node (their logs are
+# printed whole once all have ended).
 # LANG is also the locale variable: the runner gets a real locale.
 CONFORMANCE_LANGS := rust python typescript
 conformance: brokers
@@ -71,10 +72,19 @@ conformance: brokers
 	if [ "$$langs" = "$(CONFORMANCE_LANGS)" ]; then \
 	  echo "== conformance: self-test"; env LANG=C.UTF-8 python3 conformance/runner/run.py --self-test; \
 	fi; \
+	logs=$$(mktemp -d); \
 	for lang in $$langs; do \
-	  echo "== conformance: $$lang"; \
-	  env LANG=C.UTF-8 python3 conformance/runner/run.py --lang $$lang; \
-	done
+	  ( env LANG=C.UTF-8 python3 conformance/runner/run.py --lang $$lang >$$logs/$$lang.log 2>&1; \
+	    echo $$? >$$logs/$$lang.rc ) & \
+	done; \
+	echo "== conformance: $$langs at once (each on its own node; logs below as each ends)"; \
+	wait; failed=""; \
+	for lang in $$langs; do \
+	  echo "== conformance: $$lang"; cat $$logs/$$lang.log; \
+	  [ "$$(cat $$logs/$$lang.rc)" = 0 ] || failed="$$failed $$lang"; \
+	done; \
+	rm -rf $$logs; \
+	if [ -n "$$failed" ]; then echo "conformance failed:$$failed"; exit 1; fi
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -132,7 +132,10 @@ async fn observe_writes_nothing_but_its_status_lists_the_differences_and_full_ta
     assert_eq!(world.take_broker_writes(), Vec::<String>::new());
     assert_eq!(
         writes(&calls),
-        [format!("PATCH {PIPELINE}"), format!("PATCH {PIPELINE}/status")]
+        [
+            format!("PATCH {PIPELINE}"),
+            format!("PATCH {PIPELINE}/status")
+        ]
     );
     assert!(
         !calls
