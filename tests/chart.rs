@@ -356,7 +356,7 @@ fn default_install_is_cluster_wide_single_replica_without_leader_election() {
     let expected_env: BTreeMap<String, String> = [
         ("MSGPIPE_NAMESPACES", ""),
         ("MSGPIPE_RESYNC", "5m"),
-        ("MSGPIPE_CONCURRENCY", "512"),
+        ("MSGPIPE_CONCURRENCY", "2048"),
         ("MSGPIPE_BROKER_CONCURRENCY", "8"),
         ("MSGPIPE_LISTEN", "0.0.0.0:8080"),
         ("MSGPIPE_LEADER_ELECTION", "false"),

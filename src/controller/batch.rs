@@ -8,16 +8,17 @@
 //! 1. Pipelines that joined the queue are taken together: one snapshot of the vhost (its read
 //!    also answers the broker's probe, so pipelines held at the gate join at once), a plan
 //!    each, and all their policy writes, [`BrokerPool::concurrency`] pipelines at a time.
-//! 2. Then the rest of their plans (exchanges, queues, bindings), one wave of
-//!    `concurrency` pipelines at a time. Between waves, pipelines that joined meanwhile have
-//!    their policies written first (step 1), so a burst stays policies-first while it keeps
-//!    arriving: RabbitMQ matches every policy of a vhost against every queue on each policy
-//!    write, so a policy written after a thousand queues exist costs far more than one
-//!    written before (docs/broker.md).
+//! 2. Then the rest of their plans (exchanges, queues, bindings), `concurrency` pipelines at
+//!    a time. Pipelines that joined meanwhile wait for the batch before them and then form
+//!    the next one (step 1 again): within a batch every policy goes in before any queue, as
+//!    in `msgpipe apply`. RabbitMQ matches every policy of a vhost against every queue on
+//!    each policy write, so a policy written after a thousand queues exist costs far more
+//!    than one written before (docs/broker.md); taking newcomers one by one between
+//!    declares (an earlier version) made a burst larger than the controller's concurrency
+//!    crawl, one snapshot and one policy at a time.
 //!
 //! A new runner first gathers: it waits while pipelines keep joining ([`GATHER_QUIET`]
-//! without a newcomer ends it, [`GATHER_MAX`] at most), so the first wave of a burst is one
-//! batch. A lone spec change pays the quiet period once. Each pipeline gets its own report as
+//! without a newcomer ends it, [`GATHER_MAX`] at most), so a burst is one batch. A lone spec change pays the quiet period once. Each pipeline gets its own report as
 //! soon as its own work is done; nobody waits for a quiet period and comes back later.
 
 use std::collections::VecDeque;
@@ -57,8 +58,11 @@ type Key = (String, String);
 
 /// A new runner starts once no pipeline joined its first batch for this long...
 pub const GATHER_QUIET: Duration = Duration::from_millis(25);
-/// ...or once it has gathered for this long.
-pub const GATHER_MAX: Duration = Duration::from_millis(250);
+/// ...or once it has gathered for this long: long enough for `kubectl apply` of a thousand
+/// pipelines (the watch delivers them as the server creates them, a few ms apart), since a
+/// pipeline left to a later batch writes its policies after the first batch's queues exist,
+/// which RabbitMQ makes seconds per policy in a vhost of thousands of queues.
+pub const GATHER_MAX: Duration = Duration::from_secs(5);
 
 impl<B: PooledBroker> BrokerPool<B> {
     /// Converges `desired` on `broker` together with the other pipelines of its vhost that
@@ -272,8 +276,10 @@ impl<B: PooledBroker> Runner<B> {
         let mut running = FuturesUnordered::new();
         let mut gather = true;
         loop {
-            let newcomers = self.pool.waiting(&self.key).0 > 0;
-            if newcomers && running.is_empty() {
+            // Newcomers are taken once the pipelines before them are done: they form one
+            // batch, policies first, however they trickled in meanwhile (a burst larger than
+            // the controller's concurrency arrives one pipeline per finished reconcile).
+            if running.is_empty() && ready.is_empty() && self.pool.waiting(&self.key).0 > 0 {
                 self.pool
                     .take_newcomers(&self.key, &endpoint, &broker, gather, &mut ready)
                     .await;
@@ -281,12 +287,10 @@ impl<B: PooledBroker> Runner<B> {
                 gather = false;
                 continue;
             }
-            // Newcomers wait only for the rests already running: their policies go in
-            // before any further queue is declared.
-            while !newcomers && running.len() < self.pool.concurrency() {
+            while running.len() < self.pool.concurrency() {
                 match ready.pop_front() {
                     Some(planned) => {
-                        running.push(BrokerPool::<B>::finish(broker.as_ref(), planned))
+                        running.push(BrokerPool::<B>::finish(broker.as_ref(), planned));
                     }
                     None => break,
                 }
@@ -295,7 +299,7 @@ impl<B: PooledBroker> Runner<B> {
                 Some((reply, result)) => {
                     let _ = reply.send(result);
                 }
-                None if ready.is_empty() && self.pool.end_if_idle(&self.key) => break,
+                None if self.pool.end_if_idle(&self.key) => break,
                 None => {}
             }
         }

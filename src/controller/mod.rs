@@ -123,8 +123,10 @@ pub fn describe(error: &Error) -> (Reason, String) {
 /// (whose calls are bounded on their own, [`API_CALLS_IN_FLIGHT`]) or on its vhost's batch,
 /// so this is far above the broker's own concurrency ([`BROKER_CONCURRENCY`]): a burst of new
 /// pipelines reaches its vhost's batch together and is policies-first across the burst, not
-/// eight pipelines at a time. A reconcile in flight holds a few KiB.
-pub const DEFAULT_CONCURRENCY: u16 = 512;
+/// eight pipelines at a time (a burst larger than this is split, and the later part writes
+/// its policies after the first part's queues exist: seconds per policy on a vhost of
+/// thousands of queues). A reconcile in flight holds a few KiB.
+pub const DEFAULT_CONCURRENCY: u16 = 2048;
 
 /// API calls the reconciles make at once, whatever their number: a burst of hundreds of new
 /// pipelines in flight must not become hundreds of concurrent requests (a real API server's
