@@ -621,22 +621,13 @@ async fn serve_api(args: &Args, vhost: &str) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?.port());
-    let real_latency = args.api_latency == "real";
-    let seed = Arc::new(std::sync::atomic::AtomicU64::new(0x9e37_79b9_7f4a_7c15));
+    if args.api_latency == "real" {
+        api.set_latency(fake_api::Latency::real_server());
+    }
     let answer = move |request: axum::extract::Request| {
         let api = api.clone();
-        let seed = seed.clone();
         async move {
             let (parts, body) = request.into_parts();
-            if real_latency && parts.uri.path() != CALLS_PATH {
-                let content_type = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                let cost = call_cost(&parts.method, parts.uri.path(), content_type);
-                tokio::time::sleep(jittered(&seed, cost)).await;
-            }
             if parts.uri.path() == CALLS_PATH {
                 let calls = api.take_calls();
                 let writes = calls.iter().filter(|c| c.method != Method::GET).count();
@@ -798,38 +789,4 @@ fn phase_table(metrics: &Metrics, first_reconcile: &mut [Duration]) -> String {
         ));
     }
     out
-}
-
-/// What one call to the mocked API costs, by kind: (p50, p90) in ms, as measured on a real
-/// Kubernetes 1.34 API server on loopback (etcd on the same 2-core machine), serial calls
-/// from one client. Calls the measurement did not cover take the nearest kind's figure.
-fn call_cost(method: &Method, path: &str, content_type: &str) -> (f64, f64) {
-    match *method {
-        Method::GET => (2.2, 3.6),
-        Method::POST if path.ends_with("/events") => (3.3, 4.8),
-        Method::POST => (4.4, 7.0),
-        Method::PATCH if path.contains("/events/") => (3.3, 4.8),
-        Method::PATCH if path.ends_with("/status") => (5.3, 8.3),
-        Method::PATCH if content_type.contains("json-patch") => (5.2, 8.1),
-        Method::PATCH => (4.3, 6.5),
-        _ => (4.4, 7.0),
-    }
-}
-
-/// A log-normal draw with the given median and 90th percentile (ms), from a xorshift state.
-fn jittered(state: &std::sync::atomic::AtomicU64, (p50, p90): (f64, f64)) -> Duration {
-    use std::sync::atomic::Ordering;
-    let next = || {
-        let mut x = state.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        state.store(x, Ordering::Relaxed);
-        // (0, 1]
-        ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
-    // Box-Muller.
-    let z = (-2.0 * next().ln()).sqrt() * (2.0 * std::f64::consts::PI * next()).cos();
-    let sigma = (p90 / p50).ln() / 1.2816;
-    Duration::from_secs_f64(p50 * (sigma * z).exp() / 1000.0)
 }

@@ -313,9 +313,11 @@ async fn write_client_config<B: PooledBroker>(
     current: Option<&ConfigMap>,
     ctx: &Context<B>,
 ) -> Result<(), Error> {
+    let started = Instant::now();
     if k8s::apply_client_config(&ctx.client, pipeline, desired, current).await? {
         ctx.metrics.kube_write("configmap", "applied");
     }
+    ctx.metrics.phase(Phase::ConfigMap, started.elapsed());
     Ok(())
 }
 
