@@ -14,6 +14,8 @@
 #[path = "../tests/operator/fake_api.rs"]
 #[allow(dead_code)] // the benchmark serves the fake's cluster, not its call assertions
 mod fake_api;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -29,11 +31,10 @@ use msgpipe::controller::{
 };
 use msgpipe::k8s::BrokerAccess;
 use serde_json::{Value, json};
+use support::{WATCHES_PATH, kib_to_mib, status_kib};
 
 const OPERATOR_NS: &str = "msgpipe-system";
 const VHOST: &str = "bench";
-/// The mock's count of open watches, for the operator process to know its lists are done.
-const WATCHES_PATH: &str = "/_bench/watches";
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -75,19 +76,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// A field of /proc/self/status, in KiB.
-fn status_kib(name: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(':')))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
+    kib_to_mib(kib)
 }
 
 /// One case: (VmHWM after the first sync, VmHWM in steady state, VmRSS in steady state), KiB.
@@ -298,31 +288,7 @@ async fn serve_api(args: &Args, objects: usize) -> anyhow::Result<()> {
             json!({"secretRef": {"name": "rabbitmq"}, "vhost": VHOST}),
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("{}", listener.local_addr()?.port());
-    let counts = api.clone();
-    let answer = move |request: axum::extract::Request| {
-        let api = api.clone();
-        let counts = counts.clone();
-        async move {
-            if request.uri().path() == WATCHES_PATH {
-                return axum::response::Response::new(axum::body::Body::from(
-                    counts.open_watches().to_string(),
-                ));
-            }
-            let (parts, body) = request.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .unwrap_or_default();
-            api.respond(http::Request::from_parts(
-                parts,
-                kube::client::Body::from(bytes),
-            ))
-            .await
-        }
-    };
-    axum::serve(listener, axum::Router::new().fallback(answer)).await?;
-    Ok(())
+    support::serve(api).await
 }
 
 /// Ready=True on the pipeline `name`.

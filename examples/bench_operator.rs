@@ -23,6 +23,8 @@
 #[path = "../tests/operator/fake_api.rs"]
 #[allow(dead_code)] // the benchmark uses the fake's cluster, not its call assertions
 mod fake_api;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,18 +33,17 @@ use anyhow::{Context as _, ensure};
 use clap::Parser;
 use fake_api::FakeApi;
 use futures_util::{StreamExt, stream};
-use http::Method;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use msgpipe::api::MessagePipeline;
-use msgpipe::api::load::parse_pipelines;
 use msgpipe::broker::{self, BrokerApi, BrokerEndpoint, RabbitBroker};
 use msgpipe::controller::{
     BUSY_RETRY, Context, Metrics, OperatorConfig, SNAPSHOT_MAX_REUSE, reconcile,
 };
 use msgpipe::plan::{DesiredState, plan};
 use serde_json::{Value, json};
+use support::{ApiProcess, delete_vhost, fresh_vhost, mgmt_get, status_kib, template, vhosts};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -80,31 +81,16 @@ struct Args {
     serve_api: Option<String>,
 }
 
-/// A field of /proc/self/status (`VmRSS`, `RssAnon`, `RssFile`: KiB; `Threads`).
-fn status_field(name: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(':'))
-                })
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn rss_kib() -> u64 {
-    status_field("VmRSS")
+    status_kib("VmRSS")
 }
 
 /// Where the RSS is: (anonymous KiB, file-backed KiB, threads).
 fn rss_parts() -> (u64, u64, u64) {
     (
-        status_field("RssAnon"),
-        status_field("RssFile"),
-        status_field("Threads"),
+        status_kib("RssAnon"),
+        status_kib("RssFile"),
+        status_kib("Threads"),
     )
 }
 
@@ -221,16 +207,10 @@ async fn run() -> anyhow::Result<()> {
         .build()?;
     // A run that failed or was interrupted leaves its vhosts (thousands of quorum queues
     // that would slow this run down): gone first.
-    let vhosts = mgmt_get(&http, &format!("{mgmt}/api/vhosts?columns=name")).await?;
-    for name in vhosts
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v["name"].as_str())
-    {
+    for name in vhosts(&http, &mgmt).await? {
         if name.starts_with("bench-operator-") {
             println!("deleting vhost {name}, left by an earlier run");
-            delete_vhost(&http, &mgmt, name).await;
+            delete_vhost(&http, &mgmt, &name).await;
         }
     }
     let vhost = fresh_vhost(&http, &mgmt, "bench-operator").await?;
@@ -247,7 +227,12 @@ async fn run() -> anyhow::Result<()> {
     let baseline = rss_kib();
     // The API server's objects live in the child; this process keeps only the controller's
     // cache and the operator's context.
-    let api = ApiProcess::spawn(&vhost)?;
+    let api = ApiProcess::spawn(
+        &std::env::args()
+            .skip(1)
+            .chain(["--serve-api".to_string(), vhost.clone()])
+            .collect::<Vec<_>>(),
+    )?;
     let mut writer: Writer<MessagePipeline> = Writer::default();
     let store = writer.as_reader();
     writer.apply_watcher_event(&watcher::Event::Init);
@@ -325,7 +310,10 @@ async fn run() -> anyhow::Result<()> {
         pass_times.push(format!("{:.1} s", pass_started.elapsed().as_secs_f64()));
         // The watch: every stored object (with its finalizer, status) back into the cache.
         let objects: Vec<_> = stream::iter(0..synced)
-            .map(|i| api.stored(&http, i))
+            .map(|i| {
+                let (api, http) = (&api, &http);
+                async move { api.get::<MessagePipeline>(http, &path(i)).await }
+            })
             .buffered(32)
             .collect()
             .await;
@@ -445,7 +433,7 @@ async fn run() -> anyhow::Result<()> {
         let change = async |i: usize,
                             edit: &dyn Fn(&mut MessagePipeline)|
                -> anyhow::Result<(Duration, String)> {
-            let mut changed = api.stored(&http, i).await?;
+            let mut changed: MessagePipeline = api.get(&http, &path(i)).await?;
             edit(&mut changed);
             changed.metadata.generation = Some(2);
             let name = changed.metadata.name.clone().unwrap_or_default();
@@ -546,67 +534,8 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn template() -> anyhow::Result<Value> {
-    let text = std::fs::read_to_string("examples/notes-pipeline.yaml")?;
-    Ok(serde_json::to_value(parse_pipelines(&text)?.remove(0))?)
-}
-
-/// The mocked API server in a child process, killed when dropped.
-struct ApiProcess {
-    child: std::process::Child,
-    url: String,
-}
-
-impl ApiProcess {
-    fn spawn(vhost: &str) -> anyhow::Result<ApiProcess> {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new(std::env::current_exe()?)
-            .args(std::env::args().skip(1))
-            .args(["--serve-api", vhost])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("the mocked API's process")?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().context("its stdout")?;
-        std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let port: u16 = line
-            .trim()
-            .parse()
-            .with_context(|| format!("the mocked API's port, got {line:?}"))?;
-        Ok(ApiProcess {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    /// The object the API server stores for pipeline `i`.
-    async fn stored(&self, http: &reqwest::Client, i: usize) -> anyhow::Result<MessagePipeline> {
-        let response = http.get(format!("{}{}", self.url, path(i))).send().await?;
-        Ok(response.error_for_status()?.json().await?)
-    }
-
-    /// (calls, write calls) the API server answered since the last take.
-    async fn take_calls(&self, http: &reqwest::Client) -> anyhow::Result<(usize, usize)> {
-        let response = http.get(format!("{}{CALLS_PATH}", self.url)).send().await?;
-        let counts: Value = response.error_for_status()?.json().await?;
-        let count = |key: &str| counts[key].as_u64().unwrap_or(0) as usize;
-        Ok((count("calls"), count("writes")))
-    }
-}
-
-impl Drop for ApiProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Where the child answers with its call counts (and forgets the calls).
-const CALLS_PATH: &str = "/_bench/calls";
-
 /// The child: the fleet's objects and the Secret, served over loopback HTTP.
 async fn serve_api(args: &Args, vhost: &str) -> anyhow::Result<()> {
-    use axum::response::Response;
     let api = FakeApi::default();
     api.set_crd(true);
     let mgmt = format!("http://127.0.0.1:{}", u32::from(args.port) + 10000);
@@ -619,42 +548,10 @@ async fn serve_api(args: &Args, vhost: &str) -> anyhow::Result<()> {
     for i in 0..args.pipelines {
         api.put(&path(i), pipeline(&template, i, vhost, &args.queue_type));
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    println!("{}", listener.local_addr()?.port());
     if args.api_latency == "real" {
         api.set_latency(fake_api::Latency::real_server());
     }
-    let answer = move |request: axum::extract::Request| {
-        let api = api.clone();
-        async move {
-            let (parts, body) = request.into_parts();
-            if parts.uri.path() == CALLS_PATH {
-                let calls = api.take_calls();
-                let writes = calls.iter().filter(|c| c.method != Method::GET).count();
-                let counts = json!({"calls": calls.len(), "writes": writes});
-                return Response::new(axum::body::Body::from(counts.to_string()));
-            }
-            let bytes = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .unwrap_or_default();
-            let request = http::Request::from_parts(parts, kube::client::Body::from(bytes));
-            let (parts, body) = api.answer(request).await.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            Response::from_parts(parts, axum::body::Body::from(bytes))
-        }
-    };
-    axum::serve(listener, axum::Router::new().fallback(answer)).await?;
-    Ok(())
-}
-
-/// One management API answer, as guest.
-async fn mgmt_get(http: &reqwest::Client, url: &str) -> anyhow::Result<Value> {
-    let response = http
-        .get(url)
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await?;
-    Ok(response.error_for_status()?.json().await?)
+    support::serve(api).await
 }
 
 /// Whether the stored object says Ready=True for its current generation.
@@ -673,45 +570,6 @@ fn endpoint(args: &Args, mgmt: &str, vhost: &str) -> anyhow::Result<BrokerEndpoi
         Some(mgmt),
         None,
     )?)
-}
-
-async fn fresh_vhost(http: &reqwest::Client, mgmt: &str, prefix: &str) -> anyhow::Result<String> {
-    let vhost = format!("{prefix}-{}", std::process::id());
-    delete_vhost(http, mgmt, &vhost).await;
-    http.put(format!("{mgmt}/api/vhosts/{vhost}"))
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await?
-        .error_for_status()?;
-    http.put(format!("{mgmt}/api/permissions/{vhost}/guest"))
-        .basic_auth("guest", Some("guest"))
-        .json(&json!({"configure": ".*", "write": ".*", "read": ".*"}))
-        .send()
-        .await?
-        .error_for_status()?;
-    Ok(vhost)
-}
-
-/// Deletes the vhost and waits until it is gone (the node goes on deleting thousands of
-/// quorum queues after the management API has closed the request).
-async fn delete_vhost(http: &reqwest::Client, mgmt: &str, vhost: &str) {
-    let url = format!("{mgmt}/api/vhosts/{vhost}");
-    let _ = http
-        .delete(&url)
-        .basic_auth("guest", Some("guest"))
-        .send()
-        .await;
-    for _ in 0..300 {
-        let found = http
-            .get(&url)
-            .basic_auth("guest", Some("guest"))
-            .send()
-            .await;
-        if !found.is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }
 
 /// The per-phase table of the burst, from the operator's own

@@ -104,7 +104,10 @@ pub struct Metrics {
     drift_repairs: Counter,
     pipelines: Family<ReadyLabels, Gauge>,
     replay_messages: Family<ReplayLabels, Counter>,
-    ready_by_pipeline: Mutex<HashMap<String, bool>>,
+    /// Each pipeline's Ready state and how many are Ready (kept as they change, so a fleet
+    /// of thousands is not counted again on every reconcile).
+    ready_by_pipeline: Mutex<(HashMap<String, bool>, usize)>,
+    reconcile_count: AtomicU64,
     kube_write_count: AtomicU64,
     broker_write_count: AtomicU64,
 }
@@ -166,7 +169,8 @@ impl Default for Metrics {
             kube_writes,
             drift_repairs,
             pipelines,
-            ready_by_pipeline: Mutex::new(HashMap::new()),
+            ready_by_pipeline: Mutex::new((HashMap::new(), 0)),
+            reconcile_count: AtomicU64::new(0),
             kube_write_count: AtomicU64::new(0),
             broker_write_count: AtomicU64::new(0),
         }
@@ -189,6 +193,7 @@ impl Metrics {
     }
 
     pub fn reconciled(&self, result: &str, took: Duration) {
+        self.reconcile_count.fetch_add(1, Ordering::Relaxed);
         self.reconciles
             .get_or_create(&ResultLabels {
                 result: result.into(),
@@ -243,16 +248,41 @@ impl Metrics {
         self.broker_write_count.load(Ordering::Relaxed)
     }
 
+    /// Reconciles finished so far (every result).
+    pub fn reconciles_total(&self) -> u64 {
+        self.reconcile_count.load(Ordering::Relaxed)
+    }
+
+    /// (Ready, not Ready) pipelines, as `msgpipe_pipelines{ready}` reports them.
+    pub fn ready_pipelines(&self) -> (usize, usize) {
+        self.ready_by_pipeline
+            .lock()
+            .map_or((0, 0), |states| (states.1, states.0.len() - states.1))
+    }
+
     /// Records a pipeline's Ready state (None: it is gone).
     pub fn set_ready(&self, pipeline: &str, ready: Option<bool>) {
-        let Ok(mut states) = self.ready_by_pipeline.lock() else {
+        let Ok(mut guard) = self.ready_by_pipeline.lock() else {
             return;
         };
-        match ready {
-            Some(ready) => states.insert(pipeline.to_string(), ready),
+        let (states, ready_count) = &mut *guard;
+        let before = match ready {
+            Some(ready) => match states.get_mut(pipeline) {
+                Some(state) => Some(std::mem::replace(state, ready)),
+                None => {
+                    states.insert(pipeline.to_string(), ready);
+                    None
+                }
+            },
             None => states.remove(pipeline),
         };
-        let ready = states.values().filter(|r| **r).count();
+        if before == Some(true) {
+            *ready_count -= 1;
+        }
+        if ready == Some(true) {
+            *ready_count += 1;
+        }
+        let ready = *ready_count;
         let not_ready = states.len() - ready;
         for (label, value) in [("true", ready), ("false", not_ready)] {
             self.pipelines
@@ -307,5 +337,21 @@ mod tests {
         );
         assert_eq!(metrics.broker_writes_total(), 2);
         assert_eq!(metrics.kube_writes_total(), 1);
+        assert_eq!(metrics.ready_pipelines(), (2, 0));
+        // A Ready pipeline that goes away or turns not Ready leaves the count.
+        metrics.set_ready("a/x", None);
+        metrics.set_ready("a/y", Some(false));
+        metrics.set_ready("a/y", Some(false));
+        assert_eq!(metrics.ready_pipelines(), (0, 1));
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"msgpipe_pipelines{ready="false"} 1"#),
+            "{}",
+            metrics.encode()
+        );
+        metrics.reconciled("ok", Duration::from_millis(3));
+        metrics.reconciled("error", Duration::from_millis(3));
+        assert_eq!(metrics.reconciles_total(), 2);
     }
 }

@@ -194,6 +194,9 @@ pub struct Context<B: PooledBroker = RabbitBroker> {
     failures: Mutex<HashMap<String, u32>>,
     /// When each pipeline last wrote to its broker: its next snapshot must be younger.
     last_writes: Mutex<HashMap<String, std::time::Instant>>,
+    /// ConfigMaps this operator has just written, until their watch event comes back: key
+    /// and data, hashed (see [`Context::is_own_echo`]).
+    config_map_echoes: Mutex<HashMap<u64, u64>>,
     /// Queue migrations under way, one task per pipeline; dropped with the context.
     pub migrations: migration::Migrations,
 }
@@ -227,6 +230,7 @@ impl<B: PooledBroker> Context<B> {
             config,
             failures: Mutex::new(HashMap::new()),
             last_writes: Mutex::new(HashMap::new()),
+            config_map_echoes: Mutex::new(HashMap::new()),
             migrations: migration::Migrations::default(),
         }
     }
@@ -280,6 +284,28 @@ impl<B: PooledBroker> Context<B> {
             writes.retain(|_, at| at.elapsed() < SNAPSHOT_MAX_REUSE);
             writes.insert(key.to_string(), std::time::Instant::now());
         }
+    }
+
+    /// Remembers the data of a ConfigMap this operator is about to write.
+    pub(crate) fn writing_config_map(&self, config_map: &ConfigMap) {
+        if let Ok(mut echoes) = self.config_map_echoes.lock() {
+            echoes.insert(object_key(config_map), hash_of(&config_map.data));
+        }
+    }
+
+    /// Whether a watch event of an owned ConfigMap is the echo of this operator's own write
+    /// (the data it wrote): no reason to reconcile its pipeline again. Each write lets one
+    /// echo through; anything else (someone else's edit, a deletion) triggers.
+    fn is_own_echo(&self, config_map: &ConfigMap) -> bool {
+        let Ok(mut echoes) = self.config_map_echoes.lock() else {
+            return false;
+        };
+        let key = object_key(config_map);
+        if echoes.get(&key) == Some(&hash_of(&config_map.data)) {
+            echoes.remove(&key);
+            return true;
+        }
+        false
     }
 
     fn forget_failures(&self, key: &str) {
@@ -357,6 +383,39 @@ fn pipeline_trigger(pipeline: &MessagePipeline) -> Option<u64> {
     Some(hasher.finish())
 }
 
+fn hash_of(value: impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn object_key(object: &impl Resource) -> u64 {
+    hash_of((
+        object.meta().namespace.as_deref(),
+        object.meta().name.as_deref(),
+    ))
+}
+
+/// The objects a related watch (owned ConfigMaps, Secrets, MessageBrokers) reports changed
+/// or deleted after its list. The list itself (at start, and again when a watch lost its
+/// place) would bring back every pipeline those objects name, which the pipelines' own list
+/// has just brought already: at start that was a second reconcile of every pipeline (and a
+/// second status write, the first one's echo not in the cache yet). A change missed while a
+/// watch was relisting is picked up by the pipeline's resync.
+fn changes_only<K>(
+    events: impl futures_util::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+) -> impl futures_util::Stream<Item = Result<K, watcher::Error>> {
+    events.filter_map(|event| {
+        futures_util::future::ready(match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => Some(Ok(object)),
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone) => {
+                None
+            }
+            Err(error) => Some(Err(error)),
+        })
+    })
+}
+
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -408,8 +467,16 @@ pub async fn run_controller<B: PooledBroker>(
     let config = controller::Config::default()
         .concurrency(ctx.config.concurrency)
         .debounce(Duration::from_millis(200));
-    let mut controller = Controller::for_stream(trigger, reader.clone())
-        .owns(config_maps, watcher::Config::default().labels(&managed));
+    let echoes = ctx.clone();
+    let owned = changes_only(
+        watcher(config_maps, watcher::Config::default().labels(&managed))
+            .default_backoff()
+            .filter(move |event| {
+                let echo = matches!(event, Ok(watcher::Event::Apply(config_map)) if echoes.is_own_echo(config_map));
+                futures_util::future::ready(!echo)
+            }),
+    );
+    let mut controller = Controller::for_stream(trigger, reader.clone()).owns_stream(owned);
     let access = &ctx.config.brokers;
     let brokers = access
         .message_brokers
@@ -428,9 +495,9 @@ pub async fn run_controller<B: PooledBroker>(
         secret_scopes.push(Api::namespaced(client.clone(), &access.operator_namespace));
     }
     for scope in secret_scopes {
-        let secrets = watcher(scope, watcher::Config::default().page_size(SECRET_PAGE))
-            .default_backoff()
-            .touched_objects();
+        let secrets = changes_only(
+            watcher(scope, watcher::Config::default().page_size(SECRET_PAGE)).default_backoff(),
+        );
         let (pipelines, brokers) = (reader.clone(), brokers.as_ref().map(|(r, _)| r.clone()));
         let own_namespace = access.operator_namespace.clone();
         controller = controller.watches_stream(secrets, move |secret| {
@@ -439,15 +506,16 @@ pub async fn run_controller<B: PooledBroker>(
     }
     if let Some((_, writer)) = brokers {
         // A MessageBroker changed (endpoint, Secret, tenants): its pipelines look again.
-        let changes = reflector(
-            writer,
-            watcher(
-                Api::<MessageBroker>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .touched_objects();
+        let changes = changes_only(
+            reflector(
+                writer,
+                watcher(
+                    Api::<MessageBroker>::all(client.clone()),
+                    watcher::Config::default(),
+                ),
+            )
+            .default_backoff(),
+        );
         let pipelines = reader.clone();
         controller = controller.watches_stream(changes, move |broker| {
             let name = broker.name_any();

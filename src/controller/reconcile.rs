@@ -314,6 +314,10 @@ async fn write_client_config<B: PooledBroker>(
     ctx: &Context<B>,
 ) -> Result<(), Error> {
     let started = Instant::now();
+    if current.is_none_or(|current| current.data != desired.config_map.data) {
+        // Before the write: its watch event may come back before the answer does.
+        ctx.writing_config_map(&desired.config_map);
+    }
     if k8s::apply_client_config(&ctx.client, pipeline, desired, current).await? {
         ctx.metrics.kube_write("configmap", "applied");
     }

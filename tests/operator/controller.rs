@@ -24,6 +24,15 @@ const WITHIN: Duration = Duration::from_secs(30);
 /// Runs the controller over every namespace, with an in-memory broker, until the sender
 /// fires or is dropped.
 fn start(api: &FakeApi, brokers: BrokerAccess) -> (oneshot::Sender<()>, Arc<MemoryBroker>) {
+    let (stop, broker, _) = start_measured(api, brokers);
+    (stop, broker)
+}
+
+/// [`start`], with the controller's metrics.
+fn start_measured(
+    api: &FakeApi,
+    brokers: BrokerAccess,
+) -> (oneshot::Sender<()>, Arc<MemoryBroker>, Arc<Metrics>) {
     let broker = Arc::new(
         MemoryBroker::new("amqp://app@rabbit.invalid:5672")
             .with_vhost(VHOST, 4)
@@ -40,17 +49,13 @@ fn start(api: &FakeApi, brokers: BrokerAccess) -> (oneshot::Sender<()>, Arc<Memo
         brokers,
         ..OperatorConfig::default()
     };
-    let ctx = Arc::new(Context::with_brokers(
-        client,
-        Arc::new(Metrics::default()),
-        config,
-        pool,
-    ));
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::with_brokers(client, metrics.clone(), config, pool));
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(run_controller(ctx, None, async move {
         let _ = stopped.await;
     }));
-    (stop, broker)
+    (stop, broker, metrics)
 }
 
 /// The pipeline as a user creates it: no resourceVersion, uid or finalizer yet.
@@ -157,6 +162,90 @@ async fn a_created_pipeline_becomes_ready_through_watch_events_and_a_delete_rele
     // the server removes the object.
     api.delete(PIPELINE);
     wait_until("the pipeline removed", || api.get(PIPELINE).is_none()).await;
+}
+
+const CLIENT_CONFIG: &str = "/api/v1/namespaces/notes-app/configmaps/notes-client";
+
+/// The pipeline's Secret, and the controller started once its pipeline watch is open.
+async fn started_with_secret(api: &FakeApi) -> (oneshot::Sender<()>, Arc<Metrics>) {
+    api.set_crd(true);
+    api.put(
+        SECRET,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "rabbitmq-admin", "namespace": NS},
+               "stringData": {"uri": format!("amqp://app:pw@rabbit.invalid:5672/{VHOST}")}}),
+    );
+    let (stop, _broker, metrics) = start_measured(api, BrokerAccess::default());
+    wait_until("the pipeline watch", || {
+        watches(&api.0.lock().expect("state").calls)
+            .contains(&"/apis/msgpipe.io/v1alpha1/messagepipelines".to_string())
+    })
+    .await;
+    (stop, metrics)
+}
+
+#[tokio::test]
+async fn the_echo_of_its_own_config_map_write_does_not_reconcile_a_pipeline_again() {
+    let api = FakeApi::default();
+    let (_stop, metrics) = started_with_secret(&api).await;
+    api.put(
+        PIPELINE,
+        new_pipeline(json!({"secretRef": {"name": "rabbitmq-admin"}})),
+    );
+    wait_until("Ready=True", || ready(&api)).await;
+    // The ConfigMap's ADDED event (and the finalizer's and the status's MODIFIED events) have
+    // come back by now; none of them is a reason for a second pass.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        api.get(CLIENT_CONFIG).is_some(),
+        "the ConfigMap was written"
+    );
+    assert_eq!(
+        metrics.reconciles_total(),
+        1,
+        "one reconcile of the new pipeline"
+    );
+    let status_writes = api
+        .take_calls()
+        .iter()
+        .filter(|c| c.line() == format!("PATCH {PIPELINE}/status"))
+        .count();
+    assert_eq!(status_writes, 1);
+}
+
+#[tokio::test]
+async fn someone_elses_edit_or_deletion_of_the_config_map_is_repaired_at_once() {
+    let api = FakeApi::default();
+    let (_stop, metrics) = started_with_secret(&api).await;
+    api.put(
+        PIPELINE,
+        new_pipeline(json!({"secretRef": {"name": "rabbitmq-admin"}})),
+    );
+    wait_until("Ready=True", || ready(&api)).await;
+    let written = api.get(CLIENT_CONFIG).expect("the ConfigMap");
+    // `kubectl edit`: the data changed by hand.
+    let mut edited = written.clone();
+    edited["data"]["pipeline.json"] = json!("{}");
+    edited["metadata"]
+        .as_object_mut()
+        .map(|m| m.remove("resourceVersion"));
+    api.put(CLIENT_CONFIG, edited);
+    wait_until("the ConfigMap restored", || {
+        api.get(CLIENT_CONFIG)
+            .is_some_and(|c| c["data"] == written["data"])
+    })
+    .await;
+    // `kubectl delete configmap`.
+    api.delete(CLIENT_CONFIG);
+    wait_until("the ConfigMap recreated", || {
+        api.get(CLIENT_CONFIG)
+            .is_some_and(|c| c["data"] == written["data"])
+    })
+    .await;
+    assert!(
+        metrics.reconciles_total() >= 3,
+        "each change brought a pass"
+    );
 }
 
 #[tokio::test]
