@@ -130,7 +130,34 @@ fn pipeline(args: &Args, template: &Value, i: usize) -> Value {
     object["spec"]["deadLetter"] = json!({"retention": "14d"});
     object["spec"]["broker"] =
         json!({"secretRef": {"name": format!("rabbitmq-{vhost}")}, "vhost": vhost});
+    // What a real server keeps beside an object applied with `kubectl apply`: its copy of the
+    // applied object and every manager's field set.
+    let applied = json!({"apiVersion": object["apiVersion"], "kind": object["kind"],
+                         "metadata": {"name": name, "namespace": NAMESPACE}, "spec": object["spec"]});
+    object["metadata"]["annotations"] =
+        json!({"kubectl.kubernetes.io/last-applied-configuration": format!("{applied}\n")});
+    object["metadata"]["managedFields"] = json!([
+        {"manager": "kubectl-client-side-apply", "operation": "Update", "apiVersion": "msgpipe.io/v1alpha1",
+         "time": "2026-12-06T09:00:00Z", "fieldsType": "FieldsV1",
+         "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}}},
+                      "f:spec": fields_of(&object["spec"])}},
+    ]);
     object
+}
+
+/// A managedFields field set (`f:` keys) covering every field of `value`.
+fn fields_of(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut fields = serde_json::Map::new();
+            fields.insert(".".into(), json!({}));
+            for (key, value) in map {
+                fields.insert(format!("f:{key}"), fields_of(value));
+            }
+            Value::Object(fields)
+        }
+        _ => json!({}),
+    }
 }
 
 /// The child: the fleet's pipelines (already in the cluster, as a list returns them) and one
@@ -326,6 +353,10 @@ struct Figures {
     resync_api_writes: usize,
     resync_api_calls: usize,
     rss_steady: u64,
+    heap_synced: usize,
+    heap_steady: usize,
+    store_bytes: usize,
+    cached_bytes: usize,
     hwm: u64,
     change: Duration,
     restart: Duration,
@@ -351,6 +382,16 @@ impl Figures {
             kib_to_mib(self.rss_synced),
             kib_to_mib(self.rss_steady),
             kib_to_mib(self.hwm)
+        );
+        let mib = |bytes: usize| bytes as f64 / 1024.0 / 1024.0;
+        println!(
+            "  heap allocated (jemalloc) after the first sync / steady state: {:.1} / {:.1} MiB; the {n} pipelines as a list returns them weigh {:.1} MiB ({:.1} KiB each), as the controller's cache keeps them {:.1} MiB ({:.1} KiB each)",
+            mib(self.heap_synced),
+            mib(self.heap_steady),
+            mib(self.store_bytes),
+            self.store_bytes as f64 / 1024.0 / n.max(1) as f64,
+            mib(self.cached_bytes),
+            self.cached_bytes as f64 / 1024.0 / n.max(1) as f64
         );
         println!(
             "resync of all {n} (each requeued {} s after its reconcile): {} reconciles, {} operator writes, {} write calls reached the API ({} calls in all; target 0 writes)",
@@ -470,6 +511,7 @@ where
     let (_, mut sync_api_writes) = api.take_calls(&http).await?;
     let sync_writes = running.writes();
     let rss_synced = status_kib("VmRSS");
+    let heap_synced = heap_allocated();
     // Events are published after the status that made a pipeline Ready: until they are all
     // out, they belong to the first sync.
     loop {
@@ -508,6 +550,7 @@ where
     println!("  resync: {resync_reconciles} reconciles, {resync_writes} writes");
     tokio::time::sleep(SNAPSHOT_MAX_REUSE + Duration::from_secs(2)).await;
     let rss_steady = status_kib("VmRSS");
+    let heap_steady = heap_allocated();
 
     // One spec change among the fleet, as a user's apply.
     let last = n - 1;
@@ -565,11 +608,12 @@ where
     let client = kube::Client::try_from(kube_config)?;
     let pipelines: Api<MessagePipeline> = Api::all(client);
     let started = Instant::now();
-    let mut listed = 0;
+    let mut listed = Vec::new();
+    let before_list = heap_allocated();
     let mut params = ListParams::default().limit(500);
     loop {
         let page = pipelines.list(&params).await?;
-        listed += page.items.len();
+        listed.extend(page.items);
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => params = params.continue_token(&token),
             None => break,
@@ -581,6 +625,23 @@ where
         .collect()
         .await;
     let verify_floor = started.elapsed();
+    // What the controller's cache of these objects weighs: the same objects, as a list
+    // returns them (with their status), held in memory.
+    let store_bytes = heap_allocated().saturating_sub(before_list);
+    // What the controller keeps of them (msgpipe::controller::slim: no managedFields, no
+    // copy of the applied object).
+    let before_slim = heap_allocated();
+    let slimmed: Vec<MessagePipeline> = listed
+        .iter()
+        .map(|p| {
+            let mut p = p.clone();
+            msgpipe::controller::slim(&mut p);
+            p
+        })
+        .collect();
+    let cached_bytes = heap_allocated().saturating_sub(before_slim);
+    drop(slimmed);
+    let listed = listed.len();
     ensure!(listed == n, "the list returned {listed} of {n} pipelines");
     let queues: usize = snapshots
         .into_iter()
@@ -601,6 +662,10 @@ where
         resync_api_writes,
         resync_api_calls,
         rss_steady,
+        heap_synced,
+        heap_steady,
+        store_bytes,
+        cached_bytes,
         hwm,
         change,
         restart,
