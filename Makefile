@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit brokers cluster compat clients conformance lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench-memory bench
+.PHONY: all setup build run test unit brokers cluster compat clients conformance lint fmt crds render clean bench-provision bench-client bench-operator bench-scale bench-memory bench-fleet bench
 N ?= 200
 # RabbitMQ of the main pass: 4.3 (newest, default), 4.0 or 3.10 (scripts/test-broker.sh).
 RABBITMQ ?= 4.3
@@ -93,7 +93,7 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-bench: bench-provision bench-client bench-operator bench-scale ## every benchmark (release builds)
+bench: bench-provision bench-client bench-operator bench-scale bench-fleet ## every benchmark (release builds)
 
 bench-provision: setup ## msgpipe apply vs raw AMQP+HTTP vs per-object HTTP, N pipelines
 	scripts/test-broker.sh reset msgpipe-bench 5675
@@ -112,6 +112,9 @@ bench-operator: setup ## operator RSS, a burst of new pipelines vs msgpipe apply
 
 bench-memory: ## operator peak RSS with 10,000 Secrets + 10,000 ConfigMaps it does not use vs none (issue 23; mocked API, in-memory broker)
 	$(CARGO) run --release --example bench_memory
+
+bench-fleet: setup ## 10,000 pipelines over 20 vhosts through the real controller (in-memory broker; BROKER=rabbit PIPELINES=2000 for a real node): first sync, RSS, resync writes, spec change, restart-to-verified
+	$(CARGO) run --release --example bench_fleet -- --pipelines $(or $(PIPELINES),10000) --vhosts 20 --broker $(or $(BROKER),memory)
 
 bench-scale: setup ## first sync, resync and spec-change latency at 200/500/1,000 pipelines in one vhost vs raw writes
 	scripts/test-broker.sh reset msgpipe-scale 5660

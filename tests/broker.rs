@@ -1302,3 +1302,46 @@ fn expired_from(properties: &lapin::BasicProperties) -> Vec<String> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn an_idle_amqp_connection_is_closed_at_the_next_snapshot_and_reopened_when_needed() {
+    let vhost = TestVhost::new("broker-amqp-idle");
+    let state = notes(&vhost.name, "");
+    let endpoint = msgpipe::broker::BrokerEndpoint::new(
+        &support::amqp_uri(&vhost.name),
+        Some(&format!(
+            "http://127.0.0.1:{}",
+            u32::from(support::shared_port()) + 10000
+        )),
+        None,
+    )
+    .expect("test endpoint");
+    // Calls of at most 3 s: a connection unused for 6 s (twice that) may go.
+    let broker = RabbitBroker::new(endpoint, Duration::from_secs(3))
+        .expect("client")
+        .with_amqp_idle(Duration::from_millis(500));
+    converge(&broker, &state).await;
+    assert_eq!(
+        broker.amqp_connections().await,
+        1,
+        "the declares' connection"
+    );
+    // Still in use: kept.
+    snapshot(&broker, &state).await;
+    assert_eq!(broker.amqp_connections().await, 1);
+    tokio::time::sleep(Duration::from_millis(6300)).await;
+    let live = snapshot(&broker, &state).await;
+    assert_eq!(broker.amqp_connections().await, 0, "closed once idle");
+    assert!(live.queues.contains_key("notes_queue"));
+    // The next declare opens a new one and works.
+    let queue = &state.topology.queues[0];
+    let outcome = broker
+        .execute(
+            &state.topology.vhost,
+            &BrokerAction::DeclareQueue(queue.clone()),
+        )
+        .await
+        .expect("declare after the close");
+    assert_eq!(broker.amqp_connections().await, 1);
+    assert!(matches!(outcome, ActionOutcome::Done), "{outcome:?}");
+}

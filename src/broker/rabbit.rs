@@ -68,6 +68,8 @@ pub struct RabbitBroker {
     /// one queue's raw figures).
     raw_http: reqwest::Client,
     amqp: Mutex<HashMap<String, Arc<VhostConnection>>>,
+    /// [`AMQP_IDLE`] unless set.
+    amqp_idle: Duration,
     server_major: OnceCell<u32>,
     timeout: Duration,
     /// How long a queue delete waits, after the figures first show the queue empty, before
@@ -78,13 +80,36 @@ pub struct RabbitBroker {
     round_trips: AtomicU64,
 }
 
+/// An AMQP connection nobody checked a channel out of for this long is closed, at the next
+/// snapshot or checkout of this broker. Longer than any AMQP call may take
+/// ([`DEFAULT_CALL_TIMEOUT`], and the operator's `--broker-timeout` default). A converged
+/// fleet's resyncs read the broker over HTTP only, and each vhost connection holds about
+/// 1 MiB (lapin's frame buffers, its channels): `make bench-fleet` with 20 vhosts found 2 MiB
+/// a vhost in the operator's steady state before this.
+pub const AMQP_IDLE: Duration = Duration::from_secs(45);
+
 /// The AMQP connection to one vhost and its open, idle channels.
 struct VhostConnection {
     connection: Connection,
     idle: std::sync::Mutex<Vec<Channel>>,
+    last_used: std::sync::Mutex<std::time::Instant>,
 }
 
 impl VhostConnection {
+    fn touch(&self) {
+        *self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = std::time::Instant::now();
+    }
+
+    fn idle_for(&self) -> Duration {
+        self.last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed()
+    }
+
     fn take_idle(&self) -> Option<Channel> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         std::iter::from_fn(|| idle.pop()).find(|c| c.status().connected())
@@ -117,6 +142,7 @@ impl RabbitBroker {
             policy_timeout,
             raw_http,
             amqp: Mutex::new(HashMap::new()),
+            amqp_idle: AMQP_IDLE,
             server_major: OnceCell::new(),
             timeout,
             delete_settle: DEFAULT_DELETE_SETTLE,
@@ -134,6 +160,39 @@ impl RabbitBroker {
     pub fn with_delete_settle(mut self, settle: Duration) -> Self {
         self.delete_settle = settle;
         self
+    }
+
+    /// How long an unused AMQP connection stays open (default [`AMQP_IDLE`]).
+    pub fn with_amqp_idle(mut self, idle: Duration) -> Self {
+        self.amqp_idle = idle;
+        self
+    }
+
+    /// AMQP connections open now (one per vhost in use).
+    pub async fn amqp_connections(&self) -> usize {
+        self.amqp.lock().await.len()
+    }
+
+    /// Closes the AMQP connections unused for longer than [`Self::with_amqp_idle`] (and
+    /// than twice the call timeout, so no call is still running on one).
+    fn close_idle(&self, connections: &mut HashMap<String, Arc<VhostConnection>>) {
+        let limit = self.amqp_idle.max(self.timeout.saturating_mul(2));
+        let idle: Vec<String> = connections
+            .iter()
+            .filter(|(_, c)| c.idle_for() > limit)
+            .map(|(vhost, _)| vhost.clone())
+            .collect();
+        for vhost in idle {
+            if let Some(gone) = connections.remove(&vhost)
+                && gone.connection.status().connected()
+            {
+                self.count_round_trips(1);
+                tokio::spawn(async move {
+                    let bye = gone.connection.close(200, "msgpipe: idle".into());
+                    let _ = tokio::time::timeout(Duration::from_secs(2), bye).await;
+                });
+            }
+        }
     }
 
     /// How a migration moves messages (default [`Mover::Auto`]).
@@ -261,12 +320,15 @@ impl RabbitBroker {
         if let Some(found) = connections.get(vhost)
             && found.connection.status().connected()
         {
+            found.touch();
             return Ok(Arc::clone(found));
         }
         connections.remove(vhost);
+        self.close_idle(&mut connections);
         let fresh = Arc::new(VhostConnection {
             connection: self.connect(vhost).await?,
             idle: std::sync::Mutex::new(Vec::new()),
+            last_used: std::sync::Mutex::new(std::time::Instant::now()),
         });
         connections.insert(vhost.to_string(), Arc::clone(&fresh));
         Ok(fresh)
@@ -1064,6 +1126,7 @@ pub(super) fn encode(segment: &str) -> String {
 
 impl BrokerApi for RabbitBroker {
     async fn snapshot(&self, vhost: &str) -> Result<LiveVhost, BrokerError> {
+        self.close_idle(&mut *self.amqp.lock().await);
         let (server_major, exchanges, queues, bindings, policies) = tokio::try_join!(
             self.server_major(),
             self.list_columns::<ExchangeRow>("exchanges", vhost, ExchangeRow::COLUMNS),
