@@ -442,7 +442,7 @@ fn operator_pod_runs_non_root_read_only_with_health_probes() {
     let resources = &container["resources"];
     assert_eq!(resources["requests"]["cpu"], "50m");
     assert_eq!(resources["requests"]["memory"], "64Mi");
-    assert_eq!(resources["limits"]["memory"], "256Mi");
+    assert_eq!(resources["limits"]["memory"], "512Mi");
 
     let service = only(&objects, "Service");
     assert_eq!(
