@@ -185,13 +185,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    // RUST_LOG=msgpipe=info shows the operator's own log lines (batches, broker changes).
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
+    support::init_tracing();
     if let Some(vhost) = &args.serve_api {
         return serve_api(&args, vhost).await;
     }

@@ -32,6 +32,16 @@ pub fn kib_to_mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// With RUST_LOG set, the operator's own log lines (batches, broker changes) on stderr.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
+}
+
 /// The seed article's pipeline (examples/notes-pipeline.yaml) as JSON: five attempts, four
 /// retry tiers, a dead-letter queue, alerts and client flags.
 pub fn template() -> anyhow::Result<Value> {
@@ -195,20 +205,18 @@ impl Drop for ApiProcess {
 }
 
 /// The child's side: serves `api` on a loopback port (printed on stdout) until killed, with
-/// [`CALLS_PATH`], [`PUT_PATH`] and [`WATCHES_PATH`] beside the Kubernetes paths.
+/// [`CALLS_PATH`], [`PUT_PATH`] and [`WATCHES_PATH`] in front of the Kubernetes paths.
 pub async fn serve(api: FakeApi) -> anyhow::Result<()> {
-    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?.port());
-    let answer = move |request: axum::extract::Request| {
-        let api = api.clone();
-        async move {
-            let (parts, body) = request.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX)
-                .await
-                .unwrap_or_default();
-            if parts.uri.path() == CALLS_PATH {
-                let calls = api.take_calls();
+    let (calls, puts, watches) = (api.clone(), api.clone(), api.clone());
+    let router = api
+        .router()
+        .route(
+            CALLS_PATH,
+            get(move || async move {
+                let calls = calls.take_calls();
                 if std::env::var_os("BENCH_CALLS").is_some() {
                     eprintln!("api calls taken: {}", calls.len());
                     for call in calls.iter().filter(|c| c.method != Method::GET) {
@@ -216,35 +224,30 @@ pub async fn serve(api: FakeApi) -> anyhow::Result<()> {
                     }
                 }
                 let writes = calls.iter().filter(|c| c.method != Method::GET).count();
-                let counts = json!({"calls": calls.len(), "writes": writes});
-                return Response::new(axum::body::Body::from(counts.to_string()));
-            }
-            if parts.uri.path() == WATCHES_PATH {
-                return Response::new(axum::body::Body::from(api.open_watches().to_string()));
-            }
-            if parts.uri.path() == PUT_PATH {
-                let path = parts
-                    .uri
-                    .query()
-                    .and_then(|q| q.strip_prefix("path="))
-                    .unwrap_or_default();
-                let path = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-                let status = match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(object) => {
-                        api.put(&path, object);
-                        http::StatusCode::OK
+                json!({"calls": calls.len(), "writes": writes}).to_string()
+            }),
+        )
+        .route(
+            PUT_PATH,
+            post(
+                move |axum::extract::RawQuery(query): axum::extract::RawQuery,
+                      body: axum::body::Bytes| async move {
+                    let path = query.as_deref().and_then(|q| q.strip_prefix("path="));
+                    match (path, serde_json::from_slice::<Value>(&body)) {
+                        (Some(path), Ok(object)) => {
+                            let path = percent_encoding::percent_decode_str(path);
+                            puts.put(&path.decode_utf8_lossy(), object);
+                            http::StatusCode::OK
+                        }
+                        _ => http::StatusCode::BAD_REQUEST,
                     }
-                    Err(_) => http::StatusCode::BAD_REQUEST,
-                };
-                let mut response = Response::new(axum::body::Body::empty());
-                *response.status_mut() = status;
-                return response;
-            }
-            // Streamed: a watch's events as they happen.
-            let request = http::Request::from_parts(parts, kube::client::Body::from(bytes));
-            api.respond(request).await.into_response()
-        }
-    };
-    axum::serve(listener, axum::Router::new().fallback(answer)).await?;
+                },
+            ),
+        )
+        .route(
+            WATCHES_PATH,
+            get(move || async move { watches.open_watches().to_string() }),
+        );
+    axum::serve(listener, router).await?;
     Ok(())
 }

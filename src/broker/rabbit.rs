@@ -1126,7 +1126,10 @@ pub(super) fn encode(segment: &str) -> String {
 
 impl BrokerApi for RabbitBroker {
     async fn snapshot(&self, vhost: &str) -> Result<LiveVhost, BrokerError> {
-        self.close_idle(&mut *self.amqp.lock().await);
+        // Not worth waiting for: a checkout may hold the map while it connects.
+        if let Ok(mut connections) = self.amqp.try_lock() {
+            self.close_idle(&mut connections);
+        }
         let (server_major, exchanges, queues, bindings, policies) = tokio::try_join!(
             self.server_major(),
             self.list_columns::<ExchangeRow>("exchanges", vhost, ExchangeRow::COLUMNS),
@@ -1347,19 +1350,15 @@ fn http_client(
     timeout: Duration,
 ) -> Result<reqwest::Client, BrokerError> {
     let key = (endpoint.ca_pem().map(str::to_string), timeout);
-    let shared = SHARED_HTTP.get_or_init(Default::default);
-    if let Some(client) = shared
+    let mut shared = SHARED_HTTP
+        .get_or_init(Default::default)
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(&key)
-    {
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some(client) = shared.get(&key) {
         return Ok(client.clone());
     }
     let client = new_http_client(endpoint, timeout)?;
-    shared
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(key, client.clone());
+    shared.insert(key, client.clone());
     Ok(client)
 }
 

@@ -18,8 +18,9 @@
 //!    crawl, one snapshot and one policy at a time.
 //!
 //! A new runner first gathers: it waits while pipelines keep joining ([`GATHER_QUIET`]
-//! without a newcomer ends it, [`GATHER_MAX`] at most), so a burst is one batch. A lone spec change pays the quiet period once. Each pipeline gets its own report as
-//! soon as its own work is done; nobody waits for a quiet period and comes back later.
+//! without a newcomer ends it, [`GATHER_MAX`] at most), so a burst is one batch. A lone spec
+//! change pays the quiet period once. Each pipeline gets its own report as soon as its own
+//! work is done; nobody waits for a quiet period and comes back later.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -166,8 +166,9 @@ async fn a_created_pipeline_becomes_ready_through_watch_events_and_a_delete_rele
 
 const CLIENT_CONFIG: &str = "/api/v1/namespaces/notes-app/configmaps/notes-client";
 
-/// The pipeline's Secret, and the controller started once its pipeline watch is open.
-async fn started_with_secret(api: &FakeApi) -> (oneshot::Sender<()>, Arc<Metrics>) {
+/// The pipeline's Secret, the controller started once its pipeline watch is open, then the
+/// pipeline created and Ready.
+async fn with_ready_pipeline(api: &FakeApi) -> (oneshot::Sender<()>, Arc<Metrics>) {
     api.set_crd(true);
     api.put(
         SECRET,
@@ -181,18 +182,18 @@ async fn started_with_secret(api: &FakeApi) -> (oneshot::Sender<()>, Arc<Metrics
             .contains(&"/apis/msgpipe.io/v1alpha1/messagepipelines".to_string())
     })
     .await;
+    api.put(
+        PIPELINE,
+        new_pipeline(json!({"secretRef": {"name": "rabbitmq-admin"}})),
+    );
+    wait_until("Ready=True", || ready(api)).await;
     (stop, metrics)
 }
 
 #[tokio::test]
 async fn the_echo_of_its_own_config_map_write_does_not_reconcile_a_pipeline_again() {
     let api = FakeApi::default();
-    let (_stop, metrics) = started_with_secret(&api).await;
-    api.put(
-        PIPELINE,
-        new_pipeline(json!({"secretRef": {"name": "rabbitmq-admin"}})),
-    );
-    wait_until("Ready=True", || ready(&api)).await;
+    let (_stop, metrics) = with_ready_pipeline(&api).await;
     // The ConfigMap's ADDED event (and the finalizer's and the status's MODIFIED events) have
     // come back by now; none of them is a reason for a second pass.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -216,12 +217,7 @@ async fn the_echo_of_its_own_config_map_write_does_not_reconcile_a_pipeline_agai
 #[tokio::test]
 async fn someone_elses_edit_or_deletion_of_the_config_map_is_repaired_at_once() {
     let api = FakeApi::default();
-    let (_stop, metrics) = started_with_secret(&api).await;
-    api.put(
-        PIPELINE,
-        new_pipeline(json!({"secretRef": {"name": "rabbitmq-admin"}})),
-    );
-    wait_until("Ready=True", || ready(&api)).await;
+    let (_stop, metrics) = with_ready_pipeline(&api).await;
     let written = api.get(CLIENT_CONFIG).expect("the ConfigMap");
     // `kubectl edit`: the data changed by hand.
     let mut edited = written.clone();

@@ -191,6 +191,12 @@ impl FakeApi {
 
     /// Serves this fake over HTTP on `listener` (watches stream) until the task is dropped.
     pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        axum::serve(listener, self.router()).await
+    }
+
+    /// This fake as an HTTP router answering every path (watches stream); more routes may be
+    /// added in front of it.
+    pub fn router(self) -> axum::Router {
         let answer = move |request: axum::extract::Request| {
             let api = self.clone();
             async move {
@@ -202,7 +208,7 @@ impl FakeApi {
                     .await
             }
         };
-        axum::serve(listener, axum::Router::new().fallback(answer)).await
+        axum::Router::new().fallback(answer)
     }
 
     /// Stores `object` at `path` as a user's `kubectl apply` would: watches see it (ADDED or
