@@ -1337,39 +1337,19 @@ impl BrokerApi for RabbitBroker {
     }
 }
 
-/// The management API clients brokers share, by (CA, timeout).
-type SharedHttp = std::sync::Mutex<HashMap<(Option<String>, Duration), reqwest::Client>>;
-static SHARED_HTTP: std::sync::OnceLock<SharedHttp> = std::sync::OnceLock::new();
-
-/// A keep-alive HTTP client for the management API whose calls end after `timeout`. Brokers
-/// with the same CA and timeout share one (its connection pool, its TLS roots): the
-/// operator holds a broker per vhost endpoint, and a client of its own each cost about
-/// 1 MiB at 20 vhosts (`make bench-fleet`). Credentials go with each request, not the client.
+/// A keep-alive HTTP client for the management API whose calls end after `timeout`.
 fn http_client(
-    endpoint: &BrokerEndpoint,
-    timeout: Duration,
-) -> Result<reqwest::Client, BrokerError> {
-    let key = (endpoint.ca_pem().map(str::to_string), timeout);
-    let mut shared = SHARED_HTTP
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if let Some(client) = shared.get(&key) {
-        return Ok(client.clone());
-    }
-    let client = new_http_client(endpoint, timeout)?;
-    shared.insert(key, client.clone());
-    Ok(client)
-}
-
-fn new_http_client(
     endpoint: &BrokerEndpoint,
     timeout: Duration,
 ) -> Result<reqwest::Client, BrokerError> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .pool_max_idle_per_host(16);
+        .pool_max_idle_per_host(16)
+        // The management listener (cowboy) closes a keep-alive connection that waits 5 s
+        // for its next request; one kept longer fails the request that reuses it
+        // ("connection closed before message completed").
+        .pool_idle_timeout(Duration::from_secs(4));
     if let Some(pem) = endpoint.ca_pem() {
         let ca = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
             BrokerError::InvalidUri {
@@ -1560,45 +1540,5 @@ fn describe_http_error(error: &HttpClientError) -> String {
             )
         }
         other => error_chain(other),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn endpoint(uri: &str, ca: Option<&str>) -> BrokerEndpoint {
-        BrokerEndpoint::new(uri, Some("http://127.0.0.1:15672"), ca.map(str::to_string))
-            .expect("endpoint")
-    }
-
-    fn shared() -> usize {
-        SHARED_HTTP.get().map_or(0, |m| {
-            m.lock().unwrap_or_else(PoisonError::into_inner).len()
-        })
-    }
-
-    #[test]
-    fn brokers_share_a_management_client_unless_their_ca_or_timeout_differ() {
-        let before = shared();
-        let five = Duration::from_secs(5);
-        // Other vhost, other credentials: the same client (credentials go per request).
-        http_client(&endpoint("amqp://a:pw-a@127.0.0.1:5672/one", None), five).expect("client");
-        http_client(&endpoint("amqp://b:pw-b@127.0.0.1:5672/two", None), five).expect("client");
-        assert_eq!(shared(), before + 1);
-        http_client(
-            &endpoint("amqp://a:pw-a@127.0.0.1:5672/one", None),
-            five * 2,
-        )
-        .expect("client");
-        assert_eq!(shared(), before + 2, "another timeout");
-        // A self-signed CA of no use but this test.
-        let ca = "-----BEGIN CERTIFICATE-----\nMIIBiTCCAS+gAwIBAgIUZmwC6I/vFWs2n1fOnIa4jBzAXCcwCgYIKoZIzj0EAwIw\nGjEYMBYGA1UEAwwPbXNncGlwZS10ZXN0LWNhMB4XDTI2MTIwNjE2NTYwMFoXDTM2\nMTIwMzE2NTYwMFowGjEYMBYGA1UEAwwPbXNncGlwZS10ZXN0LWNhMFkwEwYHKoZI\nzj0CAQYIKoZIzj0DAQcDQgAEI8A/E5tgKWvOFqn/SNeIz9sR1pWOL5kBbusI7cRI\nmJQR/IZksGFV0ooIPiiBlsIm41LIa4X0Hj9fGe2XfdzGJ6NTMFEwHQYDVR0OBBYE\nFLNITcP7gZo8AJhP0MxK0HUnJdktMB8GA1UdIwQYMBaAFLNITcP7gZo8AJhP0MxK\n0HUnJdktMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwIDSAAwRQIgXtHyW/11\ndiavCnBx0j6Y/EescLFkaqvGQZsy4KIlfiYCIQCreqaUOIYPCRCGPJdLpHqbRFjh\ngCnx/FpjVTZtec7UnQ==\n-----END CERTIFICATE-----\n";
-        http_client(
-            &endpoint("amqp://a:pw-a@127.0.0.1:5672/one", Some(ca)),
-            five,
-        )
-        .expect("client");
-        assert_eq!(shared(), before + 3, "another CA");
     }
 }
